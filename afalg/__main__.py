@@ -1,0 +1,3 @@
+from afalg.cli import main
+
+raise SystemExit(main())
