@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` and `make test`. Both set up what they need
+# (a virtualenv in .venv; as root, QEMU and the Debian kernels for the VM) on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: demo test test-quick lint clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,vm]'
+	touch $@
+
+# The whole suite: natively if this kernel has AF_ALG and kTLS, else host + VM on 6.1 and 6.12.
+test: $(VENV)/.installed
+	$(PY) tests/run.py
+
+# Development loop: host tests plus kernel tests on one kernel, e.g. make test-quick K=6.12 T=tests/test_alg_aead.py
+K ?= 6.12
+test-quick: $(VENV)/.installed
+	$(PY) tests/run.py --kernel $(K) $(T)
+
+demo: $(VENV)/.installed
+	$(PY) examples/demo.py
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check afalg tests examples bench
+	$(VENV)/bin/ruff format --check afalg tests examples bench
+
+clean:
+	rm -rf $(VENV) .vmtmp .pytest_cache build *.egg-info

@@ -1,0 +1,108 @@
+"""The ``afalg`` command (also ``python -m afalg``).
+
+``afalg info`` reports what the kernel offers, ``afalg vm`` runs a command under a Debian kernel,
+and the crypto subcommands (``hash``, ``enc``, ``rng``, ...) script AF_ALG like libkcapi's tools.
+Errors are one line on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+
+from afalg import __version__
+
+__all__ = ["main"]
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from afalg.probe import format_report, probe
+
+    caps = probe()
+    if args.json:
+        print(json.dumps(dataclasses.asdict(caps), indent=2))
+    else:
+        print(format_report(caps))
+    if not caps.af_alg:
+        print(f"afalg: AF_ALG is not usable here: {caps.af_alg_reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_vm(args: argparse.Namespace) -> int:
+    from afalg import vm
+
+    argv = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not argv:
+        print("afalg vm: no command given (afalg vm -- CMD ...)", file=sys.stderr)
+        return 2
+    lacking = vm.missing(args.kernel)
+    if lacking and args.install:
+        vm.install(args.kernel)
+        lacking = vm.missing(args.kernel)
+    if lacking:
+        for item in lacking:
+            print(f"afalg vm: missing {item}", file=sys.stderr)
+        print("afalg vm: or run with --install (as root) to install all of it", file=sys.stderr)
+        return 2
+    return vm.run(
+        argv,
+        kernel=args.kernel,
+        timeout=args.timeout,
+        cpus=args.cpus,
+        memory=args.memory,
+        env=dict(item.split("=", 1) for item in args.env),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="afalg", description="The Linux kernel crypto API (AF_ALG) and kernel TLS."
+    )
+    parser.add_argument("--version", action="version", version=f"afalg {__version__}")
+    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+
+    info = sub.add_parser("info", help="what this kernel offers (AF_ALG types, kTLS ciphers)")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=_cmd_info)
+
+    vmp = sub.add_parser(
+        "vm",
+        help="run a command under a Debian kernel booted with virtme-ng",
+        description="Boot a Debian kernel under QEMU (TCG) over this filesystem, run CMD in the "
+        "current directory (made writable), pass its output through and exit with its status.",
+    )
+    vmp.add_argument("--kernel", default="6.12", help="6.1, 6.12 or a path to a vmlinuz")
+    vmp.add_argument("--install", action="store_true", help="install what is missing (root)")
+    vmp.add_argument("--timeout", type=float, default=None, help="kill the VM after S seconds")
+    vmp.add_argument("--cpus", type=int, default=2)
+    vmp.add_argument("--memory", default="2G")
+    vmp.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="export inside the VM"
+    )
+    vmp.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG ...]")
+    vmp.set_defaults(func=_cmd_vm)
+
+    try:
+        from afalg.cli_crypto import add_parsers
+    except ImportError:  # pragma: no cover - only while the crypto commands are absent
+        pass
+    else:
+        add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"afalg {args.subcommand}: {exc}", file=sys.stderr)
+        return 1

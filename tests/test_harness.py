@@ -1,0 +1,98 @@
+"""The test harness itself: the VM runner and the guarantee that kernel tests saw a kernel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from afalg import vm
+
+needs_vm = pytest.mark.skipif(
+    bool(vm.missing("6.12")), reason=f"VM not installed: {', '.join(map(str, vm.missing()))}"
+)
+
+
+def afalg_vm(*argv: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "afalg", "vm", "--timeout", "300", "--", *argv]
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+
+
+@needs_vm
+def test_vm_passes_output_and_exit_status_through() -> None:
+    result = afalg_vm("sh", "-c", "uname -r; pwd; echo to-stderr >&2; exit 3")
+    assert result.returncode == 3, result
+    release, cwd = result.stdout.split()[-2:]
+    assert release.startswith("6.12.")
+    assert cwd == os.getcwd()
+    assert "to-stderr" in result.stderr
+
+
+@needs_vm
+def test_vm_true_exits_zero_and_current_directory_is_writable() -> None:
+    marker = f".vmtmp/harness-{os.getpid()}"
+    os.makedirs(".vmtmp", exist_ok=True)
+    try:
+        result = afalg_vm("sh", "-c", f"echo written > {marker} && true")
+        assert result.returncode == 0, result
+        with open(marker) as f:
+            assert f.read() == "written\n"
+    finally:
+        if os.path.exists(marker):
+            os.unlink(marker)
+
+
+def test_vm_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vm.shutil, "which", lambda name: None)
+    monkeypatch.setattr(vm, "_vng", lambda: None)
+    lacking = {m.what: str(m) for m in vm.missing("/nonexistent/vmlinuz")}
+    assert "apt-get install --no-install-recommends qemu-system-x86" in lacking[
+        "qemu-system-x86_64"
+    ]
+    assert "pip install virtme-ng" in lacking["virtme-ng (vng)"]
+    assert "kernel image /nonexistent/vmlinuz" in lacking
+
+
+@pytest.mark.kernel
+def test_running_under_a_kernel_with_af_alg_and_ktls() -> None:
+    """Under AFALG_REQUIRE_KERNEL (the test command's VM runs) this must pass, never skip."""
+    from afalg.probe import probe
+
+    caps = probe()
+    if not os.environ.get("AFALG_REQUIRE_KERNEL") and not caps.af_alg:
+        pytest.skip(f"this kernel lacks AF_ALG: {caps.af_alg_reason}")
+    assert caps.af_alg, caps.af_alg_reason
+    assert all(caps.alg_types.values()), caps.alg_types
+    assert caps.tls_ulp, caps.tls_ulp_reason
+    for version in ("TLSv1.2", "TLSv1.3"):
+        assert {"AES_GCM_128", "AES_GCM_256", "CHACHA20_POLY1305"} <= set(
+            caps.ktls_ciphers[version]
+        ), caps.ktls_ciphers
+
+
+@pytest.mark.kernel
+def test_afalg_info_cli_reports_the_kernel() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "afalg", "info"], capture_output=True, text=True, check=False
+    )
+    if not os.environ.get("AFALG_REQUIRE_KERNEL") and result.returncode:
+        pytest.skip(result.stderr.strip())
+    assert result.returncode == 0, result.stderr
+    assert f"kernel: {os.uname().release}" in result.stdout
+    assert "AF_ALG: yes" in result.stdout
+    assert "tls ULP: yes" in result.stdout
+
+
+def test_afalg_info_without_af_alg_says_why_and_fails() -> None:
+    from afalg.probe import probe
+
+    if probe().af_alg:
+        pytest.skip("this kernel has AF_ALG: the failure path cannot be shown here")
+    result = subprocess.run(
+        [sys.executable, "-m", "afalg", "info"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert "AF_ALG is not usable here" in result.stderr
