@@ -35,7 +35,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def make(directory: Path = HERE) -> None:
-    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     start, end = now - datetime.timedelta(days=1), now + VALIDITY
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
