@@ -1,0 +1,427 @@
+"""The TLS handshake in userspace, the record keys for the kernel.
+
+Python's :mod:`ssl` runs the handshake (either role, TLS 1.2 or 1.3, with the caller's
+:class:`ssl.SSLContext`, so certificates, SNI, ALPN, verification and session resumption stay
+ssl's) over a pair of :class:`ssl.MemoryBIO`. This module moves the bytes between those BIOs and
+the TCP socket and, once ssl reports the handshake done, returns a :class:`Handoff`: the traffic
+keys of both directions with the sequence numbers ssl reached, and the ssl object itself (for
+``getpeercert()``, ``cipher()``, ``version()``, ``selected_alpn_protocol()``, ``session``).
+
+Three properties make the hand-off safe:
+
+- **Whole records only.** Each incoming record is read as a 5-byte header then exactly its body,
+  so when the handshake ends the socket sits at a record boundary and no byte after the last
+  handshake record has been consumed: the kernel (or the record layer) reads the next record.
+- **Secrets in memory only, and only as long as needed.** OpenSSL writes its NSS key log to a
+  memfd (``keylog_filename = /proc/self/fd/N``), one per context. The lines are parsed by the
+  ClientHello random (every line carries it), the region of the memfd holding them is punched
+  out (``fallocate(PUNCH_HOLE)``) as soon as it is read, and a connection's lines are dropped
+  once its keys are built, so a long-running server does not accumulate secrets. A key log the
+  caller configured on the context (``keylog_filename``) keeps receiving every line.
+- **Sequence numbers from the records that crossed the BIOs.** TLS 1.2: the records after each
+  direction's ChangeCipherSpec were sealed under the new keys (the Finished used sequence 0, so
+  application data starts at 1). TLS 1.3: the peer's Finished is the last record ssl opened
+  (under handshake keys), so receiving starts at 0; a server has already sealed its
+  NewSessionTicket records under the application keys in the call that completed the
+  handshake, so sending starts after them.
+
+Key log lines used (NSS format): ``CLIENT_RANDOM <client_random> <master_secret>`` (TLS 1.2),
+``CLIENT_TRAFFIC_SECRET_0`` / ``SERVER_TRAFFIC_SECRET_0`` (TLS 1.3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+import socket
+import ssl
+import struct
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+from afalg.keys import (
+    TLS_1_2_VERSION,
+    TLS_1_3_VERSION,
+    CipherSuite,
+    TrafficKeys,
+    suite_from_openssl_name,
+    tls12_traffic_keys,
+)
+
+__all__ = ["Handoff", "KeyLog", "handshake", "keylog_for"]
+
+# TLS record framing (RFC 8446 section 5.1).
+_HEADER = struct.Struct("!BHH")
+HEADER_SIZE = 5
+MAX_CIPHERTEXT = 2**14 + 2048  # the TLS 1.2 bound; TLS 1.3 is tighter (2**14 + 256)
+CT_CHANGE_CIPHER_SPEC = 20
+CT_ALERT = 21
+CT_HANDSHAKE = 22
+CT_APPLICATION_DATA = 23
+HT_CLIENT_HELLO = 1
+HT_SERVER_HELLO = 2
+
+_VERSIONS = {"TLSv1.2": TLS_1_2_VERSION, "TLSv1.3": TLS_1_3_VERSION}
+
+
+# --- the in-memory key log ---------------------------------------------------------------------
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    """Free ``[offset, offset+length)`` of the memfd (it reads back as zeros); the size stays."""
+    if length <= 0:
+        return
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    if _fallocate(fd, mode, offset, length) != 0:
+        # No hole punching: overwrite with zeros so the secrets are gone all the same.
+        os.pwrite(fd, bytes(length), offset)
+
+
+class KeyLog:
+    """The NSS key log of one :class:`ssl.SSLContext`, kept in a memfd.
+
+    OpenSSL appends lines; :meth:`collect` parses the new complete lines, punches them out of the
+    memfd, keeps those whose client random was :meth:`expect`-ed (forwarding the others to the
+    caller's own key log, if any), and :meth:`take` hands a connection its secrets and forgets
+    them. Thread-safe: one context may run many handshakes at once.
+    """
+
+    def __init__(self, forward_to: str | None = None) -> None:
+        self._fd = os.memfd_create("afalg-keylog", os.MFD_CLOEXEC)
+        self.path = f"/proc/self/fd/{self._fd}"
+        self.forward_to = forward_to
+        self._lock = threading.Lock()
+        self._offset = 0  # everything before it has been parsed and punched out
+        self._expected: dict[bytes, dict[str, bytes]] = {}
+        self._finalizer = weakref.finalize(self, os.close, self._fd)
+
+    def __repr__(self) -> str:
+        return f"<KeyLog fd={self._fd} pending={len(self._expected)}>"
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def expect(self, client_random: bytes) -> None:
+        """Keep the lines of this connection (called when its ClientHello is seen)."""
+        with self._lock:
+            self._expected.setdefault(bytes(client_random), {})
+
+    def discard(self, client_random: bytes) -> None:
+        """Forget a connection's secrets (its handshake failed)."""
+        with self._lock:
+            self.collect_locked()
+            self._expected.pop(bytes(client_random), None)
+
+    def take(self, client_random: bytes) -> dict[str, bytes]:
+        """The secrets logged for ``client_random``, ``{label: secret}``; they are forgotten."""
+        with self._lock:
+            self.collect_locked()
+            return self._expected.pop(bytes(client_random), {})
+
+    def collect_locked(self) -> None:
+        size = os.fstat(self._fd).st_size
+        if size <= self._offset:
+            return
+        data = os.pread(self._fd, size - self._offset, self._offset)
+        end = data.rfind(b"\n") + 1  # only whole lines; a line being written waits
+        if not end:
+            return
+        forward: list[bytes] = []
+        for line in data[:end].splitlines():
+            fields = line.split()
+            if len(fields) != 3 or line.startswith(b"#"):
+                continue
+            label, random_hex, secret_hex = fields
+            try:
+                client_random = bytes.fromhex(random_hex.decode("ascii"))
+                secret = bytes.fromhex(secret_hex.decode("ascii"))
+            except ValueError:
+                continue
+            secrets = self._expected.get(client_random)
+            if secrets is not None:
+                secrets[label.decode("ascii")] = secret
+            forward.append(line + b"\n")
+        _punch(self._fd, self._offset, end)
+        self._offset += end
+        if forward and self.forward_to:
+            self._forward(b"".join(forward))
+
+    def _forward(self, lines: bytes) -> None:
+        try:
+            with open(self.forward_to, "ab") as f:  # type: ignore[arg-type]
+                f.write(lines)
+        except OSError:
+            pass  # the caller's key log is a debugging aid; never fail a connection over it
+
+
+_keylogs: weakref.WeakKeyDictionary[ssl.SSLContext, KeyLog] = weakref.WeakKeyDictionary()
+_keylogs_lock = threading.Lock()
+
+
+def keylog_for(context: ssl.SSLContext) -> KeyLog:
+    """The :class:`KeyLog` installed on ``context`` (installing it the first time).
+
+    A ``keylog_filename`` the caller set keeps receiving every line (forwarded by afalg).
+    """
+    with _keylogs_lock:
+        log = _keylogs.get(context)
+        current = context.keylog_filename
+        if log is not None and current == log.path:
+            return log
+        log = KeyLog(forward_to=current)
+        context.keylog_filename = log.path
+        _keylogs[context] = log
+        return log
+
+
+# --- records crossing the BIOs ------------------------------------------------------------------
+
+
+@dataclass
+class _Direction:
+    """The records that went one way during the handshake."""
+
+    records: list[tuple[int, int]] = field(default_factory=list)  # (content_type, call number)
+    handshake: bytearray = field(default_factory=bytearray)  # plaintext handshake stream
+    encrypted: bool = False  # a ChangeCipherSpec (1.2) or an encrypted record (1.3) was seen
+    pending: bytearray = field(default_factory=bytearray)
+
+    def add(self, data: bytes, call: int) -> None:
+        self.pending += data
+        while len(self.pending) >= HEADER_SIZE:
+            content_type, _version, length = _HEADER.unpack_from(self.pending)
+            if len(self.pending) < HEADER_SIZE + length:
+                break
+            payload = bytes(self.pending[HEADER_SIZE : HEADER_SIZE + length])
+            del self.pending[: HEADER_SIZE + length]
+            self.records.append((content_type, call))
+            if content_type in (CT_CHANGE_CIPHER_SPEC, CT_APPLICATION_DATA):
+                self.encrypted = True
+            elif content_type == CT_HANDSHAKE and not self.encrypted:
+                self.handshake += payload
+
+    def first_message_random(self, msg_type: int) -> bytes | None:
+        """The 32-byte random of the first handshake message if it is ``msg_type``
+        (ClientHello or ServerHello: type(1) length(3) legacy_version(2) random(32))."""
+        if len(self.handshake) < 38 or self.handshake[0] != msg_type:
+            return None
+        return bytes(self.handshake[6:38])
+
+    def after_last_ccs(self) -> int:
+        """Records after the last ChangeCipherSpec (TLS 1.2: sealed under the new keys)."""
+        count = 0
+        for content_type, _call in self.records:
+            count = 0 if content_type == CT_CHANGE_CIPHER_SPEC else count + 1
+        return count
+
+    def in_call(self, call: int) -> int:
+        return sum(1 for _t, c in self.records if c == call)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            break
+        got += k
+    return bytes(buf[:got])
+
+
+def read_record(sock: socket.socket) -> tuple[bytes, bool]:
+    """One TLS record from ``sock`` (header and body) and not a byte more, and whether it is
+    whole (False: EOF came first, or the header announces an impossible length)."""
+    header = _recv_exactly(sock, HEADER_SIZE)
+    if len(header) < HEADER_SIZE:
+        return header, False
+    _type, _version, length = _HEADER.unpack(header)
+    if length > MAX_CIPHERTEXT:
+        return header, False  # not TLS: hand ssl the header, it raises a clear error
+    body = _recv_exactly(sock, length)
+    return header + body, len(body) == length
+
+
+# --- the hand-off --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class Handoff:
+    """The result of :func:`handshake`: ``tx`` and ``rx`` keys with the next sequence numbers,
+    and the ssl object that did the handshake (for peer certificate, cipher, ALPN, session)."""
+
+    ssl_object: ssl.SSLObject
+    version: int
+    cipher_suite: CipherSuite
+    tx: TrafficKeys
+    rx: TrafficKeys
+    client_random: bytes
+    server_random: bytes | None
+    records_sent: int
+    records_received: int
+
+    def __repr__(self) -> str:
+        return (
+            f"Handoff(version=0x{self.version:04x}, cipher_suite={self.cipher_suite.name}, "
+            f"tx_seq={self.tx.seq}, rx_seq={self.rx.seq})"
+        )
+
+
+def handshake(
+    sock: socket.socket,
+    context: ssl.SSLContext,
+    *,
+    server_side: bool = False,
+    server_hostname: str | None = None,
+    session: ssl.SSLSession | None = None,
+) -> Handoff:
+    """Run ssl's handshake over MemoryBIOs on the connected TCP socket ``sock``.
+
+    The socket's timeout applies to each read and write, as in :mod:`ssl`; a non-blocking
+    socket (timeout 0) is refused, set it non-blocking after the hand-off. Raises what ssl
+    raises (:class:`ssl.SSLError`, :class:`ssl.SSLCertVerificationError`, ...), ``TimeoutError``,
+    or :class:`afalg.keys.UnsupportedCipherSuite` when the negotiated suite is not AEAD.
+    Nothing is read from ``sock`` past the last handshake record.
+    """
+    if not isinstance(context, ssl.SSLContext):
+        raise TypeError(f"context must be an ssl.SSLContext, not {type(context).__name__}")
+    if sock.type != socket.SOCK_STREAM:
+        raise ValueError("the hand-off needs a SOCK_STREAM (TCP) socket")
+    if sock.gettimeout() == 0.0:
+        raise ValueError(
+            "the handshake needs a blocking socket or one with a timeout; "
+            "make it non-blocking after wrap()"
+        )
+    keylog = keylog_for(context)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = context.wrap_bio(
+        incoming, outgoing, server_side=server_side, server_hostname=server_hostname,
+        session=session,
+    )  # fmt: skip
+    sent, received = _Direction(), _Direction()
+    hello_side = received if server_side else sent  # where the ClientHello goes by
+    client_random: bytes | None = None
+    call = 0
+    try:
+        while True:
+            call += 1
+            try:
+                obj.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            except ssl.SSLError:
+                data = outgoing.read()  # the alert ssl produced, best effort
+                if data:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(data)
+                raise
+            data = outgoing.read()
+            if data:
+                sent.add(data, call)
+                if client_random is None:
+                    client_random = _client_random(hello_side, keylog)
+                sock.sendall(data)
+            if done:
+                break
+            record, whole = read_record(sock)
+            if record:
+                received.add(record, call)
+                incoming.write(record)
+                if client_random is None:
+                    client_random = _client_random(hello_side, keylog)
+            if not whole:
+                incoming.write_eof()  # EOF (or not TLS): ssl raises the matching error
+    except BaseException:
+        if client_random is not None:
+            keylog.discard(client_random)
+        raise
+    assert client_random is not None
+    try:
+        return _finish(obj, keylog, client_random, sent, received, call, server_side)
+    finally:
+        keylog.discard(client_random)
+
+
+def _client_random(hello_side: _Direction, keylog: KeyLog) -> bytes | None:
+    random = hello_side.first_message_random(HT_CLIENT_HELLO)
+    if random is not None:
+        keylog.expect(random)
+    return random
+
+
+def _finish(
+    obj: ssl.SSLObject,
+    keylog: KeyLog,
+    client_random: bytes,
+    sent: _Direction,
+    received: _Direction,
+    last_call: int,
+    server_side: bool,
+) -> Handoff:
+    version_name = obj.version()
+    cipher = obj.cipher()
+    if version_name not in _VERSIONS or cipher is None:
+        from afalg.keys import UnsupportedCipherSuite
+
+        raise UnsupportedCipherSuite(f"{version_name} {cipher and cipher[0]}")
+    version = _VERSIONS[version_name]
+    suite = suite_from_openssl_name(cipher[0])
+    secrets = keylog.take(client_random)
+    server_hello = (sent if server_side else received).first_message_random(HT_SERVER_HELLO)
+
+    if version == TLS_1_3_VERSION:
+        # The peer's Finished was the last record ssl opened: nothing under the application
+        # keys yet. A server sealed its NewSessionTickets in the call that completed the
+        # handshake (its own Finished went out one flight earlier); a client's last record was
+        # its Finished, under handshake keys.
+        tx_seq = sent.in_call(last_call) if server_side else 0
+        rx_seq = 0
+        client_secret = _secret(secrets, "CLIENT_TRAFFIC_SECRET_0")
+        server_secret = _secret(secrets, "SERVER_TRAFFIC_SECRET_0")
+        client_keys = TrafficKeys.tls13(suite, client_secret)
+        server_keys = TrafficKeys.tls13(suite, server_secret)
+    else:
+        tx_seq = sent.after_last_ccs()
+        rx_seq = received.after_last_ccs()
+        if server_hello is None:
+            raise ssl.SSLError(errno.EPROTO, "afalg: no ServerHello seen during the handshake")
+        client_keys, server_keys = tls12_traffic_keys(
+            suite, _secret(secrets, "CLIENT_RANDOM"), client_random, server_hello
+        )
+    tx, rx = (server_keys, client_keys) if server_side else (client_keys, server_keys)
+    return Handoff(
+        ssl_object=obj,
+        version=version,
+        cipher_suite=suite,
+        tx=tx.with_seq(tx_seq),
+        rx=rx.with_seq(rx_seq),
+        client_random=client_random,
+        server_random=server_hello,
+        records_sent=len(sent.records),
+        records_received=len(received.records),
+    )
+
+
+def _secret(secrets: dict[str, bytes], label: str) -> bytes:
+    try:
+        return secrets[label]
+    except KeyError:
+        raise ssl.SSLError(
+            errno.EPROTO,
+            f"afalg: OpenSSL did not log {label} for this connection (is another key log "
+            "callback installed on the context?)",
+        ) from None

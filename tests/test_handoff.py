@@ -1,0 +1,284 @@
+"""The ssl hand-off, on the host (no kernel): the keys and sequence numbers it returns must seal
+records Python's ssl accepts and open the records ssl sends, in both roles, TLS 1.2 and 1.3.
+
+The records here are sealed and opened with ``cryptography`` directly (RFC 8446 section 5.2,
+RFC 5288, RFC 7905), independently of afalg.record, so a wrong sequence number or key shows up as
+ssl refusing our record (bad_record_mac) or our tag check failing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from afalg import handoff
+from afalg.keys import TLS_1_3_VERSION, CipherSuite, TrafficKeys
+
+CERTS = Path(__file__).parent / "certs"
+
+
+def server_context(**kw: object) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(CERTS / "server.pem", CERTS / "server.key")
+    for k, v in kw.items():
+        setattr(ctx, k, v)
+    return ctx
+
+
+def client_context(**kw: object) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(CERTS / "ca.pem")
+    for k, v in kw.items():
+        setattr(ctx, k, v)
+    return ctx
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    client.settimeout(10)
+    server.settimeout(10)
+    return client, server
+
+
+# --- an independent record sealer/opener ---------------------------------------------------------
+
+
+def _aead(keys: TrafficKeys) -> AESGCM | ChaCha20Poly1305:
+    if keys.cipher_suite.is_chacha20:
+        return ChaCha20Poly1305(keys.key)
+    return AESGCM(keys.key)
+
+
+def seal(keys: TrafficKeys, seq: int, content_type: int, payload: bytes) -> bytes:
+    if keys.version == TLS_1_3_VERSION:
+        inner = payload + bytes([content_type])
+        header = bytes([23, 3, 3]) + (len(inner) + 16).to_bytes(2, "big")
+        nonce = bytes(a ^ b for a, b in zip(keys.iv, seq.to_bytes(12, "big"), strict=True))
+        return header + _aead(keys).encrypt(nonce, inner, header)
+    aad = seq.to_bytes(8, "big") + bytes([content_type, 3, 3]) + len(payload).to_bytes(2, "big")
+    if keys.cipher_suite.is_chacha20:
+        nonce = bytes(a ^ b for a, b in zip(keys.iv, seq.to_bytes(12, "big"), strict=True))
+        body = _aead(keys).encrypt(nonce, payload, aad)
+    else:
+        explicit = seq.to_bytes(8, "big")
+        body = explicit + _aead(keys).encrypt(keys.iv + explicit, payload, aad)
+    return bytes([content_type, 3, 3]) + len(body).to_bytes(2, "big") + body
+
+
+def open_record(keys: TrafficKeys, seq: int, record: bytes) -> tuple[int, bytes]:
+    header, body = record[:5], record[5:]
+    if keys.version == TLS_1_3_VERSION:
+        nonce = bytes(a ^ b for a, b in zip(keys.iv, seq.to_bytes(12, "big"), strict=True))
+        inner = _aead(keys).decrypt(nonce, body, header).rstrip(b"\0")
+        return inner[-1], inner[:-1]
+    content_type = header[0]
+    if keys.cipher_suite.is_chacha20:
+        nonce = bytes(a ^ b for a, b in zip(keys.iv, seq.to_bytes(12, "big"), strict=True))
+        ciphertext = body
+    else:
+        nonce, ciphertext = keys.iv + body[:8], body[8:]
+    aad = seq.to_bytes(8, "big") + header[:3] + (len(ciphertext) - 16).to_bytes(2, "big")
+    return content_type, _aead(keys).decrypt(nonce, ciphertext, aad)
+
+
+def read_app_data(sock: socket.socket, keys: TrafficKeys, n: int) -> bytes:
+    """Open records from ``sock`` from ``keys.seq`` on until ``n`` bytes of application data
+    arrived (skipping NewSessionTicket handshake records)."""
+    seq, out = keys.seq, b""
+    while len(out) < n:
+        record, whole = handoff.read_record(sock)
+        assert whole, record
+        content_type, payload = open_record(keys, seq, record)
+        seq += 1
+        if content_type == 23:
+            out += payload
+        else:
+            assert content_type == 22 and payload[0] == 4, (content_type, payload[:4])
+    return out
+
+
+# --- the ssl peer --------------------------------------------------------------------------------
+
+
+def run_peer(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    result: list[object] = []
+
+    def target() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:  # reported by the test
+            result.append(exc)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, result
+
+
+def peer_result(t: threading.Thread, result: list[object]) -> object:
+    t.join(20)
+    assert result, "peer thread hung"
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+TLS12_CIPHERS = ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+                 "ECDHE-ECDSA-CHACHA20-POLY1305"]  # fmt: skip
+
+
+def _params() -> list[object]:
+    out: list[object] = [pytest.param("TLSv1.3", None, 2, id="tls13")]
+    out += [pytest.param("TLSv1.3", None, n, id=f"tls13-tickets{n}") for n in (0, 1, 3)]
+    out += [pytest.param("TLSv1.2", c, 2, id=f"tls12-{c}") for c in TLS12_CIPHERS]
+    return out
+
+
+def _contexts(version: str, cipher: str | None, tickets: int) -> tuple[ssl.SSLContext, ...]:
+    tls = ssl.TLSVersion.TLSv1_3 if version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+    sctx = server_context(maximum_version=tls, num_tickets=tickets)
+    cctx = client_context(maximum_version=tls)
+    if cipher:
+        sctx.set_ciphers(cipher)
+    return sctx, cctx
+
+
+@pytest.mark.parametrize(("version", "cipher", "tickets"), _params())
+def test_client_handoff_against_ssl_server(version: str, cipher: str | None, tickets: int) -> None:
+    sctx, cctx = _contexts(version, cipher, tickets)
+    csock, ssock = tcp_pair()
+
+    def server() -> bytes:
+        with sctx.wrap_socket(ssock, server_side=True) as s:
+            s.sendall(b"from server")  # right after the handshake
+            data = s.recv(100)
+            s.sendall(b"again")
+            return data
+
+    t, res = run_peer(server)
+    with csock:
+        h = handoff.handshake(csock, cctx, server_hostname="localhost")
+        assert h.ssl_object.version() == version
+        assert h.tx.seq == (1 if version == "TLSv1.2" else 0)
+        assert h.rx.seq == (1 if version == "TLSv1.2" else 0)
+        if cipher:
+            assert h.cipher_suite.openssl_name == cipher
+        assert read_app_data(csock, h.rx, 11) == b"from server"
+        csock.sendall(seal(h.tx, h.tx.seq, 23, b"from client"))
+        assert peer_result(t, res) == b"from client"
+
+
+@pytest.mark.parametrize(("version", "cipher", "tickets"), _params())
+def test_server_handoff_against_ssl_client(version: str, cipher: str | None, tickets: int) -> None:
+    sctx, cctx = _contexts(version, cipher, tickets)
+    csock, ssock = tcp_pair()
+
+    def client() -> bytes:
+        with cctx.wrap_socket(csock, server_hostname="localhost") as c:
+            c.sendall(b"from client")  # right after the handshake
+            return c.recv(100)
+
+    t, res = run_peer(client)
+    with ssock:
+        h = handoff.handshake(ssock, sctx, server_side=True)
+        expected_tx = 1 if version == "TLSv1.2" else tickets
+        assert (h.tx.seq, h.rx.seq) == (expected_tx, 1 if version == "TLSv1.2" else 0)
+        assert read_app_data(ssock, h.rx, 11) == b"from client"
+        ssock.sendall(seal(h.tx, h.tx.seq, 23, b"from server"))
+        assert peer_result(t, res) == b"from server"
+
+
+def test_both_ends_handoff_tls13_suites_agree() -> None:
+    """Two hand-offs on one connection derive mirror-image keys."""
+    sctx, cctx = _contexts("TLSv1.3", None, 1)
+    csock, ssock = tcp_pair()
+    t, res = run_peer(lambda: handoff.handshake(ssock, sctx, server_side=True))
+    h = handoff.handshake(csock, cctx, server_hostname="localhost")
+    hs = peer_result(t, res)
+    assert isinstance(hs, handoff.Handoff)
+    assert (h.tx.key, h.tx.iv, h.rx.key) == (hs.rx.key, hs.rx.iv, hs.tx.key)
+    assert hs.tx.seq == 1 and h.rx.seq == 0
+    assert h.cipher_suite is CipherSuite.TLS_AES_256_GCM_SHA384
+    assert "key" not in repr(h).lower().replace("tx_seq", "")
+    csock.close()
+    ssock.close()
+
+
+def test_nothing_read_past_the_handshake() -> None:
+    """Bytes the peer sends right behind its last handshake record stay in the socket."""
+    sctx, cctx = _contexts("TLSv1.2", TLS12_CIPHERS[0], 0)
+    csock, ssock = tcp_pair()
+
+    def server() -> None:
+        with sctx.wrap_socket(ssock, server_side=True) as s:
+            s.sendall(b"x" * 5000)
+            s.recv(1)
+
+    t, res = run_peer(server)
+    h = handoff.handshake(csock, cctx, server_hostname="localhost")
+    assert read_app_data(csock, h.rx, 5000) == b"x" * 5000
+    csock.sendall(seal(h.tx, h.tx.seq, 23, b"!"))
+    peer_result(t, res)
+    csock.close()
+
+
+def test_keylog_forwarded_and_not_accumulated(tmp_path: Path) -> None:
+    user_log = tmp_path / "keys.log"
+    sctx, cctx = _contexts("TLSv1.3", None, 0)
+    cctx.keylog_filename = str(user_log)
+    for _ in range(3):
+        csock, ssock = tcp_pair()
+        t, res = run_peer(lambda s=ssock: sctx.wrap_socket(s, server_side=True).close())
+        h = handoff.handshake(csock, cctx, server_hostname="localhost")
+        peer_result(t, res)
+        csock.close()
+    log = handoff.keylog_for(cctx)
+    assert cctx.keylog_filename == log.path
+    assert log.forward_to == str(user_log)
+    lines = user_log.read_text().splitlines()
+    assert sum("CLIENT_TRAFFIC_SECRET_0" in line for line in lines) == 3
+    assert h.client_random.hex() in user_log.read_text()
+    # Nothing left in memory: no pending connections and only zeros in the memfd.
+    assert not log._expected
+    fd = int(log.path.rsplit("/", 1)[1])
+    size = os.fstat(fd).st_size
+    assert size > 0 and os.pread(fd, size, 0).strip(b"\0") == b""
+
+
+def test_failed_handshake_forgets_secrets() -> None:
+    sctx, _ = _contexts("TLSv1.3", None, 0)
+    cctx = client_context()  # verifies against our CA, but asks for the wrong name
+    csock, ssock = tcp_pair()
+    t, _res = run_peer(lambda: sctx.wrap_socket(ssock, server_side=True))
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handoff.handshake(csock, cctx, server_hostname="wrong.example")
+    t.join(10)
+    assert not handoff.keylog_for(cctx)._expected
+    csock.close()
+    ssock.close()
+
+
+def test_handshake_honours_timeout() -> None:
+    csock, ssock = tcp_pair()  # the server never answers
+    csock.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        handoff.handshake(csock, client_context(), server_hostname="localhost")
+    csock.close()
+    ssock.close()
+
+
+def test_nonblocking_socket_refused() -> None:
+    csock, ssock = tcp_pair()
+    csock.setblocking(False)
+    with pytest.raises(ValueError, match="blocking"):
+        handoff.handshake(csock, client_context(), server_hostname="localhost")
+    csock.close()
+    ssock.close()
