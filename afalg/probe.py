@@ -11,7 +11,8 @@ import errno
 import os
 import platform
 import socket
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 
 from afalg import _uapi
@@ -76,12 +77,15 @@ def _probe_af_alg() -> tuple[bool, str | None, dict[str, bool]]:
     return True, None, types
 
 
-def _connected_socket() -> socket.socket:
-    with closing(socket.create_server(("127.0.0.1", 0))) as listener:
-        client = socket.create_connection(listener.getsockname())
-        peer, _ = listener.accept()
-        peer.close()
-    return client
+@contextmanager
+def _established() -> Iterator[socket.socket]:
+    """A TCP socket in ESTABLISHED state (the tls ULP refuses any other), peer kept open."""
+    with (
+        closing(socket.create_server(("127.0.0.1", 0))) as listener,
+        closing(socket.create_connection(listener.getsockname())) as client,
+        closing(listener.accept()[0]),
+    ):
+        yield client
 
 
 def _try_ktls(version: int, cipher_type: int, key_size: int) -> bool:
@@ -93,7 +97,7 @@ def _try_ktls(version: int, cipher_type: int, key_size: int) -> bool:
     info = tls_crypto_info(
         version, cipher_type, key=bytes(key_size), iv=iv, salt=salt, rec_seq=bytes(8)
     )
-    with closing(_connected_socket()) as sock:
+    with _established() as sock:
         sock.setsockopt(_uapi.SOL_TCP, _uapi.TCP_ULP, b"tls")
         try:
             sock.setsockopt(_uapi.SOL_TLS, _uapi.TLS_TX, info)
@@ -105,7 +109,7 @@ def _try_ktls(version: int, cipher_type: int, key_size: int) -> bool:
 
 def _probe_tls() -> tuple[bool, str | None, dict[str, list[str]]]:
     try:
-        with closing(_connected_socket()) as sock:
+        with _established() as sock:
             sock.setsockopt(_uapi.SOL_TCP, _uapi.TCP_ULP, b"tls")
     except OSError as exc:
         return False, f"setsockopt(TCP_ULP, 'tls') failed: {_reason(exc)}", {}

@@ -86,8 +86,7 @@ def main() -> int:
             if vm.missing(kernel):
                 print(f"afalg tests: installing the VM for kernel {kernel}", flush=True)
                 vm.install(kernel)
-        if not args.kernel:
-            step("host", run_host, "not kernel")
+        step("host", run_host, "not kernel")
         for kernel in args.kernel or KERNELS:
             step(f"kernel-{kernel}", run_vm, kernel)
 
