@@ -1,0 +1,130 @@
+"""The two AEAD backends of the record layer: the kernel's (AF_ALG, :class:`afalg.alg.AEAD`)
+and pyca/cryptography's, behind one interface::
+
+    encrypt(nonce, plaintext, aad) -> ciphertext || 16-byte tag
+    decrypt(nonce, ciphertext || tag, aad) -> plaintext   (raises afalg.InvalidTag)
+    close()
+
+Both take the full 12-byte nonce: ``gcm(aes)`` and ``rfc7539(chacha20,poly1305)`` in the
+kernel, ``AESGCM`` and ``ChaCha20Poly1305`` in cryptography. One object serves one direction of
+one connection for as long as its key lives: the kernel socket (or the cryptography context) is
+bound once and reused for every record.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Literal, Protocol
+
+from cryptography.exceptions import InvalidTag as _CryptographyInvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from afalg.errors import AlgorithmNotAvailable, InvalidTag
+from afalg.keys import CipherSuite
+
+__all__ = [
+    "TAG_SIZE",
+    "Backend",
+    "CryptographyAEAD",
+    "KernelAEAD",
+    "RecordAEAD",
+    "new_record_aead",
+]
+
+TAG_SIZE = 16
+
+Backend = Literal["auto", "kernel", "cryptography"]
+
+
+class RecordAEAD(Protocol):
+    """What the record layer needs from an AEAD."""
+
+    name: str
+
+    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes: ...
+
+    def decrypt(self, nonce: bytes, ciphertext_and_tag: bytes, aad: bytes) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class CryptographyAEAD:
+    """pyca/cryptography's AESGCM or ChaCha20Poly1305 (OpenSSL underneath, userspace)."""
+
+    backend = "cryptography"
+
+    def __init__(self, suite: CipherSuite, key: bytes) -> None:
+        self.name = suite.kernel_aead
+        self._aead: AESGCM | ChaCha20Poly1305 | None = (
+            ChaCha20Poly1305(key) if suite.is_chacha20 else AESGCM(key)
+        )
+
+    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        if self._aead is None:
+            raise ValueError("AEAD is closed")
+        return self._aead.encrypt(nonce, plaintext, aad)
+
+    def decrypt(self, nonce: bytes, ciphertext_and_tag: bytes, aad: bytes) -> bytes:
+        if self._aead is None:
+            raise ValueError("AEAD is closed")
+        try:
+            return self._aead.decrypt(nonce, ciphertext_and_tag, aad)
+        except _CryptographyInvalidTag:
+            raise InvalidTag() from None
+
+    def close(self) -> None:
+        self._aead = None
+
+    def __repr__(self) -> str:
+        return f"<CryptographyAEAD {self.name}{' closed' if self._aead is None else ''}>"
+
+
+class KernelAEAD:
+    """The kernel's AEAD through AF_ALG (afalg.alg.AEAD); one bound socket, reused."""
+
+    backend = "kernel"
+
+    def __init__(self, suite: CipherSuite, key: bytes) -> None:
+        from afalg.alg import AEAD  # the alg module is optional on hosts without AF_ALG
+
+        self.name = suite.kernel_aead
+        self._aead = AEAD(self.name, key, tag_size=TAG_SIZE)
+
+    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        return self._aead.encrypt(nonce, plaintext, aad)
+
+    def decrypt(self, nonce: bytes, ciphertext_and_tag: bytes, aad: bytes) -> bytes:
+        if len(ciphertext_and_tag) < TAG_SIZE:
+            raise InvalidTag("ciphertext shorter than the tag")
+        return self._aead.decrypt(nonce, ciphertext_and_tag, aad)
+
+    def close(self) -> None:
+        self._aead.close()
+
+    def __repr__(self) -> str:
+        return f"<KernelAEAD {self._aead!r}>"
+
+
+def new_record_aead(suite: CipherSuite, key: bytes, backend: Backend = "auto") -> RecordAEAD:
+    """An AEAD for ``suite`` keyed with ``key``.
+
+    ``"kernel"`` raises :class:`afalg.AlgorithmNotAvailable` when AF_ALG or the algorithm is
+    missing; ``"auto"`` then falls back to ``"cryptography"``.
+    """
+    if backend == "cryptography":
+        return CryptographyAEAD(suite, key)
+    if backend == "kernel":
+        return _kernel(suite, key)
+    if backend == "auto":
+        try:
+            return _kernel(suite, key)
+        except AlgorithmNotAvailable:
+            return CryptographyAEAD(suite, key)
+    raise ValueError(f"backend must be 'auto', 'kernel' or 'cryptography', not {backend!r}")
+
+
+def _kernel(suite: CipherSuite, key: bytes) -> KernelAEAD:
+    try:
+        return KernelAEAD(suite, key)
+    except ImportError as exc:  # afalg.alg not importable (yet): no kernel backend
+        raise AlgorithmNotAvailable(errno.EAFNOSUPPORT, f"afalg.alg unavailable: {exc}") from exc
