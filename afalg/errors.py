@@ -16,6 +16,8 @@ __all__ = [
     "AlgError",
     "AlgorithmNotAvailable",
     "InvalidTag",
+    "KTLSError",
+    "KeyUpdateUnsupported",
     "PaddingError",
     "TLSAlertReceived",
     "TLSError",
@@ -113,3 +115,13 @@ class TLSAlertReceived(TLSError):
     def __init__(self, alert: int, level: int = 2) -> None:
         self.level = level
         super().__init__(alert, "peer sent alert")
+
+
+class KTLSError(OSError):
+    """Kernel TLS could not be set up on a socket (``TCP_ULP`` or ``TLS_TX``/``TLS_RX`` refused);
+    ``errno`` is the kernel's and the message says what to do."""
+
+
+class KeyUpdateUnsupported(TLSProtocolError):
+    """The peer sent a TLS 1.3 KeyUpdate but this kernel cannot install new kTLS keys on a live
+    socket (rekeying came in Linux 6.14); the connection cannot continue in kTLS mode."""
