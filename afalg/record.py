@@ -435,9 +435,11 @@ class RecordLayer:
             if length > MAX_CIPHERTEXT_TLS12:
                 raise self._fail(_A.record_overflow, f"TLSCiphertext of {length} bytes")
 
-    def _decrypt(self, rx: _Direction, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+    def _check_rx_seq(self, rx: _Direction) -> None:
         if rx.seq > MAX_SEQ:
             raise self._fail(_A.internal_error, "receive sequence number would pass 2**64-1")
+
+    def _decrypt(self, rx: _Direction, nonce: bytes, data: bytes, aad: bytes) -> bytes:
         try:
             plaintext = rx.aead.decrypt(nonce, data, aad)
         except InvalidTag:
@@ -446,6 +448,7 @@ class RecordLayer:
         return plaintext
 
     def _open13(self, rx: _Direction, header: bytes, body: bytes) -> Record:
+        self._check_rx_seq(rx)
         if len(body) < TAG_SIZE:
             raise self._fail(_A.bad_record_mac, "record shorter than the tag")
         inner = self._decrypt(rx, (rx.iv_int ^ rx.seq).to_bytes(12, "big"), body, header)
@@ -463,6 +466,7 @@ class RecordLayer:
         return self._record(ctype, inner[:i])
 
     def _open12(self, rx: _Direction, ctype: ContentType, header: bytes, body: bytes) -> Record:
+        self._check_rx_seq(rx)
         if rx.tls12_gcm:
             if len(body) < EXPLICIT_NONCE_SIZE + TAG_SIZE:
                 raise self._fail(_A.bad_record_mac, "record shorter than nonce and tag")

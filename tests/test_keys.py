@@ -74,8 +74,13 @@ def test_next_generation(suite: int) -> None:
 
 
 def test_tls12_prf_sha256() -> None:
-    out = tls12_prf("sha256", h("9bbe436ba940f017b17652849a71db35"), "test label",
-                    h("a0ba9f936cda311827a6f796ffd5198c"), 100)
+    out = tls12_prf(
+        "sha256",
+        h("9bbe436ba940f017b17652849a71db35"),
+        "test label",
+        h("a0ba9f936cda311827a6f796ffd5198c"),
+        100,
+    )
     assert out == h(
         "e3f229ba727be17b8d122620557cd453c2aab21d07c3d495329b52d4e61edb5a"
         "6b301791e90d35c9c9a46b4e14baf9af0fa022f7077def17abfd3797c0564bab"
@@ -85,8 +90,13 @@ def test_tls12_prf_sha256() -> None:
 
 
 def test_tls12_prf_sha384() -> None:
-    out = tls12_prf("sha384", h("b80b733d6ceefcdc71566ea48e5567df"), b"test label",
-                    h("cd665cf6a8447dd6ff8b27555edb7465"), 148)
+    out = tls12_prf(
+        "sha384",
+        h("b80b733d6ceefcdc71566ea48e5567df"),
+        b"test label",
+        h("cd665cf6a8447dd6ff8b27555edb7465"),
+        148,
+    )
     assert out == h(
         "7b0c18e9ced410ed1804f2cfa34a336a1c14dffb4900bb5fd7942107e81c83cd"
         "e9ca0faa60be9fe34f82b1233c9146a0e534cb400fed2700884f9dc236f80edd"
