@@ -1,0 +1,684 @@
+"""Kernel TLS sockets: the kernel seals and opens the records, Python sees plaintext.
+
+After the userspace handshake (:mod:`afalg.handoff`), :func:`enable` attaches the ``tls`` upper
+layer protocol to the TCP socket and installs the keys of both directions::
+
+    setsockopt(SOL_TCP, TCP_ULP, "tls")
+    setsockopt(SOL_TLS, TLS_TX, struct tls12_crypto_info_*)   # key, iv/salt, rec_seq
+    setsockopt(SOL_TLS, TLS_RX, struct tls12_crypto_info_*)
+
+From then on ``send()`` writes application_data records and ``recv()`` returns the plaintext of
+application_data records. Every other record stops a read and comes back with a
+``TLS_GET_RECORD_TYPE`` control message; :class:`KTLSSocket` always passes a control buffer to
+``recvmsg()`` (without one the kernel answers such a record with a bare EIO) and acts on them:
+close_notify is EOF, a fatal alert raises :class:`afalg.TLSAlertReceived`, a NewSessionTicket is
+consumed, a KeyUpdate installs the next receive keys where the kernel can rekey (Linux 6.14+)
+and otherwise raises :class:`afalg.errors.KeyUpdateUnsupported`. Control records are sent with
+a ``TLS_SET_RECORD_TYPE`` control message (close_notify on close, fatal alerts on errors).
+
+A record that fails authentication makes the kernel set the socket error (EBADMSG); until it is
+read with ``SO_ERROR`` every send fails. :class:`KTLSSocket` reads it, sends the bad_record_mac
+alert and raises :class:`afalg.TLSProtocolError` (bad_record_mac); the connection is then dead.
+
+The kernel's TLS counters (``/proc/net/tls_stat``) are :func:`tls_stats`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import io
+import os
+import socket
+import ssl
+import struct
+from typing import Any
+
+from afalg import _uapi
+from afalg.cmsg import parse_record_type, record_type_cmsg, tls_crypto_info
+from afalg.errors import (
+    AlertDescription,
+    KeyUpdateUnsupported,
+    KTLSError,
+    TLSAlertReceived,
+    TLSProtocolError,
+)
+from afalg.keys import TLS_1_3_VERSION, TrafficKeys
+
+__all__ = ["KTLSSocket", "TLSSocketBase", "enable", "supports", "tls_stats"]
+
+CT_CHANGE_CIPHER_SPEC = 20
+CT_ALERT = 21
+CT_HANDSHAKE = 22
+CT_APPLICATION_DATA = 23
+HT_HELLO_REQUEST = 0
+HT_NEW_SESSION_TICKET = 4
+HT_KEY_UPDATE = 24
+ALERT_WARNING = 1
+ALERT_FATAL = 2
+
+_ANCBUFSIZE = socket.CMSG_SPACE(1)
+_RECORD_BUF = 2**14 + 1024  # one whole record's plaintext fits
+_HS_HEADER = struct.Struct("!BI")  # type(1) || length(3): unpack from 5 bytes with a pad
+
+
+def tls_stats() -> dict[str, int]:
+    """The kernel's TLS counters from ``/proc/net/tls_stat`` (``TlsCurrTxSw``, ``TlsTxSw``,
+    ``TlsDecryptError``, ...); empty when the ``tls`` module is not loaded."""
+    try:
+        with open(_uapi.TLS_STAT_PATH) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return {}
+    stats = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name and value.strip().isdigit():
+            stats[name] = int(value)
+    return stats
+
+
+# --- setting kTLS up ----------------------------------------------------------------------------
+
+
+def _crypto_info(keys: TrafficKeys) -> bytes:
+    return tls_crypto_info(keys.version, keys.cipher_suite.ktls_cipher_type, **keys.ktls_params())
+
+
+def _ulp(sock: socket.socket) -> str:
+    try:
+        name = sock.getsockopt(_uapi.SOL_TCP, _uapi.TCP_ULP, 16)
+    except OSError:
+        return ""
+    return name.rstrip(b"\0").decode("ascii", "replace")
+
+
+def _check_tcp(sock: socket.socket) -> None:
+    if not isinstance(sock, socket.socket):
+        raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        raise KTLSError(errno.EOPNOTSUPP, "kTLS needs a TCP socket (AF_INET/AF_INET6 stream)")
+
+
+def attach_ulp(sock: socket.socket) -> None:
+    """``setsockopt(SOL_TCP, TCP_ULP, "tls")``, with errors that say what went wrong."""
+    _check_tcp(sock)
+    try:
+        sock.setsockopt(_uapi.SOL_TCP, _uapi.TCP_ULP, b"tls")
+    except OSError as exc:
+        code = exc.errno or 0
+        if code == errno.ENOTCONN:
+            msg = ("the tls ULP needs an established TCP connection: set it after connect() or "
+                   "accept(), not before (ENOTCONN)")  # fmt: skip
+        elif code == errno.EEXIST:
+            current = _ulp(sock)
+            msg = (f"this socket already has the {current or 'a'} ULP attached; the tls ULP can "
+                   "be set once per socket (EEXIST)")  # fmt: skip
+        elif code == errno.ENOENT:
+            msg = "the kernel has no tls ULP (CONFIG_TLS missing or the tls module not loadable)"
+        else:
+            msg = f"setsockopt(TCP_ULP, 'tls') failed: {exc.strerror}"
+        raise KTLSError(code, msg) from exc
+
+
+def install_keys(sock: socket.socket, direction: int, keys: TrafficKeys) -> None:
+    """``setsockopt(SOL_TLS, TLS_TX or TLS_RX, crypto_info)`` for ``keys``."""
+    name = "TLS_TX" if direction == _uapi.TLS_TX else "TLS_RX"
+    try:
+        sock.setsockopt(_uapi.SOL_TLS, direction, _crypto_info(keys))
+    except OSError as exc:
+        code = exc.errno or 0
+        what = f"{keys.cipher_suite.name} (TLS {'1.3' if keys.version == 0x0304 else '1.2'})"
+        if code == errno.ENOPROTOOPT:
+            msg = f"setsockopt(SOL_TLS, {name}) needs the tls ULP on the socket first"
+        elif code == errno.EBUSY:
+            msg = f"{name} keys are already installed on this socket (EBUSY)"
+        elif code in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT, errno.ENOSYS):
+            msg = f"the kernel refused {name} for {what}: {exc.strerror}"
+        else:
+            msg = f"setsockopt(SOL_TLS, {name}) for {what} failed: {exc.strerror}"
+        raise KTLSError(code, msg) from exc
+
+
+@functools.cache
+def supports(version: int, cipher_type: int) -> bool:
+    """Whether this kernel runs kTLS for ``(version, cipher_type)`` both ways: tried once per
+    process on a throwaway loopback connection (ULP, then TLS_TX and TLS_RX with zero keys)."""
+    from afalg.keys import CipherSuite
+
+    suite = next(
+        (s for s in CipherSuite
+         if s.ktls_cipher_type == cipher_type and s.is_tls13 == (version == TLS_1_3_VERSION)),
+        None,
+    )  # fmt: skip
+    if suite is None:
+        return False
+    iv = bytes(12 if suite.is_chacha20 or suite.is_tls13 else 4)
+    keys = TrafficKeys(version, suite, bytes(suite.key_length), iv)
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname(), timeout=5)
+            peer, _ = listener.accept()
+    except OSError:
+        return False
+    with client, peer:
+        try:
+            enable(client, keys, keys)
+        except (KTLSError, OSError):
+            return False
+    return True
+
+
+def enable(sock: socket.socket, tx: TrafficKeys, rx: TrafficKeys) -> None:
+    """Turn the connected TCP socket ``sock`` into a kTLS socket with these keys.
+
+    ``tx.seq`` and ``rx.seq`` are the next records' sequence numbers. Raises
+    :class:`afalg.errors.KTLSError` naming the cause (socket not connected, ULP already set,
+    no tls module, cipher refused).
+    """
+    if not isinstance(tx, TrafficKeys) or not isinstance(rx, TrafficKeys):
+        raise TypeError("tx and rx must be afalg.keys.TrafficKeys")
+    attach_ulp(sock)
+    install_keys(sock, _uapi.TLS_TX, tx)
+    install_keys(sock, _uapi.TLS_RX, rx)
+
+
+# --- the socket-like face shared by KTLSSocket and AlgTLSSocket ---------------------------------
+
+
+class TLSSocketBase:
+    """What both afalg TLS sockets share: ownership of the TCP socket, timeouts, the ssl facts
+    of the handshake, makefile, sendall, context manager. Subclasses implement ``send``,
+    ``recv_into``, ``sendfile`` and ``_send_alert``."""
+
+    mode = "?"
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        ssl_object: ssl.SSLObject | None = None,
+        suppress_ragged_eofs: bool = True,
+    ) -> None:
+        self._sock = sock
+        self._ssl = ssl_object
+        self.suppress_ragged_eofs = suppress_ragged_eofs
+        self._closed = False
+        self._io_refs = 0
+        self._eof = False  # close_notify received (or TCP EOF, suppressed)
+        self._close_notify_sent = False
+        self._error: BaseException | None = None  # a fatal error poisons the connection
+        self._version = 0  # TLS_1_2_VERSION or TLS_1_3_VERSION, set by the subclass
+        self._hs_buf = bytearray()  # a post-handshake message spread over records
+
+    # -- facts from the handshake --
+    @property
+    def ssl_object(self) -> ssl.SSLObject | None:
+        return self._ssl
+
+    @property
+    def context(self) -> ssl.SSLContext | None:
+        return self._ssl.context if self._ssl is not None else None
+
+    @property
+    def server_side(self) -> bool:
+        return bool(self._ssl and self._ssl.server_side)
+
+    @property
+    def server_hostname(self) -> str | None:
+        return self._ssl.server_hostname if self._ssl is not None else None
+
+    @property
+    def session(self) -> ssl.SSLSession | None:
+        return self._ssl.session if self._ssl is not None else None
+
+    @property
+    def session_reused(self) -> bool | None:
+        return self._ssl.session_reused if self._ssl is not None else None
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        return self._ssl.getpeercert(binary_form) if self._ssl is not None else None
+
+    def version(self) -> str | None:
+        return self._ssl.version() if self._ssl is not None else None
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        return self._ssl.cipher() if self._ssl is not None else None
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self._ssl.selected_alpn_protocol() if self._ssl is not None else None
+
+    # -- the socket --
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def family(self) -> int:
+        return self._sock.family
+
+    @property
+    def type(self) -> int:
+        return self._sock.type
+
+    @property
+    def proto(self) -> int:
+        return self._sock.proto
+
+    def getpeername(self) -> Any:
+        return self._sock.getpeername()
+
+    def getsockname(self) -> Any:
+        return self._sock.getsockname()
+
+    def gettimeout(self) -> float | None:
+        return self._sock.gettimeout()
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._sock.settimeout(timeout)
+
+    def setblocking(self, flag: bool) -> None:
+        self._sock.setblocking(flag)
+
+    def getblocking(self) -> bool:
+        return self._sock.getblocking()
+
+    def setsockopt(self, *args: Any) -> None:
+        self._sock.setsockopt(*args)
+
+    def getsockopt(self, *args: Any) -> Any:
+        return self._sock.getsockopt(*args)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self._sock.fileno()}"
+        cipher = self.cipher()
+        return (
+            f"<{type(self).__name__} {state} mode={self.mode} "
+            f"{self.version() or '?'} {cipher[0] if cipher else '?'}>"
+        )
+
+    def __enter__(self) -> TLSSocketBase:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- data --
+    def send(self, data: Any, flags: int = 0) -> int:
+        raise NotImplementedError
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        raise NotImplementedError
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = self.send(view, flags)
+            view = view[n:]
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if bufsize < 0:
+            raise ValueError("negative buffersize in recv")
+        buf = bytearray(bufsize)
+        n = self.recv_into(buf, bufsize, flags)
+        del buf[n:]
+        return bytes(buf)
+
+    def read(self, n: int = 1024) -> bytes:
+        return self.recv(n)
+
+    def write(self, data: Any) -> int:
+        return self.send(data)
+
+    def makefile(
+        self,
+        mode: str = "r",
+        buffering: int | None = None,
+        *,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> Any:
+        """A file object over the TLS connection, as :meth:`socket.socket.makefile`."""
+        if not set(mode) <= {"r", "w", "b"}:
+            raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
+        writing = "w" in mode
+        reading = "r" in mode or not writing
+        binary = "b" in mode
+        raw = socket.SocketIO(self, ("r" if reading else "") + ("w" if writing else ""))  # type: ignore[arg-type]
+        self._io_refs += 1
+        if buffering is None or buffering < 0:
+            buffering = io.DEFAULT_BUFFER_SIZE
+        if buffering == 0:
+            if not binary:
+                raise ValueError("unbuffered streams must be binary")
+            return raw
+        buffer: Any
+        if reading and writing:
+            buffer = io.BufferedRWPair(raw, raw, buffering)
+        elif reading:
+            buffer = io.BufferedReader(raw, buffering)
+        else:
+            buffer = io.BufferedWriter(raw, buffering)
+        if binary:
+            return buffer
+        text = io.TextIOWrapper(buffer, io.text_encoding(encoding), errors, newline)
+        text.mode = mode  # type: ignore[misc]
+        return text
+
+    def _decref_socketios(self) -> None:
+        if self._io_refs > 0:
+            self._io_refs -= 1
+        if self._closed:
+            self.close()
+
+    def _check_send(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._close_notify_sent:
+            raise BrokenPipeError(errno.EPIPE, "close_notify already sent on this connection")
+
+    # -- ending --
+    def _send_alert(self, level: int, description: int, *, wait: bool) -> None:
+        raise NotImplementedError
+
+    def _send_close_notify(self, *, wait: bool) -> None:
+        if self._close_notify_sent or self._error is not None or self._sock.fileno() < 0:
+            return
+        self._close_notify_sent = True
+        try:
+            self._send_alert(ALERT_WARNING, AlertDescription.close_notify, wait=wait)
+        except OSError:
+            if wait:
+                raise
+
+    def _fatal(self, alert: int, exc: BaseException) -> BaseException:
+        """Poison the connection with ``exc`` after sending the fatal ``alert`` (best effort)."""
+        if self._error is None:
+            self._error = exc
+            if alert is not None and self._sock.fileno() >= 0:
+                with contextlib.suppress(OSError):
+                    self._send_alert(ALERT_FATAL, alert, wait=False)
+                self._close_notify_sent = True  # a fatal alert ends our side too
+        return exc
+
+    def _control_record(self, content_type: int, payload: bytes) -> bool:
+        """Act on a non-application record; True when it was close_notify."""
+        if content_type == CT_ALERT:
+            if len(payload) != 2:
+                raise self._fatal(
+                    AlertDescription.decode_error,
+                    TLSProtocolError(AlertDescription.decode_error, "alert record of bad length"),
+                )
+            level, description = payload
+            if description == AlertDescription.close_notify:
+                self._eof = True
+                return True
+            if description == AlertDescription.user_canceled or (
+                level == ALERT_WARNING and self._version != TLS_1_3_VERSION
+            ):
+                return False  # a warning: carry on (a close_notify follows user_canceled)
+            self._error = TLSAlertReceived(description, level)
+            self._close_notify_sent = True  # the connection is gone; send nothing more
+            raise self._error
+        if content_type == CT_HANDSHAKE:
+            self._hs_buf += payload
+            for msg_type, body in _handshake_messages(self._hs_buf):
+                self._handshake_message(msg_type, body)
+            return False
+        if content_type == CT_CHANGE_CIPHER_SPEC and self._version != TLS_1_3_VERSION:
+            pass  # not after the handshake in TLS 1.2 either: fall through to the error
+        raise self._fatal(
+            AlertDescription.unexpected_message,
+            TLSProtocolError(
+                AlertDescription.unexpected_message,
+                f"unexpected record of content type {content_type} after the handshake",
+            ),
+        )
+
+    def _handshake_message(self, msg_type: int, body: bytes) -> None:
+        if msg_type == HT_NEW_SESSION_TICKET and self._version == TLS_1_3_VERSION:
+            return  # consumed: the session cache stays with ssl, which saw the handshake only
+        if msg_type == HT_HELLO_REQUEST and self._version != TLS_1_3_VERSION:
+            return  # renegotiation is not offered; RFC 5246 7.4.1.1 lets us ignore it
+        if msg_type == HT_KEY_UPDATE and self._version == TLS_1_3_VERSION and len(body) == 1:
+            self._key_update(update_requested=body[0] == 1)
+            return
+        raise self._fatal(
+            AlertDescription.unexpected_message,
+            TLSProtocolError(
+                AlertDescription.unexpected_message,
+                f"unexpected post-handshake message (HandshakeType {msg_type})",
+            ),
+        )
+
+    def _key_update(self, *, update_requested: bool) -> None:
+        raise NotImplementedError
+
+    def _ragged_eof(self) -> int:
+        self._eof = True
+        if self.suppress_ragged_eofs:
+            return 0
+        exc = ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "EOF occurred in violation of protocol")
+        self._error = exc
+        raise exc
+
+    def shutdown(self, how: int) -> None:
+        """Send close_notify (for SHUT_WR and SHUT_RDWR), then shut the TCP socket down."""
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+            self._send_close_notify(wait=True)
+        self._sock.shutdown(how)
+
+    def close(self) -> None:
+        """Send close_notify (best effort, without blocking) and close the socket. Idempotent;
+        file objects from :meth:`makefile` keep the socket open until they are closed."""
+        self._closed = True
+        if self._io_refs > 0:
+            return
+        if self._sock.fileno() >= 0:
+            try:
+                # Blocking (or timeout) sockets wait for room for the alert, as sendall would.
+                self._send_close_notify(wait=self._sock.gettimeout() != 0.0)
+            except OSError:
+                pass
+            finally:
+                self._release()
+                self._sock.close()
+
+    def _release(self) -> None:
+        """Free per-connection resources (AF_ALG sockets in algif mode)."""
+
+    def detach(self) -> int:
+        raise io.UnsupportedOperation(
+            f"{type(self).__name__} cannot give its socket back: the keys live in it"
+        )
+
+
+def _handshake_messages(buffer: bytearray) -> list[tuple[int, bytes]]:
+    """Take the complete handshake messages out of ``buffer``: (msg_type, body)."""
+    out = []
+    while len(buffer) >= 4:
+        msg_type = buffer[0]
+        length = int.from_bytes(buffer[1:4], "big")
+        if len(buffer) < 4 + length:
+            break
+        out.append((msg_type, bytes(buffer[4 : 4 + length])))
+        del buffer[: 4 + length]
+    return out
+
+
+def key_update_message(update_requested: bool) -> bytes:
+    """A KeyUpdate handshake message (RFC 8446 section 4.6.3)."""
+    return bytes([HT_KEY_UPDATE, 0, 0, 1, 1 if update_requested else 0])
+
+
+# --- kTLS ----------------------------------------------------------------------------------------
+
+_RECV_ERRORS = {
+    errno.EBADMSG: (AlertDescription.bad_record_mac, "record failed authentication"),
+    errno.EMSGSIZE: (AlertDescription.record_overflow, "record too long"),
+    errno.EINVAL: (AlertDescription.decode_error, "malformed record header"),
+    errno.EIO: (AlertDescription.unexpected_message, "kernel refused a record (EIO)"),
+}
+
+
+class KTLSSocket(TLSSocketBase):
+    """A TCP socket whose records the kernel seals and opens (kernel TLS).
+
+    Construct it with :func:`afalg.tls.wrap` (which runs the handshake), or from a connected
+    TCP socket and the keys of both directions: ``KTLSSocket(sock, tx, rx)``. The object owns
+    ``sock``. ``recv`` returns application data only; see the module docstring for the rest.
+    """
+
+    mode = "ktls"
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        tx: TrafficKeys,
+        rx: TrafficKeys,
+        *,
+        ssl_object: ssl.SSLObject | None = None,
+        suppress_ragged_eofs: bool = True,
+    ) -> None:
+        enable(sock, tx, rx)
+        super().__init__(sock, ssl_object=ssl_object, suppress_ragged_eofs=suppress_ragged_eofs)
+        self._tx_keys = tx.with_seq(0) if tx.secret is not None else None  # for KeyUpdate only
+        self._rx_keys = rx.with_seq(0) if rx.secret is not None else None
+        self._version = tx.version
+        self._rbuf = bytearray()  # plaintext read past a small caller buffer
+
+    # -- sending --
+    def send(self, data: Any, flags: int = 0) -> int:
+        self._check_send()
+        try:
+            return self._sock.send(data, flags)
+        except OSError as exc:
+            raise self._translate(exc) from exc
+
+    def _send_alert(self, level: int, description: int, *, wait: bool) -> None:
+        self._send_record(CT_ALERT, bytes([level, description]), wait=wait)
+
+    def _send_record(self, content_type: int, payload: bytes, *, wait: bool = True) -> None:
+        flags = 0 if wait else socket.MSG_DONTWAIT
+        self._sock.sendmsg([payload], [record_type_cmsg(content_type)], flags)
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        """Send a file with ``os.sendfile`` (the kernel encrypts the pages it reads), as
+        :meth:`socket.socket.sendfile`: honours the timeout, falls back to ``send`` for what
+        is not a regular file; the file position ends after the last byte sent."""
+        self._check_send()
+        try:
+            return self._sock.sendfile(file, offset, count)
+        except OSError as exc:
+            raise self._translate(exc) from exc
+
+    # -- receiving --
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        if flags:
+            raise ValueError("flags are not supported on a kTLS socket")
+        view = memoryview(buffer).cast("B")
+        if nbytes:
+            if nbytes < 0 or nbytes > len(view):
+                raise ValueError("nbytes out of range for the buffer")
+            view = view[:nbytes]
+        if self._rbuf:
+            n = min(len(view), len(self._rbuf))
+            view[:n] = self._rbuf[:n]
+            del self._rbuf[:n]
+            return n
+        if self._error is not None:
+            raise self._error
+        if self._eof or not view:
+            return 0
+        while True:
+            small = len(view) < _RECORD_BUF
+            target = memoryview(bytearray(_RECORD_BUF)) if small else view
+            try:
+                n, ancdata, _msg_flags, _addr = self._sock.recvmsg_into([target], _ANCBUFSIZE)
+            except OSError as exc:
+                raise self._translate(exc) from exc
+            content_type = CT_APPLICATION_DATA
+            for level, kind, data in ancdata:
+                if level == _uapi.SOL_TLS and kind == _uapi.TLS_GET_RECORD_TYPE:
+                    content_type = parse_record_type(data)
+            if n == 0 and not ancdata:
+                return self._ragged_eof()
+            if content_type == CT_APPLICATION_DATA:
+                if n == 0:
+                    continue  # an empty application_data record carries nothing
+                if small:
+                    k = min(n, len(view))
+                    view[:k] = target[:k]
+                    self._rbuf += target[k:n]
+                    return k
+                return n
+            if self._control_record(content_type, bytes(target[:n])):
+                return 0  # close_notify
+
+    def _key_update(self, *, update_requested: bool) -> None:
+        """The peer moved to its next traffic secret: install the next receive keys (and, if it
+        asked, send our KeyUpdate and move ours). Linux < 6.14 cannot replace kTLS keys."""
+        if self._rx_keys is None:
+            raise self._fatal(
+                AlertDescription.internal_error,
+                KeyUpdateUnsupported(AlertDescription.internal_error, "no traffic secret kept"),
+            )
+        nxt = self._rx_keys.next_generation()
+        try:
+            install_keys(self._sock, _uapi.TLS_RX, nxt)
+            if update_requested:
+                assert self._tx_keys is not None
+                self._send_record(CT_HANDSHAKE, key_update_message(False))
+                tx = self._tx_keys.next_generation()
+                install_keys(self._sock, _uapi.TLS_TX, tx)
+                self._tx_keys = tx
+        except KTLSError as exc:
+            raise self._fatal(
+                AlertDescription.internal_error,
+                KeyUpdateUnsupported(
+                    AlertDescription.internal_error,
+                    f"peer sent a TLS 1.3 KeyUpdate, but this kernel ({os.uname().release}) "
+                    "cannot install new kTLS keys on a live socket: kTLS rekeying needs Linux "
+                    f"6.14+ ({exc.strerror}); use mode='algif' with peers that update keys",
+                ),
+            ) from exc
+        self._rx_keys = nxt
+
+    def key_update(self, *, request_peer: bool = False) -> None:
+        """Send a KeyUpdate and move to the next send keys (Linux 6.14+ only)."""
+        self._check_send()
+        if self._tx_keys is None:
+            raise ValueError("KeyUpdate needs TLS 1.3 keys with their traffic secret")
+        nxt = self._tx_keys.next_generation()
+        self._send_record(CT_HANDSHAKE, key_update_message(request_peer))
+        try:
+            install_keys(self._sock, _uapi.TLS_TX, nxt)
+        except KTLSError as exc:
+            raise self._fatal(
+                AlertDescription.internal_error,
+                KeyUpdateUnsupported(
+                    AlertDescription.internal_error,
+                    f"this kernel ({os.uname().release}) cannot rekey kTLS (Linux 6.14+ can): "
+                    f"{exc.strerror}",
+                ),
+            ) from exc
+        self._tx_keys = nxt
+
+    def _translate(self, exc: OSError) -> BaseException:
+        """Map a kernel TLS error to a TLS error (never a bare EIO), reading SO_ERROR so later
+        sends work, and sending the matching alert."""
+        if self._error is not None:
+            return self._error
+        if isinstance(exc, (TimeoutError, BlockingIOError, InterruptedError)):
+            return exc
+        if exc.errno not in _RECV_ERRORS:
+            return exc
+        with contextlib.suppress(OSError):
+            self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # clears sk_err
+        alert, what = _RECV_ERRORS[exc.errno]
+        return self._fatal(alert, TLSProtocolError(alert, f"kTLS: {what} ({exc.strerror})"))
