@@ -137,7 +137,7 @@ class Connection:
     peer: tuple[str, int]
     started: float
     deadline: float  # absolute handshake deadline (monotonic)
-    fd: int = -1
+    tls: Any = None  # the TLS socket once the handshake started (it owns the fd then)
     handshake_done: bool = False
     timed_out: bool = False
     closed: bool = False
@@ -149,12 +149,21 @@ class Connection:
     outcome: str = "?"
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def fileno(self) -> int:
+        """The connection's fd as its current owner reports it (-1 once closed)."""
+        owner = self.tls if self.tls is not None else self.sock
+        try:
+            return owner.fileno()
+        except (OSError, ValueError):
+            return -1
+
     def force_shutdown(self) -> None:
         """Shut the TCP connection down under whoever is blocked on it (any thread)."""
         with self.lock:
-            if self.closed or self.fd < 0:
+            fd = -1 if self.closed else self.fileno()
+            if fd < 0:
                 return
-            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(self.fd)) as dup:
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as dup:
                 dup.shutdown(socket.SHUT_RDWR)
 
     def log_line(self) -> str:
@@ -259,7 +268,7 @@ class EchoServer:
                 log.warning("accept failed: %s", exc)
                 return
             now = time.monotonic()
-            conn = Connection(sock, peer, now, now + self.handshake_timeout, fd=sock.fileno())
+            conn = Connection(sock, peer, now, now + self.handshake_timeout)
             with self._lock:
                 self.totals["connections"] += 1
                 full = len(self.connections) >= self.max_conns
@@ -300,7 +309,7 @@ class EchoServer:
         try:
             conn.sock.settimeout(self.handshake_timeout)
             try:
-                tls = self._handshake(conn.sock)
+                tls = self._handshake(conn)
             except (OSError, ValueError) as exc:
                 conn.outcome = ("handshake-timeout" if conn.timed_out
                                 or isinstance(exc, TimeoutError)
@@ -328,17 +337,27 @@ class EchoServer:
             log.exception("connection handler failed")
             conn.outcome = f"error:{type(exc).__name__}"
         finally:
-            self._close(conn, tls, fatal)
+            self._close(conn, fatal)
             ok = conn.outcome in ("ok", "eof", "served")
             self._record(conn, ok=ok)
             with self._lock:
                 self.connections.pop(id(conn), None)
                 self.threads.discard(threading.current_thread())
 
-    def _handshake(self, sock: socket.socket) -> Any:
+    def _handshake(self, conn: Connection) -> Any:
         if self._wrap is None:
-            return self.context.wrap_socket(sock, server_side=True)
-        return self._wrap(sock, self.context, server_side=True, mode=self.mode)
+            # Not ssl's handshake-on-connect: that closes the socket when the handshake fails,
+            # which would reset the connection under the alert it just queued.
+            tls = self.context.wrap_socket(conn.sock, server_side=True,
+                                           do_handshake_on_connect=False)
+            with conn.lock:
+                conn.tls = tls
+            tls.do_handshake()
+            return tls
+        tls = self._wrap(conn.sock, self.context, server_side=True, mode=self.mode)
+        with conn.lock:
+            conn.tls = tls
+        return tls
 
     def _serve(self, conn: Connection, tls: Any) -> str:
         first = True
@@ -407,17 +426,17 @@ class EchoServer:
             return None
         return full if os.path.isfile(full) else None
 
-    def _close(self, conn: Connection, tls: Any, fatal: bool) -> None:
+    def _close(self, conn: Connection, fatal: bool) -> None:
         """Close the connection: after a fatal alert gracefully (shut down the write side,
         drain what the peer still sends for ``drain_time``, close) so the alert reaches the
         peer instead of being overtaken by a reset; otherwise with close_notify."""
         if fatal:
-            self._drain(conn.fd)
+            self._drain(conn.fileno())
         with conn.lock:
             conn.closed = True
-            if tls is not None:
+            if conn.tls is not None:
                 with contextlib.suppress(OSError, ValueError):
-                    tls.close()
+                    conn.tls.close()
             with contextlib.suppress(OSError):
                 conn.sock.close()
 

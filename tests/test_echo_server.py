@@ -1,0 +1,314 @@
+"""The example echo/file server (examples/tls_echo_server.py) and its client.
+
+Every behaviour runs in each mode: ``userspace`` (plain ``ssl``, the reference; runs on the host)
+and ``ktls``/``algif`` (kernel-marked, the VM). The server runs in a thread of this process on
+loopback; the client is the example client's own functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+import tls_echo_client as client  # noqa: E402
+import tls_echo_server as server  # noqa: E402
+
+CERTS = ROOT / "tests" / "certs"
+IN_VM = bool(os.environ.get("AFALG_IN_VM"))
+SLOW = 8.0 if IN_VM else 1.0  # Python under TCG is ~14x slower
+
+MODES = [
+    pytest.param("userspace"),
+    pytest.param("ktls", marks=pytest.mark.kernel),
+    pytest.param("algif", marks=pytest.mark.kernel),
+]
+
+
+class Running:
+    """An EchoServer in a thread; ``finished(n)`` waits for n connection log lines."""
+
+    def __init__(self, mode: str, serve_dir: str | None = None, **kwargs) -> None:
+        ctx = server.server_context(str(CERTS / "server.pem"), str(CERTS / "server.key"))
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        self.server = server.EchoServer(listener, ctx, mode=mode, serve_dir=serve_dir, **kwargs)
+        self.port = self.server.address[1]
+        self.closed: list[server.Connection] = []
+        self._cond = threading.Condition()
+        self.server.on_close = self._on_close
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def _on_close(self, conn: server.Connection) -> None:
+        with self._cond:
+            self.closed.append(conn)
+            self._cond.notify_all()
+
+    def finished(self, n: int, timeout: float = 10 * SLOW) -> list[server.Connection]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.closed) >= n, timeout), self.closed
+            return list(self.closed)
+
+    def stop(self) -> None:
+        self.server.stop()
+        assert self.server.wait_stopped(10 * SLOW)
+
+
+@pytest.fixture(params=MODES)
+def mode(request):
+    return request.param
+
+
+@pytest.fixture
+def files(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "small.txt").write_bytes(b"hello over TLS\n")
+    (root / "big.bin").write_bytes(os.urandom(3 * 2**20 + 123))
+    (root / "sub").mkdir()
+    (root / "sub" / "empty").write_bytes(b"")
+    (tmp_path / "secret.txt").write_bytes(b"outside the served directory")
+    (root / "link").symlink_to(tmp_path / "secret.txt")
+    return root
+
+
+@pytest.fixture
+def running(mode, files):
+    srv = Running(mode, serve_dir=str(files), handshake_timeout=1.0 * SLOW)
+    yield srv
+    srv.stop()
+
+
+def ctx(**kwargs) -> ssl.SSLContext:
+    return client.client_context(cafile=str(CERTS / "ca.pem"), **kwargs)
+
+
+def connect(running: Running, **kwargs):
+    return client.connect("127.0.0.1", running.port, ctx(**kwargs), mode="userspace",
+                          server_hostname="localhost", timeout=20 * SLOW)
+
+
+@pytest.mark.parametrize("size", [1, 2**14, 100_000])
+def test_echo_round_trip(running, mode, size):
+    data = os.urandom(size)
+    result = client.Result(0)
+    with connect(running) as tls:
+        client.echo(tls, data, result)
+    assert result.received == size
+    (conn,) = running.finished(1)
+    assert (conn.outcome, conn.mode, conn.bytes_in, conn.bytes_out) == ("ok", mode, size, size)
+    assert conn.version == "TLSv1.3"
+
+
+@pytest.mark.parametrize("suite", ["ECDHE-ECDSA-AES128-GCM-SHA256",
+                                   "ECDHE-ECDSA-CHACHA20-POLY1305"])
+def test_echo_tls12(running, suite):
+    result = client.Result(0)
+    with connect(running, tls_version="1.2", ciphers=suite) as tls:
+        assert tls.cipher()[0] == suite
+        client.echo(tls, b"x" * 40000, result)
+    (conn,) = running.finished(1)
+    assert (conn.outcome, conn.version, conn.suite) == ("ok", "TLSv1.2", suite)
+
+
+def test_each_read_is_echoed_in_one_record(running):
+    """Three sends, three reads, three echoed records of the same sizes."""
+    with connect(running) as tls:
+        for size in (1, 300, 2**14):
+            tls.sendall(b"r" * size)
+            got = b""
+            while len(got) < size:
+                got += tls.recv(2**15)
+            assert got == b"r" * size
+    assert running.finished(1)[0].bytes_out == 1 + 300 + 2**14
+
+
+def test_concurrent_clients(running):
+    n = 6
+    results = [client.Result(i) for i in range(n)]
+
+    def one(i: int) -> None:
+        with connect(running) as tls:
+            client.echo(tls, os.urandom(50_000 + i), results[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60 * SLOW)
+    assert [r.received for r in results] == [50_000 + i for i in range(n)]
+    assert sorted(c.outcome for c in running.finished(n)) == ["ok"] * n
+
+
+@pytest.mark.parametrize("path", ["/big.bin", "/small.txt", "/sub/empty"])
+def test_get_file(running, files, path):
+    result = client.Result(0)
+    with connect(running) as tls:
+        client.get(tls, path, result)
+    assert result.status == 200
+    assert hashlib.sha256(result.body).digest() == hashlib.sha256(
+        (files / path.lstrip("/")).read_bytes()).digest()
+    (conn,) = running.finished(1)
+    assert conn.outcome == "served"
+
+
+@pytest.mark.parametrize("path", ["/../secret.txt", "/%2e%2e/secret.txt", "/sub/../../secret.txt",
+                                  "/link", "/sub", "/missing", "//etc/passwd", "/%00"])
+def test_get_cannot_escape_the_directory(running, path):
+    result = client.Result(0)
+    with connect(running) as tls:
+        client.get(tls, path, result)
+    assert result.status == 404 and result.body == b""
+
+
+def test_get_with_http_headers(running, files):
+    """curl-style request: request line, headers, empty line."""
+    with connect(running) as tls:
+        tls.sendall(b"GET /small.txt HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n")
+        response = b""
+        while more := tls.recv(4096):
+            response += more
+    assert response.startswith(b"HTTP/1.0 200 OK\r\n")
+    assert response.endswith(b"\r\n\r\nhello over TLS\n")
+
+
+def test_slow_client_costs_only_its_connection(running):
+    """A client that never finishes its handshake (it trickles bytes) is cut off at the
+    handshake deadline; an honest client is served meanwhile."""
+    slow = socket.create_connection(("127.0.0.1", running.port))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 100
+        for byte in hello:
+            if stop.wait(0.1 * SLOW):
+                return
+            try:
+                slow.send(bytes([byte]))
+            except OSError:
+                return
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    result = client.Result(0)
+    with connect(running) as tls:
+        client.echo(tls, b"honest", result)
+    conns = running.finished(2, timeout=20 * SLOW)
+    stop.set()
+    slow.close()
+    outcomes = sorted(c.outcome for c in conns)
+    assert outcomes == ["handshake-timeout", "ok"]
+
+
+# A ClientHello record whose handshake message is garbage: ssl answers with a fatal alert.
+BAD_HELLO = b"\x16\x03\x01\x00\x20" + b"\x01\x00\x00\x1c" + b"\xff" * 28
+
+
+@pytest.mark.parametrize("garbage", [BAD_HELLO, b"GET / HTTP/1.0\r\n\r\n" + b"\x00" * 100],
+                         ids=["bad-client-hello", "not-tls"])
+def test_garbage_instead_of_client_hello(running, garbage):
+    """The handshake fails (with an alert from ssl where TLS allows one: a plain-text request is
+    not answered in TLS); the server closes that connection gently (alert, then EOF, no
+    reset) and keeps serving."""
+    raw = socket.create_connection(("127.0.0.1", running.port), timeout=10 * SLOW)
+    raw.sendall(garbage)
+    received = b""
+    while more := raw.recv(4096):  # a reset would raise ConnectionResetError here
+        received += more
+    raw.close()
+    if garbage is BAD_HELLO:
+        assert received[:1] == b"\x15" and received[1:3] in (b"\x03\x01", b"\x03\x03")
+        assert received[5] == 2  # fatal
+    result = client.Result(0)
+    with connect(running) as tls:
+        client.echo(tls, b"still serving", result)
+    outcomes = sorted(c.outcome for c in running.finished(2))
+    assert outcomes[0].startswith("handshake-failed:") and outcomes[1] == "ok"
+
+
+def test_connection_cap(mode):
+    srv = Running(mode, max_conns=2, handshake_timeout=5.0 * SLOW)
+    try:
+        held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(2)]
+        time.sleep(0.3 * SLOW)
+        extra = socket.create_connection(("127.0.0.1", srv.port), timeout=10 * SLOW)
+        assert extra.recv(1) == b""  # accepted and closed at once
+        extra.close()
+        (refused,) = srv.finished(1)
+        assert refused.outcome == "refused:connection-cap"
+        for s in held:
+            s.close()
+        srv.finished(3)
+        result = client.Result(0)
+        with connect(srv) as tls:  # slots free again
+            client.echo(tls, b"after the cap", result)
+        assert srv.server.totals["refused"] == 1
+    finally:
+        srv.stop()
+
+
+def test_stop_with_idle_client(mode):
+    srv = Running(mode, grace=0.2)
+    tls = connect(srv)
+    client.echo(tls, b"before stop", client.Result(0))
+    started = time.monotonic()
+    srv.stop()
+    assert time.monotonic() - started < 5 * SLOW
+    print(srv.finished(1)[0].log_line())
+    try:
+        assert tls.recv(100) == b""  # the server shut the connection down
+    except OSError:
+        pass  # or a reset / ragged EOF error, depending on the mode
+    tls.close()
+
+
+def test_resolve_unit(files):
+    srv = server.EchoServer(socket.socket(), ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER),
+                            mode="userspace", serve_dir=str(files))
+    srv.listener.close()
+    assert srv.resolve("/small.txt") == str(files / "small.txt")
+    assert srv.resolve("/sub/../small.txt?x=1") == str(files / "small.txt")
+    for bad in ("/../secret.txt", "/link", "small.txt", "/sub", "/\x00", "/nope"):
+        assert srv.resolve(bad) is None, bad
+
+
+def test_command_line_sigterm(tmp_path):
+    """The real program: throwaway certificate, one echo, SIGTERM, summary, exit 0."""
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "tls_echo_server.py"), "--port", "0",
+         "--mode", "userspace", "--ready-file", str(ready)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() or not ready.read_text().endswith("\n"):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        port = int(ready.read_text().split()[1])
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "tls_echo_client.py"), "--port", str(port),
+             "--mode", "userspace", "--send", "100k", "--connections", "3"],
+            capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "client summary: 3/3 connections ok" in out.stdout
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert "server summary: mode=userspace connections=3 ok=3" in stdout
+    assert stderr.count(" outcome=ok") == 3
