@@ -3,7 +3,8 @@
 - If this kernel has AF_ALG and the ``tls`` ULP, everything runs natively, once.
 - Otherwise the tests that need no kernel run on the host, and the ``kernel``-marked ones run
   inside a VM on each Debian kernel (``afalg vm``), with AFALG_REQUIRE_KERNEL=1 so that a kernel
-  test that skips there fails instead.
+  test that skips there fails instead. The two kernels run side by side, one vCPU each, their
+  output printed whole as each finishes.
 
 Every pytest run prints its own summary; the last line adds them up, and the exit status is
 non-zero if any run failed. Usage: ``python tests/run.py [--kernel 6.1] [PYTEST ARGS...]``.
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,17 +40,48 @@ def pytest_argv(junit: Path, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "pytest", f"--junitxml={junit}", *extra]
 
 
-def run_host(marker: str | None, junit: Path, extra: list[str]) -> int:
-    args = ["-m", marker] if marker else []
-    return subprocess.run(pytest_argv(junit, args + extra), cwd=ROOT).returncode
+def host_command(marker: str | None, junit: Path, extra: list[str]) -> list[str]:
+    return pytest_argv(junit, (["-m", marker] if marker else []) + extra)
 
 
-def run_vm(kernel: str, junit: Path, extra: list[str]) -> int:
-    cmd = [sys.executable, "-m", "afalg", "vm", "--install", "--kernel", kernel,
-           "--timeout", str(VM_TIMEOUT), "--env", "AFALG_IN_VM=1",
-           "--env", "AFALG_REQUIRE_KERNEL=1", "--env", "PYTHONDONTWRITEBYTECODE=1",
-           "--", *pytest_argv(junit, ["-m", "kernel", "-p", "no:cacheprovider", *extra])]
-    return subprocess.run(cmd, cwd=ROOT).returncode
+def vm_command(kernel: str, cpus: int, junit: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "afalg", "vm", "--kernel", kernel, "--cpus", str(cpus),
+            "--timeout", str(VM_TIMEOUT), "--env", "AFALG_IN_VM=1",
+            "--env", "AFALG_REQUIRE_KERNEL=1", "--env", "PYTHONDONTWRITEBYTECODE=1",
+            "--", *pytest_argv(junit, ["-m", "kernel", "-p", "no:cacheprovider", *extra])]
+
+
+@dataclass
+class Run:
+    """One pytest run: its command, and once finished its exit status and duration."""
+
+    name: str
+    argv: list[str]
+    junit: Path
+    log: Path | None = None  # output goes here (then printed) when runs overlap
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    seconds: float = 0.0
+    rc: int = -1
+
+    def start(self) -> None:
+        self.junit.unlink(missing_ok=True)
+        out = open(self.log, "wb") if self.log else None  # noqa: SIM115 - closed in wait()
+        if not out:
+            print(f"\n===== afalg tests: {self.name} =====", flush=True)
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdout=out, stderr=out)
+        if out:
+            out.close()
+
+    def wait(self) -> None:
+        assert self.proc is not None
+        self.rc = self.proc.wait()
+        self.seconds = time.monotonic() - self.started
+        if self.log:
+            print(f"\n===== afalg tests: {self.name} =====", flush=True)
+            sys.stdout.buffer.write(self.log.read_bytes())
+            sys.stdout.flush()
 
 
 def kernel_is_capable() -> bool:
@@ -66,43 +99,49 @@ def main() -> int:
 
     outdir = ROOT / ".vmtmp"
     outdir.mkdir(exist_ok=True)
-    runs: list[tuple[str, int, Path, float]] = []
 
-    def step(name: str, fn, *fargs) -> None:
-        junit = outdir / f"junit-{name}.xml"
-        junit.unlink(missing_ok=True)
-        print(f"\n===== afalg tests: {name} =====", flush=True)
-        start = time.monotonic()
-        rc = fn(*fargs, junit, extra)
-        runs.append((name, rc, junit, time.monotonic() - start))
+    def junit(name: str) -> Path:
+        return outdir / f"junit-{name}.xml"
 
     native = not args.vm and not args.kernel and kernel_is_capable()
     if native:
-        step("native", run_host, None)
+        runs = [Run("native", host_command(None, junit("native"), extra), junit("native"))]
     else:
         from afalg import vm
 
-        for kernel in args.kernel or KERNELS:  # before the host tests: they boot the VM too
+        kernels = args.kernel or list(KERNELS)
+        for kernel in kernels:  # before the host tests: they boot the VM too
             if vm.missing(kernel):
                 print(f"afalg tests: installing the VM for kernel {kernel}", flush=True)
                 vm.install(kernel)
-        step("host", run_host, "not kernel")
-        for kernel in args.kernel or KERNELS:
-            step(f"kernel-{kernel}", run_vm, kernel)
+        host = Run("host", host_command("not kernel", junit("host"), extra), junit("host"))
+        # The kernels run side by side, one vCPU each (TCG is CPU-bound; pytest is one thread).
+        cpus = 1 if len(kernels) > 1 else 2
+        runs = [host] + [
+            Run(f"kernel-{k}", vm_command(k, cpus, junit(f"kernel-{k}"), extra),
+                junit(f"kernel-{k}"), log=outdir / f"kernel-{k}.log")
+            for k in kernels
+        ]  # fmt: skip
+    runs[0].start()
+    runs[0].wait()
+    for run in runs[1:]:
+        run.start()
+    for run in runs[1:]:
+        run.wait()
 
     total = {"passed": 0, "failed": 0, "skipped": 0}
     print("\n===== afalg tests: summary =====")
-    for name, rc, junit, seconds in runs:
-        c = counts(junit)
-        if rc not in (0, 5) and c["failed"] == 0:  # a crash or timeout with no failure recorded
+    for run in runs:
+        c = counts(run.junit)
+        if run.rc not in (0, 5) and c["failed"] == 0:  # a crash or timeout with no failure recorded
             c["failed"] = 1
         for key in total:
             total[key] += c[key]
-        print(f"{name}: {c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped "
-              f"in {seconds:.0f} s (exit {rc})")  # fmt: skip
+        print(f"{run.name}: {c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped "
+              f"in {run.seconds:.0f} s (exit {run.rc})")  # fmt: skip
     print(f"total: {total['passed']} passed, {total['failed']} failed, {total['skipped']} skipped")
     # Under the VM every capability is there: a skip anywhere means a test did not run.
-    crashed = any(rc not in (0, 5) for _, rc, _, _ in runs)
+    crashed = any(run.rc not in (0, 5) for run in runs)
     bad = total["failed"] or (not native and total["skipped"]) or crashed or not total["passed"]
     return 1 if bad else 0
 
