@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hmac as _hmac
 import os
 import re
 import socket
@@ -34,16 +36,30 @@ from afalg._uapi import (
     ALG_SET_AEAD_AUTHSIZE,
     ALG_SET_KEY,
     SOL_ALG,
+    SPLICE_F_MORE,
     AlgOp,
 )
 from afalg.cmsg import Buffer
-from afalg.errors import AlgError, AlgorithmNotAvailable, InvalidTag
+from afalg.errors import AlgError, AlgorithmNotAvailable, InvalidTag, PaddingError
 
-__all__ = ["AEAD"]
+__all__ = [
+    "AEAD",
+    "HMAC",
+    "RNG",
+    "AlgInfo",
+    "CipherStream",
+    "Hash",
+    "SKCipher",
+    "algorithms",
+    "file_digest",
+    "new",
+]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,3 +430,645 @@ class AEAD(_AlgSocket):
         except OSError as exc:
             raise _alg_error(exc, what) from None
         return b""
+
+
+# --------------------------------------------------------------------------------------------
+# /proc/crypto
+# --------------------------------------------------------------------------------------------
+
+PROC_CRYPTO = "/proc/crypto"
+
+
+@dataclass(frozen=True)
+class AlgInfo:
+    """One entry of ``/proc/crypto`` (an algorithm implementation the kernel has registered).
+
+    ``fields`` holds every ``key : value`` line, e.g. ``blocksize``, ``digestsize``,
+    ``ivsize``, ``min keysize``, ``maxauthsize``, ``chunksize``."""
+
+    name: str
+    driver: str
+    module: str
+    priority: int
+    type: str
+    selftest: str
+    internal: bool
+    fields: dict[str, str]
+
+    def size(self, key: str) -> int | None:
+        """An integer field such as ``"digestsize"`` (None if absent)."""
+        value = self.fields.get(key)
+        return None if value is None else int(value)
+
+
+def _parse_proc_crypto(text: str) -> list[AlgInfo]:
+    out = []
+    for block in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        if "name" not in fields:
+            continue
+        out.append(
+            AlgInfo(
+                name=fields["name"],
+                driver=fields.get("driver", ""),
+                module=fields.get("module", ""),
+                priority=int(fields.get("priority", "0")),
+                type=fields.get("type", ""),
+                selftest=fields.get("selftest", ""),
+                internal=fields.get("internal") == "yes",
+                fields=fields,
+            )
+        )
+    return out
+
+
+def algorithms(type: str | None = None, name: str | None = None) -> list[AlgInfo]:
+    """The algorithms in ``/proc/crypto``, optionally only those of one ``type`` ("skcipher",
+    "aead", "shash", "ahash", "rng", ...; "hash" matches both shash and ahash) or whose name or
+    driver is ``name``. Templates such as ``cbc(aes)`` appear once something instantiated them
+    (a ``bind()`` does)."""
+    try:
+        with open(PROC_CRYPTO) as f:
+            infos = _parse_proc_crypto(f.read())
+    except FileNotFoundError:
+        return []
+    if type is not None:
+        types = {"shash", "ahash"} if type == "hash" else {type}
+        infos = [i for i in infos if i.type in types]
+    if name is not None:
+        infos = [i for i in infos if name in (i.name, i.driver)]
+    return infos
+
+
+def _proc_sizes(name: str) -> AlgInfo | None:
+    """The highest-priority /proc/crypto entry for ``name`` (what bind() picked)."""
+    infos = [i for i in algorithms(name=name) if not i.internal]
+    return max(infos, key=lambda i: i.priority) if infos else None
+
+
+# --------------------------------------------------------------------------------------------
+# Hash and HMAC
+# --------------------------------------------------------------------------------------------
+
+# hashlib name -> (kernel name, digest_size, block_size)
+_HASHES: dict[str, tuple[str, int, int]] = {
+    "md5": ("md5", 16, 64),
+    "sha1": ("sha1", 20, 64),
+    "sha224": ("sha224", 28, 64),
+    "sha256": ("sha256", 32, 64),
+    "sha384": ("sha384", 48, 128),
+    "sha512": ("sha512", 64, 128),
+    "sha3_224": ("sha3-224", 28, 144),
+    "sha3_256": ("sha3-256", 32, 136),
+    "sha3_384": ("sha3-384", 48, 104),
+    "sha3_512": ("sha3-512", 64, 72),
+    "blake2b": ("blake2b-512", 64, 128),
+    "sm3": ("sm3", 32, 64),
+    "ripemd160": ("rmd160", 20, 64),
+}
+_KERNEL_HASHES = {k: (k, d, b) for k, d, b in _HASHES.values()}
+_KERNEL_HASHES.update(
+    {
+        "blake2b-256": ("blake2b-256", 32, 128),
+        "blake2b-384": ("blake2b-384", 48, 128),
+        "streebog256": ("streebog256", 32, 64),
+        "streebog512": ("streebog512", 64, 64),
+        "crc32c": ("crc32c", 4, 1),
+        "crc32": ("crc32", 4, 1),
+    }
+)
+
+
+def _hash_spec(name: str) -> tuple[str, int | None, int | None]:
+    """(kernel name, digest size, block size) for a hashlib or kernel hash name."""
+    if not isinstance(name, str):
+        raise TypeError(f"hash name must be str, not {type(name).__name__}")
+    key = name.lower().replace("-", "_") if name.lower().replace("-", "_") in _HASHES else name
+    spec = _HASHES.get(key) or _KERNEL_HASHES.get(name)
+    if spec:
+        return spec
+    m = re.fullmatch(r"hmac\((.+)\)", name)
+    if m:
+        inner, digest, block = _hash_spec(m.group(1))
+        return f"hmac({inner})", digest, block
+    return name, None, None
+
+
+class Hash(_AlgSocket):
+    """A kernel hash with :mod:`hashlib`'s interface: ``update``, ``digest``, ``hexdigest``,
+    ``copy``, ``digest_size``, ``block_size``, ``name`` (the kernel's name, e.g. "sha3-256").
+
+    Takes hashlib names ("sha256", "sha3_256", "blake2b") or kernel names ("sha3-256",
+    "blake2b-256", "crc32c", a driver such as "sha256-generic"). Data is sent with MSG_MORE and
+    the kernel keeps the running state; ``digest()`` reads it from a clone (``accept()`` on the
+    operation socket), so hashing can go on afterwards, as with hashlib. ``copy()`` clones too.
+    ``update_file()`` feeds a file through splice() without copying it through Python.
+    """
+
+    _kind = "hash"
+
+    def __init__(self, name: str, data: Buffer = b"", *, _key: bytes | None = None) -> None:
+        kname, self.digest_size, self.block_size = _hash_spec(name)  # type: ignore[assignment]
+        super().__init__(kname)
+        self._more = False  # the kernel holds a running state (data sent with MSG_MORE)
+        self._open(_key)
+        if self.digest_size is None:
+            info = _proc_sizes(kname)
+            self.digest_size = info.size("digestsize") if info else None  # type: ignore[assignment]
+            self.block_size = info.size("blocksize") if info else None  # type: ignore[assignment]
+            if not self.digest_size:
+                self.close()
+                raise AlgorithmNotAvailable(
+                    errno.ENOENT, f"{kname}: digest size unknown (/proc/crypto has no entry)"
+                )
+        if data:
+            self.update(data)
+
+    def update(self, data: Buffer) -> None:
+        """Hash ``data`` (any bytes-like)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data must be bytes-like, not {type(data).__name__}")
+        with self._lock:
+            self._check_open()
+            if not memoryview(data).nbytes:
+                return
+            op = self._op_socket()
+            view = memoryview(data).cast("B")
+            try:
+                while view:
+                    n = op.send(view, socket.MSG_MORE)
+                    view = view[n:]
+            except OSError as exc:
+                self._drop_op()
+                self._more = False
+                raise _alg_error(exc, f"{self.name} update") from None
+            self._more = True
+
+    def update_file(self, file: int | str | os.PathLike | Any, length: int | None = None) -> int:
+        """Hash a file (an fd, a path, or an object with ``fileno()``) from its current offset,
+        ``length`` bytes or to EOF, through ``splice()`` with ``SPLICE_F_MORE`` so the bytes never
+        enter Python; return the number of bytes hashed. Falls back to read() where splice
+        cannot go (the kernel refuses some files)."""
+        if isinstance(file, (str, os.PathLike)):
+            with open(file, "rb", buffering=0) as f:
+                return self.update_file(f, length)
+        fd = file if isinstance(file, int) else file.fileno()
+        if not isinstance(file, int) and hasattr(file, "flush"):
+            with contextlib.suppress(OSError, ValueError):
+                file.flush()
+        with self._lock:
+            self._check_open()
+            op = self._op_socket()
+            try:
+                return self._splice(fd, op, length)
+            except OSError as exc:
+                self._drop_op()
+                self._more = False
+                if isinstance(exc, AlgError):
+                    raise
+                raise _alg_error(exc, f"{self.name} update_file") from None
+
+    def _splice(self, fd: int, op: socket.socket, length: int | None) -> int:
+        total = 0
+        r, w = os.pipe()
+        try:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(w, _F_SETPIPE_SZ, 1 << 20)
+            chunk = fcntl.fcntl(w, _F_GETPIPE_SZ)
+            while length is None or total < length:
+                want = chunk if length is None else min(chunk, length - total)
+                try:
+                    n = os.splice(fd, w, want)
+                except OSError as exc:
+                    if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS) and not total:
+                        return self._read_into(fd, length)
+                    raise
+                if n == 0:
+                    break
+                moved = 0
+                while moved < n:
+                    m = os.splice(r, op.fileno(), n - moved, flags=SPLICE_F_MORE)
+                    if m == 0:
+                        raise AlgError(errno.EIO, f"{self.name}: splice to the hash moved 0 bytes")
+                    moved += m
+                    self._more = True
+                total += n
+        finally:
+            os.close(r)
+            os.close(w)
+        return total
+
+    def _read_into(self, fd: int, length: int | None) -> int:
+        total = 0
+        while length is None or total < length:
+            block = os.read(fd, 1 << 16 if length is None else min(1 << 16, length - total))
+            if not block:
+                break
+            self.update(block)
+            total += len(block)
+        return total
+
+    def digest(self) -> bytes:
+        """The digest of everything hashed so far; hashing may continue afterwards."""
+        with self._lock:
+            self._check_open()
+            op = self._op_socket()
+            try:
+                clone, _ = op.accept()
+            except OSError as exc:
+                raise _alg_error(exc, f"{self.name} digest") from None
+            with clone:
+                try:
+                    return clone.recv(self.digest_size)  # type: ignore[arg-type]
+                except OSError as exc:
+                    raise _alg_error(exc, f"{self.name} digest") from None
+
+    def hexdigest(self) -> str:
+        return self.digest().hex()
+
+    def copy(self) -> Self:
+        """An independent hash object with the same state (a kernel-side clone)."""
+        with self._lock:
+            tfm = self._check_open()
+            op = self._op_socket()
+            new = object.__new__(type(self))
+            _AlgSocket.__init__(new, self.name)
+            new.digest_size, new.block_size = self.digest_size, self.block_size
+            new._more = self._more
+            new._tfm = tfm.dup()
+            try:
+                new._op, _ = op.accept()
+            except OSError as exc:
+                new.close()
+                raise _alg_error(exc, f"{self.name} copy") from None
+            return new
+
+
+class HMAC(Hash):
+    """HMAC in the kernel: ``HMAC("sha256", key)`` or ``HMAC("hmac(sha256)", key)`` alike,
+    :mod:`hmac`'s interface plus ``verify(tag)`` (constant time, raises InvalidTag)."""
+
+    def __init__(self, name: str, key: Buffer, data: Buffer = b"") -> None:
+        key = _bytes(key, "key")
+        if not isinstance(name, str):
+            raise TypeError(f"hash name must be str, not {type(name).__name__}")
+        if not name.startswith("hmac("):
+            name = f"hmac({_hash_spec(name)[0]})"
+        super().__init__(name, data, _key=key)
+
+    def verify(self, tag: Buffer) -> None:
+        """Raise :class:`afalg.InvalidTag` unless ``tag`` is the full digest (compared in
+        constant time)."""
+        if not _hmac.compare_digest(self.digest(), _bytes(tag, "tag")):
+            raise InvalidTag("HMAC verification failed")
+
+
+def new(name: str, data: Buffer = b"") -> Hash:
+    """A :class:`Hash`, like :func:`hashlib.new`."""
+    if isinstance(name, str) and name.startswith("hmac("):
+        raise ValueError(f"{name} needs a key: use afalg.alg.HMAC(name, key)")
+    return Hash(name, data)
+
+
+def file_digest(file: int | str | os.PathLike | Any, name: str) -> Hash:
+    """Hash a whole file in the kernel (splice, no copy through Python), like
+    :func:`hashlib.file_digest`; returns the :class:`Hash`."""
+    h = Hash(name)
+    try:
+        h.update_file(file)
+    except BaseException:
+        h.close()
+        raise
+    return h
+
+
+# --------------------------------------------------------------------------------------------
+# Symmetric ciphers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _CipherSpec:
+    keys: tuple[int, ...] | None
+    iv: int
+    block: int  # bytes per unit of the mode: 16 for cbc/ecb/xts, 1 for stream modes
+    chunk: int  # the kernel's chunksize: what a streaming read must be a multiple of
+    chains: bool  # the kernel carries the IV from one read to the next (streaming works)
+    min_len: int = 0
+
+
+def _cipher_spec(name: str) -> _CipherSpec | None:
+    m = re.fullmatch(r"(cbc|ecb|ctr|xts|cts\(cbc|rfc3686\(ctr)\((\w+)\)\)?", name)
+    if m and m.group(2) in _BLOCK_KEYS:
+        mode, keys = m.group(1), _BLOCK_KEYS[m.group(2)]
+        if mode.startswith(("cts", "rfc3686")) != name.endswith("))"):
+            return None
+        if mode == "cbc":
+            return _CipherSpec(keys, 16, 16, 16, True)
+        if mode == "ecb":
+            return _CipherSpec(keys, 0, 16, 16, True)
+        if mode == "ctr":
+            return _CipherSpec(keys, 16, 1, 16, True)
+        if mode == "rfc3686(ctr":
+            return _CipherSpec(tuple(k + 4 for k in keys), 8, 1, 16, True)
+        if mode == "xts":
+            return _CipherSpec(tuple(2 * k for k in keys), 16, 1, 16, False, 16)
+        return _CipherSpec(keys, 16, 1, 16, False, 16)  # cts(cbc(...))
+    if name == "chacha20":
+        return _CipherSpec((32,), 16, 1, 64, False)
+    return None
+
+
+_STREAM_CHUNK = 64 * 1024
+
+
+class SKCipher(_AlgSocket):
+    """A symmetric cipher in the kernel (``skcipher``): ``cbc(aes)``, ``ctr(aes)``,
+    ``ecb(aes)``, ``xts(aes)``, ``cts(cbc(aes))``, ``rfc3686(ctr(aes))``, ``chacha20``, ...
+
+    One-shot ``encrypt(iv, data)`` / ``decrypt(iv, data)``, or streaming ``encryptor(iv)`` /
+    ``decryptor(iv)`` with ``update()`` and ``finalize()`` for data larger than memory (sent
+    with MSG_MORE; the kernel carries the IV across reads for cbc, ctr and ecb; other modes are
+    buffered until ``finalize()``). ``padding="pkcs7"`` pads and strips PKCS#7 (block modes
+    only) and raises :class:`afalg.PaddingError` on malformed padding.
+
+    Never reuse an IV (or counter) with the same key.
+    """
+
+    _kind = "skcipher"
+
+    def __init__(self, name: str, key: Buffer, *, padding: str | None = None) -> None:
+        super().__init__(name)
+        key = _bytes(key, "key")
+        if padding not in (None, "pkcs7"):
+            raise ValueError(f"padding must be None or 'pkcs7', got {padding!r}")
+        spec = _cipher_spec(name)
+        if spec is not None and spec.keys is not None and len(key) not in spec.keys:
+            raise ValueError(f"{name}: key must be {_sizes(spec.keys)} bytes, got {len(key)}")
+        self._open(key)
+        if spec is None:
+            info = _proc_sizes(name)
+            if info is None:
+                spec = _CipherSpec(None, 0, 1, 1, False)
+            else:
+                spec = _CipherSpec(
+                    None,
+                    info.size("ivsize") or 0,
+                    info.size("blocksize") or 1,
+                    info.size("chunksize") or info.size("blocksize") or 1,
+                    False,
+                )
+        self._spec = spec
+        if padding and spec.block == 1:
+            self.close()
+            raise ValueError(f"{name} is not a block mode: PKCS#7 padding does not apply")
+        self.padding = padding
+        self.key_size = len(key)
+
+    @property
+    def block_size(self) -> int:
+        return self._spec.block
+
+    @property
+    def iv_size(self) -> int:
+        return self._spec.iv
+
+    def _check_iv(self, iv: Any) -> bytes:
+        iv = b"" if iv is None else _bytes(iv, "iv")
+        if len(iv) != self._spec.iv:
+            raise ValueError(f"{self.name}: iv must be {self._spec.iv} bytes, got {len(iv)}")
+        return iv
+
+    def encrypt(self, iv: Buffer | None, data: Buffer) -> bytes:
+        """Encrypt ``data`` in one go (padded first when ``padding="pkcs7"``)."""
+        return self._one_shot(AlgOp.ENCRYPT, iv, data)
+
+    def decrypt(self, iv: Buffer | None, data: Buffer) -> bytes:
+        """Decrypt ``data`` in one go (and strip its padding when ``padding="pkcs7"``)."""
+        return self._one_shot(AlgOp.DECRYPT, iv, data)
+
+    def encryptor(self, iv: Buffer | None) -> CipherStream:
+        return CipherStream(self, AlgOp.ENCRYPT, self._check_iv(iv))
+
+    def decryptor(self, iv: Buffer | None) -> CipherStream:
+        return CipherStream(self, AlgOp.DECRYPT, self._check_iv(iv))
+
+    def _one_shot(self, op: AlgOp, iv: Any, data: Any) -> bytes:
+        iv = self._check_iv(iv)
+        data = _bytes(data, "data")
+        with self._lock:
+            self._check_open()
+            if len(data) <= _STREAM_CHUNK:
+                if self.padding and op == AlgOp.ENCRYPT:
+                    data = _pkcs7_pad(data, self._spec.block)
+                self._check_length(op, len(data))
+                out = self._crypt_once(self._op_socket(), op, iv, data, owned=False)
+                if self.padding and op == AlgOp.DECRYPT:
+                    out = _pkcs7_unpad(out, self._spec.block)
+                return out
+        stream = CipherStream(self, op, iv)
+        with stream:
+            return stream.update(data) + stream.finalize()
+
+    def _check_length(self, op: AlgOp, n: int) -> None:
+        spec = self._spec
+        if n % spec.block:
+            if self.padding and op == AlgOp.DECRYPT:
+                raise PaddingError(
+                    f"{self.name}: ciphertext of {n} bytes is not a multiple of {spec.block}"
+                )
+            raise ValueError(
+                f"{self.name}: data must be a multiple of {spec.block} bytes, got {n}"
+                + ("" if self.padding else " (use padding='pkcs7')")
+            )
+        if n < spec.min_len and n:
+            raise ValueError(f"{self.name}: data must be at least {spec.min_len} bytes, got {n}")
+
+    def _crypt_once(
+        self, sock: socket.socket, op: AlgOp, iv: bytes, data: bytes, *, owned: bool
+    ) -> bytes:
+        """One complete operation (no MSG_MORE) on ``sock``."""
+        what = f"{self.name} {op.name.lower()}"
+        try:
+            if not owned:
+                self._fit(len(data), len(data))
+            else:
+                _fit_buffer(sock, len(data), send=True)
+                _fit_buffer(sock, len(data), send=False)
+            _sendmsg(sock, [data], cmsg.alg_cmsgs(op, iv or None), 0, what)
+            return _recv_exact(sock, len(data), what) if data else b""
+        except BaseException:
+            if not owned:
+                self._drop_op()
+            raise
+
+
+class CipherStream:
+    """One streaming encryption or decryption (from :meth:`SKCipher.encryptor` /
+    :meth:`SKCipher.decryptor`): ``update(data) -> bytes`` as output becomes available,
+    ``finalize() -> bytes`` for the rest. Owns its own operation socket."""
+
+    def __init__(self, cipher: SKCipher, op: AlgOp, iv: bytes) -> None:
+        self._cipher = cipher
+        self._op = op
+        self._iv = iv
+        self._spec = cipher._spec
+        tfm = cipher._check_open()
+        try:
+            self._sock: socket.socket | None = tfm.accept()[0]
+        except OSError as exc:
+            raise _alg_error(exc, f"{cipher.name}: accept()") from None
+        self._started = False
+        self._pending = 0  # bytes the kernel holds, not yet read back
+        self._buffer = bytearray()  # non-chaining modes: everything until finalize()
+        self._held = b""  # PKCS#7 decryption: the last block, until finalize()
+        self._total = 0
+        if self._spec.chains:
+            need = _STREAM_CHUNK + self._spec.chunk
+            _fit_buffer(self._sock, need, send=True)
+            _fit_buffer(self._sock, need, send=False)
+
+    def _live(self) -> socket.socket:
+        if self._sock is None:
+            raise AlgError(errno.EBADF, f"{self._cipher.name} stream is finalized or closed")
+        return self._sock
+
+    def update(self, data: Buffer) -> bytes:
+        """Feed ``data``; return the output available so far."""
+        data = _bytes(data, "data")
+        sock = self._live()
+        self._total += len(data)
+        if not self._spec.chains:
+            self._buffer += data
+            return b""
+        what = f"{self._cipher.name} {self._op.name.lower()}"
+        out = []
+        try:
+            for start in range(0, len(data), _STREAM_CHUNK):
+                piece = data[start : start + _STREAM_CHUNK]
+                cmsgs = [] if self._started else cmsg.alg_cmsgs(self._op, self._iv or None)
+                _sendmsg(sock, [piece], cmsgs, socket.MSG_MORE, what)
+                self._started = True
+                self._pending += len(piece)
+                ready = self._pending - self._pending % self._spec.chunk
+                if ready:
+                    out.append(_recv_exact(sock, ready, what))
+                    self._pending -= ready
+        except BaseException:
+            self.close()
+            raise
+        return self._hold_back(b"".join(out))
+
+    def _hold_back(self, out: bytes) -> bytes:
+        if not (self._cipher.padding and self._op == AlgOp.DECRYPT):
+            return out
+        out = self._held + out
+        cut = max(0, len(out) - self._spec.block)
+        self._held = out[cut:]
+        return out[:cut]
+
+    def finalize(self) -> bytes:
+        """Process what is left (adding or checking PKCS#7 padding); the stream is then
+        closed."""
+        sock = self._live()
+        cipher = self._cipher
+        what = f"{cipher.name} {self._op.name.lower()}"
+        try:
+            tail = b""
+            if cipher.padding and self._op == AlgOp.ENCRYPT:
+                tail = _pkcs7_pad(b"", self._spec.block, self._total)
+                self._total += len(tail)
+            cipher._check_length(self._op, self._total)
+            if not self._spec.chains:
+                out = cipher._crypt_once(
+                    sock, self._op, self._iv, bytes(self._buffer) + tail, owned=True
+                )
+            else:
+                cmsgs = [] if self._started else cmsg.alg_cmsgs(self._op, self._iv or None)
+                _sendmsg(sock, [tail], cmsgs, 0, what)
+                self._pending += len(tail)
+                out = _recv_exact(sock, self._pending, what) if self._pending else b""
+                self._pending = 0
+            out = self._hold_back(out)
+            if cipher.padding and self._op == AlgOp.DECRYPT:
+                out += _pkcs7_unpad(self._held, self._spec.block)
+            return out
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._buffer = bytearray()
+        self._held = b""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._sock is None else f"fd={self._sock.fileno()}"
+        return f"<afalg.CipherStream {self._cipher.name!r} {self._op.name.lower()} {state}>"
+
+
+def _pkcs7_pad(data: bytes, block: int, total: int | None = None) -> bytes:
+    n = block - ((len(data) if total is None else total) % block)
+    return data + bytes([n]) * n
+
+
+def _pkcs7_unpad(data: bytes, block: int) -> bytes:
+    if not data or len(data) % block:
+        raise PaddingError(f"padded plaintext must be a non-empty multiple of {block} bytes")
+    n = data[-1]
+    # check every pad byte without branching on which one differs
+    good = 1 <= n <= block
+    pad = data[-n:] if good else data[-1:]
+    if not (good and _hmac.compare_digest(pad, bytes([n]) * n)):
+        raise PaddingError()
+    return data[:-n]
+
+
+# --------------------------------------------------------------------------------------------
+# Random numbers
+# --------------------------------------------------------------------------------------------
+
+_RNG_MAX_READ = 128  # algif_rng.c MAXSIZE: one recvmsg() returns at most this much
+
+
+class RNG(_AlgSocket):
+    """A kernel RNG (``rng`` socket), ``read(n) -> bytes``.
+
+    ``stdrng`` is the kernel's default DRBG. ``seed=None`` lets it seed itself from the kernel's
+    entropy (an empty reset); for a DRBG a given seed is a personalization string mixed into
+    that, not a replacement. Deterministic RNGs (``ansi_cprng``) take their seed from here.
+    """
+
+    _kind = "rng"
+
+    def __init__(self, name: str = "stdrng", seed: Buffer | None = None) -> None:
+        super().__init__(name)
+        self._open(b"" if seed is None else _bytes(seed, "seed"))
+
+    def read(self, n: int) -> bytes:
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        out = bytearray()
+        with self._lock:
+            self._check_open()
+            op = self._op_socket()
+            while len(out) < n:
+                try:
+                    chunk = op.recv(min(_RNG_MAX_READ, n - len(out)))
+                except OSError as exc:
+                    raise _alg_error(exc, f"{self.name} read") from None
+                if not chunk:
+                    raise AlgError(errno.EIO, f"{self.name}: the kernel returned no bytes")
+                out += chunk
+        return bytes(out)
