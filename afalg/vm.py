@@ -109,13 +109,17 @@ def command_line(
     env: Mapping[str, str] | None = None,
     cpus: int = 2,
     memory: str = "2G",
+    started: str | None = None,
 ) -> list[str]:
-    """The ``vng`` command line that runs ``argv`` in ``cwd`` (made writable) under the VM."""
+    """The ``vng`` command line that runs ``argv`` in ``cwd`` (made writable) under the VM.
+    The guest creates the file ``started`` (if given) before it runs ``argv``."""
     vng = _vng()
     if vng is None:
         raise FileNotFoundError("virtme-ng (vng) is not installed")
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
     script = f"cd {shlex.quote(cwd)} && exec env {exports} {shlex.join(argv)}"
+    if started:
+        script = f": > {shlex.quote(started)} && {script}"
     return [
         vng, "--run", str(kernel_image), "--user", "root", "--disable-kvm",
         "--cpus", str(cpus), "--memory", memory, "--rwdir", cwd, "--exec", script,
@@ -141,14 +145,36 @@ def run(
     image = find_kernel(kernel)
     if image is None:
         raise FileNotFoundError(f"no kernel image for {kernel!r}")
+    cwd = cwd or os.getcwd()
     bindir = str(Path(sys.executable).parent)
     guest_env = {"PATH": f"{bindir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
     guest_env.update(env or {})
-    cmd = command_line(
-        argv, image, cwd=cwd or os.getcwd(), env=guest_env, cpus=cpus, memory=memory
-    )
     host_env = dict(os.environ, PATH=f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}")
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=host_env, start_new_session=True)
+    # A loaded host occasionally loses a boot (vng exits 255 before the command ran): the guest
+    # marks the start of the command in a file, and a lost boot is retried once.
+    marker = Path(cwd, f".afalg-vm-started-{os.getpid()}-{os.urandom(4).hex()}")
+    cmd = command_line(
+        argv, image, cwd=cwd, env=guest_env, cpus=cpus, memory=memory, started=str(marker)
+    )
+    rc, booted = _run_vng(cmd, host_env, timeout, marker)
+    if rc == 255 and not booted:
+        print("afalg vm: the guest did not boot (vng exit 255); trying once more", file=sys.stderr)
+        rc, booted = _run_vng(cmd, host_env, timeout, marker)
+    return rc
+
+
+def _run_vng(
+    cmd: list[str], env: Mapping[str, str], timeout: float | None, marker: Path
+) -> tuple[int, bool]:
+    """Run vng; return its exit status and whether the guest got as far as the command."""
+    try:
+        return _wait(cmd, env, timeout), marker.exists()
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _wait(cmd: list[str], env: Mapping[str, str], timeout: float | None) -> int:
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
