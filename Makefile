@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-quick lint clean
+.PHONY: demo test test-quick lint clean bench
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,6 @@ lint: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .vmtmp .pytest_cache build *.egg-info
+
+bench: $(VENV)/.installed
+	$(PY) bench/run.py --mib 4 --out bench/RESULTS.md
