@@ -26,7 +26,6 @@ demo: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check afalg tests examples bench
-	$(VENV)/bin/ruff format --check afalg tests examples bench
 
 clean:
 	rm -rf $(VENV) .vmtmp .pytest_cache build *.egg-info
