@@ -616,7 +616,13 @@ class Hash(_AlgSocket):
         if isinstance(file, (str, os.PathLike)):
             with open(file, "rb", buffering=0) as f:
                 return self.update_file(f, length)
-        fd = file if isinstance(file, int) else file.fileno()
+        if isinstance(file, int):
+            fd = file
+        else:
+            try:
+                fd = file.fileno()
+            except (OSError, ValueError, AttributeError):  # io.BytesIO and friends
+                return self._read_object(file, length)
         if not isinstance(file, int) and hasattr(file, "flush"):
             with contextlib.suppress(OSError, ValueError):
                 file.flush()
@@ -660,6 +666,16 @@ class Hash(_AlgSocket):
         finally:
             os.close(r)
             os.close(w)
+        return total
+
+    def _read_object(self, file: Any, length: int | None) -> int:
+        total = 0
+        while length is None or total < length:
+            block = file.read(1 << 16 if length is None else min(1 << 16, length - total))
+            if not block:
+                break
+            self.update(block)
+            total += len(block)
         return total
 
     def _read_into(self, fd: int, length: int | None) -> int:
