@@ -1,0 +1,246 @@
+"""afalg TLS sockets (kTLS and algif) against Python ssl and against afalg itself, mirroring the
+behaviours of the kernel's tools/testing/selftests/net/tls.c: transfers of 1 B, 16 KiB and 8 MiB
+both ways right after the handshake in both roles, many small sends, partial reads across record
+boundaries, sendfile of a 10 MiB file, close_notify both ways, ragged EOF, a peer's alert, a
+corrupted record, a peer's KeyUpdate, TLS 1.2.
+
+Each test runs for ``ktls`` and ``algif`` (kernel AEAD) in the VM, and for ``algif-host`` (the
+same socket on the cryptography backend) on the host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import ssl
+
+import pytest
+from test_tls_helpers import (
+    MODES,
+    TLS12_SUITES,
+    Bg,
+    connect,
+    pattern,
+    recv_exactly,
+)
+
+import afalg
+from afalg.errors import AlertDescription, KeyUpdateUnsupported
+from afalg.keys import TLS_1_3_VERSION
+from afalg.ktls import ALERT_FATAL, tls_stats
+
+BIG = 8 * 2**20
+
+
+def _exchange(ours: object, theirs: object, size: int) -> None:
+    """``size`` bytes each way at once, digests compared."""
+    out_data, in_data = pattern(size, 1), pattern(size, 2)
+    sender = Bg(lambda: theirs.sendall(in_data))  # type: ignore[attr-defined]
+    reader = Bg(lambda: hashlib.sha256(recv_exactly(theirs, size)).digest())
+    ours.sendall(out_data)  # type: ignore[attr-defined]
+    got = recv_exactly(ours, size)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(in_data).digest()
+    assert reader.result() == hashlib.sha256(out_data).digest()
+    sender.result()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("role", ["client", "server"])
+def test_transfers_both_ways(mode: tuple[str, str], role: str) -> None:
+    """1 B each way right after the handshake (a wrong starting sequence number fails here),
+    then 16 KiB and 8 MiB (client role; 1 MiB as server) each way, then close_notify."""
+    ours, theirs = connect(mode, role)
+    with ours, theirs:
+        if role == "client":
+            ours.sendall(b"a")  # our first record, before reading anything
+            assert theirs.recv(1) == b"a"
+            theirs.sendall(b"b")
+            assert ours.recv(1) == b"b"
+        else:
+            theirs.sendall(b"b")  # the peer's first record
+            assert ours.recv(1) == b"b"
+            ours.sendall(b"a")
+            assert theirs.recv(1) == b"a"
+        _exchange(ours, theirs, 2**14)
+        _exchange(ours, theirs, BIG if role == "client" else 2**20)
+        assert ours.version() == "TLSv1.3" and ours.cipher()[0] == "TLS_AES_256_GCM_SHA384"
+        assert ours.getpeercert() if role == "client" else ours.getpeercert() is None
+        ours.close()  # close_notify
+        assert theirs.recv(10) == b""
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cipher", TLS12_SUITES[::2])
+def test_tls12(mode: tuple[str, str], cipher: str) -> None:
+    ours, theirs = connect(mode, "client", version="TLSv1.2", cipher=cipher)
+    with ours, theirs:
+        assert ours.version() == "TLSv1.2" and ours.cipher()[0] == cipher
+        ours.sendall(b"x")
+        assert theirs.recv(1) == b"x"
+        _exchange(ours, theirs, 3 * 2**14 + 5)
+        bg = Bg(theirs.unwrap)  # close_notify from the peer (it waits for ours)
+        assert ours.recv(10) == b""
+        ours.close()
+        bg.result()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_many_small_sends_and_partial_reads(mode: tuple[str, str]) -> None:
+    ours, theirs = connect(mode, "server")
+    with ours, theirs:
+        # tls.c multi_chunk_sendfile/recv_partial: many records, read in odd pieces.
+        messages = [bytes([i % 251]) * (i % 37 + 1) for i in range(300)]
+        for m in messages:
+            theirs.sendall(m)
+        want = b"".join(messages)
+        got = bytearray()
+        while len(got) < len(want):
+            got += ours.recv(7)
+        assert bytes(got) == want
+        for m in messages:
+            ours.send(m)
+        assert recv_exactly(theirs, len(want)) == want
+        # recv_into with nbytes, and a record bigger than the caller's buffer.
+        theirs.sendall(pattern(5000))
+        buf = bytearray(8192)
+        n = ours.recv_into(buf, 100)
+        rest = recv_exactly(ours, 5000 - n)
+        assert bytes(buf[:n]) + rest == pattern(5000)
+        # makefile: lines over records.
+        theirs.sendall(b"line one\nline two\n")
+        with ours.makefile("rb") as f:
+            assert f.readline() == b"line one\n"
+            assert f.readline() == b"line two\n"
+        with ours.makefile("wb") as f:
+            f.write(b"written through makefile\n")
+        assert recv_exactly(theirs, 25) == b"written through makefile\n"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_timeout_and_nonblocking(mode: tuple[str, str]) -> None:
+    ours, theirs = connect(mode, "client")
+    with ours, theirs:
+        ours.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            ours.recv(10)
+        ours.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            ours.recv(10)
+        ours.settimeout(30)
+        theirs.sendall(b"still fine")
+        assert recv_exactly(ours, 10) == b"still fine"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sendfile_10mib(mode: tuple[str, str], tmp_path: object) -> None:
+    data = pattern(10 * 2**20, 3)
+    path = tmp_path / "blob"  # type: ignore[operator]
+    path.write_bytes(data)
+    ours, theirs = connect(mode, "server")
+    with ours, theirs:
+        reader = Bg(lambda: hashlib.sha256(recv_exactly(theirs, len(data))).digest())
+        with open(path, "rb") as f:
+            assert ours.sendfile(f) == len(data)
+            assert f.tell() == len(data)
+            assert ours.sendfile(f, 1000, 10) == 10  # offset and count
+        assert reader.result() == hashlib.sha256(data).digest()
+        assert recv_exactly(theirs, 10) == data[1000:1010]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_close_notify_from_peer_and_ragged_eof(mode: tuple[str, str]) -> None:
+    ours, theirs = connect(mode, "client")
+    with ours:
+        theirs.sendall(b"last words")
+        bg = Bg(theirs.unwrap)  # sends close_notify, waits for ours
+        assert recv_exactly(ours, 10) == b"last words"
+        assert ours.recv(10) == b""
+        assert ours.recv(10) == b""  # EOF stays EOF
+        ours.close()
+        bg.result().close()
+    # A TCP close without close_notify: EOF, or SSLEOFError when not suppressed.
+    for suppress in (True, False):
+        ours, theirs = connect(mode, "client", suppress_ragged_eofs=suppress)
+        with ours:
+            theirs.sendall(b"x")
+            theirs.close()  # Python ssl closes without close_notify (no unwrap)
+            assert ours.recv(1) == b"x"
+            if suppress:
+                assert ours.recv(10) == b""
+            else:
+                with pytest.raises(ssl.SSLEOFError):
+                    ours.recv(10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_peer_alert(mode: tuple[str, str]) -> None:
+    ours, theirs = connect(mode, "client", peer="afalg")
+    with ours, theirs:
+        theirs.sendall(b"before")
+        theirs._send_alert(ALERT_FATAL, AlertDescription.handshake_failure, wait=True)
+        assert recv_exactly(ours, 6) == b"before"
+        with pytest.raises(afalg.TLSAlertReceived, match="handshake_failure") as info:
+            ours.recv(10)
+        assert isinstance(info.value, ssl.SSLError)
+        assert info.value.alert is AlertDescription.handshake_failure
+        with pytest.raises(afalg.TLSAlertReceived):  # the connection stays dead
+            ours.recv(10)
+        with pytest.raises(afalg.TLSAlertReceived):
+            ours.send(b"x")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_corrupted_record(mode: tuple[str, str]) -> None:
+    """A record whose tag fails: bad_record_mac raised here and sent to the peer."""
+    stats = tls_stats() if mode[0] == "ktls" else {}
+    ours, theirs = connect(mode, "server", peer="afalg")
+    with ours, theirs:
+        theirs.sendall(b"good")
+        assert recv_exactly(ours, 4) == b"good"
+        record = bytearray(theirs.record_layer.seal(23, b"evil"))
+        record[-1] ^= 1
+        theirs._sock.sendall(record)
+        with pytest.raises(afalg.TLSProtocolError, match="bad_record_mac") as info:
+            ours.recv(10)
+        assert info.value.alert is AlertDescription.bad_record_mac
+        with pytest.raises(afalg.TLSAlertReceived, match="bad_record_mac"):
+            theirs.recv(10)
+        with pytest.raises(afalg.TLSProtocolError):  # poisoned
+            ours.recv(10)
+    if mode[0] == "ktls":
+        assert tls_stats()["TlsDecryptError"] == stats["TlsDecryptError"] + 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("requested", [False, True], ids=["update_not_requested", "requested"])
+def test_peer_key_update(mode: tuple[str, str], requested: bool) -> None:
+    ours, theirs = connect(mode, "client", peer="afalg")
+    with ours, theirs:
+        theirs.sendall(b"old keys")
+        assert recv_exactly(ours, 8) == b"old keys"
+        their_rx = theirs.record_layer.rx_keys
+        theirs.key_update(request_peer=requested)
+        theirs.sendall(b"new keys")
+        if mode[0] == "ktls" and not _kernel_can_rekey():
+            with pytest.raises(KeyUpdateUnsupported, match=r"6\.14") as info:
+                ours.recv(10)
+            assert isinstance(info.value, ssl.SSLError)
+            return
+        assert recv_exactly(ours, 8) == b"new keys"
+        ours.sendall(b"reply")
+        assert recv_exactly(theirs, 5) == b"reply"
+        rx = theirs.record_layer.rx_keys
+        assert rx.version == TLS_1_3_VERSION
+        # update_requested: we answered with our own KeyUpdate before "reply".
+        assert (rx.secret != their_rx.secret) == requested
+        assert rx.seq == (1 if requested else their_rx.seq + 1)
+        ours.key_update(request_peer=True)  # and the other way round
+        ours.sendall(b"ours updated")
+        assert recv_exactly(theirs, 12) == b"ours updated"
+        theirs.sendall(b"theirs too")
+        assert recv_exactly(ours, 10) == b"theirs too"
+
+
+def _kernel_can_rekey() -> bool:
+    major, minor = os.uname().release.split("-")[0].split(".")[:2]
+    return (int(major), int(minor)) >= (6, 14)
