@@ -96,3 +96,13 @@ def test_afalg_info_without_af_alg_says_why_and_fails() -> None:
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1
     assert "AF_ALG is not usable here" in result.stderr
+
+
+def test_probe_is_the_package_api() -> None:
+    import afalg
+
+    caps = afalg.probe()
+    assert isinstance(caps, afalg.Capabilities)
+    assert caps.kernel_release == os.uname().release
+    assert caps.af_alg == bool(caps.alg_types)
+    assert caps.ktls == (caps.tls_ulp and any(caps.ktls_ciphers.values()))
