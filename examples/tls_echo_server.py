@@ -311,6 +311,7 @@ class EchoServer:
             try:
                 tls = self._handshake(conn)
             except (OSError, ValueError) as exc:
+                log.debug("handshake with %s failed", conn.peer, exc_info=True)
                 conn.outcome = ("handshake-timeout" if conn.timed_out
                                 or isinstance(exc, TimeoutError)
                                 else f"handshake-failed:{_alert_name(exc)}")
@@ -434,6 +435,11 @@ class EchoServer:
             self._drain(conn.fileno())
         with conn.lock:
             conn.closed = True
+            if self._wrap is None and conn.tls is not None and not fatal:
+                # ssl's close() sends no close_notify; unwrap() does (afalg's close() does).
+                with contextlib.suppress(OSError, ValueError):
+                    conn.tls.settimeout(min(1.0, self.idle_timeout))
+                    conn.tls.unwrap()
             if conn.tls is not None:
                 with contextlib.suppress(OSError, ValueError):
                     conn.tls.close()

@@ -7,6 +7,7 @@ loopback; the client is the example client's own functions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -29,6 +30,8 @@ import tls_echo_server as server  # noqa: E402
 CERTS = ROOT / "tests" / "certs"
 IN_VM = bool(os.environ.get("AFALG_IN_VM"))
 SLOW = 8.0 if IN_VM else 1.0  # Python under TCG is ~14x slower
+# A handshake through afalg.tls.wrap takes seconds under TCG (and the CPUs are shared).
+HANDSHAKE_TIMEOUT = 15.0 if IN_VM else 1.0
 
 MODES = [
     pytest.param("userspace"),
@@ -88,7 +91,7 @@ def files(tmp_path):
 
 @pytest.fixture
 def running(mode, files):
-    srv = Running(mode, serve_dir=str(files), handshake_timeout=1.0 * SLOW)
+    srv = Running(mode, serve_dir=str(files), handshake_timeout=HANDSHAKE_TIMEOUT)
     yield srv
     srv.stop()
 
@@ -195,7 +198,7 @@ def test_slow_client_costs_only_its_connection(running):
     def trickle() -> None:
         hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 100
         for byte in hello:
-            if stop.wait(0.1 * SLOW):
+            if stop.wait(HANDSHAKE_TIMEOUT / 10):
                 return
             try:
                 slow.send(bytes([byte]))
@@ -207,7 +210,7 @@ def test_slow_client_costs_only_its_connection(running):
     result = client.Result(0)
     with connect(running) as tls:
         client.echo(tls, b"honest", result)
-    conns = running.finished(2, timeout=20 * SLOW)
+    conns = running.finished(2, timeout=3 * HANDSHAKE_TIMEOUT + 10 * SLOW)
     stop.set()
     slow.close()
     outcomes = sorted(c.outcome for c in conns)
@@ -241,7 +244,7 @@ def test_garbage_instead_of_client_hello(running, garbage):
 
 
 def test_connection_cap(mode):
-    srv = Running(mode, max_conns=2, handshake_timeout=5.0 * SLOW)
+    srv = Running(mode, max_conns=2, handshake_timeout=5.0 * HANDSHAKE_TIMEOUT)
     try:
         held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(2)]
         time.sleep(0.3 * SLOW)
@@ -269,10 +272,8 @@ def test_stop_with_idle_client(mode):
     srv.stop()
     assert time.monotonic() - started < 5 * SLOW
     print(srv.finished(1)[0].log_line())
-    try:
+    with contextlib.suppress(OSError):  # or a reset / ragged EOF error, depending on the mode
         assert tls.recv(100) == b""  # the server shut the connection down
-    except OSError:
-        pass  # or a reset / ragged EOF error, depending on the mode
     tls.close()
 
 
