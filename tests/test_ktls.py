@@ -1,0 +1,106 @@
+"""kTLS specifics: setting the ULP and keys up (and the errors when it cannot be), mode="auto",
+the kernel's TLS counters, kTLS on both ends. All in the VM (kernel-marked)."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+from test_tls_helpers import (
+    Bg,
+    client_context,
+    connect,
+    recv_exactly,
+    server_context,
+    tcp_pair,
+)
+
+from afalg import ktls, tls
+from afalg._uapi import TLS_1_2_VERSION, TLS_1_3_VERSION, TLS_TX, TLSCipherType
+from afalg.errors import KTLSError
+from afalg.keys import CipherSuite, TrafficKeys
+
+pytestmark = pytest.mark.kernel
+
+
+def _keys(suite: CipherSuite = CipherSuite.TLS_AES_128_GCM_SHA256) -> TrafficKeys:
+    return TrafficKeys.tls13(suite, bytes(32))
+
+
+def test_ulp_before_connect() -> None:
+    with socket.socket() as sock:
+        with pytest.raises(KTLSError, match="after connect") as info:
+            ktls.enable(sock, _keys(), _keys())
+        assert info.value.errno == errno.ENOTCONN
+
+
+def test_ulp_twice_and_keys_twice() -> None:
+    a, b = tcp_pair()
+    with a, b:
+        ktls.attach_ulp(a)
+        with pytest.raises(KTLSError, match="already has the tls ULP") as info:
+            ktls.attach_ulp(a)
+        assert info.value.errno == errno.EEXIST
+        ktls.install_keys(a, TLS_TX, _keys())
+        with pytest.raises(KTLSError, match="already installed") as info:
+            ktls.install_keys(a, TLS_TX, _keys())
+        assert info.value.errno == errno.EBUSY
+
+
+def test_not_tcp() -> None:
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(KTLSError, match="TCP"):
+        ktls.enable(a, _keys(), _keys())
+
+
+def test_wrap_ktls_on_a_socket_that_has_the_ulp() -> None:
+    """The handshake runs (the bare ULP passes bytes through), then kTLS refuses clearly and
+    wrap() closes the socket."""
+    csock, ssock = tcp_pair()
+    ktls.attach_ulp(csock)
+    peer = Bg(lambda: server_context().wrap_socket(ssock, server_side=True))
+    with pytest.raises(KTLSError, match="already has the tls ULP"):
+        tls.wrap(csock, client_context(), server_hostname="localhost", mode="ktls")
+    assert csock.fileno() == -1
+    peer.result().close()
+
+
+def test_supports_every_suite() -> None:
+    for version in (TLS_1_2_VERSION, TLS_1_3_VERSION):
+        for cipher in (TLSCipherType.AES_GCM_128, TLSCipherType.AES_GCM_256,
+                       TLSCipherType.CHACHA20_POLY1305):  # fmt: skip
+            assert ktls.supports(version, cipher), (version, cipher)
+
+
+def test_auto_picks_ktls_and_stats_count() -> None:
+    before = ktls.tls_stats()
+    ours, theirs = connect(("auto", "kernel"), "client")
+    with theirs:
+        assert ours.mode == "ktls" and isinstance(ours, ktls.KTLSSocket)
+        during = ktls.tls_stats()
+        assert during["TlsCurrTxSw"] == before["TlsCurrTxSw"] + 1
+        assert during["TlsCurrRxSw"] == before["TlsCurrRxSw"] + 1
+        assert during["TlsTxSw"] == before["TlsTxSw"] + 1
+        assert "fd=" in repr(ours) and "key" not in repr(ours)
+        ours.close()
+        ours.close()  # idempotent
+        assert theirs.recv(1) == b""
+    after = ktls.tls_stats()
+    assert after["TlsCurrTxSw"] == before["TlsCurrTxSw"]
+
+
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+def test_ktls_on_both_ends(version: str) -> None:
+    csock, ssock = tcp_pair()
+    server = Bg(lambda: tls.wrap(ssock, server_context(version), server_side=True, mode="ktls"))
+    client = tls.wrap(csock, client_context(version), server_hostname="localhost", mode="ktls")
+    with client, server.result() as srv:
+        srv.sendall(b"s" * 40000)
+        client.sendall(b"c" * 40000)
+        assert recv_exactly(client, 40000) == b"s" * 40000
+        assert recv_exactly(srv, 40000) == b"c" * 40000
+        client.shutdown(socket.SHUT_WR)  # close_notify, then FIN
+        assert srv.recv(1) == b""
+        srv.sendall(b"still open the other way")
+        assert recv_exactly(client, 24) == b"still open the other way"

@@ -1,0 +1,107 @@
+"""afalg TLS sockets against ``openssl s_server`` / ``s_client`` (an independent TLS stack in
+another process): the three TLS 1.3 suites and TLS 1.2 AES-GCM and ChaCha20-Poly1305, both
+roles, data both ways right after the handshake, NewSessionTickets after the handshake (OpenSSL
+servers send two), close_notify, and a KeyUpdate from OpenSSL (``K`` on s_client's stdin)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from test_tls_helpers import (
+    MODES,
+    TLS12_SUITES,
+    TLS13_SUITES,
+    client_context,
+    openssl_client,
+    openssl_server,
+    read_stdout,
+    recv_all,
+    recv_exactly,
+    server_context,
+)
+
+from afalg import tls
+from afalg.errors import KeyUpdateUnsupported
+
+SUITES = [("TLSv1.3", s) for s in TLS13_SUITES] + [
+    ("TLSv1.2", TLS12_SUITES[0]),
+    ("TLSv1.2", TLS12_SUITES[2]),
+]
+SUITE_IDS = [s.replace("TLS_", "").replace("ECDHE-ECDSA-", "12-") for _v, s in SUITES]
+
+# Digits and newlines only: s_client treats some leading letters on its stdin as commands.
+FROM_OPENSSL = b"0123456789" * 2000 + b"\n"
+FROM_US = b"9876543210" * 1000 + b"\n"
+
+
+def _check_suite(conn: object, version: str, suite: str) -> None:
+    assert conn.version() == version  # type: ignore[attr-defined]
+    assert conn.cipher()[0] == suite  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("version", "suite"), SUITES, ids=SUITE_IDS)
+def test_client_against_s_server(mode: tuple[str, str], version: str, suite: str) -> None:
+    with openssl_server(version, suite) as (proc, sock):
+        proc.stdin.write(FROM_OPENSSL)
+        proc.stdin.flush()
+        conn = tls.wrap(
+            sock, client_context(version), server_hostname="localhost", mode=mode[0],
+            algif_backend=mode[1],
+        )  # fmt: skip
+        with conn:
+            _check_suite(conn, version, suite)
+            conn.sendall(FROM_US)  # right after the handshake
+            # In TLS 1.3 the NewSessionTickets come first: consumed, never returned as data.
+            assert recv_exactly(conn, len(FROM_OPENSSL)) == FROM_OPENSSL
+            assert read_stdout(proc, len(FROM_US)) == FROM_US
+        assert proc.wait(30) == 0  # our close_notify ended its session
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("version", "suite"), SUITES, ids=SUITE_IDS)
+def test_server_against_s_client(mode: tuple[str, str], version: str, suite: str) -> None:
+    with openssl_client(version, suite) as (proc, sock):
+        conn = tls.wrap(
+            sock, server_context(version), server_side=True, mode=mode[0], algif_backend=mode[1]
+        )
+        with conn:
+            _check_suite(conn, version, suite)
+            conn.sendall(FROM_US)  # right after the handshake
+            proc.stdin.write(FROM_OPENSSL)
+            proc.stdin.flush()
+            assert read_stdout(proc, len(FROM_US)) == FROM_US
+            assert recv_exactly(conn, len(FROM_OPENSSL)) == FROM_OPENSSL
+            proc.stdin.close()  # s_client sends close_notify
+            assert recv_all(conn) == b""
+        proc.wait(30)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_key_update_from_openssl(mode: tuple[str, str]) -> None:
+    """s_client sends KeyUpdate(update_requested): algif moves both directions; kTLS on Linux
+    before 6.14 raises KeyUpdateUnsupported naming the limit."""
+    suite = "TLS_AES_128_GCM_SHA256"
+    with openssl_client("TLSv1.3", suite) as (proc, sock):
+        conn = tls.wrap(
+            sock, server_context(), server_side=True, mode=mode[0], algif_backend=mode[1]
+        )
+        with conn:
+            proc.stdin.write(b"1111\n")
+            proc.stdin.flush()
+            assert recv_exactly(conn, 5) == b"1111\n"
+            proc.stdin.write(b"K\n")  # KeyUpdate, update_requested
+            proc.stdin.flush()
+            time.sleep(1)  # s_client drops the rest of a stdin read that held a command
+            proc.stdin.write(b"2222\n")
+            proc.stdin.flush()
+            major, minor = os.uname().release.split("-")[0].split(".")[:2]
+            if mode[0] == "ktls" and (int(major), int(minor)) < (6, 14):
+                with pytest.raises(KeyUpdateUnsupported, match=r"6\.14"):
+                    conn.recv(10)
+                return
+            assert recv_exactly(conn, 5) == b"2222\n"
+            conn.sendall(b"3333\n")  # under our next keys: OpenSSL must have our KeyUpdate
+            assert read_stdout(proc, 5) == b"3333\n"
