@@ -97,7 +97,8 @@ def test_openssl_s_client(server, suite_name, tmp_path):
     ((3, 3), "aes128gcm", "ECDHE-ECDSA-AES128-GCM-SHA256"),
 ], ids=["tls13-aes128gcm", "tls13-chacha20", "tls12-aes128gcm"])
 def test_tlslite_ng_client(server, version, cipher, expected):
-    from tlslite.api import HandshakeSettings, TLSConnection
+    from tlslite.handshakesettings import HandshakeSettings
+    from tlslite.tlsconnection import TLSConnection
 
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=60 * SLOW)
     port = sock.getsockname()[1]
