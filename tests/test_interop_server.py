@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from tls_wire import BY_OPENSSL, marker_payload, run_s_client_echo, s_client_argv
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel,
+              pytest.mark.filterwarnings("ignore:The asyncore module:DeprecationWarning")]
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
