@@ -392,8 +392,9 @@ class RecordLayer:
             end = pos + HEADER_SIZE + length
             if len(buf) < end:
                 return None
-            header = bytes(buf[pos : pos + HEADER_SIZE])
-            body = bytes(buf[pos + HEADER_SIZE : end])
+            with memoryview(buf) as view:  # one copy out of the buffer, released at once
+                header = bytes(view[pos : pos + HEADER_SIZE])
+                body = bytes(view[pos + HEADER_SIZE : end])
             self._pos = end
             if end == len(buf):
                 buf.clear()
