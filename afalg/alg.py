@@ -90,9 +90,11 @@ def _bind(kind: str, name: str) -> socket.socket:
     try:
         sock = socket.socket(AF_ALG, socket.SOCK_SEQPACKET, 0)
     except OSError as exc:
-        raise AlgorithmNotAvailable(
-            exc.errno, f"AF_ALG sockets are not available here: {os.strerror(exc.errno or 0)}"
-        ) from None
+        if exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT):
+            raise AlgorithmNotAvailable(
+                exc.errno, f"AF_ALG sockets are not available here: {os.strerror(exc.errno)}"
+            ) from None
+        raise _alg_error(exc, "socket(AF_ALG)") from None
     try:
         sock.bind((kind, name))
     except OSError as exc:
