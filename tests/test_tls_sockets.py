@@ -33,15 +33,16 @@ BIG = 8 * 2**20
 
 
 def _exchange(ours: object, theirs: object, size: int) -> None:
-    """``size`` bytes each way at once, digests compared."""
+    """``size`` bytes one way, then the other, digests compared. (One direction at a time: an
+    OpenSSL SSL object must not be read and written from two threads at once.)"""
     out_data, in_data = pattern(size, 1), pattern(size, 2)
-    sender = Bg(lambda: theirs.sendall(in_data))  # type: ignore[attr-defined]
     reader = Bg(lambda: hashlib.sha256(recv_exactly(theirs, size)).digest())
     ours.sendall(out_data)  # type: ignore[attr-defined]
-    got = recv_exactly(ours, size)
-    assert hashlib.sha256(got).digest() == hashlib.sha256(in_data).digest()
     assert reader.result() == hashlib.sha256(out_data).digest()
+    sender = Bg(lambda: theirs.sendall(in_data))  # type: ignore[attr-defined]
+    got = recv_exactly(ours, size)
     sender.result()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(in_data).digest()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -244,3 +245,21 @@ def test_peer_key_update(mode: tuple[str, str], requested: bool) -> None:
 def _kernel_can_rekey() -> bool:
     major, minor = os.uname().release.split("-")[0].split(".")[:2]
     return (int(major), int(minor)) >= (6, 14)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_concurrent_send_and_recv(mode: tuple[str, str]) -> None:
+    """One thread sends while another receives, on both ends (afalg peer: unlike an OpenSSL SSL
+    object, afalg sockets allow one reader and one writer at once)."""
+    ours, theirs = connect(mode, "client", peer="afalg")
+    size = 2**20
+    out_data, in_data = pattern(size, 4), pattern(size, 5)
+    with ours, theirs:
+        jobs = [
+            Bg(lambda: theirs.sendall(in_data)),
+            Bg(lambda: hashlib.sha256(recv_exactly(theirs, size)).digest()),
+            Bg(lambda: ours.sendall(out_data)),
+        ]
+        got = recv_exactly(ours, size)
+        assert [j.result() for j in jobs][1] == hashlib.sha256(out_data).digest()
+        assert got == in_data
