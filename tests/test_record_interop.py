@@ -8,7 +8,6 @@ with the kernel backend in tests/test_record_kernel.py.
 
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 import pytest
@@ -27,44 +26,10 @@ TLS12 = [
 TLS13 = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"]
 
 
-def make_rsa_cert(directory: Path) -> tuple[str, str]:
-    """A throwaway self-signed RSA-2048 certificate for the ECDHE-RSA and RSA suites."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .sign(key, hashes.SHA256())
-    )
-    certfile, keyfile = directory / "rsa.pem", directory / "rsa.key"
-    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return str(certfile), str(keyfile)
-
-
-@pytest.fixture(scope="session")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
-    return {
-        "ec": (str(CERTS / "server.pem"), str(CERTS / "server.key")),
-        "rsa": make_rsa_cert(tmp_path_factory.mktemp("rsa")),
-    }
+CERT_FILES = {
+    "ec": (str(CERTS / "server.pem"), str(CERTS / "server.key")),
+    "rsa": (str(CERTS / "rsa.pem"), str(CERTS / "rsa.key")),
+}
 
 
 def check(summary: dict, version: str, suite: str) -> None:
@@ -78,18 +43,18 @@ def check(summary: dict, version: str, suite: str) -> None:
 
 
 @pytest.mark.parametrize(("suite", "cert"), TLS12)
-def test_tls12_interop(suite: str, cert: str, certs: dict) -> None:
-    summary = run_exchange("1.2", suite, "cryptography", *certs[cert])
+def test_tls12_interop(suite: str, cert: str) -> None:
+    summary = run_exchange("1.2", suite, "cryptography", *CERT_FILES[cert])
     check(summary, "1.2", suite)
     assert summary["backend"] == "cryptography"
 
 
-def test_tls13_interop_default_suite(certs: dict) -> None:
+def test_tls13_interop_default_suite() -> None:
     # between two Python ssl peers OpenSSL always settles on AES-256-GCM
-    check(run_exchange("1.3", TLS13[1], "cryptography", *certs["ec"]), "1.3", TLS13[1])
+    check(run_exchange("1.3", TLS13[1], "cryptography", *CERT_FILES["ec"]), "1.3", TLS13[1])
 
 
 @pytest.mark.parametrize("suite", TLS13)
-def test_tls13_interop_forced_suite(suite: str, certs: dict, tmp_path: Path) -> None:
-    summary = run_in_subprocess(suite, "cryptography", *certs["ec"], str(tmp_path))
+def test_tls13_interop_forced_suite(suite: str, tmp_path: Path) -> None:
+    summary = run_in_subprocess(suite, "cryptography", *CERT_FILES["ec"], str(tmp_path))
     check(summary, "1.3", suite)

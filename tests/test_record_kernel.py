@@ -19,7 +19,7 @@ from afalg.keys import CipherSuite, TrafficKeys
 from afalg.record import MAX_PLAINTEXT, ContentType, Record, RecordLayer
 from tests._record_helpers import ALL_SUITES, make_keys, rfc8448
 from tests._record_interop import run_exchange, run_in_subprocess
-from tests.test_record_interop import TLS12, TLS13, check, make_rsa_cert
+from tests.test_record_interop import CERT_FILES, TLS12, TLS13, check
 
 pytestmark = pytest.mark.kernel
 
@@ -132,14 +132,9 @@ def test_kernel_sequence_limit_and_rekey(suite: CipherSuite) -> None:
 # --- OpenSSL interop with the kernel doing the record crypto --------------------------------
 
 
-@pytest.fixture(scope="module")
-def rsa(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    return make_rsa_cert(tmp_path_factory.mktemp("rsa"))
-
-
 @pytest.mark.parametrize(("suite", "cert"), TLS12[:3])
-def test_kernel_tls12_interop(suite: str, cert: str, rsa: tuple[str, str]) -> None:
-    summary = run_exchange("1.2", suite, "kernel", *(rsa if cert == "rsa" else EC))
+def test_kernel_tls12_interop(suite: str, cert: str) -> None:
+    summary = run_exchange("1.2", suite, "kernel", *CERT_FILES[cert])
     check(summary, "1.2", suite)
     assert summary["backend"] == "kernel"
 

@@ -1,9 +1,10 @@
 """Regenerate the test PKI in this directory (run once; the output is committed).
 
 Writes ``ca.pem`` (a self-signed test CA), ``server.pem`` (server certificate, CN localhost) and
-``server.key`` (its unencrypted EC P-256 key), valid for 20 years. The server certificate's
-subjectAltName covers ``localhost``, ``127.0.0.1`` and the netns test addresses ``10.0.0.1`` and
-``10.0.0.2``. These keys are for tests only; they are public.
+``server.key`` (its unencrypted EC P-256 key), and a self-signed RSA-2048 pair ``rsa.pem`` /
+``rsa.key`` (CN localhost) for the RSA and ECDHE-RSA suites, all valid for 20 years. The server
+certificate's subjectAltName covers ``localhost``, ``127.0.0.1`` and the netns test addresses
+``10.0.0.1`` and ``10.0.0.2``. These keys are for tests only; they are public.
 
     python tests/certs/make_certs.py
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 HERE = Path(__file__).resolve().parent
@@ -101,5 +102,29 @@ def make(directory: Path = HERE) -> None:
     )
 
 
+def make_rsa(directory: Path = HERE) -> None:
+    """The self-signed RSA-2048 certificate (``rsa.pem``, ``rsa.key``)."""
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = _name("localhost")
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + VALIDITY)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    (directory / "rsa.pem").write_bytes(cert.public_bytes(pem))
+    (directory / "rsa.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
 if __name__ == "__main__":
     make()
+    make_rsa()
