@@ -428,25 +428,33 @@ class EchoServer:
         return full if os.path.isfile(full) else None
 
     def _close(self, conn: Connection, fatal: bool) -> None:
-        """Close the connection: after a fatal alert gracefully (shut down the write side,
-        drain what the peer still sends for ``drain_time``, close) so the alert reaches the
-        peer instead of being overtaken by a reset; otherwise with close_notify."""
-        if fatal:
-            self._drain(conn.fileno())
+        """Close the connection gracefully, never by a reset that could overtake the last
+        records: send close_notify (unless a fatal alert already went out), shut down the TCP
+        write side (FIN), drain what the peer still sends for up to ``drain_time`` (usually it
+        has closed already and this returns at once), then close. A reset can still follow the
+        FIN when the kernel holds bytes nobody may read (a partial record under kTLS), but by
+        then the peer has its alert or close_notify and its EOF."""
+        tls = conn.tls
+        if tls is not None and not fatal:
+            with contextlib.suppress(OSError, ValueError):
+                tls.settimeout(min(1.0, self.idle_timeout))
+                if self._wrap is None:
+                    tls.unwrap()  # ssl's close() sends no close_notify; unwrap() does
+                else:
+                    tls.shutdown(socket.SHUT_WR)  # afalg: close_notify, then FIN
+        self._drain(conn.fileno(), reader=tls if tls is not None and not fatal else None)
         with conn.lock:
             conn.closed = True
-            if self._wrap is None and conn.tls is not None and not fatal:
-                # ssl's close() sends no close_notify; unwrap() does (afalg's close() does).
+            if tls is not None:
                 with contextlib.suppress(OSError, ValueError):
-                    conn.tls.settimeout(min(1.0, self.idle_timeout))
-                    conn.tls.unwrap()
-            if conn.tls is not None:
-                with contextlib.suppress(OSError, ValueError):
-                    conn.tls.close()
+                    tls.close()
             with contextlib.suppress(OSError):
                 conn.sock.close()
 
-    def _drain(self, fd: int) -> None:
+    def _drain(self, fd: int, reader: Any = None) -> None:
+        """Shut down the write side of ``fd`` and read until EOF, an error, ``drain_time`` or
+        1 MiB. ``reader`` (the healthy TLS socket) reads records; without one (after a fatal
+        error) the raw socket is read."""
         if fd < 0:
             return
         try:
@@ -456,16 +464,17 @@ class EchoServer:
         with dup:
             with contextlib.suppress(OSError):
                 dup.shutdown(socket.SHUT_WR)
+            source = reader if reader is not None else dup
             deadline = time.monotonic() + self.drain_time
             drained = 0
             while drained < 1 << 20:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                dup.settimeout(left)
                 try:
-                    data = dup.recv(65536)
-                except OSError:
+                    source.settimeout(left)
+                    data = source.recv(65536)
+                except (OSError, ValueError):
                     break
                 if not data:
                     break
