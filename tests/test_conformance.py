@@ -304,6 +304,12 @@ def _hostile(client: RawTLSClient, kind: str) -> None:
         # TLS 1.3: a properly sealed record whose inner content type is 99.
         # TLS 1.2: a properly sealed record (AAD included) whose type is 99.
         client.send_record(99, b"what type is this?")
+    elif kind == "retyped":
+        # A genuine application_data record whose header type is rewritten to 99: the type
+        # is authenticated (TLS 1.3: the header is the AAD; TLS 1.2: the AAD carries it).
+        record = bytearray(client.tx.seal(CT_APPDATA, b"retyped record"))
+        record[0] = 99
+        client.sock.sendall(record)
     elif kind == "truncated":
         record = client.tx.seal(CT_APPDATA, b"t" * 200)
         client.sock.sendall(record[:100])
@@ -312,16 +318,27 @@ def _hostile(client: RawTLSClient, kind: str) -> None:
         raise AssertionError(kind)
 
 
-# (kind, expected alert for TLS 1.3, for TLS 1.2); None: no alert required.
-#  - unknown-type: both modes open the record first (kTLS has no choice: the kernel decrypts
-#    before it can see the type; algif does the same) and it authenticates, so the type is
-#    then refused as unexpected_message in both versions.
+# (kind, expected alert for TLS 1.3, for TLS 1.2); None: no alert required; a dict: per mode.
+#  - unknown-type: a properly sealed record of type 99 (TLS 1.3: the inner type; TLS 1.2: the
+#    header type, covered by the AAD). It authenticates, so whoever opens it first (the kernel
+#    under kTLS; afalg's record layer checks the header first) refuses the type:
+#    unexpected_message everywhere.
+#  - retyped: a genuine application_data record whose header type was rewritten to 99. kTLS
+#    decrypts every record whatever its header type and the AAD no longer matches:
+#    bad_record_mac. algif checks the header before opening the record and refuses type 99 at
+#    once: unexpected_message. OpenSSL (the userspace reference) does the latter in TLS 1.3 and
+#    the former in TLS 1.2. All are fatal and correct; they differ in what is checked first.
 #  - truncated: the record never completes; the connection ends (EOF) with no data released.
+RETYPED13 = {"ktls": "bad_record_mac", "algif": "unexpected_message",
+             "userspace": "unexpected_message"}
+RETYPED12 = {"ktls": "bad_record_mac", "algif": "unexpected_message",
+             "userspace": "bad_record_mac"}
 HOSTILE = [
     ("bad-tag", "bad_record_mac", "bad_record_mac"),
     ("plaintext-appdata", "bad_record_mac", "bad_record_mac"),
     ("overflow", "record_overflow", "record_overflow"),
     ("unknown-type", "unexpected_message", "unexpected_message"),
+    ("retyped", RETYPED13, RETYPED12),
     ("truncated", None, None),
 ]
 
@@ -338,6 +355,8 @@ def test_hostile_record(server, pair, tmp_path, version, kind, alert13, alert12)
     records = [r for r in records if r[0] != CT_HANDSHAKE]
     assert all(t != CT_APPDATA for t, _ in records), records
     expected = alert13 if version == TLS13 else alert12
+    if isinstance(expected, dict):
+        expected = expected[server.mode]
     conn = server.connection(port)
     if expected is not None:
         assert records == [(CT_ALERT, bytes([2, ALERT[expected]]))], (records, conn.outcome)
