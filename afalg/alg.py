@@ -235,6 +235,15 @@ class _AlgSocket:
         raise TypeError(f"cannot pickle {type(self).__name__}: it owns kernel sockets")
 
 
+def _no_socket_memory(what: str, size: int) -> AlgError:
+    limit = _buffer_limit("/proc/sys/net/core/optmem_max")
+    return AlgError(
+        errno.ENOMEM,
+        f"{what} of {size} bytes: the kernel refused the socket memory for its scatterlists "
+        f"(net.core.optmem_max={limit}); split the data or raise net.core.optmem_max",
+    )
+
+
 def _recv_exact(op: socket.socket, size: int, what: str) -> bytes:
     """One recvmsg of ``size`` bytes (AEAD and cipher reads return all or fail)."""
     buf = bytearray(size)
@@ -419,6 +428,11 @@ class AEAD(_AlgSocket):
             try:
                 _sendmsg(sock, [assoc, data], cmsg.alg_cmsgs(op, iv, len(assoc)), 0, what)
                 result = _recv_exact(sock, out, what) if out else self._recv_empty(sock, what)
+            except AlgError as exc:
+                self._drop_op()
+                if exc.errno == errno.ENOMEM:
+                    raise _no_socket_memory(what, len(assoc) + len(data)) from None
+                raise
             except BaseException:
                 self._drop_op()
                 raise
