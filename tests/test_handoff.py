@@ -282,3 +282,61 @@ def test_nonblocking_socket_refused() -> None:
         handoff.handshake(csock, client_context(), server_hostname="localhost")
     csock.close()
     ssock.close()
+
+
+# --- session resumption (the hand-off leaves sessions to ssl) ----------------------------------
+
+
+def _algif_pair(sctx: ssl.SSLContext, cctx: ssl.SSLContext, session: object = None) -> tuple:
+    from afalg import tls
+
+    csock, ssock = tcp_pair()
+    t, res = run_peer(lambda: sctx.wrap_socket(ssock, server_side=True))
+    conn = tls.wrap(csock, cctx, server_hostname="localhost", mode="algif",
+                    algif_backend="cryptography", session=session)  # fmt: skip
+    return conn, peer_result(t, res)
+
+
+def test_tls12_client_resumes_a_session() -> None:
+    sctx, cctx = _contexts("TLSv1.2", TLS12_CIPHERS[2], 2)
+    conn, peer = _algif_pair(sctx, cctx)
+    with conn, peer:
+        conn.sendall(b"1")
+        assert peer.recv(1) == b"1"
+        session = conn.session
+    conn, peer = _algif_pair(sctx, cctx, session)
+    with conn, peer:
+        assert conn.session_reused and peer.session_reused
+        conn.sendall(b"2")
+        assert peer.recv(1) == b"2"
+        peer.sendall(b"3")
+        assert conn.recv(1) == b"3"
+
+
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+def test_server_side_resumption(version: str) -> None:
+    """An ssl client resumes with the ticket our server's ssl issued; the abbreviated handshake
+    gives the right keys and sequence numbers too."""
+    from afalg import tls
+
+    sctx, cctx = _contexts(version, TLS12_CIPHERS[0] if version == "TLSv1.2" else None, 1)
+    session = None
+    for attempt in range(2):
+        csock, ssock = tcp_pair()
+
+        def client(sock: socket.socket = csock, s: object = session) -> tuple:
+            c = cctx.wrap_socket(sock, server_hostname="localhost", session=s)
+            c.sendall(b"hi")
+            data = c.recv(5)
+            return c, data
+
+        t, res = run_peer(client)
+        srv = tls.wrap(ssock, sctx, server_side=True, mode="algif", algif_backend="cryptography")
+        with srv:
+            assert srv.recv(2) == b"hi"
+            srv.sendall(b"hello")
+            c, data = peer_result(t, res)
+            assert data == b"hello"
+            assert srv.session_reused == (attempt == 1)
+            session = c.session
+            c.close()
