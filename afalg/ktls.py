@@ -32,7 +32,6 @@ import io
 import os
 import socket
 import ssl
-import struct
 from typing import Any
 
 from afalg import _uapi
@@ -60,7 +59,6 @@ ALERT_FATAL = 2
 
 _ANCBUFSIZE = socket.CMSG_SPACE(1)
 _RECORD_BUF = 2**14 + 1024  # one whole record's plaintext fits
-_HS_HEADER = struct.Struct("!BI")  # type(1) || length(3): unpack from 5 bytes with a pad
 
 
 def tls_stats() -> dict[str, int]:
@@ -430,8 +428,6 @@ class TLSSocketBase:
             for msg_type, body in _handshake_messages(self._hs_buf):
                 self._handshake_message(msg_type, body)
             return False
-        if content_type == CT_CHANGE_CIPHER_SPEC and self._version != TLS_1_3_VERSION:
-            pass  # not after the handshake in TLS 1.2 either: fall through to the error
         raise self._fatal(
             AlertDescription.unexpected_message,
             TLSProtocolError(
@@ -551,6 +547,7 @@ class KTLSSocket(TLSSocketBase):
         self._rx_keys = rx.with_seq(0) if rx.secret is not None else None
         self._version = tx.version
         self._rbuf = bytearray()  # plaintext read past a small caller buffer
+        self._scratch: memoryview | None = None  # one record's room, for small reads
 
     # -- sending --
     def send(self, data: Any, flags: int = 0) -> int:
@@ -597,7 +594,9 @@ class KTLSSocket(TLSSocketBase):
             return 0
         while True:
             small = len(view) < _RECORD_BUF
-            target = memoryview(bytearray(_RECORD_BUF)) if small else view
+            if small and self._scratch is None:
+                self._scratch = memoryview(bytearray(_RECORD_BUF))
+            target = self._scratch if small else view
             try:
                 n, ancdata, _msg_flags, _addr = self._sock.recvmsg_into([target], _ANCBUFSIZE)
             except OSError as exc:
