@@ -441,7 +441,12 @@ class TLSSocketBase:
             return  # consumed: the session cache stays with ssl, which saw the handshake only
         if msg_type == HT_HELLO_REQUEST and self._version != TLS_1_3_VERSION:
             return  # renegotiation is not offered; RFC 5246 7.4.1.1 lets us ignore it
-        if msg_type == HT_KEY_UPDATE and self._version == TLS_1_3_VERSION and len(body) == 1:
+        if msg_type == HT_KEY_UPDATE and self._version == TLS_1_3_VERSION:
+            if len(body) != 1 or body[0] > 1:  # RFC 8446 4.6.3: update_not_requested(0) or 1
+                alert = AlertDescription.decode_error if len(body) != 1 else (
+                    AlertDescription.illegal_parameter
+                )
+                raise self._fatal(alert, TLSProtocolError(alert, "malformed KeyUpdate"))
             self._key_update(update_requested=body[0] == 1)
             return
         raise self._fatal(

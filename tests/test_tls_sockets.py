@@ -263,3 +263,15 @@ def test_concurrent_send_and_recv(mode: tuple[str, str]) -> None:
         got = recv_exactly(ours, size)
         assert [j.result() for j in jobs][1] == hashlib.sha256(out_data).digest()
         assert got == in_data
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_malformed_key_update(mode: tuple[str, str]) -> None:
+    """KeyUpdate whose request_update is neither 0 nor 1: illegal_parameter, sent and raised."""
+    ours, theirs = connect(mode, "client", peer="afalg")
+    with ours, theirs:
+        theirs._sock.sendall(theirs.record_layer.seal(22, bytes([24, 0, 0, 1, 2])))
+        with pytest.raises(afalg.TLSProtocolError, match="illegal_parameter"):
+            ours.recv(10)
+        with pytest.raises(afalg.TLSAlertReceived, match="illegal_parameter"):
+            theirs.recv(10)
