@@ -207,6 +207,15 @@ class _AlgSocket:
         """The transform socket's descriptor (-1 once closed)."""
         return -1 if self._tfm is None else self._tfm.fileno()
 
+    def detach(self) -> int:
+        """Give up the transform socket's descriptor (returned, now the caller's to close);
+        the operation socket is closed and this object is closed."""
+        with self._lock:
+            tfm = self._check_open()
+            self._drop_op()
+            self._tfm = None
+            return tfm.detach()
+
     def close(self) -> None:
         """Close both sockets; calling it again does nothing."""
         with self._lock:
@@ -591,6 +600,7 @@ class Hash(_AlgSocket):
         kname, self.digest_size, self.block_size = _hash_spec(name)  # type: ignore[assignment]
         super().__init__(kname)
         self._more = False  # the kernel holds a running state (data sent with MSG_MORE)
+        self._failed = False  # an update failed: the kernel state is gone, refuse to go on
         self._open(_key)
         if self.digest_size is None:
             info = _proc_sizes(kname)
@@ -604,12 +614,17 @@ class Hash(_AlgSocket):
         if data:
             self.update(data)
 
+    def _check_state(self) -> None:
+        self._check_open()
+        if self._failed:
+            raise AlgError(errno.EIO, f"{self.name}: an earlier update failed; the state is lost")
+
     def update(self, data: Buffer) -> None:
         """Hash ``data`` (any bytes-like)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data must be bytes-like, not {type(data).__name__}")
         with self._lock:
-            self._check_open()
+            self._check_state()
             if not memoryview(data).nbytes:
                 return
             op = self._op_socket()
@@ -621,6 +636,7 @@ class Hash(_AlgSocket):
             except OSError as exc:
                 self._drop_op()
                 self._more = False
+                self._failed = True
                 raise _alg_error(exc, f"{self.name} update") from None
             self._more = True
 
@@ -643,13 +659,14 @@ class Hash(_AlgSocket):
             with contextlib.suppress(OSError, ValueError):
                 file.flush()
         with self._lock:
-            self._check_open()
+            self._check_state()
             op = self._op_socket()
             try:
                 return self._splice(fd, op, length)
             except OSError as exc:
                 self._drop_op()
                 self._more = False
+                self._failed = True
                 if isinstance(exc, AlgError):
                     raise
                 raise _alg_error(exc, f"{self.name} update_file") from None
@@ -707,7 +724,7 @@ class Hash(_AlgSocket):
     def digest(self) -> bytes:
         """The digest of everything hashed so far; hashing may continue afterwards."""
         with self._lock:
-            self._check_open()
+            self._check_state()
             op = self._op_socket()
             try:
                 clone, _ = op.accept()
@@ -725,12 +742,14 @@ class Hash(_AlgSocket):
     def copy(self) -> Self:
         """An independent hash object with the same state (a kernel-side clone)."""
         with self._lock:
+            self._check_state()
             tfm = self._check_open()
             op = self._op_socket()
             new = object.__new__(type(self))
             _AlgSocket.__init__(new, self.name)
             new.digest_size, new.block_size = self.digest_size, self.block_size
             new._more = self._more
+            new._failed = False
             new._tfm = tfm.dup()
             try:
                 new._op, _ = op.accept()

@@ -150,3 +150,17 @@ def test_errors_and_close() -> None:
             obj.digest()
     with pytest.raises(ValueError, match="1 to 63 bytes"):
         alg.Hash("x" * 64)
+
+
+def test_detach_and_failed_update_poisons() -> None:
+    h = alg.Hash("sha256", b"abc")
+    fd = h.detach()
+    assert h.closed and fd >= 0
+    os.close(fd)
+    m = alg.Hash("sha256", b"abc")
+    m._op.close()  # simulate the kernel socket failing under us
+    with pytest.raises(afalg.AlgError):
+        m.update(b"more")
+    with pytest.raises(afalg.AlgError, match="state is lost"):
+        m.digest()  # never the digest of a silently restarted hash
+    m.close()

@@ -18,9 +18,9 @@ from afalg.cli import main
 
 pytestmark = pytest.mark.kernel
 
-# 100 MiB is what the issue asks for; under TCG it takes minutes, so CI uses 4 MiB and the
-# full size is checked by hand (see the report): AFALG_BIG_HASH_MIB=100 runs it here.
-BIG_MIB = int(os.environ.get("AFALG_BIG_HASH_MIB", "4"))
+# The issue asks for a 100 MiB file: under TCG the whole test takes ~12 s (afalg hash 4.7 s on
+# 6.12), so it runs at full size; AFALG_BIG_HASH_MIB changes it.
+BIG_MIB = int(os.environ.get("AFALG_BIG_HASH_MIB", "100"))
 
 
 def _run(argv: list[str], stdin: bytes = b"", capsysbinary=None) -> tuple[int, bytes, bytes]:
