@@ -214,3 +214,29 @@ def test_oversized_operation_is_refused_not_hung() -> None:
         assert aead.encrypt(bytes(12), b"still usable") == AESGCM(bytes(16)).encrypt(
             bytes(12), b"still usable", None
         )
+
+
+def test_unprivileged_oversized_operation_is_refused() -> None:
+    # Without CAP_NET_ADMIN, SO_SNDBUFFORCE is denied: past 2 x net.core.wmem_max the operation
+    # is refused up front with ValueError (never a sendmsg() that would wait forever).
+    is_root = os.getuid() == 0
+    limit = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    pid = os.fork()
+    if pid == 0:  # child: drop root, try, report through the exit status
+        code = 3
+        try:
+            if is_root:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            with AEAD(GCM, bytes(16)) as aead:
+                try:
+                    aead.encrypt(bytes(12), bytes(3 * limit))
+                except ValueError as exc:
+                    code = 0 if "wmem_max" in str(exc) else 1
+                else:
+                    code = 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
