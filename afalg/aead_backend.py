@@ -19,6 +19,7 @@ from typing import Literal, Protocol
 from cryptography.exceptions import InvalidTag as _CryptographyInvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+from afalg.cmsg import Buffer
 from afalg.errors import AlgorithmNotAvailable, InvalidTag
 from afalg.keys import CipherSuite
 
@@ -41,9 +42,9 @@ class RecordAEAD(Protocol):
 
     name: str
 
-    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes: ...
+    def encrypt(self, nonce: bytes, plaintext: Buffer, aad: bytes) -> bytes: ...
 
-    def decrypt(self, nonce: bytes, ciphertext_and_tag: bytes, aad: bytes) -> bytes: ...
+    def decrypt(self, nonce: bytes, ciphertext_and_tag: Buffer, aad: bytes) -> bytes: ...
 
     def close(self) -> None: ...
 
@@ -59,12 +60,12 @@ class CryptographyAEAD:
             ChaCha20Poly1305(key) if suite.is_chacha20 else AESGCM(key)
         )
 
-    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    def encrypt(self, nonce: bytes, plaintext: Buffer, aad: bytes) -> bytes:
         if self._aead is None:
             raise ValueError("AEAD is closed")
         return self._aead.encrypt(nonce, plaintext, aad)
 
-    def decrypt(self, nonce: bytes, ciphertext_and_tag: bytes, aad: bytes) -> bytes:
+    def decrypt(self, nonce: bytes, ciphertext_and_tag: Buffer, aad: bytes) -> bytes:
         if self._aead is None:
             raise ValueError("AEAD is closed")
         try:
@@ -90,10 +91,10 @@ class KernelAEAD:
         self.name = suite.kernel_aead
         self._aead = AEAD(self.name, key, tag_size=TAG_SIZE)
 
-    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    def encrypt(self, nonce: bytes, plaintext: Buffer, aad: bytes) -> bytes:
         return self._aead.encrypt(nonce, plaintext, aad)
 
-    def decrypt(self, nonce: bytes, ciphertext_and_tag: bytes, aad: bytes) -> bytes:
+    def decrypt(self, nonce: bytes, ciphertext_and_tag: Buffer, aad: bytes) -> bytes:
         if len(ciphertext_and_tag) < TAG_SIZE:
             raise InvalidTag("ciphertext shorter than the tag")
         return self._aead.decrypt(nonce, ciphertext_and_tag, aad)

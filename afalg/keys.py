@@ -383,7 +383,11 @@ class TrafficKeys:
     secret: bytes | None = None
 
     def __post_init__(self) -> None:
-        if self.version not in (TLS_1_2_VERSION, TLS_1_3_VERSION):
+        if (
+            not isinstance(self.version, int)
+            or isinstance(self.version, bool)
+            or self.version not in (TLS_1_2_VERSION, TLS_1_3_VERSION)
+        ):
             raise ValueError(f"version must be 0x0303 or 0x0304, got {self.version!r}")
         suite = _suite(self.cipher_suite)
         object.__setattr__(self, "cipher_suite", suite)
@@ -406,6 +410,11 @@ class TrafficKeys:
             secret = _bytes("secret", self.secret)
             if self.version != TLS_1_3_VERSION:
                 raise ValueError("secret is only meaningful for TLS 1.3")
+            want = _hash(suite.hash_name).digest_size
+            if len(secret) != want:
+                raise ValueError(
+                    f"{suite.name} traffic secret must be {want} bytes, not {len(secret)}"
+                )
             object.__setattr__(self, "secret", secret)
 
     def __repr__(self) -> str:

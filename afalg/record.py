@@ -44,6 +44,7 @@ from enum import IntEnum
 from typing import NamedTuple
 
 from afalg.aead_backend import TAG_SIZE, Backend, RecordAEAD, new_record_aead
+from afalg.cmsg import Buffer
 from afalg.errors import AlertDescription, InvalidTag, TLSProtocolError
 from afalg.keys import MAX_SEQ, TLS_1_2_VERSION, TLS_1_3_VERSION, TrafficKeys
 
@@ -128,7 +129,12 @@ class _Direction:
         self.iv_int = 0 if self.tls12_gcm else int.from_bytes(keys.iv, "big")
         self.aead: RecordAEAD = new_record_aead(keys.cipher_suite, keys.key, backend)
 
-    def current(self) -> TrafficKeys:
+    def current(self, name: str) -> TrafficKeys:
+        if self.seq > MAX_SEQ:
+            raise ValueError(
+                f"{name} sequence numbers exhausted: 2**64 records used these keys, no record "
+                "can follow"
+            )
         return self.keys.with_seq(self.seq)
 
     def nonce(self, seq: int) -> bytes:
@@ -190,13 +196,15 @@ class RecordLayer:
 
     @property
     def tx_keys(self) -> TrafficKeys | None:
-        """The sending keys with the next record's sequence number (None: plaintext)."""
-        return None if self._tx is None else self._tx.current()
+        """The sending keys with the next record's sequence number (None: plaintext).
+        ValueError once all 2**64 sequence numbers have been used (no record can follow)."""
+        return None if self._tx is None else self._tx.current("tx")
 
     @property
     def rx_keys(self) -> TrafficKeys | None:
-        """The receiving keys with the next record's sequence number (None: plaintext)."""
-        return None if self._rx is None else self._rx.current()
+        """The receiving keys with the next record's sequence number (None: plaintext).
+        ValueError once all 2**64 sequence numbers have been used (no record can follow)."""
+        return None if self._rx is None else self._rx.current("rx")
 
     @property
     def backend(self) -> str:
@@ -296,7 +304,7 @@ class RecordLayer:
 
     # --- sending ------------------------------------------------------------------------------
 
-    def seal(self, content_type: ContentType | int, payload: bytes) -> bytes:
+    def seal(self, content_type: ContentType | int, payload: Buffer) -> bytes:
         """Protect ``payload`` as one or more records of ``content_type`` and return the wire
         bytes. Payloads over 2**14 bytes are split. An empty application_data payload gives one
         zero-length record; empty handshake, alert and change_cipher_spec payloads are refused
@@ -347,7 +355,7 @@ class RecordLayer:
         inner = b"".join((content, _TYPE_BYTE[ctype], bytes(pad)))
         header = _HDR.pack(23, TLS_1_2_VERSION, len(inner) + TAG_SIZE)
         seq = tx.seq
-        out = tx.aead.encrypt((tx.iv_int ^ seq).to_bytes(12, "big"), inner, header)
+        out = self._encrypt(tx, (tx.iv_int ^ seq).to_bytes(12, "big"), inner, header)
         tx.seq = seq + 1
         return header + out
 
@@ -357,16 +365,24 @@ class RecordLayer:
         aad = _AAD12.pack(seq, ctype, TLS_1_2_VERSION, n)
         if tx.tls12_gcm:
             explicit = aad[:8]  # the explicit nonce is the sequence number
-            out = tx.aead.encrypt(tx.salt + explicit, content, aad)
+            out = self._encrypt(tx, tx.salt + explicit, content, aad)
             tx.seq = seq + 1
             return _HDR.pack(ctype, TLS_1_2_VERSION, len(out) + 8) + explicit + out
-        out = tx.aead.encrypt((tx.iv_int ^ seq).to_bytes(12, "big"), content, aad)
+        out = self._encrypt(tx, (tx.iv_int ^ seq).to_bytes(12, "big"), content, aad)
         tx.seq = seq + 1
         return _HDR.pack(ctype, TLS_1_2_VERSION, len(out)) + out
 
+    def _encrypt(self, tx: _Direction, nonce: bytes, content: Buffer, aad: bytes) -> bytes:
+        try:
+            return tx.aead.encrypt(nonce, content, aad)
+        except Exception as exc:
+            # Records of this seal() call may already have used sequence numbers and been
+            # dropped with the exception: the peer would see a gap. Poison, as for opening.
+            raise self._fail(_A.internal_error, f"sealing a record failed: {exc}") from exc
+
     # --- receiving ----------------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: Buffer) -> None:
         """Add received bytes; any split of the stream is fine."""
         self._check_usable()
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -445,6 +461,8 @@ class RecordLayer:
             plaintext = rx.aead.decrypt(nonce, data, aad)
         except InvalidTag:
             raise self._fail(_A.bad_record_mac, "record authentication failed") from None
+        except Exception as exc:  # the record is consumed but not opened: the stream is lost
+            raise self._fail(_A.internal_error, f"opening a record failed: {exc}") from exc
         rx.seq += 1
         return plaintext
 
