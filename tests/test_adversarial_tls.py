@@ -162,3 +162,35 @@ def test_io_after_close_is_refused(mode: tuple[str, str]) -> None:
             with pytest.raises(OSError) as info:
                 call()
             assert info.value.errno == errno.EBADF, info.value
+
+
+@pytest.mark.parametrize("mode", MODES[1:])  # algif: kTLS on 6.1/6.12 cannot rekey at all
+@pytest.mark.parametrize(
+    "after",
+    [b"\x04\x00", b"\x04\x00\x00\x00"],
+    ids=["partial-message", "whole-message"],
+)
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG afalg/ktls.py TLSSocketBase._control_record: a KeyUpdate followed by more "
+    "handshake bytes in the same record is accepted (keys change mid-record; the rest is "
+    "read under the new keys). RFC 8446 5.1: messages preceding a key change must end at a "
+    "record boundary, else unexpected_message. Fix: after _handshake_messages(), if a "
+    "KeyUpdate is not the last message taken or self._hs_buf is not empty, raise "
+    "self._fatal(unexpected_message, TLSProtocolError(..., 'data after KeyUpdate in its "
+    "record')) before calling _key_update.",
+)
+def test_key_update_must_end_its_record(mode: tuple[str, str], after: bytes) -> None:
+    from afalg.ktls import key_update_message
+
+    ours, theirs = connect(mode, "client", peer="afalg")
+    with ours, theirs:
+        layer = theirs.record_layer
+        wire = layer.seal(22, key_update_message(False) + after)
+        layer.rekey_tx()
+        wire += layer.seal(22, b"\x00\x00") if len(after) == 2 else b""
+        wire += layer.seal(23, b"after the key change")
+        theirs._sock.sendall(wire)
+        with pytest.raises(afalg.TLSProtocolError) as info:
+            ours.recv(100)
+        assert info.value.alert is A.unexpected_message
