@@ -139,4 +139,11 @@ def test_replayed_client_random_after_the_honest_handshake_is_harmless(tmp_path:
         log = handoff.keylog_for(sctx)
         assert log.take(random) == {}
         assert "pending=0" in repr(log)
+        # and no secret in what the hand-off shows
+        texts = [repr(h), str(h), repr(h.tx), repr(h.rx), repr(log)]
+        for secret in (h.tx.key, h.tx.iv, h.tx.secret, h.rx.key, h.rx.iv, h.rx.secret):
+            assert secret and not any(secret.hex() in t or repr(secret) in t for t in texts)
+        # nor in the memfd: the lines were punched out once read
+        with open(log.path, "rb") as f:
+            assert f.read().strip(b"\x00") == b""
         honest.close()
