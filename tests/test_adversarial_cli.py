@@ -1,0 +1,49 @@
+"""The crypto CLI never echoes a key: a malformed or wrongly sized --key is one clear line on
+stderr that names the problem, not the key (shell history is enough exposure; logs of failed
+runs must not add to it). These errors come before any AF_ALG socket, so they run on the host.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+KEY = "a7" * 16
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "afalg", *args], input="hello", capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["aead-enc", "--cipher", "gcm(aes)", "--key", KEY + "a7", "--iv", "00" * 12],
+        ["enc", "--cipher", "cbc(aes)", "--key", KEY[:-2], "--iv", "00" * 16],
+    ],
+    ids=["aead-key-size", "cipher-key-size"],
+)
+def test_wrong_key_size_named_not_shown(args: list[str]) -> None:
+    proc = run(*args)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "key" in proc.stderr and "bytes" in proc.stderr
+    assert "a7a7a7a7" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG afalg/cli_crypto.py _hex(): a --key that is not valid hex is echoed in the "
+    "error ('--key must be hex, got 'a7a7...zz''), which shows all but the bad characters of "
+    "the key on stderr. Fix: name only the problem, e.g. f'{what} must be hex "
+    "({len(text)} characters given, not all hex digits)', at least when what == '--key'.",
+)
+def test_malformed_hex_key_not_echoed() -> None:
+    proc = run("hmac", "sha256", "--key", KEY + "zz", "/dev/null")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--key" in proc.stderr and "hex" in proc.stderr
+    assert "a7a7a7a7" not in proc.stderr
