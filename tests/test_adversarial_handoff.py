@@ -11,14 +11,17 @@ ClientHello rewritten to carry the honest client's random.
 from __future__ import annotations
 
 import contextlib
+import gc
+import os
 import socket
 import ssl
 from pathlib import Path
 
 import pytest
-from test_tls_helpers import Bg, client_context, server_context
+from test_tls_helpers import Bg, client_context, server_context, tcp_pair
 
-from afalg import handoff
+from afalg import handoff, tls
+from afalg.keys import UnsupportedCipherSuite
 
 HELLO_RANDOM = slice(11, 43)  # record header (5) + msg_type (1) + length (3) + version (2)
 
@@ -147,3 +150,27 @@ def test_replayed_client_random_after_the_honest_handshake_is_harmless(tmp_path:
         with open(log.path, "rb") as f:
             assert f.read().strip(b"\x00") == b""
         honest.close()
+
+
+def test_non_aead_suite_is_refused_by_name_and_cleaned_up() -> None:
+    """The peer negotiates a CBC suite: UnsupportedCipherSuite naming it and how to restrict the
+    context; the socket is closed, the connection's secrets are not kept."""
+    cbc = "ECDHE-ECDSA-AES128-SHA256"
+    sctx = server_context(version="TLSv1.2", cipher=cbc)
+    cctx = client_context(version="TLSv1.2", cipher=cbc + ":ECDHE+AESGCM")
+    log = handoff.keylog_for(cctx)
+    gc.collect()
+    before = set(os.listdir("/proc/self/fd"))
+    csock, ssock = tcp_pair()
+    peer = Bg(lambda: sctx.wrap_socket(ssock, server_side=True))
+    with pytest.raises(UnsupportedCipherSuite) as info:
+        tls.wrap(csock, cctx, server_hostname="localhost", mode="algif",
+                 algif_backend="cryptography")  # fmt: skip
+    assert cbc in str(info.value) and "set_ciphers" in str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert csock.fileno() == -1
+    assert "pending=0" in repr(log)
+    peer.result(30).close()
+    del info
+    gc.collect()
+    assert set(os.listdir("/proc/self/fd")) <= before
