@@ -72,11 +72,13 @@ def test_plaintext_on_the_wire_after_the_handshake(mode: tuple[str, str]) -> Non
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_forged_record_between_good_ones(mode: tuple[str, str]) -> None:
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+def test_forged_record_between_good_ones(mode: tuple[str, str], version: str) -> None:
     """good | forged | good in one TCP write: the first comes out, then bad_record_mac, and the
     good record after the forged one is never delivered."""
+
     def session() -> None:
-        ours, theirs = connect(mode, "client", peer="afalg")
+        ours, theirs = connect(mode, "client", peer="afalg", version=version)
         with ours, theirs:
             layer = theirs.record_layer
             good1 = layer.seal(23, b"good1")
