@@ -196,3 +196,26 @@ def test_key_update_must_end_its_record(mode: tuple[str, str], after: bytes) -> 
         with pytest.raises(afalg.TLSProtocolError) as info:
             ours.recv(100)
         assert info.value.alert is A.unexpected_message
+
+
+@pytest.mark.parametrize("mode", MODES[2:])  # the check lives in TLSSocketBase, shared by all
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG afalg/ktls.py TLSSocketBase._control_record / recv paths: a handshake message "
+    "split over records may be interrupted by application data (the partial message waits in "
+    "_hs_buf while the data is delivered). RFC 8446 5.1: no other record may come between the "
+    "records of one handshake message; unexpected_message. Fix: when a record that is not "
+    "handshake arrives while self._hs_buf is not empty, raise self._fatal(unexpected_message, "
+    "...) (in AlgTLSSocket.recv_into and KTLSSocket.recv_into before accepting "
+    "application_data, and in _control_record for alerts).",
+)
+def test_handshake_message_interrupted_by_application_data(mode: tuple[str, str]) -> None:
+    ours, theirs = connect(mode, "client", peer="afalg")
+    with ours, theirs:
+        layer = theirs.record_layer
+        wire = layer.seal(22, b"\x04\x00\x00\x10" + bytes(4))  # first half of a NewSessionTicket
+        wire += layer.seal(23, b"interleaved")
+        theirs._sock.sendall(wire)
+        with pytest.raises(afalg.TLSProtocolError) as info:
+            ours.recv(100)
+        assert info.value.alert is A.unexpected_message
