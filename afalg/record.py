@@ -299,8 +299,10 @@ class RecordLayer:
             )
 
     def _fail(self, alert: AlertDescription, message: str) -> TLSProtocolError:
-        self._error = TLSProtocolError(alert, message)
-        return self._error
+        exc = TLSProtocolError(alert, message)
+        if self._error is None:  # the first error is the one that poisoned the layer
+            self._error = exc
+        return exc
 
     # --- sending ------------------------------------------------------------------------------
 

@@ -359,3 +359,17 @@ def test_no_key_in_any_repr_str_or_error(suite: CipherSuite) -> None:
     for text in texts:
         for form in secret_forms:
             assert form not in text, f"{form!r} shown in {text!r}"
+
+
+def test_first_error_stays_the_poison() -> None:
+    """A failure while sealing the fatal alert of a poisoned layer does not replace the error
+    that poisoned it."""
+    tx, _, keys = layers(CipherSuite.TLS_AES_128_GCM_SHA256)
+    layer = RecordLayer(tx=keys, rx=keys, backend=CRYPTO)
+    wire = bytearray(tx.seal(APP, b"x"))
+    wire[-1] ^= 1
+    first = expect_poison(layer, A.bad_record_mac, bytes(wire))
+    _instrument(layer, "tx", fail_at=0)
+    with pytest.raises(TLSProtocolError, match="internal_error"):
+        layer.seal(ContentType.alert, bytes([2, A.bad_record_mac]))
+    assert layer.error is first
