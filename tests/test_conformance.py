@@ -323,13 +323,15 @@ def _hostile(client: RawTLSClient, kind: str) -> None:
 #    header type, covered by the AAD). It authenticates, so whoever opens it first (the kernel
 #    under kTLS; afalg's record layer checks the header first) refuses the type:
 #    unexpected_message everywhere.
-#  - retyped: a genuine application_data record whose header type was rewritten to 99. kTLS
-#    decrypts every record whatever its header type and the AAD no longer matches:
-#    bad_record_mac. algif checks the header before opening the record and refuses type 99 at
-#    once: unexpected_message. OpenSSL (the userspace reference) does the latter in TLS 1.3 and
-#    the former in TLS 1.2. All are fatal and correct; they differ in what is checked first.
+#  - retyped: a genuine application_data record whose header type was rewritten to 99. TLS 1.2
+#    under kTLS: the kernel decrypts every record whatever its header type, and the AAD (which
+#    carries the type) no longer matches: bad_record_mac. TLS 1.3 under kTLS: see the xfail in
+#    the test (the kernel ignores the outer type). algif checks the header before opening the
+#    record and refuses type 99 at once: unexpected_message. OpenSSL (the userspace reference)
+#    refuses it in TLS 1.3 and fails the AAD in TLS 1.2. All fatal; they differ in what is
+#    checked first.
 #  - truncated: the record never completes; the connection ends (EOF) with no data released.
-RETYPED13 = {"ktls": "bad_record_mac", "algif": "unexpected_message",
+RETYPED13 = {"ktls": "unexpected_message", "algif": "unexpected_message",
              "userspace": "unexpected_message"}
 RETYPED12 = {"ktls": "bad_record_mac", "algif": "unexpected_message",
              "userspace": "bad_record_mac"}
@@ -350,7 +352,14 @@ def test_hostile_record(server, pair, tmp_path, version, kind, alert13, alert12)
     port = client.sock.getsockname()[1]
     with client.sock:
         _hostile(client, kind)
-        records, end = client.read_records(timeout=20 * SLOW)
+        records, end = client.read_records(timeout=20 * SLOW, stop_on_data=True)
+    if (kind, version, server.mode) == ("retyped", TLS13, "ktls") and end == "data":
+        # Observed on 6.1 and 6.12: kTLS rebuilds the TLS 1.3 AAD with type 23 (net/tls
+        # tls_make_aad) and never looks at the outer type, so the record is accepted and
+        # echoed; RFC 8446 section 5 requires unexpected_message. The kernel does not report
+        # the outer type, so afalg's kTLS socket cannot catch it either. Where a kernel checks
+        # the type, this test passes with its alert.
+        pytest.xfail("kTLS accepts a TLS 1.3 record whose outer type is not application_data")
     # NewSessionTicket (TLS 1.3) may precede; no application data may follow the attack.
     records = [r for r in records if r[0] != CT_HANDSHAKE]
     assert all(t != CT_APPDATA for t, _ in records), records

@@ -370,11 +370,13 @@ class RawTLSClient:
         self.sock.sendall(record)
         return record
 
-    def read_records(self, timeout: float) -> tuple[list[tuple[int, bytes]], str]:
-        """Read until EOF/reset/timeout; decrypt what came. Returns ([(type, plaintext)], how
-        the stream ended: "eof", "reset" or "timeout")."""
+    def read_records(self, timeout: float, *, stop_on_data: bool = False,
+                     ) -> tuple[list[tuple[int, bytes]], str]:
+        """Read until EOF/reset/timeout (or, with ``stop_on_data``, the first application_data
+        record); decrypt what came. Returns ([(type, plaintext)], how the stream ended: "eof",
+        "reset", "timeout" or "data")."""
         assert self.rx is not None
-        data = self._rx_buffer
+        records: list[tuple[int, bytes]] = []
         deadline = time.monotonic() + timeout
         end = "timeout"
         while time.monotonic() < deadline:
@@ -389,9 +391,16 @@ class RawTLSClient:
             if not more:
                 end = "eof"
                 break
-            data += more
+            self._rx_buffer += more
+            records += self._open_buffered()
+            if stop_on_data and any(t == CT_APPDATA for t, _ in records):
+                return records, "data"
+        return records + self._open_buffered(), end
+
+    def _open_buffered(self) -> list[tuple[int, bytes]]:
+        assert self.rx is not None
         records = []
-        pos = 0
+        data, pos = self._rx_buffer, 0
         while pos + 5 <= len(data):
             content_type, _version, length = struct.unpack_from("!BHH", data, pos)
             if pos + 5 + length > len(data):
@@ -399,7 +408,7 @@ class RawTLSClient:
             records.append(self.rx.open(content_type, data[pos + 5:pos + 5 + length]))
             pos += 5 + length
         self._rx_buffer = data[pos:]
-        return records, end
+        return records
 
     def echo(self, payload: bytes, timeout: float) -> bytes:
         """Send one application_data record, read the echo (for honest checks)."""
