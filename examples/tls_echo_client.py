@@ -212,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     context = client_context(cafile=args.cafile, tls_version=args.tls, ciphers=args.ciphers,
                              keylog=args.keylog)
     payload = os.urandom(parse_size(args.send)) if not args.get else b""
+    if args.mode != "userspace":
+        import afalg.tls  # noqa: F401  (import once, before the connections start their clocks)
     results: list[Result] = [Result(i) for i in range(args.connections)]
 
     def worker(i: int) -> None:
