@@ -23,8 +23,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> int:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p
+        ),
+    )
     with tempfile.TemporaryDirectory(prefix="afalg-demo-") as tmp:
         www = Path(tmp) / "www"
         www.mkdir()
@@ -32,10 +36,25 @@ def main() -> int:
         (www / "file.bin").write_bytes(blob)
         ready = Path(tmp) / "ready"
         server = subprocess.Popen(
-            [sys.executable, str(HERE / "tls_echo_server.py"), "--port", "0", "--mode", "auto",
-             "--serve-dir", str(www), "--ready-file", str(ready),
-             "--handshake-timeout", "60"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                str(HERE / "tls_echo_server.py"),
+                "--port",
+                "0",
+                "--mode",
+                "auto",
+                "--serve-dir",
+                str(www),
+                "--ready-file",
+                str(ready),
+                "--handshake-timeout",
+                "60",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             deadline = time.monotonic() + 120
             while not (ready.exists() and ready.read_text().endswith("\n")):
@@ -44,14 +63,25 @@ def main() -> int:
                     return 1
                 time.sleep(0.1)
             port = ready.read_text().split()[1]
-            client = [sys.executable, str(HERE / "tls_echo_client.py"), "--port", port,
-                      "--mode", "auto"]
-            print(f"== echo: 4 connections x 64 KiB (server and client in mode auto) "
-                  f"on 127.0.0.1:{port}", flush=True)
+            client = [
+                sys.executable,
+                str(HERE / "tls_echo_client.py"),
+                "--port",
+                port,
+                "--mode",
+                "auto",
+            ]
+            print(
+                f"== echo: 4 connections x 64 KiB (server and client in mode auto) "
+                f"on 127.0.0.1:{port}",
+                flush=True,
+            )
             echo = subprocess.run([*client, "--connections", "4", "--send", "64k"], env=env)
             print("== GET /file.bin (1 MiB, sent by the server with sendfile)", flush=True)
-            get = subprocess.run([*client, "--get", "/file.bin", "--sha256",
-                                  hashlib.sha256(blob).hexdigest()], env=env)
+            get = subprocess.run(
+                [*client, "--get", "/file.bin", "--sha256", hashlib.sha256(blob).hexdigest()],
+                env=env,
+            )
         finally:
             server.send_signal(signal.SIGTERM)
             try:

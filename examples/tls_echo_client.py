@@ -51,14 +51,21 @@ class Result:
 
     def line(self) -> str:
         rate = self.received / self.seconds / 1e6 if self.seconds else 0.0
-        return (f"conn {self.index}: {'ok' if self.ok else 'FAILED'} version={self.version} "
-                f"suite={self.suite} mode={self.mode} sent={self.sent} received={self.received} "
-                f"time={self.seconds:.3f}s rate={rate:.2f}MB/s"
-                + (f" {self.detail}" if self.detail else ""))
+        return (
+            f"conn {self.index}: {'ok' if self.ok else 'FAILED'} version={self.version} "
+            f"suite={self.suite} mode={self.mode} sent={self.sent} received={self.received} "
+            f"time={self.seconds:.3f}s rate={rate:.2f}MB/s"
+            + (f" {self.detail}" if self.detail else "")
+        )
 
 
-def client_context(*, cafile: str | None = None, tls_version: str = "any",
-                   ciphers: str | None = None, keylog: str | None = None) -> ssl.SSLContext:
+def client_context(
+    *,
+    cafile: str | None = None,
+    tls_version: str = "any",
+    ciphers: str | None = None,
+    keylog: str | None = None,
+) -> ssl.SSLContext:
     """A client SSLContext; without ``cafile`` the server certificate is not verified."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if cafile:
@@ -75,9 +82,16 @@ def client_context(*, cafile: str | None = None, tls_version: str = "any",
     return ctx
 
 
-def connect(host: str, port: int, context: ssl.SSLContext, *, mode: str = "auto",
-            server_hostname: str | None = None, timeout: float = 30.0,
-            sock: socket.socket | None = None) -> Any:
+def connect(
+    host: str,
+    port: int,
+    context: ssl.SSLContext,
+    *,
+    mode: str = "auto",
+    server_hostname: str | None = None,
+    timeout: float = 30.0,
+    sock: socket.socket | None = None,
+) -> Any:
     """A TLS connection: ``ssl`` for mode userspace, :func:`afalg.tls.wrap` otherwise."""
     if sock is None:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -100,7 +114,7 @@ def echo(tls: Any, data: bytes, result: Result) -> None:
     """Send ``data`` in records of at most 2^14 bytes, reading each chunk's echo back."""
     view = memoryview(data)
     for start in range(0, len(data), CHUNK):
-        chunk = view[start:start + CHUNK]
+        chunk = view[start : start + CHUNK]
         tls.sendall(chunk)
         result.sent += len(chunk)
         got = bytearray()
@@ -131,20 +145,28 @@ def get(tls: Any, path: str, result: Result) -> None:
         raise ValueError("no HTTP response header")
     status_line, *headers = head.decode("latin-1").split("\r\n")
     result.status = int(status_line.split()[1])
-    length = next((int(h.split(":", 1)[1]) for h in headers
-                   if h.lower().startswith("content-length:")), None)
+    length = next(
+        (int(h.split(":", 1)[1]) for h in headers if h.lower().startswith("content-length:")), None
+    )
     if length is not None and length != len(body):
         raise ValueError(f"body is {len(body)} bytes, Content-Length says {length}")
     result.body = body
 
 
-def run_one(index: int, args: argparse.Namespace, context: ssl.SSLContext,
-            payload: bytes) -> Result:
+def run_one(
+    index: int, args: argparse.Namespace, context: ssl.SSLContext, payload: bytes
+) -> Result:
     result = Result(index)
     started = time.monotonic()
     try:
-        tls = connect(args.host, args.port, context, mode=args.mode,
-                      server_hostname=args.server_name, timeout=args.timeout)
+        tls = connect(
+            args.host,
+            args.port,
+            context,
+            mode=args.mode,
+            server_hostname=args.server_name,
+            timeout=args.timeout,
+        )
         with tls:
             result.version = tls.version() or "-"
             result.suite = (tls.cipher() or ("-",))[0]
@@ -209,8 +231,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    context = client_context(cafile=args.cafile, tls_version=args.tls, ciphers=args.ciphers,
-                             keylog=args.keylog)
+    context = client_context(
+        cafile=args.cafile, tls_version=args.tls, ciphers=args.ciphers, keylog=args.keylog
+    )
     payload = os.urandom(parse_size(args.send)) if not args.get else b""
     if args.mode != "userspace":
         import afalg.tls  # noqa: F401  (import once, before the connections start their clocks)
@@ -231,8 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         print(r.line())
     ok = sum(r.ok for r in results)
     moved = sum(r.sent + r.received for r in results)
-    print(f"client summary: {ok}/{len(results)} connections ok, {moved} bytes moved in "
-          f"{elapsed:.3f}s ({moved / elapsed / 1e6 if elapsed else 0:.2f} MB/s)")
+    print(
+        f"client summary: {ok}/{len(results)} connections ok, {moved} bytes moved in "
+        f"{elapsed:.3f}s ({moved / elapsed / 1e6 if elapsed else 0:.2f} MB/s)"
+    )
     stats = kernel_tls_stats()
     if stats:
         print("kernel TLS counters: " + " ".join(f"{k}={v}" for k, v in stats.items()))

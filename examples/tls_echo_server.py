@@ -101,14 +101,24 @@ def self_signed_cert(directory: str, hosts: list[str]) -> tuple[str, str]:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM,
-                                  serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
     return cert_path, key_path
 
 
-def server_context(cert: str | None, key: str | None, *, tls_version: str = "any",
-                   host: str = "localhost", keylog: str | None = None) -> ssl.SSLContext:
+def server_context(
+    cert: str | None,
+    key: str | None,
+    *,
+    tls_version: str = "any",
+    host: str = "localhost",
+    keylog: str | None = None,
+) -> ssl.SSLContext:
     """The server's SSLContext: TLS 1.2 and/or 1.3, kernel-capable suites only."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls_version == "1.3" else ssl.TLSVersion.TLSv1_2
@@ -168,9 +178,11 @@ class Connection:
 
     def log_line(self) -> str:
         host, port = self.peer[:2]
-        return (f"conn peer={host}:{port} version={self.version} suite={self.suite} "
-                f"mode={self.mode} in={self.bytes_in} out={self.bytes_out} "
-                f"time={time.monotonic() - self.started:.3f}s outcome={self.outcome}")
+        return (
+            f"conn peer={host}:{port} version={self.version} suite={self.suite} "
+            f"mode={self.mode} in={self.bytes_in} out={self.bytes_out} "
+            f"time={time.monotonic() - self.started:.3f}s outcome={self.outcome}"
+        )
 
 
 def _alert_name(exc: BaseException) -> str:
@@ -184,10 +196,19 @@ def _alert_name(exc: BaseException) -> str:
 class EchoServer:
     """The server; ``serve_forever()`` in one thread, ``stop()`` from any thread."""
 
-    def __init__(self, listener: socket.socket, context: ssl.SSLContext, *, mode: str = "auto",
-                 serve_dir: str | None = None, handshake_timeout: float = 10.0,
-                 idle_timeout: float = 60.0, max_conns: int = 256, grace: float = 2.0,
-                 drain_time: float = 1.0) -> None:
+    def __init__(
+        self,
+        listener: socket.socket,
+        context: ssl.SSLContext,
+        *,
+        mode: str = "auto",
+        serve_dir: str | None = None,
+        handshake_timeout: float = 10.0,
+        idle_timeout: float = 60.0,
+        max_conns: int = 256,
+        grace: float = 2.0,
+        drain_time: float = 1.0,
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.listener = listener
@@ -201,8 +222,14 @@ class EchoServer:
         self.drain_time = drain_time
         self.connections: dict[int, Connection] = {}
         self.threads: set[threading.Thread] = set()
-        self.totals = {"connections": 0, "refused": 0, "ok": 0, "failed": 0,
-                       "bytes_in": 0, "bytes_out": 0}
+        self.totals = {
+            "connections": 0,
+            "refused": 0,
+            "ok": 0,
+            "failed": 0,
+            "bytes_in": 0,
+            "bytes_out": 0,
+        }
         self.outcomes: list[str] = []  # one per finished connection, for tests and the summary
         self.on_close: Callable[[Connection], None] | None = None
         self._lock = threading.Lock()
@@ -252,8 +279,11 @@ class EchoServer:
     def _expire_handshakes(self) -> None:
         now = time.monotonic()
         with self._lock:
-            late = [c for c in self.connections.values()
-                    if not c.handshake_done and not c.timed_out and c.deadline <= now]
+            late = [
+                c
+                for c in self.connections.values()
+                if not c.handshake_done and not c.timed_out and c.deadline <= now
+            ]
         for conn in late:
             conn.timed_out = True
             conn.force_shutdown()
@@ -279,8 +309,9 @@ class EchoServer:
                 self._record(conn, ok=False)
                 sock.close()
                 continue
-            thread = threading.Thread(target=self._handle, args=(conn,),
-                                      name=f"conn-{peer[0]}:{peer[1]}", daemon=True)
+            thread = threading.Thread(
+                target=self._handle, args=(conn,), name=f"conn-{peer[0]}:{peer[1]}", daemon=True
+            )
             with self._lock:
                 self.threads.add(thread)
             thread.start()
@@ -312,9 +343,11 @@ class EchoServer:
                 tls = self._handshake(conn)
             except (OSError, ValueError) as exc:
                 log.debug("handshake with %s failed", conn.peer, exc_info=True)
-                conn.outcome = ("handshake-timeout" if conn.timed_out
-                                or isinstance(exc, TimeoutError)
-                                else f"handshake-failed:{_alert_name(exc)}")
+                conn.outcome = (
+                    "handshake-timeout"
+                    if conn.timed_out or isinstance(exc, TimeoutError)
+                    else f"handshake-failed:{_alert_name(exc)}"
+                )
                 fatal = isinstance(exc, ssl.SSLError)
                 return
             conn.handshake_done = True
@@ -349,8 +382,9 @@ class EchoServer:
         if self._wrap is None:
             # Not ssl's handshake-on-connect: that closes the socket when the handshake fails,
             # which would reset the connection under the alert it just queued.
-            tls = self.context.wrap_socket(conn.sock, server_side=True,
-                                           do_handshake_on_connect=False)
+            tls = self.context.wrap_socket(
+                conn.sock, server_side=True, do_handshake_on_connect=False
+            )
             with conn.lock:
                 conn.tls = tls
             tls.do_handshake()
@@ -397,8 +431,10 @@ class EchoServer:
             return self._respond(conn, tls, 404, "Not Found")
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            head = (f"HTTP/1.0 200 OK\r\nContent-Length: {size}\r\n"
-                    "Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n")
+            head = (
+                f"HTTP/1.0 200 OK\r\nContent-Length: {size}\r\n"
+                "Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+            )
             tls.sendall(head.encode())
             conn.bytes_out += len(head)
             if size:
@@ -493,9 +529,11 @@ class EchoServer:
 
     def summary(self) -> str:
         t = self.totals
-        lines = [f"server summary: mode={self.mode} connections={t['connections']} ok={t['ok']} "
-                 f"failed={t['failed']} refused={t['refused']} bytes_in={t['bytes_in']} "
-                 f"bytes_out={t['bytes_out']}"]
+        lines = [
+            f"server summary: mode={self.mode} connections={t['connections']} ok={t['ok']} "
+            f"failed={t['failed']} refused={t['refused']} bytes_in={t['bytes_in']} "
+            f"bytes_out={t['bytes_out']}"
+        ]
         stats = kernel_tls_stats()
         if stats:
             lines.append("kernel TLS counters: " + " ".join(f"{k}={v}" for k, v in stats.items()))
@@ -528,8 +566,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--handshake-timeout", type=float, default=10.0)
     p.add_argument("--idle-timeout", type=float, default=60.0)
     p.add_argument("--max-conns", type=int, default=256)
-    p.add_argument("--grace", type=float, default=2.0, help="seconds running connections get "
-                   "to finish after SIGINT/SIGTERM")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=2.0,
+        help="seconds running connections get to finish after SIGINT/SIGTERM",
+    )
     p.add_argument("--keylog", help="append TLS secrets to this file (debugging only)")
     p.add_argument("--ready-file", help="write HOST PORT here once listening")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-connection log lines")
@@ -543,24 +585,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(message)s", stream=sys.stderr)
-    ctx = server_context(args.cert, args.key, tls_version=args.tls, host=args.host,
-                         keylog=args.keylog)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(message)s",
+        stream=sys.stderr,
+    )
+    ctx = server_context(
+        args.cert, args.key, tls_version=args.tls, host=args.host, keylog=args.keylog
+    )
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((args.host, args.port))
     listener.listen(128)
-    server = EchoServer(listener, ctx, mode=args.mode, serve_dir=args.serve_dir,
-                        handshake_timeout=args.handshake_timeout,
-                        idle_timeout=args.idle_timeout, max_conns=args.max_conns,
-                        grace=args.grace)
+    server = EchoServer(
+        listener,
+        ctx,
+        mode=args.mode,
+        serve_dir=args.serve_dir,
+        handshake_timeout=args.handshake_timeout,
+        idle_timeout=args.idle_timeout,
+        max_conns=args.max_conns,
+        grace=args.grace,
+    )
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stop())
     host, port = server.address
-    print(f"listening on {host}:{port} mode={args.mode} tls={args.tls}"
-          + (f" serve-dir={args.serve_dir}" if args.serve_dir else ""), flush=True)
+    print(
+        f"listening on {host}:{port} mode={args.mode} tls={args.tls}"
+        + (f" serve-dir={args.serve_dir}" if args.serve_dir else ""),
+        flush=True,
+    )
     if args.ready_file:
         Path(args.ready_file).write_text(f"{host} {port}\n")
     server.serve_forever()

@@ -39,7 +39,13 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
 
 __all__ = [
-    "Capture", "Frame", "Namespace", "NetnsPair", "TCPStream", "iter_records", "tcp_streams",
+    "Capture",
+    "Frame",
+    "Namespace",
+    "NetnsPair",
+    "TCPStream",
+    "iter_records",
+    "tcp_streams",
 ]
 
 ETH_P_ALL = 0x0003
@@ -63,21 +69,29 @@ class Namespace:
         """Move the calling thread into this namespace (only meant for threads we started)."""
         pyroute2_netns.setns(self.name, flags=0)
 
-    def thread(self, target: Callable[..., Any], *args: Any, name: str | None = None,
-               daemon: bool = True, **kwargs: Any) -> threading.Thread:
+    def thread(
+        self,
+        target: Callable[..., Any],
+        *args: Any,
+        name: str | None = None,
+        daemon: bool = True,
+        **kwargs: Any,
+    ) -> threading.Thread:
         """Start ``target(*args, **kwargs)`` in a new thread inside this namespace."""
 
         def run() -> None:
             self.enter()
             target(*args, **kwargs)
 
-        thread = threading.Thread(target=run, name=name or f"{self.name}:{target.__name__}",
-                                  daemon=daemon)
+        thread = threading.Thread(
+            target=run, name=name or f"{self.name}:{target.__name__}", daemon=daemon
+        )
         thread.start()
         return thread
 
-    def call(self, fn: Callable[..., Any], *args: Any, timeout: float | None = 60.0,
-             **kwargs: Any) -> Any:
+    def call(
+        self, fn: Callable[..., Any], *args: Any, timeout: float | None = 60.0, **kwargs: Any
+    ) -> Any:
         """Run ``fn(*args, **kwargs)`` inside this namespace and return (or raise) its result."""
         box: queue.Queue[tuple[bool, Any]] = queue.Queue(1)
 
@@ -93,8 +107,9 @@ class Namespace:
             raise value
         return value
 
-    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM,
-               proto: int = 0) -> socket.socket:
+    def socket(
+        self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0
+    ) -> socket.socket:
         """A new socket that lives in this namespace (usable from any thread)."""
         return self.call(socket.socket, family, type, proto)
 
@@ -133,8 +148,14 @@ class NetnsPair:
     first.
     """
 
-    def __init__(self, prefix: str = "afalg", *, address_a: str = "10.0.0.1",
-                 address_b: str = "10.0.0.2", prefixlen: int = 24) -> None:
+    def __init__(
+        self,
+        prefix: str = "afalg",
+        *,
+        address_a: str = "10.0.0.1",
+        address_b: str = "10.0.0.2",
+        prefixlen: int = 24,
+    ) -> None:
         tag = f"{prefix}-{os.getpid()}"
         self.a = Namespace(f"{tag}-a", "veth-a", address_a, prefixlen)
         self.b = Namespace(f"{tag}-b", "veth-b", address_b, prefixlen)
@@ -249,8 +270,9 @@ class Capture:
         sock.bind((self.ifname, ETH_P_ALL))
         self._sock = sock
         self._stop_r, self._stop_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, name=f"capture:{self.ifname}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"capture:{self.ifname}", daemon=True
+        )
         self._thread.start()
 
     def _run(self) -> None:
@@ -267,7 +289,8 @@ class Capture:
                     while True:
                         data, addr = self._sock.recvfrom(65536)
                         self.frames.append(
-                            Frame(time.monotonic(), addr[2] == PACKET_OUTGOING, data))
+                            Frame(time.monotonic(), addr[2] == PACKET_OUTGOING, data)
+                        )
                 except BlockingIOError:
                     return
 
@@ -339,7 +362,7 @@ def tcp_streams(frames: Sequence[Frame]) -> dict[tuple[Endpoint, Endpoint], TCPS
             chunk = stream._chunks[offset]
             if offset > len(data):
                 raise ValueError(f"gap in TCP stream {stream.src}->{stream.dst} at {len(data)}")
-            data += chunk[len(data) - offset:]
+            data += chunk[len(data) - offset :]
         stream.data = bytes(data)
     return streams
 
@@ -366,5 +389,5 @@ def iter_records(data: bytes) -> Iterator[tuple[int, int, bytes]]:
     pos = 0
     while pos + 5 <= len(data):
         content_type, version, length = struct.unpack_from("!BHH", data, pos)
-        yield content_type, version, data[pos + 5:pos + 5 + length]
+        yield content_type, version, data[pos + 5 : pos + 5 + length]
         pos += 5 + length

@@ -77,8 +77,13 @@ SUITES = [
     "ECDHE-ECDSA-AES128-GCM-SHA256",
     "ECDHE-ECDSA-CHACHA20-POLY1305",
 ]
-ALERT = {"close_notify": 0, "unexpected_message": 10, "bad_record_mac": 20,
-         "record_overflow": 22, "decode_error": 50}
+ALERT = {
+    "close_notify": 0,
+    "unexpected_message": 10,
+    "bad_record_mac": 20,
+    "record_overflow": 22,
+    "decode_error": 50,
+}
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +108,9 @@ class Server:
         self.listener = pair.a.listener()
         self.port = self.listener.getsockname()[1]
         self.mode = mode
-        self.server = echo_server.EchoServer(self.listener, ctx, mode=mode,
-                                             handshake_timeout=10 * SLOW, drain_time=1.0)
+        self.server = echo_server.EchoServer(
+            self.listener, ctx, mode=mode, handshake_timeout=10 * SLOW, drain_time=1.0
+        )
         self.closed: dict[int, echo_server.Connection] = {}
         self._cond = threading.Condition()
         self.server.on_close = self._on_close
@@ -119,7 +125,8 @@ class Server:
         """The server's record of the connection from ``client_port`` once it has closed."""
         with self._cond:
             assert self._cond.wait_for(lambda: client_port in self.closed, timeout), (
-                f"no log line for port {client_port}")
+                f"no log line for port {client_port}"
+            )
             return self.closed[client_port]
 
 
@@ -132,8 +139,9 @@ class HonestClient:
         self._stop = threading.Event()
         ctx = echo_client.client_context(cafile=CAFILE)
         sock = pair.b.socket()
-        self.tls = echo_client.connect(pair.a.address, port, ctx, mode="userspace",
-                                       sock=sock, timeout=30 * SLOW)
+        self.tls = echo_client.connect(
+            pair.a.address, port, ctx, mode="userspace", sock=sock, timeout=30 * SLOW
+        )
         self.thread = threading.Thread(target=self._run, daemon=True, name="honest")
         self.thread.start()
 
@@ -182,11 +190,14 @@ def server(request, pair):
 def test_wire(server, pair, scapy_tls, suite_name, tmp_path):
     suite = BY_OPENSSL[suite_name]
     keylog = tmp_path / "keylog"
-    chunks = [marker_payload(n, tag=f"MARK-{i}-".encode())
-              for i, n in enumerate([1, 1000, MAX_PLAINTEXT, 5000])]
+    chunks = [
+        marker_payload(n, tag=f"MARK-{i}-".encode())
+        for i, n in enumerate([1, 1000, MAX_PLAINTEXT, 5000])
+    ]
     sent = b"".join(chunks)
-    argv = pair.b.argv(s_client_argv(pair.a.address, server.port, suite=suite,
-                                     keylog=str(keylog), cafile=CAFILE))
+    argv = pair.b.argv(
+        s_client_argv(pair.a.address, server.port, suite=suite, keylog=str(keylog), cafile=CAFILE)
+    )
     with pair.a.capture() as cap:
         echoed = run_s_client_echo(argv, chunks, timeout=60 * SLOW)
         time.sleep(0.3 * SLOW)  # the server's close_notify
@@ -205,8 +216,11 @@ def test_wire(server, pair, scapy_tls, suite_name, tmp_path):
         for i, (content_type, version, fragment) in enumerate(split_records(stream.data)):
             header = struct.pack("!BHH", content_type, version, len(fragment))
             parsed = scapy_tls(header + fragment)
-            assert (parsed.type, parsed.version, parsed.len) == (content_type, version,
-                                                                  len(fragment))
+            assert (parsed.type, parsed.version, parsed.len) == (
+                content_type,
+                version,
+                len(fragment),
+            )
             assert content_type in (CT_CCS, CT_ALERT, CT_HANDSHAKE, CT_APPDATA)
             first_hello = stream is c2s and i == 0
             assert version == TLS12 or (first_hello and version == 0x0301), (i, hex(version))
@@ -232,17 +246,17 @@ def test_wire(server, pair, scapy_tls, suite_name, tmp_path):
             assert all(r.content_type in (CT_HANDSHAKE, CT_CCS) for r in records[:first])
         else:
             ccs = [i for i, r in enumerate(records) if r.content_type == CT_CCS]
-            assert len(ccs) == 1 and all(r.epoch == "application" for r in records[ccs[0] + 1:])
+            assert len(ccs) == 1 and all(r.epoch == "application" for r in records[ccs[0] + 1 :])
             if not suite.chacha:
                 # RFC 5288: the explicit nonce must never repeat; afalg (kernel and algif) uses
                 # the sequence number. OpenSSL (the client, and the userspace reference server)
                 # counts up from a random start instead.
-                nonces = [r.fragment[:8] for r in records[ccs[0] + 1:]]
+                nonces = [r.fragment[:8] for r in records[ccs[0] + 1 :]]
                 assert len(set(nonces)) == len(nonces)
                 if records is to_client and server.mode != "userspace":
                     # The Finished (sequence 0) was sealed by ssl; the kernel or afalg's record
                     # layer sealed everything after it.
-                    for r in records[ccs[0] + 2:]:
+                    for r in records[ccs[0] + 2 :]:
                         assert r.fragment[:8] == r.seq.to_bytes(8, "big"), (r.seq, r.fragment[:8])
         # Application epoch: data, post-handshake handshake messages, close_notify last.
         app = [r for r in records if r.epoch == "application"]
@@ -254,8 +268,11 @@ def test_wire(server, pair, scapy_tls, suite_name, tmp_path):
     assert application_data(to_client) == sent
     # The echo: each server read went back as one record, so the records' sizes add up chunk
     # by chunk (a read may take less than a chunk, never more than 2^14 bytes).
-    sizes = [len(r.plaintext) for r in to_client
-             if r.epoch == "application" and r.inner_type == CT_APPDATA]
+    sizes = [
+        len(r.plaintext)
+        for r in to_client
+        if r.epoch == "application" and r.inner_type == CT_APPDATA
+    ]
     assert max(sizes) <= MAX_PLAINTEXT and sum(sizes) == len(sent)
     for stream in (c2s.data, s2c.data):
         assert b"MARK-" not in stream and b"AFALG-PLAINTEXT" not in stream
@@ -331,10 +348,12 @@ def _hostile(client: RawTLSClient, kind: str) -> None:
 #    refuses it in TLS 1.3 and fails the AAD in TLS 1.2. All fatal; they differ in what is
 #    checked first.
 #  - truncated: the record never completes; the connection ends (EOF) with no data released.
-RETYPED13 = {"ktls": "unexpected_message", "algif": "unexpected_message",
-             "userspace": "unexpected_message"}
-RETYPED12 = {"ktls": "bad_record_mac", "algif": "unexpected_message",
-             "userspace": "bad_record_mac"}
+RETYPED13 = {
+    "ktls": "unexpected_message",
+    "algif": "unexpected_message",
+    "userspace": "unexpected_message",
+}
+RETYPED12 = {"ktls": "bad_record_mac", "algif": "unexpected_message", "userspace": "bad_record_mac"}
 HOSTILE = [
     ("bad-tag", "bad_record_mac", "bad_record_mac"),
     ("plaintext-appdata", "bad_record_mac", "bad_record_mac"),
@@ -371,7 +390,8 @@ def test_hostile_record(server, pair, tmp_path, version, kind, alert13, alert12)
         assert records == [(CT_ALERT, bytes([2, ALERT[expected]]))], (records, conn.outcome)
         # afalg's errors carry the alert; ssl (the userspace reference) names OpenSSL's reason.
         assert conn.outcome == f"alert:{expected}" or (
-            server.mode == "userspace" and conn.outcome.startswith("alert:")), conn.outcome
+            server.mode == "userspace" and conn.outcome.startswith("alert:")
+        ), conn.outcome
     else:
         assert all(t == CT_ALERT for t, _ in records), records
         assert conn.bytes_in == len(b"ping before the attack")

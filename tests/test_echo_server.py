@@ -101,8 +101,14 @@ def ctx(**kwargs) -> ssl.SSLContext:
 
 
 def connect(running: Running, **kwargs):
-    return client.connect("127.0.0.1", running.port, ctx(**kwargs), mode="userspace",
-                          server_hostname="localhost", timeout=20 * SLOW)
+    return client.connect(
+        "127.0.0.1",
+        running.port,
+        ctx(**kwargs),
+        mode="userspace",
+        server_hostname="localhost",
+        timeout=20 * SLOW,
+    )
 
 
 @pytest.mark.parametrize("size", [1, 2**14, 100_000])
@@ -117,8 +123,9 @@ def test_echo_round_trip(running, mode, size):
     assert conn.version == "TLSv1.3"
 
 
-@pytest.mark.parametrize("suite", ["ECDHE-ECDSA-AES128-GCM-SHA256",
-                                   "ECDHE-ECDSA-CHACHA20-POLY1305"])
+@pytest.mark.parametrize(
+    "suite", ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"]
+)
 def test_echo_tls12(running, suite):
     result = client.Result(0)
     with connect(running, tls_version="1.2", ciphers=suite) as tls:
@@ -163,16 +170,29 @@ def test_get_file(running, files, path):
     with connect(running) as tls:
         client.get(tls, path, result)
     assert result.status == 200
-    assert hashlib.sha256(result.body).digest() == hashlib.sha256(
-        (files / path.lstrip("/")).read_bytes()).digest()
+    assert (
+        hashlib.sha256(result.body).digest()
+        == hashlib.sha256((files / path.lstrip("/")).read_bytes()).digest()
+    )
     (conn,) = running.finished(1)
     assert conn.outcome == "served"
 
 
 # Mode-independent (the server's own request handling): the reference mode is enough.
 @pytest.mark.parametrize("mode", ["userspace"])
-@pytest.mark.parametrize("path", ["/../secret.txt", "/%2e%2e/secret.txt", "/sub/../../secret.txt",
-                                  "/link", "/sub", "/missing", "//etc/passwd", "/%00"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/sub/../../secret.txt",
+        "/link",
+        "/sub",
+        "/missing",
+        "//etc/passwd",
+        "/%00",
+    ],
+)
 def test_get_cannot_escape_the_directory(running, path):
     result = client.Result(0)
     with connect(running) as tls:
@@ -224,18 +244,27 @@ def test_slow_client_costs_only_its_connection(running):
 BAD_HELLO = b"\x16\x03\x01\x00\x20" + b"\x01\x00\x00\x1c" + b"\xff" * 28
 
 
-@pytest.mark.parametrize("garbage", [BAD_HELLO, b"GET / HTTP/1.0\r\n\r\n" + b"\x00" * 100],
-                         ids=["bad-client-hello", "not-tls"])
+@pytest.mark.parametrize(
+    "garbage",
+    [BAD_HELLO, b"GET / HTTP/1.0\r\n\r\n" + b"\x00" * 100],
+    ids=["bad-client-hello", "not-tls"],
+)
 def test_garbage_instead_of_client_hello(running, mode, garbage, request):
     """The handshake fails (with an alert from ssl where TLS allows one: a plain-text request is
     not answered in TLS); the server closes that connection gently (alert, then EOF, no
     reset) and keeps serving."""
     if mode != "userspace" and garbage is not BAD_HELLO:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "afalg.handoff.read_record trusts any record header announcing <= 2^14+2048 bytes: "
-            "'GET /' announces 8239, so the handshake waits for its deadline instead of failing "
-            "at once (fix there: refuse a header whose type is not 20..23 or whose major "
-            "version is not 3, as ssl does)")))
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "afalg.handoff.read_record trusts any record header announcing "
+                    "<= 2^14+2048 bytes: 'GET /' announces 8239, so the handshake waits for "
+                    "its deadline instead of failing at once (fix there: refuse a header "
+                    "whose type is not 20..23 or whose major version is not 3, as ssl does)"
+                ),
+            )
+        )
     raw = socket.create_connection(("127.0.0.1", running.port), timeout=10 * SLOW)
     raw.sendall(garbage)
     received = b""
@@ -287,8 +316,12 @@ def test_stop_with_idle_client(mode):
 
 
 def test_resolve_unit(files):
-    srv = server.EchoServer(socket.socket(), ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER),
-                            mode="userspace", serve_dir=str(files))
+    srv = server.EchoServer(
+        socket.socket(),
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER),
+        mode="userspace",
+        serve_dir=str(files),
+    )
     srv.listener.close()
     assert srv.resolve("/small.txt") == str(files / "small.txt")
     assert srv.resolve("/sub/../small.txt?x=1") == str(files / "small.txt")
@@ -300,9 +333,20 @@ def test_command_line_sigterm(tmp_path):
     """The real program: throwaway certificate, one echo, SIGTERM, summary, exit 0."""
     ready = tmp_path / "ready"
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "examples" / "tls_echo_server.py"), "--port", "0",
-         "--mode", "userspace", "--ready-file", str(ready)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            str(ROOT / "examples" / "tls_echo_server.py"),
+            "--port",
+            "0",
+            "--mode",
+            "userspace",
+            "--ready-file",
+            str(ready),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while not ready.exists() or not ready.read_text().endswith("\n"):
@@ -310,9 +354,22 @@ def test_command_line_sigterm(tmp_path):
             time.sleep(0.05)
         port = int(ready.read_text().split()[1])
         out = subprocess.run(
-            [sys.executable, str(ROOT / "examples" / "tls_echo_client.py"), "--port", str(port),
-             "--mode", "userspace", "--send", "100k", "--connections", "3"],
-            capture_output=True, text=True, timeout=60)
+            [
+                sys.executable,
+                str(ROOT / "examples" / "tls_echo_client.py"),
+                "--port",
+                str(port),
+                "--mode",
+                "userspace",
+                "--send",
+                "100k",
+                "--connections",
+                "3",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         assert "client summary: 3/3 connections ok" in out.stdout
         proc.send_signal(signal.SIGTERM)

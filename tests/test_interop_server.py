@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 from tls_wire import BY_OPENSSL, marker_payload, run_s_client_echo, s_client_argv
 
-pytestmark = [pytest.mark.kernel,
-              pytest.mark.filterwarnings("ignore:The asyncore module:DeprecationWarning")]
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.filterwarnings("ignore:The asyncore module:DeprecationWarning"),
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
@@ -40,8 +42,9 @@ class Server:
         listener.listen(32)
         self.port = listener.getsockname()[1]
         self.mode = mode
-        self.server = echo_server.EchoServer(listener, ctx, mode=mode, serve_dir=serve_dir,
-                                             handshake_timeout=10 * SLOW)
+        self.server = echo_server.EchoServer(
+            listener, ctx, mode=mode, serve_dir=serve_dir, handshake_timeout=10 * SLOW
+        )
         self.closed: dict[int, echo_server.Connection] = {}
         self._cond = threading.Condition()
         self.server.on_close = self._on_close
@@ -78,25 +81,36 @@ def server(request, files):
     srv.server.wait_stopped(20 * SLOW)
 
 
-@pytest.mark.parametrize("suite_name", [
-    "TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256",
-    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305",
-])
+@pytest.mark.parametrize(
+    "suite_name",
+    [
+        "TLS_AES_128_GCM_SHA256",
+        "TLS_AES_256_GCM_SHA384",
+        "TLS_CHACHA20_POLY1305_SHA256",
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+    ],
+)
 def test_openssl_s_client(server, suite_name, tmp_path):
     suite = BY_OPENSSL[suite_name]
     chunks = [marker_payload(n) for n in (1, 4000, 2**14, 3)]
-    argv = s_client_argv("127.0.0.1", server.port, suite=suite,
-                         keylog=str(tmp_path / "keylog"), cafile=CAFILE)
+    argv = s_client_argv(
+        "127.0.0.1", server.port, suite=suite, keylog=str(tmp_path / "keylog"), cafile=CAFILE
+    )
     assert run_s_client_echo(argv, chunks, timeout=60 * SLOW) == b"".join(chunks)
     conn = server.last()
     assert (conn.outcome, conn.mode, conn.suite) == ("ok", server.mode, suite_name)
 
 
-@pytest.mark.parametrize(("version", "cipher", "expected"), [
-    ((3, 4), "aes128gcm", "TLS_AES_128_GCM_SHA256"),
-    ((3, 4), "chacha20-poly1305", "TLS_CHACHA20_POLY1305_SHA256"),
-    ((3, 3), "aes128gcm", "ECDHE-ECDSA-AES128-GCM-SHA256"),
-], ids=["tls13-aes128gcm", "tls13-chacha20", "tls12-aes128gcm"])
+@pytest.mark.parametrize(
+    ("version", "cipher", "expected"),
+    [
+        ((3, 4), "aes128gcm", "TLS_AES_128_GCM_SHA256"),
+        ((3, 4), "chacha20-poly1305", "TLS_CHACHA20_POLY1305_SHA256"),
+        ((3, 3), "aes128gcm", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+    ],
+    ids=["tls13-aes128gcm", "tls13-chacha20", "tls12-aes128gcm"],
+)
 def test_tlslite_ng_client(server, version, cipher, expected):
     from tlslite.handshakesettings import HandshakeSettings
     from tlslite.tlsconnection import TLSConnection
@@ -113,7 +127,7 @@ def test_tlslite_ng_client(server, version, cipher, expected):
     data = os.urandom(40_000)
     got = b""
     for start in range(0, len(data), 2**14):
-        chunk = data[start:start + 2**14]
+        chunk = data[start : start + 2**14]
         conn.write(chunk)
         want = len(got) + len(chunk)
         while len(got) < want:
@@ -127,8 +141,14 @@ def test_tlslite_ng_client(server, version, cipher, expected):
 @pytest.mark.parametrize("tls_version", ["1.3", "1.2"])
 def test_python_ssl_client_echo(server, tls_version):
     ctx = echo_client.client_context(cafile=CAFILE, tls_version=tls_version)
-    tls = echo_client.connect("127.0.0.1", server.port, ctx, mode="userspace",
-                              server_hostname="localhost", timeout=60 * SLOW)
+    tls = echo_client.connect(
+        "127.0.0.1",
+        server.port,
+        ctx,
+        mode="userspace",
+        server_hostname="localhost",
+        timeout=60 * SLOW,
+    )
     port = tls.getsockname()[1]
     result = echo_client.Result(0)
     with tls:
@@ -136,19 +156,30 @@ def test_python_ssl_client_echo(server, tls_version):
         tls.unwrap()  # close_notify, as afalg's peer expects
     assert result.received == 100_000
     record = server.connection(port)
-    assert (record.outcome, record.mode, record.version) == ("ok", server.mode,
-                                                             f"TLSv{tls_version}")
+    assert (record.outcome, record.mode, record.version) == (
+        "ok",
+        server.mode,
+        f"TLSv{tls_version}",
+    )
 
 
 def test_python_ssl_client_get_sendfile(server, files):
     ctx = echo_client.client_context(cafile=CAFILE)
-    tls = echo_client.connect("127.0.0.1", server.port, ctx, mode="userspace",
-                              server_hostname="localhost", timeout=60 * SLOW)
+    tls = echo_client.connect(
+        "127.0.0.1",
+        server.port,
+        ctx,
+        mode="userspace",
+        server_hostname="localhost",
+        timeout=60 * SLOW,
+    )
     port = tls.getsockname()[1]
     result = echo_client.Result(0)
     with tls:
         echo_client.get(tls, "/blob.bin", result)
     assert result.status == 200
-    assert hashlib.sha256(result.body).digest() == hashlib.sha256(
-        (files / "blob.bin").read_bytes()).digest()
+    assert (
+        hashlib.sha256(result.body).digest()
+        == hashlib.sha256((files / "blob.bin").read_bytes()).digest()
+    )
     assert server.connection(port).outcome == "served"

@@ -69,19 +69,38 @@ def test_each_namespace_has_only_its_own_address(pair):
 
 @pytest.mark.kernel
 def test_subprocess_runs_inside_the_namespace(pair):
-    out = pair.b.run(["ip", "-brief", "address", "show", "dev", pair.b.ifname],
-                     capture_output=True, text=True, check=True).stdout
+    out = pair.b.run(
+        ["ip", "-brief", "address", "show", "dev", pair.b.ifname],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert f"{pair.b.address}/24" in out and "UP" in out
 
 
 # --- reassembly, no kernel needed ----------------------------------------------------------------
 
 
-def _frame(src: tuple[str, int], dst: tuple[str, int], seq: int, flags: int,
-           payload: bytes = b"") -> Frame:
+def _frame(
+    src: tuple[str, int], dst: tuple[str, int], seq: int, flags: int, payload: bytes = b""
+) -> Frame:
     tcp = struct.pack("!HHIIBBHHH", src[1], dst[1], seq, 0, 5 << 4, flags, 65535, 0, 0) + payload
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, socket.IPPROTO_TCP, 0,
-                     socket.inet_aton(src[0]), socket.inet_aton(dst[0])) + tcp
+    ip = (
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            20 + len(tcp),
+            0,
+            0,
+            64,
+            socket.IPPROTO_TCP,
+            0,
+            socket.inet_aton(src[0]),
+            socket.inet_aton(dst[0]),
+        )
+        + tcp
+    )
     eth = b"\x02" * 6 + b"\x04" * 6 + struct.pack("!H", 0x0800)
     return Frame(0.0, False, eth + ip)
 
@@ -111,5 +130,8 @@ def test_reassembly_refuses_a_gap():
 
 def test_iter_records_splits_a_tls_stream():
     data = b"\x16\x03\x01\x00\x02ab" + b"\x17\x03\x03\x00\x03xyz" + b"\x15\x03\x03\x00\x02z"
-    assert list(iter_records(data)) == [(22, 0x0301, b"ab"), (23, 0x0303, b"xyz"),
-                                        (21, 0x0303, b"z")]
+    assert list(iter_records(data)) == [
+        (22, 0x0301, b"ab"),
+        (23, 0x0303, b"xyz"),
+        (21, 0x0303, b"z"),
+    ]

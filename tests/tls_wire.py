@@ -53,26 +53,56 @@ class Suite:
     chacha: bool = False
 
 
-SUITES = {s.code: s for s in [
-    Suite(0x1301, "TLS_AES_128_GCM_SHA256", "TLS_AES_128_GCM_SHA256", TLS13, 16, "sha256"),
-    Suite(0x1302, "TLS_AES_256_GCM_SHA384", "TLS_AES_256_GCM_SHA384", TLS13, 32, "sha384"),
-    Suite(0x1303, "TLS_CHACHA20_POLY1305_SHA256", "TLS_CHACHA20_POLY1305_SHA256", TLS13, 32,
-          "sha256", chacha=True),
-    Suite(0xC02B, "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "ECDHE-ECDSA-AES128-GCM-SHA256",
-          TLS12, 16, "sha256"),
-    Suite(0xC02C, "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384", "ECDHE-ECDSA-AES256-GCM-SHA384",
-          TLS12, 32, "sha384"),
-    Suite(0xCCA9, "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
-          "ECDHE-ECDSA-CHACHA20-POLY1305", TLS12, 32, "sha256", chacha=True),
-]}
+SUITES = {
+    s.code: s
+    for s in [
+        Suite(0x1301, "TLS_AES_128_GCM_SHA256", "TLS_AES_128_GCM_SHA256", TLS13, 16, "sha256"),
+        Suite(0x1302, "TLS_AES_256_GCM_SHA384", "TLS_AES_256_GCM_SHA384", TLS13, 32, "sha384"),
+        Suite(
+            0x1303,
+            "TLS_CHACHA20_POLY1305_SHA256",
+            "TLS_CHACHA20_POLY1305_SHA256",
+            TLS13,
+            32,
+            "sha256",
+            chacha=True,
+        ),
+        Suite(
+            0xC02B,
+            "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+            "ECDHE-ECDSA-AES128-GCM-SHA256",
+            TLS12,
+            16,
+            "sha256",
+        ),
+        Suite(
+            0xC02C,
+            "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+            "ECDHE-ECDSA-AES256-GCM-SHA384",
+            TLS12,
+            32,
+            "sha384",
+        ),
+        Suite(
+            0xCCA9,
+            "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+            "ECDHE-ECDSA-CHACHA20-POLY1305",
+            TLS12,
+            32,
+            "sha256",
+            chacha=True,
+        ),
+    ]
+}
 BY_OPENSSL = {s.openssl: s for s in SUITES.values()}
 
 
 # --- key schedules (RFC 8446 section 7, RFC 5246 section 5/6.3) --------------------------------
 
 
-def hkdf_expand_label(hash_name: str, secret: bytes, label: str, context: bytes,
-                      length: int) -> bytes:
+def hkdf_expand_label(
+    hash_name: str, secret: bytes, label: str, context: bytes, length: int
+) -> bytes:
     full = b"tls13 " + label.encode()
     info = struct.pack("!HB", length, len(full)) + full + bytes([len(context)]) + context
     algorithm = hashes.SHA384() if hash_name == "sha384" else hashes.SHA256()
@@ -219,12 +249,16 @@ def connection_keys(hellos: Hellos, keylog: dict[bytes, dict[str, bytes]]) -> Co
             Protection.tls13(suite, secrets["SERVER_TRAFFIC_SECRET_0"]),
         )
     iv_len = 12 if suite.chacha else 4
-    block = prf_tls12(suite.hash_name, secrets["CLIENT_RANDOM"], b"key expansion",
-                      hellos.server_random + hellos.client_random,
-                      2 * suite.key_len + 2 * iv_len)
+    block = prf_tls12(
+        suite.hash_name,
+        secrets["CLIENT_RANDOM"],
+        b"key expansion",
+        hellos.server_random + hellos.client_random,
+        2 * suite.key_len + 2 * iv_len,
+    )
     k = suite.key_len
-    client = Protection(suite, block[:k], block[2 * k:2 * k + iv_len])
-    server = Protection(suite, block[k:2 * k], block[2 * k + iv_len:2 * k + 2 * iv_len])
+    client = Protection(suite, block[:k], block[2 * k : 2 * k + iv_len])
+    server = Protection(suite, block[k : 2 * k], block[2 * k + iv_len : 2 * k + 2 * iv_len])
     return ConnectionKeys(hellos, None, None, client, server)
 
 
@@ -241,7 +275,7 @@ def split_records(stream: bytes) -> Iterator[tuple[int, int, bytes]]:
         content_type, version, length = struct.unpack_from("!BHH", stream, pos)
         if pos + 5 + length > len(stream):
             raise ValueError(f"truncated record at {pos}: {length} bytes announced")
-        yield content_type, version, stream[pos + 5:pos + 5 + length]
+        yield content_type, version, stream[pos + 5 : pos + 5 + length]
         pos += 5 + length
 
 
@@ -259,8 +293,9 @@ class WireRecord:
     plaintext: bytes | None = None
 
 
-def decrypt_stream(stream: bytes, version: int, hs: Protection | None,
-                   app: Protection) -> list[WireRecord]:
+def decrypt_stream(
+    stream: bytes, version: int, hs: Protection | None, app: Protection
+) -> list[WireRecord]:
     """Every record of one direction, decrypted with the keys of its epoch.
 
     TLS 1.3: records before the first application_data record are plaintext (hello, CCS);
@@ -293,7 +328,7 @@ def _has_finished(handshake: bytes) -> bool:
     pos = 0
     while pos + 4 <= len(handshake):
         msg_type = handshake[pos]
-        length = struct.unpack("!I", b"\x00" + handshake[pos + 1:pos + 4])[0]
+        length = struct.unpack("!I", b"\x00" + handshake[pos + 1 : pos + 4])[0]
         if msg_type == 20:
             return True
         pos += 4 + length
@@ -301,8 +336,11 @@ def _has_finished(handshake: bytes) -> bool:
 
 
 def application_data(records: Sequence[WireRecord]) -> bytes:
-    return b"".join(r.plaintext or b"" for r in records
-                    if r.epoch == "application" and r.inner_type == CT_APPDATA)
+    return b"".join(
+        r.plaintext or b""
+        for r in records
+        if r.epoch == "application" and r.inner_type == CT_APPDATA
+    )
 
 
 # --- a client that speaks records itself after ssl's handshake ---------------------------------
@@ -370,8 +408,12 @@ class RawTLSClient:
         self.sock.sendall(record)
         return record
 
-    def read_records(self, timeout: float, *, stop_on_data: bool = False,
-                     ) -> tuple[list[tuple[int, bytes]], str]:
+    def read_records(
+        self,
+        timeout: float,
+        *,
+        stop_on_data: bool = False,
+    ) -> tuple[list[tuple[int, bytes]], str]:
         """Read until EOF/reset/timeout (or, with ``stop_on_data``, the first application_data
         record); decrypt what came. Returns ([(type, plaintext)], how the stream ended: "eof",
         "reset", "timeout" or "data")."""
@@ -405,7 +447,7 @@ class RawTLSClient:
             content_type, _version, length = struct.unpack_from("!BHH", data, pos)
             if pos + 5 + length > len(data):
                 break
-            records.append(self.rx.open(content_type, data[pos + 5:pos + 5 + length]))
+            records.append(self.rx.open(content_type, data[pos + 5 : pos + 5 + length]))
             pos += 5 + length
         self._rx_buffer = data[pos:]
         return records
@@ -428,8 +470,8 @@ class RawTLSClient:
                 content_type, _v, length = struct.unpack_from("!BHH", self._rx_buffer)
                 if len(self._rx_buffer) < 5 + length:
                     break
-                inner, plaintext = self.rx.open(content_type, self._rx_buffer[5:5 + length])
-                self._rx_buffer = self._rx_buffer[5 + length:]
+                inner, plaintext = self.rx.open(content_type, self._rx_buffer[5 : 5 + length])
+                self._rx_buffer = self._rx_buffer[5 + length :]
                 if inner == CT_APPDATA:
                     got += plaintext
         return got
@@ -439,8 +481,20 @@ class RawTLSClient:
 
 
 def s_client_argv(host: str, port: int, *, suite: Suite, keylog: str, cafile: str) -> list[str]:
-    argv = ["openssl", "s_client", "-connect", f"{host}:{port}", "-quiet", "-no_ign_eof",
-            "-nocommands", "-keylogfile", keylog, "-CAfile", cafile, "-verify_return_error"]
+    argv = [
+        "openssl",
+        "s_client",
+        "-connect",
+        f"{host}:{port}",
+        "-quiet",
+        "-no_ign_eof",
+        "-nocommands",
+        "-keylogfile",
+        keylog,
+        "-CAfile",
+        cafile,
+        "-verify_return_error",
+    ]
     if suite.version == TLS13:
         argv += ["-tls1_3", "-ciphersuites", suite.openssl]
     else:
@@ -451,8 +505,9 @@ def s_client_argv(host: str, port: int, *, suite: Suite, keylog: str, cafile: st
 def run_s_client_echo(argv: Sequence[str], chunks: Sequence[bytes], timeout: float) -> bytes:
     """Start ``argv`` (an s_client), write each chunk and read its echo before the next, then
     close stdin (s_client sends close_notify) and wait. Returns everything s_client printed."""
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     assert proc.stdin is not None and proc.stdout is not None
     out = b""
     deadline = time.monotonic() + timeout
@@ -486,8 +541,9 @@ def run_s_client_echo(argv: Sequence[str], chunks: Sequence[bytes], timeout: flo
         proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         err = proc.stderr.read() if proc.stderr else b""
         if proc.returncode != 0:
-            raise ConnectionError(f"s_client exit {proc.returncode}: "
-                                  f"{err.decode(errors='replace')}")
+            raise ConnectionError(
+                f"s_client exit {proc.returncode}: {err.decode(errors='replace')}"
+            )
         return out
     finally:
         with contextlib.suppress(OSError):
