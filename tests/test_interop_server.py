@@ -60,10 +60,15 @@ class Server:
             assert self._cond.wait_for(lambda: port in self.closed, 20 * SLOW)
             return self.closed[port]
 
-    def last(self) -> echo_server.Connection:
+    def count(self) -> int:
         with self._cond:
-            assert self._cond.wait_for(lambda: self.closed, 20 * SLOW)
-            return list(self.closed.values())[-1]
+            return len(self.closed)
+
+    def nth(self, n: int) -> echo_server.Connection:
+        """The n-th connection (from 0) to close on this server, once it has."""
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.closed) > n, 20 * SLOW)
+            return list(self.closed.values())[n]
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +102,9 @@ def test_openssl_s_client(server, suite_name, tmp_path):
     argv = s_client_argv(
         "127.0.0.1", server.port, suite=suite, keylog=str(tmp_path / "keylog"), cafile=CAFILE
     )
+    before = server.count()
     assert run_s_client_echo(argv, chunks, timeout=60 * SLOW) == b"".join(chunks)
-    conn = server.last()
+    conn = server.nth(before)
     assert (conn.outcome, conn.mode, conn.suite) == ("ok", server.mode, suite_name)
 
 
