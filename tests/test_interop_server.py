@@ -43,7 +43,7 @@ class Server:
         self.port = listener.getsockname()[1]
         self.mode = mode
         self.server = echo_server.EchoServer(
-            listener, ctx, mode=mode, serve_dir=serve_dir, handshake_timeout=10 * SLOW
+            listener, ctx, mode=mode, serve_dir=serve_dir, handshake_timeout=60 * SLOW
         )
         self.closed: dict[int, echo_server.Connection] = {}
         self._cond = threading.Condition()
