@@ -104,33 +104,64 @@ class KeyLog:
         self.forward_to = forward_to
         self._lock = threading.Lock()
         self._offset = 0  # everything before it has been parsed and punched out
-        self._expected: dict[bytes, dict[str, bytes]] = {}
+        # Pending connections by (client random, role). The client picks the random and it is
+        # public, so one random is never pending twice in a role: a second ClientHello carrying
+        # it is refused (it would share, or discard, the first connection's secrets). Both
+        # roles of one loopback connection on one context may be pending at once.
+        self._expected: dict[tuple[bytes, bool], dict[str, bytes]] = {}
         self._finalizer = weakref.finalize(self, os.close, self._fd)
 
     def __repr__(self) -> str:
-        return f"<KeyLog fd={self._fd} pending={len(self._expected)}>"
+        state = "closed" if self.closed else f"fd={self._fd}"
+        return f"<KeyLog {state} pending={len(self._expected)}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
 
     def close(self) -> None:
-        self._finalizer()
-
-    def expect(self, client_random: bytes) -> None:
-        """Keep the lines of this connection (called when its ClientHello is seen)."""
+        """Close the memfd and forget every pending secret. Idempotent."""
         with self._lock:
-            self._expected.setdefault(bytes(client_random), {})
+            self._fd = -1
+            self._expected.clear()
+            self._finalizer()
 
-    def discard(self, client_random: bytes) -> None:
-        """Forget a connection's secrets (its handshake failed)."""
+    def expect(self, client_random: bytes, server_side: bool) -> None:
+        """Keep the lines of this connection (called when its ClientHello is seen, before ssl
+        processes it). Raises :class:`ssl.SSLError` (``EPROTO``) when a handshake with the same
+        client random is already pending in the same role, and ``ValueError`` when closed."""
+        key = (bytes(client_random), server_side)
         with self._lock:
-            self.collect_locked()
-            self._expected.pop(bytes(client_random), None)
+            self._check_open()
+            if key in self._expected:
+                raise ssl.SSLError(
+                    errno.EPROTO,
+                    "afalg: duplicate ClientHello random (another handshake with this random "
+                    "is in progress); refused",
+                )
+            self._expected[key] = {}
 
-    def take(self, client_random: bytes) -> dict[str, bytes]:
+    def discard(self, client_random: bytes, server_side: bool) -> None:
+        """Forget a connection's secrets (its handshake failed or its keys are built)."""
+        with self._lock:
+            if not self.closed:
+                self.collect_locked()
+            self._expected.pop((bytes(client_random), server_side), None)
+
+    def take(self, client_random: bytes, server_side: bool) -> dict[str, bytes]:
         """The secrets logged for ``client_random``, ``{label: secret}``; they are forgotten."""
         with self._lock:
+            self._check_open()
             self.collect_locked()
-            return self._expected.pop(bytes(client_random), {})
+            return self._expected.pop((bytes(client_random), server_side), {})
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("afalg: the key log is closed")
 
     def collect_locked(self) -> None:
+        """Parse the new whole lines into the pending entries and punch them out (lock held)."""
+        self._check_open()
         size = os.fstat(self._fd).st_size
         if size <= self._offset:
             return
@@ -149,9 +180,10 @@ class KeyLog:
                 secret = bytes.fromhex(secret_hex.decode("ascii"))
             except ValueError:
                 continue
-            secrets = self._expected.get(client_random)
-            if secrets is not None:
-                secrets[label.decode("ascii")] = secret
+            for role in (False, True):
+                secrets = self._expected.get((client_random, role))
+                if secrets is not None:
+                    secrets[label.decode("ascii")] = secret
             forward.append(line + b"\n")
         _punch(self._fd, self._offset, end)
         self._offset += end
@@ -179,7 +211,9 @@ def keylog_for(context: ssl.SSLContext) -> KeyLog:
         log = _keylogs.get(context)
         current = context.keylog_filename
         if log is not None and current == log.path:
-            return log
+            if not log.closed:
+                return log
+            current = log.forward_to  # the closed log's path is ours, not the caller's
         log = KeyLog(forward_to=current)
         context.keylog_filename = log.path
         _keylogs[context] = log
@@ -244,13 +278,16 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 def read_record(sock: socket.socket) -> tuple[bytes, bool]:
     """One TLS record from ``sock`` (header and body) and not a byte more, and whether it is
-    whole (False: EOF came first, or the header announces an impossible length)."""
+    whole (False: EOF came first, or the header is not TLS: a content type outside 20..23, a
+    major version other than 3, or a length over 2^14 + 2048)."""
     header = _recv_exactly(sock, HEADER_SIZE)
     if len(header) < HEADER_SIZE:
         return header, False
-    _type, _version, length = _HEADER.unpack(header)
+    content_type, version, length = _HEADER.unpack(header)
+    if not CT_CHANGE_CIPHER_SPEC <= content_type <= CT_APPLICATION_DATA or version >> 8 != 3:
+        return header, False  # not TLS (a plain-text request?): ssl raises a clear error at once
     if length > MAX_CIPHERTEXT:
-        return header, False  # not TLS: hand ssl the header, it raises a clear error
+        return header, False
     body = _recv_exactly(sock, length)
     return header + body, len(body) == length
 
@@ -333,7 +370,7 @@ def handshake(
             if data:
                 sent.add(data, call)
                 if client_random is None:
-                    client_random = _client_random(hello_side, keylog)
+                    client_random = _client_random(hello_side, keylog, server_side)
                 sock.sendall(data)
             if done:
                 break
@@ -342,24 +379,26 @@ def handshake(
                 received.add(record, call)
                 incoming.write(record)
                 if client_random is None:
-                    client_random = _client_random(hello_side, keylog)
+                    client_random = _client_random(hello_side, keylog, server_side)
             if not whole:
                 incoming.write_eof()  # EOF (or not TLS): ssl raises the matching error
     except BaseException:
-        if client_random is not None:
-            keylog.discard(client_random)
+        if client_random is not None:  # only a random this handshake expect()-ed
+            keylog.discard(client_random, server_side)
         raise
     assert client_random is not None
     try:
         return _finish(obj, keylog, client_random, sent, received, call, server_side)
     finally:
-        keylog.discard(client_random)
+        keylog.discard(client_random, server_side)
 
 
-def _client_random(hello_side: _Direction, keylog: KeyLog) -> bytes | None:
+def _client_random(hello_side: _Direction, keylog: KeyLog, server_side: bool) -> bytes | None:
+    """The ClientHello's random once it has gone by, registered with the key log (which
+    refuses a random already pending: the caller must then not discard it)."""
     random = hello_side.first_message_random(HT_CLIENT_HELLO)
     if random is not None:
-        keylog.expect(random)
+        keylog.expect(random, server_side)
     return random
 
 
@@ -380,7 +419,7 @@ def _finish(
         raise UnsupportedCipherSuite(f"{version_name} {cipher and cipher[0]}")
     version = _VERSIONS[version_name]
     suite = suite_from_openssl_name(cipher[0])
-    secrets = keylog.take(client_random)
+    secrets = keylog.take(client_random, server_side)
     server_hello = (sent if server_side else received).first_message_random(HT_SERVER_HELLO)
 
     if version == TLS_1_3_VERSION:

@@ -65,19 +65,10 @@ def _logged_secret(path: Path, label: str, client_random: bytes) -> bytes:
     raise AssertionError(f"{label} not in {path}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG afalg/handoff.py KeyLog.expect/take/discard: per-connection secrets are keyed by "
-    "the ClientHello random alone, which the client picks and which is public; a second "
-    "handshake reusing an honest connection's random shares its dict, so the honest connection "
-    "gets the hostile connection's traffic secrets (the server then seals the honest client's "
-    "data under keys an attacker can know), or loses them when the hostile handshake fails "
-    "(discard pops the shared entry). Fix: in KeyLog.expect refuse a random already pending "
-    "(raise ssl.SSLError(EPROTO, 'duplicate ClientHello random') before ssl processes that "
-    "ClientHello; handshake() must then not discard() it), or key the pending entries by a "
-    "per-handshake token.",
-)
 def test_replayed_client_random_cannot_steal_or_break_another_handshake(tmp_path: Path) -> None:
+    """The client picks the ClientHello random and it is public. A second handshake replaying
+    a pending one's random is refused before ssl sees it; it neither shares nor discards the
+    honest connection's secrets."""
     sctx = server_context()
     honest_log = tmp_path / "honest.keylog"
     with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -140,7 +131,7 @@ def test_replayed_client_random_after_the_honest_handshake_is_harmless(tmp_path:
         random = honest.client_hello[HELLO_RANDOM]
         assert h.rx.secret == _logged_secret(honest_log, "CLIENT_TRAFFIC_SECRET_0", random)
         log = handoff.keylog_for(sctx)
-        assert log.take(random) == {}
+        assert log.take(random, True) == {}
         assert "pending=0" in repr(log)
         # and no secret in what the hand-off shows
         texts = [repr(h), str(h), repr(h.tx), repr(h.rx), repr(log)]
@@ -176,16 +167,6 @@ def test_non_aead_suite_is_refused_by_name_and_cleaned_up() -> None:
     assert set(os.listdir("/proc/self/fd")) <= before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG afalg/handoff.py KeyLog.close()/collect_locked()/keylog_for(): close() closes "
-    "the memfd but keeps its number in self._fd, and keylog_for() keeps returning the closed "
-    "KeyLog (context.keylog_filename still names it); the next handshake on the context then "
-    "fstat()s, pread()s and fallocate(PUNCH_HOLE)s whatever file reuses that descriptor "
-    "number, zeroing its data. Fix: close() sets self._fd = -1 (under the lock) and "
-    "collect_locked() raises ValueError('key log is closed') when it is; keylog_for() treats a "
-    "closed KeyLog as absent and installs a new one.",
-)
 def test_closed_keylog_never_touches_a_reused_descriptor(tmp_path: Path) -> None:
     sctx = server_context()
     log = handoff.keylog_for(sctx)

@@ -249,22 +249,10 @@ BAD_HELLO = b"\x16\x03\x01\x00\x20" + b"\x01\x00\x00\x1c" + b"\xff" * 28
     [BAD_HELLO, b"GET / HTTP/1.0\r\n\r\n" + b"\x00" * 100],
     ids=["bad-client-hello", "not-tls"],
 )
-def test_garbage_instead_of_client_hello(running, mode, garbage, request):
+def test_garbage_instead_of_client_hello(running, mode, garbage):
     """The handshake fails (with an alert from ssl where TLS allows one: a plain-text request is
     not answered in TLS); the server closes that connection gently (alert, then EOF, no
     reset) and keeps serving."""
-    if mode != "userspace" and garbage is not BAD_HELLO:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "afalg.handoff.read_record trusts any record header announcing "
-                    "<= 2^14+2048 bytes: 'GET /' announces 8239, so the handshake waits for "
-                    "its deadline instead of failing at once (fix there: refuse a header "
-                    "whose type is not 20..23 or whose major version is not 3, as ssl does)"
-                ),
-            )
-        )
     raw = socket.create_connection(("127.0.0.1", running.port), timeout=10 * SLOW)
     raw.sendall(garbage)
     received = b""

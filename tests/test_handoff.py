@@ -12,6 +12,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -264,6 +265,61 @@ def test_failed_handshake_forgets_secrets() -> None:
     assert not handoff.keylog_for(cctx)._expected
     csock.close()
     ssock.close()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x02\x00\x00\x10", b"\x63\x03\x03\x00\x10"],
+    ids=["http-request", "major-version-2", "content-type-99"],
+)
+def test_header_that_is_not_tls_fails_at_once(garbage: bytes) -> None:
+    """A header with a type outside 20..23 or a major version other than 3 is refused at once:
+    the handshake does not wait for the body its length field would announce."""
+    csock, ssock = tcp_pair()
+    ssock.settimeout(30)
+    csock.sendall(garbage)  # the connection stays open: only the header can end the wait
+    sctx, _ = _contexts("TLSv1.3", None, 0)
+    started = time.monotonic()
+    with pytest.raises(ssl.SSLError):
+        handoff.handshake(ssock, sctx, server_side=True)
+    assert time.monotonic() - started < 10
+    assert not handoff.keylog_for(sctx)._expected
+    csock.close()
+    ssock.close()
+
+
+@pytest.mark.filterwarnings("ignore:ssl.PROTOCOL_TLS is deprecated:DeprecationWarning")
+def test_one_context_in_both_roles_of_one_connection() -> None:
+    """Client and server of one loopback connection share a context (so a key log and a client
+    random): each role has its own pending entry, both get the keys."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS)
+    ctx.load_cert_chain(CERTS / "server.pem", CERTS / "server.key")
+    ctx.load_verify_locations(CERTS / "ca.pem")
+    csock, ssock = tcp_pair()
+    t, res = run_peer(lambda: handoff.handshake(ssock, ctx, server_side=True))
+    h = handoff.handshake(csock, ctx, server_hostname="localhost")
+    hs = peer_result(t, res)
+    assert isinstance(hs, handoff.Handoff)
+    assert (h.tx.key, h.rx.key) == (hs.rx.key, hs.tx.key)
+    assert not handoff.keylog_for(ctx)._expected
+    csock.close()
+    ssock.close()
+
+
+def test_closed_keylog_is_replaced() -> None:
+    sctx, cctx = _contexts("TLSv1.3", None, 0)
+    log = handoff.keylog_for(cctx)
+    log.close()
+    assert log.closed and "closed" in repr(log)
+    with pytest.raises(ValueError, match="closed"):
+        log.expect(bytes(32), False)
+    csock, ssock = tcp_pair()
+    t, res = run_peer(lambda: sctx.wrap_socket(ssock, server_side=True).close())
+    handoff.handshake(csock, cctx, server_hostname="localhost")
+    peer_result(t, res)
+    new = handoff.keylog_for(cctx)
+    assert new is not log and not new.closed and new.forward_to is None
+    csock.close()
 
 
 def test_handshake_honours_timeout() -> None:
