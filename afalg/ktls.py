@@ -58,6 +58,9 @@ ALERT_WARNING = 1
 ALERT_FATAL = 2
 
 _ANCBUFSIZE = socket.CMSG_SPACE(1)
+# The longest post-handshake message accepted (OpenSSL's bound for a NewSessionTicket); a longer
+# announced length is refused at its header instead of being buffered.
+MAX_POST_HANDSHAKE_MESSAGE = 131338
 _RECORD_BUF = 2**14 + 1024  # one whole record's plaintext fits
 
 
@@ -374,7 +377,13 @@ class TLSSocketBase:
         if self._closed:
             self.close()
 
+    def _check_open(self) -> None:
+        """EBADF once closed (a file from :meth:`makefile` keeps the socket open)."""
+        if self._sock.fileno() < 0:
+            raise OSError(errno.EBADF, f"{type(self).__name__} is closed")
+
     def _check_send(self) -> None:
+        self._check_open()
         if self._error is not None:
             raise self._error
         if self._close_notify_sent:
@@ -404,8 +413,22 @@ class TLSSocketBase:
                 self._close_notify_sent = True  # a fatal alert ends our side too
         return exc
 
+    def _check_record_boundary(self, content_type: int) -> None:
+        """RFC 8446 5.1: no other record may come between the records of one handshake
+        message (unexpected_message)."""
+        if self._hs_buf and content_type != CT_HANDSHAKE:
+            raise self._fatal(
+                AlertDescription.unexpected_message,
+                TLSProtocolError(
+                    AlertDescription.unexpected_message,
+                    f"record of content type {content_type} inside a fragmented handshake "
+                    "message",
+                ),
+            )
+
     def _control_record(self, content_type: int, payload: bytes) -> bool:
         """Act on a non-application record; True when it was close_notify."""
+        self._check_record_boundary(content_type)
         if content_type == CT_ALERT:
             if len(payload) != 2:
                 raise self._fatal(
@@ -424,8 +447,31 @@ class TLSSocketBase:
             self._close_notify_sent = True  # the connection is gone; send nothing more
             raise self._error
         if content_type == CT_HANDSHAKE:
+            if not payload:
+                raise self._fatal(
+                    AlertDescription.unexpected_message,
+                    TLSProtocolError(AlertDescription.unexpected_message, "empty handshake record"),
+                )
             self._hs_buf += payload
-            for msg_type, body in _handshake_messages(self._hs_buf):
+            messages = _handshake_messages(self._hs_buf)
+            if len(self._hs_buf) >= 4:
+                length = int.from_bytes(self._hs_buf[1:4], "big")
+                if length > MAX_POST_HANDSHAKE_MESSAGE:
+                    alert = AlertDescription.illegal_parameter
+                    raise self._fatal(
+                        alert,
+                        TLSProtocolError(
+                            alert, f"post-handshake message of {length} bytes is too long"
+                        ),
+                    )
+            for i, (msg_type, body) in enumerate(messages):
+                last = i == len(messages) - 1 and not self._hs_buf
+                if msg_type == HT_KEY_UPDATE and not last:
+                    # RFC 8446 5.1: a message preceding a key change must end its record.
+                    alert = AlertDescription.unexpected_message
+                    raise self._fatal(
+                        alert, TLSProtocolError(alert, "data after a KeyUpdate in its record")
+                    )
                 self._handshake_message(msg_type, body)
             return False
         raise self._fatal(
@@ -443,8 +489,10 @@ class TLSSocketBase:
             return  # renegotiation is not offered; RFC 5246 7.4.1.1 lets us ignore it
         if msg_type == HT_KEY_UPDATE and self._version == TLS_1_3_VERSION:
             if len(body) != 1 or body[0] > 1:  # RFC 8446 4.6.3: update_not_requested(0) or 1
-                alert = AlertDescription.decode_error if len(body) != 1 else (
-                    AlertDescription.illegal_parameter
+                alert = (
+                    AlertDescription.decode_error
+                    if len(body) != 1
+                    else AlertDescription.illegal_parameter
                 )
                 raise self._fatal(alert, TLSProtocolError(alert, "malformed KeyUpdate"))
             self._key_update(update_requested=body[0] == 1)
@@ -491,7 +539,9 @@ class TLSSocketBase:
                 self._sock.close()
 
     def _release(self) -> None:
-        """Free per-connection resources (AF_ALG sockets in algif mode)."""
+        """Free per-connection resources: buffered plaintext and handshake bytes (and the
+        AF_ALG sockets in algif mode)."""
+        self._hs_buf.clear()
 
     def detach(self) -> int:
         raise io.UnsupportedOperation(
@@ -581,6 +631,7 @@ class KTLSSocket(TLSSocketBase):
 
     # -- receiving --
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        self._check_open()
         if flags:
             raise ValueError("flags are not supported on a kTLS socket")
         view = memoryview(buffer).cast("B")
@@ -613,6 +664,7 @@ class KTLSSocket(TLSSocketBase):
             if n == 0 and not ancdata:
                 return self._ragged_eof()
             if content_type == CT_APPLICATION_DATA:
+                self._check_record_boundary(content_type)
                 if n == 0:
                     continue  # an empty application_data record carries nothing
                 if small:
@@ -623,6 +675,11 @@ class KTLSSocket(TLSSocketBase):
                 return n
             if self._control_record(content_type, bytes(target[:n])):
                 return 0  # close_notify
+
+    def _release(self) -> None:
+        super()._release()
+        self._rbuf.clear()
+        self._scratch = None
 
     def _key_update(self, *, update_requested: bool) -> None:
         """The peer moved to its next traffic secret: install the next receive keys (and, if it

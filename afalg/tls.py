@@ -219,6 +219,7 @@ class AlgTLSSocket(TLSSocketBase):
 
     # -- receiving --
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        self._check_open()
         if flags:
             raise ValueError("flags are not supported on an afalg TLS socket")
         view = memoryview(buffer).cast("B")
@@ -236,6 +237,7 @@ class AlgTLSSocket(TLSSocketBase):
                 if record is None:
                     return self._ragged_eof()
                 if record.content_type == CT_APPLICATION_DATA:
+                    self._check_record_boundary(record.content_type)
                     self._plain += record.payload
                 elif self._control_record(record.content_type, record.payload):
                     return 0  # close_notify
@@ -267,5 +269,8 @@ class AlgTLSSocket(TLSSocketBase):
         return len(self._plain)
 
     def _release(self) -> None:
+        super()._release()
+        self._plain.clear()
+        self._out.clear()
         self._layer.close()
 

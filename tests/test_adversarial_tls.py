@@ -22,6 +22,7 @@ from test_tls_helpers import MODES, connect, recv_exactly
 
 import afalg
 from afalg.errors import AlertDescription as A
+from afalg.record import ContentType
 
 HELLO = b"GET / HTTP/1.0\r\n\r\n"
 
@@ -142,17 +143,8 @@ def test_no_key_in_repr(mode: tuple[str, str]) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG afalg/ktls.py TLSSocketBase (AlgTLSSocket.recv_into in afalg/tls.py, "
-    "KTLSSocket.recv_into): after close() recv() still returns plaintext buffered before the "
-    "close (AlgTLSSocket._plain, KTLSSocket._rbuf), and send()/sendfile() raise "
-    "BrokenPipeError('close_notify already sent') instead of saying the socket is closed. "
-    "Fix: a TLSSocketBase._check_open() raising OSError(errno.EBADF, '<class> is closed') when "
-    "self._sock.fileno() < 0, called first in send, recv_into and sendfile (as ssl.SSLSocket "
-    "does; makefile() keeps the fd open, so it keeps working), and drop the buffers in close().",
-)
-def test_io_after_close_is_refused(mode: tuple[str, str]) -> None:
+def test_io_after_close_is_refused(mode: tuple[str, str], tmp_path) -> None:
+    """After close() no buffered plaintext comes out and nothing goes in: EBADF, as ssl."""
     ours, theirs = connect(mode, "client", peer="afalg")
     with ours, theirs:
         theirs.sendall(b"abcdef")
@@ -160,29 +152,23 @@ def test_io_after_close_is_refused(mode: tuple[str, str]) -> None:
         ours.close()
         ours.close()  # idempotent
         assert ours.fileno() == -1
-        for call in (lambda: ours.recv(10), lambda: ours.send(b"x")):
+        (tmp_path / "f").write_bytes(b"file")
+        with open(tmp_path / "f", "rb") as f:
+            calls = (lambda: ours.recv(10), lambda: ours.send(b"x"), lambda: ours.sendfile(f))
+        for call in calls:
             with pytest.raises(OSError) as info:
                 call()
             assert info.value.errno == errno.EBADF, info.value
 
 
-@pytest.mark.parametrize("mode", MODES[1:])  # algif: kTLS on 6.1/6.12 cannot rekey at all
+@pytest.mark.parametrize("mode", MODES)  # refused before any rekeying, so kTLS < 6.14 too
 @pytest.mark.parametrize(
     "after",
     [b"\x04\x00", b"\x04\x00\x00\x00"],
     ids=["partial-message", "whole-message"],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG afalg/ktls.py TLSSocketBase._control_record: a KeyUpdate followed by more "
-    "handshake bytes in the same record is accepted (keys change mid-record; the rest is "
-    "read under the new keys). RFC 8446 5.1: messages preceding a key change must end at a "
-    "record boundary, else unexpected_message. Fix: after _handshake_messages(), if a "
-    "KeyUpdate is not the last message taken or self._hs_buf is not empty, raise "
-    "self._fatal(unexpected_message, TLSProtocolError(..., 'data after KeyUpdate in its "
-    "record')) before calling _key_update.",
-)
 def test_key_update_must_end_its_record(mode: tuple[str, str], after: bytes) -> None:
+    """RFC 8446 5.1: a message preceding a key change must end at a record boundary."""
     from afalg.ktls import key_update_message
 
     ours, theirs = connect(mode, "client", peer="afalg")
@@ -198,24 +184,42 @@ def test_key_update_must_end_its_record(mode: tuple[str, str], after: bytes) -> 
         assert info.value.alert is A.unexpected_message
 
 
-@pytest.mark.parametrize("mode", MODES[2:])  # the check lives in TLSSocketBase, shared by all
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG afalg/ktls.py TLSSocketBase._control_record / recv paths: a handshake message "
-    "split over records may be interrupted by application data (the partial message waits in "
-    "_hs_buf while the data is delivered). RFC 8446 5.1: no other record may come between the "
-    "records of one handshake message; unexpected_message. Fix: when a record that is not "
-    "handshake arrives while self._hs_buf is not empty, raise self._fatal(unexpected_message, "
-    "...) (in AlgTLSSocket.recv_into and KTLSSocket.recv_into before accepting "
-    "application_data, and in _control_record for alerts).",
-)
-def test_handshake_message_interrupted_by_application_data(mode: tuple[str, str]) -> None:
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("interleaved", [(23, b"interleaved"), (21, b"\x01\x00")],
+                         ids=["application-data", "close-notify"])  # fmt: skip
+def test_handshake_message_interrupted(mode: tuple[str, str], interleaved: tuple) -> None:
+    """RFC 8446 5.1: no other record between the records of one handshake message."""
     ours, theirs = connect(mode, "client", peer="afalg")
     with ours, theirs:
         layer = theirs.record_layer
         wire = layer.seal(22, b"\x04\x00\x00\x10" + bytes(4))  # first half of a NewSessionTicket
-        wire += layer.seal(23, b"interleaved")
+        wire += layer.seal(*interleaved)
         theirs._sock.sendall(wire)
         with pytest.raises(afalg.TLSProtocolError) as info:
             ours.recv(100)
         assert info.value.alert is A.unexpected_message
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("record", "alert"),
+    [(b"", A.unexpected_message), (b"\x04\x7f\xff\xff", A.illegal_parameter)],
+    ids=["empty-handshake-record", "8-MiB-ticket"],
+)
+def test_post_handshake_message_refused_at_its_header(
+    mode: tuple[str, str], record: bytes, alert: A
+) -> None:
+    """An empty handshake record (RFC 8446 5.1 forbids them) and a handshake message announcing
+    8 MiB are refused as soon as seen, not buffered."""
+    ours, theirs = connect(mode, "client", peer="afalg")
+    with ours, theirs:
+        layer = theirs.record_layer
+        if record:
+            wire = layer.seal(22, record)
+        else:  # the record layer refuses to seal one: bypass its check
+            wire = layer._seal13(layer._tx, ContentType.handshake, memoryview(record))
+        theirs._sock.sendall(wire)
+        with pytest.raises(afalg.TLSProtocolError) as info:
+            ours.recv(100)
+        assert info.value.alert is alert
+        peer_gets_alert(theirs, alert)
