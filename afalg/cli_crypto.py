@@ -17,6 +17,7 @@ kcapi-rng, with coreutils-compatible output:
 from __future__ import annotations
 
 import argparse
+import string
 import sys
 from typing import BinaryIO
 
@@ -28,11 +29,21 @@ _CHUNK = 64 * 1024
 
 
 def _hex(what: str):
+    """An argparse type for a hex argument. Its errors name the problem, never the value (a
+    key must not end up on stderr or in a log)."""
+
     def parse(text: str) -> bytes:
         try:
             return bytes.fromhex(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be hex, got {text!r}") from None
+            digits = "".join(text.split())
+            bad = next((i for i, c in enumerate(digits) if c not in string.hexdigits), None)
+            problem = (
+                f"character {bad + 1} of {len(digits)} is not a hex digit"
+                if bad is not None
+                else f"an odd number of hex digits ({len(digits)})"
+            )
+            raise argparse.ArgumentTypeError(f"{what} must be hex: {problem}") from None
 
     return parse
 

@@ -35,15 +35,11 @@ def test_wrong_key_size_named_not_shown(args: list[str]) -> None:
     assert "a7a7a7a7" not in proc.stderr + proc.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG afalg/cli_crypto.py _hex(): a --key that is not valid hex is echoed in the "
-    "error ('--key must be hex, got 'a7a7...zz''), which shows all but the bad characters of "
-    "the key on stderr. Fix: name only the problem, e.g. f'{what} must be hex "
-    "({len(text)} characters given, not all hex digits)', at least when what == '--key'.",
-)
 def test_malformed_hex_key_not_echoed() -> None:
     proc = run("hmac", "sha256", "--key", KEY + "zz", "/dev/null")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "--key" in proc.stderr and "hex" in proc.stderr
+    assert f"character {len(KEY) + 1} of {len(KEY) + 2}" in proc.stderr
     assert "a7a7a7a7" not in proc.stderr
+    proc = run("hmac", "sha256", "--key", KEY + "a", "/dev/null")
+    assert "odd number of hex digits" in proc.stderr and "a7a7a7a7" not in proc.stderr
