@@ -382,6 +382,18 @@ class TLSSocketBase:
         if self._sock.fileno() < 0:
             raise OSError(errno.EBADF, f"{type(self).__name__} is closed")
 
+    def _recv_view(self, buffer: Any, nbytes: int, flags: int) -> memoryview:
+        """The checks every ``recv_into`` starts with; the bytes of ``buffer`` to fill."""
+        self._check_open()
+        if flags:
+            raise ValueError(f"flags are not supported on {type(self).__name__}")
+        view = memoryview(buffer).cast("B")
+        if nbytes:
+            if nbytes < 0 or nbytes > len(view):
+                raise ValueError("nbytes out of range for the buffer")
+            view = view[:nbytes]
+        return view
+
     def _check_send(self) -> None:
         self._check_open()
         if self._error is not None:
@@ -631,14 +643,7 @@ class KTLSSocket(TLSSocketBase):
 
     # -- receiving --
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        self._check_open()
-        if flags:
-            raise ValueError("flags are not supported on a kTLS socket")
-        view = memoryview(buffer).cast("B")
-        if nbytes:
-            if nbytes < 0 or nbytes > len(view):
-                raise ValueError("nbytes out of range for the buffer")
-            view = view[:nbytes]
+        view = self._recv_view(buffer, nbytes, flags)
         if self._rbuf:
             n = min(len(view), len(self._rbuf))
             view[:n] = self._rbuf[:n]

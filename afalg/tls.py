@@ -219,14 +219,7 @@ class AlgTLSSocket(TLSSocketBase):
 
     # -- receiving --
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        self._check_open()
-        if flags:
-            raise ValueError("flags are not supported on an afalg TLS socket")
-        view = memoryview(buffer).cast("B")
-        if nbytes:
-            if nbytes < 0 or nbytes > len(view):
-                raise ValueError("nbytes out of range for the buffer")
-            view = view[:nbytes]
+        view = self._recv_view(buffer, nbytes, flags)
         with self._rx_lock:
             while not self._plain:
                 if self._error is not None:
