@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from afalg.ktls import tls_stats
+
 MODES = ("ktls", "algif", "auto", "userspace")
 CHUNK = 2**14
 
@@ -201,14 +203,6 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def kernel_tls_stats() -> dict[str, int]:
-    try:
-        from afalg.ktls import tls_stats
-
-        return dict(tls_stats())
-    except (ImportError, OSError):
-        return {}
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -258,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         f"client summary: {ok}/{len(results)} connections ok, {moved} bytes moved in "
         f"{elapsed:.3f}s ({moved / elapsed / 1e6 if elapsed else 0:.2f} MB/s)"
     )
-    stats = kernel_tls_stats()
+    stats = tls_stats()
     if stats:
         print("kernel TLS counters: " + " ".join(f"{k}={v}" for k, v in stats.items()))
     return 0 if ok == len(results) else 1

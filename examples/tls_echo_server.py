@@ -57,6 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from afalg.ktls import tls_stats
+
 MODES = ("ktls", "algif", "auto", "userspace")
 MAX_RECORD = 2**14  # TLS plaintext limit: one read, one record
 MAX_REQUEST = 8192
@@ -534,21 +536,11 @@ class EchoServer:
             f"failed={t['failed']} refused={t['refused']} bytes_in={t['bytes_in']} "
             f"bytes_out={t['bytes_out']}"
         ]
-        stats = kernel_tls_stats()
+        stats = tls_stats()
         if stats:
             lines.append("kernel TLS counters: " + " ".join(f"{k}={v}" for k, v in stats.items()))
         return "\n".join(lines)
 
-
-def kernel_tls_stats() -> dict[str, int]:
-    """The kernel's TLS counters (``/proc/net/tls_stat``) through afalg, or {} where there are
-    none (no kTLS, or afalg not importable)."""
-    try:
-        from afalg.ktls import tls_stats
-
-        return dict(tls_stats())
-    except (ImportError, OSError):
-        return {}
 
 
 # --- command line ------------------------------------------------------------------------------
