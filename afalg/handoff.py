@@ -52,7 +52,7 @@ from afalg.keys import (
     tls12_traffic_keys,
 )
 
-__all__ = ["Handoff", "KeyLog", "handshake", "keylog_for"]
+__all__ = ["Handoff", "KeyLog", "TicketFeed", "handshake", "keylog_for"]
 
 # TLS record framing (RFC 8446 section 5.1).
 _HEADER = struct.Struct("!BHH")
@@ -309,12 +309,65 @@ class Handoff:
     server_random: bytes | None
     records_sent: int
     records_received: int
+    incoming: ssl.MemoryBIO  # the BIO ssl reads from (for TicketFeed)
 
     def __repr__(self) -> str:
         return (
             f"Handoff(version=0x{self.version:04x}, cipher_suite={self.cipher_suite.name}, "
             f"tx_seq={self.tx.seq}, rx_seq={self.rx.seq})"
         )
+
+    def ticket_feed(self) -> TicketFeed | None:
+        """For a TLS 1.3 client, what hands the server's NewSessionTickets back to ssl (so that
+        ``ssl_object.session`` becomes resumable); None otherwise."""
+        if self.version != TLS_1_3_VERSION or self.ssl_object.server_side:
+            return None
+        return TicketFeed(self.ssl_object, self.incoming, self.rx)
+
+
+HT_NEW_SESSION_TICKET = 4
+
+
+class TicketFeed:
+    """Gives a TLS 1.3 client's ssl object the NewSessionTickets the server sends after the
+    handshake, which the kernel (or the record layer) opened in ssl's place.
+
+    ssl keeps its own copy of the receive keys of the first generation, at sequence 0. Each
+    ticket is sealed again under those keys and the next sequence number (with
+    ``cryptography``, in userspace: a few hundred bytes per ticket), written to ssl's incoming
+    BIO, and ``ssl_object.read()`` processes it and stores the session. KeyUpdates are not
+    passed on: ssl's copy of the keys only has to agree with this feed. The feed is best
+    effort: if ssl refuses a ticket, feeding stops and the connection goes on without
+    resumption.
+    """
+
+    def __init__(self, ssl_object: ssl.SSLObject, incoming: ssl.MemoryBIO, rx: TrafficKeys):
+        from afalg.record import RecordLayer
+
+        self._ssl: ssl.SSLObject | None = ssl_object
+        self._incoming = incoming
+        self._layer = RecordLayer(tx=rx, backend="cryptography")
+
+    def __repr__(self) -> str:
+        return f"<TicketFeed {'stopped' if self._ssl is None else 'active'}>"
+
+    def ticket(self, body: bytes) -> None:
+        """Pass the body of one NewSessionTicket message to ssl."""
+        if self._ssl is None:
+            return
+        message = bytes([HT_NEW_SESSION_TICKET]) + len(body).to_bytes(3, "big") + body
+        try:
+            self._incoming.write(self._layer.seal(CT_HANDSHAKE, message))
+            self._ssl.read(1)
+        except ssl.SSLWantReadError:
+            return  # processed; there is no application data behind it
+        except (ssl.SSLError, ValueError):
+            pass
+        self.close()  # ssl refused it (or returned data it never should): stop feeding
+
+    def close(self) -> None:
+        self._ssl = None
+        self._layer.close()
 
 
 def handshake(
@@ -388,7 +441,7 @@ def handshake(
         raise
     assert client_random is not None
     try:
-        return _finish(obj, keylog, client_random, sent, received, call, server_side)
+        return _finish(obj, incoming, keylog, client_random, sent, received, call, server_side)
     finally:
         keylog.discard(client_random, server_side)
 
@@ -404,6 +457,7 @@ def _client_random(hello_side: _Direction, keylog: KeyLog, server_side: bool) ->
 
 def _finish(
     obj: ssl.SSLObject,
+    incoming: ssl.MemoryBIO,
     keylog: KeyLog,
     client_random: bytes,
     sent: _Direction,
@@ -452,6 +506,7 @@ def _finish(
         server_random=server_hello,
         records_sent=len(sent.records),
         records_received=len(received.records),
+        incoming=incoming,
     )
 
 

@@ -32,7 +32,7 @@ import io
 import os
 import socket
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from afalg import _uapi
 from afalg.cmsg import parse_record_type, record_type_cmsg, tls_crypto_info
@@ -44,6 +44,9 @@ from afalg.errors import (
     TLSProtocolError,
 )
 from afalg.keys import TLS_1_3_VERSION, TrafficKeys
+
+if TYPE_CHECKING:
+    from afalg.handoff import TicketFeed
 
 __all__ = ["KTLSSocket", "TLSSocketBase", "enable", "supports", "tls_stats"]
 
@@ -201,9 +204,11 @@ class TLSSocketBase:
         *,
         ssl_object: ssl.SSLObject | None = None,
         suppress_ragged_eofs: bool = True,
+        tickets: TicketFeed | None = None,
     ) -> None:
         self._sock = sock
         self._ssl = ssl_object
+        self._tickets = tickets  # a TLS 1.3 client's NewSessionTickets go back to ssl
         self.suppress_ragged_eofs = suppress_ragged_eofs
         self._closed = False
         self._io_refs = 0
@@ -496,7 +501,9 @@ class TLSSocketBase:
 
     def _handshake_message(self, msg_type: int, body: bytes) -> None:
         if msg_type == HT_NEW_SESSION_TICKET and self._version == TLS_1_3_VERSION:
-            return  # consumed: the session cache stays with ssl, which saw the handshake only
+            if self._tickets is not None:  # ssl stores the session (``self.session``)
+                self._tickets.ticket(body)
+            return
         if msg_type == HT_HELLO_REQUEST and self._version != TLS_1_3_VERSION:
             return  # renegotiation is not offered; RFC 5246 7.4.1.1 lets us ignore it
         if msg_type == HT_KEY_UPDATE and self._version == TLS_1_3_VERSION:
@@ -554,6 +561,8 @@ class TLSSocketBase:
         """Free per-connection resources: buffered plaintext and handshake bytes (and the
         AF_ALG sockets in algif mode)."""
         self._hs_buf.clear()
+        if self._tickets is not None:
+            self._tickets.close()
 
     def detach(self) -> int:
         raise io.UnsupportedOperation(
@@ -607,9 +616,12 @@ class KTLSSocket(TLSSocketBase):
         *,
         ssl_object: ssl.SSLObject | None = None,
         suppress_ragged_eofs: bool = True,
+        tickets: TicketFeed | None = None,
     ) -> None:
         enable(sock, tx, rx)
-        super().__init__(sock, ssl_object=ssl_object, suppress_ragged_eofs=suppress_ragged_eofs)
+        super().__init__(
+            sock, ssl_object=ssl_object, suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets
+        )
         self._tx_keys = tx.with_seq(0) if tx.secret is not None else None  # for KeyUpdate only
         self._rx_keys = rx.with_seq(0) if rx.secret is not None else None
         self._version = tx.version

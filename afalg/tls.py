@@ -89,11 +89,11 @@ def wrap(
         if mode == "ktls":
             return KTLSSocket(
                 sock, h.tx, h.rx, ssl_object=h.ssl_object,
-                suppress_ragged_eofs=suppress_ragged_eofs,
+                suppress_ragged_eofs=suppress_ragged_eofs, tickets=h.ticket_feed(),
             )  # fmt: skip
         return AlgTLSSocket(
             sock, h.tx, h.rx, ssl_object=h.ssl_object, suppress_ragged_eofs=suppress_ragged_eofs,
-            backend=algif_backend,
+            backend=algif_backend, tickets=h.ticket_feed(),
         )  # fmt: skip
     except BaseException:
         sock.close()
@@ -121,11 +121,14 @@ class AlgTLSSocket(TLSSocketBase):
         ssl_object: ssl.SSLObject | None = None,
         suppress_ragged_eofs: bool = True,
         backend: str = "kernel",
+        tickets: handoff.TicketFeed | None = None,
     ) -> None:
         if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
             raise TypeError("sock must be a connected SOCK_STREAM socket.socket")
         self._layer = RecordLayer(tx=tx, rx=rx, backend=backend)  # type: ignore[arg-type]
-        super().__init__(sock, ssl_object=ssl_object, suppress_ragged_eofs=suppress_ragged_eofs)
+        super().__init__(
+            sock, ssl_object=ssl_object, suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets
+        )
         self._version = tx.version
         self._plain = bytearray()  # opened application data not yet returned
         self._out = bytearray()  # sealed bytes the socket has not taken yet (non-blocking)

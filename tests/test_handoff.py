@@ -369,6 +369,55 @@ def test_tls12_client_resumes_a_session() -> None:
         assert conn.recv(1) == b"3"
 
 
+@pytest.mark.parametrize("suite", ["TLS_AES_128_GCM_SHA256", "TLS_CHACHA20_POLY1305_SHA256"])
+def test_tls13_client_resumes_with_a_ticket_read_after_the_handoff(suite: str) -> None:
+    """The server's NewSessionTickets arrive after the hand-off, opened by afalg, not ssl: the
+    TicketFeed passes them back to ssl, so ``session`` resumes (a PSK handshake, on both
+    ends)."""
+    sctx, cctx = _contexts("TLSv1.3", None, 2)
+    cctx.set_ciphersuites(suite) if hasattr(cctx, "set_ciphersuites") else None
+    conn, peer = _algif_pair(sctx, cctx)
+    with conn, peer:
+        assert conn.session is None or not conn.session.has_ticket
+        peer.sendall(b"x")
+        assert conn.recv(1) == b"x"  # the two tickets came first
+        session = conn.session
+        assert session is not None and session.has_ticket
+    conn, peer = _algif_pair(sctx, cctx, session)
+    with conn, peer:
+        assert conn.session_reused and peer.session_reused
+        conn.sendall(b"2")
+        assert peer.recv(1) == b"2"
+        peer.sendall(b"3")
+        assert conn.recv(1) == b"3"
+    assert "TicketFeed stopped" in repr(conn._tickets)
+
+
+def test_ticket_feed_after_key_updates() -> None:
+    """A ticket that comes after two KeyUpdates (sealed under the third key generation) still
+    reaches ssl, whose copy of the keys stays at the first (OpenSSL stores any ticket a server
+    sends; this one is made up, so it is only stored, not resumed)."""
+    from afalg import tls
+
+    sctx, cctx = _contexts("TLSv1.3", None, 0)  # no tickets from the handshake
+    csock, ssock = tcp_pair()
+    t, res = run_peer(lambda: tls.wrap(ssock, sctx, server_side=True, mode="algif",
+                                       algif_backend="cryptography"))  # fmt: skip
+    conn = tls.wrap(csock, cctx, server_hostname="localhost", mode="algif",
+                    algif_backend="cryptography")  # fmt: skip
+    srv = peer_result(t, res)
+    with conn, srv:
+        srv.key_update()
+        srv.key_update()
+        body = (7200).to_bytes(4, "big") + bytes(4) + b"\x01n" + b"\x00\x05" + b"tickt"
+        body += b"\x00\x00"  # no extensions
+        srv._sock.sendall(srv.record_layer.seal(22, b"\x04" + len(body).to_bytes(3, "big") + body))
+        srv.sendall(b"after two updates")
+        assert conn.recv(100) == b"after two updates"
+        assert "TicketFeed active" in repr(conn._tickets)
+        assert conn.session is not None and conn.session.has_ticket
+
+
 @pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
 def test_server_side_resumption(version: str) -> None:
     """An ssl client resumes with the ticket our server's ssl issued; the abbreviated handshake

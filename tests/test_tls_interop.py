@@ -6,6 +6,7 @@ servers send two), close_notify, and a KeyUpdate from OpenSSL (``K`` on s_client
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import pytest
@@ -120,3 +121,30 @@ def test_key_update_from_openssl(mode: tuple[str, str]) -> None:
             assert recv_exactly(conn, 5) == b"2222\n"
             conn.sendall(b"3333\n")  # under our next keys: OpenSSL must have our KeyUpdate
             assert read_stdout(proc, 5) == b"3333\n"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tls13_client_resumes_against_s_server(mode: tuple[str, str]) -> None:
+    """s_server's NewSessionTickets arrive after the hand-off (the kernel or the record layer
+    opens them); afalg gives them back to ssl, so the session resumes: a PSK handshake that
+    s_server reports as reused, then data both ways."""
+    ctx = client_context("TLSv1.3")
+    with openssl_server("TLSv1.3", TLS13_SUITES[0], "-naccept", "2") as (proc, sock):
+        port = sock.getpeername()[1]
+        proc.stdin.write(b"1\n")
+        proc.stdin.flush()
+        with tls.wrap(sock, ctx, server_hostname="localhost", mode=mode[0],
+                      algif_backend=mode[1]) as conn:  # fmt: skip
+            assert not conn.session_reused
+            assert recv_exactly(conn, 2) == b"1\n"  # the tickets came before it
+            session = conn.session
+            assert session is not None and session.has_ticket
+        again = socket.create_connection(("127.0.0.1", port), timeout=30)
+        with tls.wrap(again, ctx, server_hostname="localhost", mode=mode[0],
+                      algif_backend=mode[1], session=session) as conn:  # fmt: skip
+            assert conn.session_reused and conn.mode == mode[0]
+            conn.sendall(FROM_US)
+            assert read_stdout(proc, len(FROM_US)) == FROM_US
+            proc.stdin.write(b"2\n")
+            proc.stdin.flush()
+            assert recv_exactly(conn, 2) == b"2\n"
