@@ -26,6 +26,8 @@ demo: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check afalg tests examples bench
+	$(VENV)/bin/ruff format --check afalg tests examples bench
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) .vmtmp .pytest_cache build *.egg-info

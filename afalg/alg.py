@@ -597,15 +597,15 @@ class Hash(_AlgSocket):
     _kind = "hash"
 
     def __init__(self, name: str, data: Buffer = b"", *, _key: bytes | None = None) -> None:
-        kname, self.digest_size, self.block_size = _hash_spec(name)  # type: ignore[assignment]
+        kname, self.digest_size, self.block_size = _hash_spec(name)
         super().__init__(kname)
         self._more = False  # the kernel holds a running state (data sent with MSG_MORE)
         self._failed = False  # an update failed: the kernel state is gone, refuse to go on
         self._open(_key)
         if self.digest_size is None:
             info = _proc_sizes(kname)
-            self.digest_size = info.size("digestsize") if info else None  # type: ignore[assignment]
-            self.block_size = info.size("blocksize") if info else None  # type: ignore[assignment]
+            self.digest_size = info.size("digestsize") if info else None
+            self.block_size = info.size("blocksize") if info else None
             if not self.digest_size:
                 self.close()
                 raise AlgorithmNotAvailable(

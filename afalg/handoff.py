@@ -209,7 +209,7 @@ def keylog_for(context: ssl.SSLContext) -> KeyLog:
     """
     with _keylogs_lock:
         log = _keylogs.get(context)
-        current = context.keylog_filename
+        current: str | None = context.keylog_filename
         if log is not None and current == log.path:
             if not log.closed:
                 return log

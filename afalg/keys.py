@@ -424,9 +424,7 @@ class TrafficKeys:
         )
 
     @classmethod
-    def tls13(
-        cls, suite: CipherSuite | int | str, secret: bytes, seq: int = 0
-    ) -> TrafficKeys:
+    def tls13(cls, suite: CipherSuite | int | str, secret: bytes, seq: int = 0) -> TrafficKeys:
         """Keys from a TLS 1.3 traffic secret: write_key and write_iv by HKDF-Expand-Label."""
         s = _suite(suite)
         if not s.is_tls13:

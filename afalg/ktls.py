@@ -438,8 +438,7 @@ class TLSSocketBase:
                 AlertDescription.unexpected_message,
                 TLSProtocolError(
                     AlertDescription.unexpected_message,
-                    f"record of content type {content_type} inside a fragmented handshake "
-                    "message",
+                    f"record of content type {content_type} inside a fragmented handshake message",
                 ),
             )
 
@@ -667,9 +666,11 @@ class KTLSSocket(TLSSocketBase):
             return 0
         while True:
             small = len(view) < _RECORD_BUF
-            if small and self._scratch is None:
-                self._scratch = memoryview(bytearray(_RECORD_BUF))
-            target = self._scratch if small else view
+            target = view
+            if small:
+                if self._scratch is None:
+                    self._scratch = memoryview(bytearray(_RECORD_BUF))
+                target = self._scratch
             try:
                 n, ancdata, _msg_flags, _addr = self._sock.recvmsg_into([target], _ANCBUFSIZE)
             except OSError as exc:

@@ -91,8 +91,10 @@ def _established() -> Iterator[socket.socket]:
 def _try_ktls(version: int, cipher_type: int, key_size: int) -> bool:
     from afalg.cmsg import tls_crypto_info
 
-    salt, iv = (b"", bytes(12)) if cipher_type == _uapi.TLSCipherType.CHACHA20_POLY1305 else (
-        bytes(4), bytes(8)
+    salt, iv = (
+        (b"", bytes(12))
+        if cipher_type == _uapi.TLSCipherType.CHACHA20_POLY1305
+        else (bytes(4), bytes(8))
     )
     info = tls_crypto_info(
         version, cipher_type, key=bytes(key_size), iv=iv, salt=salt, rec_seq=bytes(8)

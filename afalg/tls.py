@@ -269,4 +269,3 @@ class AlgTLSSocket(TLSSocketBase):
         self._plain.clear()
         self._out.clear()
         self._layer.close()
-

@@ -49,10 +49,26 @@ def host_command(marker: str | None, junit: Path, extra: list[str]) -> list[str]
 
 
 def vm_command(kernel: str, cpus: int, junit: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "afalg", "vm", "--kernel", kernel, "--cpus", str(cpus),
-            "--timeout", str(VM_TIMEOUT), "--env", "AFALG_IN_VM=1",
-            "--env", "AFALG_REQUIRE_KERNEL=1", "--env", "PYTHONDONTWRITEBYTECODE=1",
-            "--", *pytest_argv(junit, ["-m", "kernel", "-p", "no:cacheprovider", *extra])]
+    return [
+        sys.executable,
+        "-m",
+        "afalg",
+        "vm",
+        "--kernel",
+        kernel,
+        "--cpus",
+        str(cpus),
+        "--timeout",
+        str(VM_TIMEOUT),
+        "--env",
+        "AFALG_IN_VM=1",
+        "--env",
+        "AFALG_REQUIRE_KERNEL=1",
+        "--env",
+        "PYTHONDONTWRITEBYTECODE=1",
+        "--",
+        *pytest_argv(junit, ["-m", "kernel", "-p", "no:cacheprovider", *extra]),
+    ]
 
 
 @dataclass

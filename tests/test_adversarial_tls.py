@@ -58,6 +58,7 @@ def peer_gets_alert(theirs: object, alert: A) -> None:
 def test_plaintext_on_the_wire_after_the_handshake(mode: tuple[str, str]) -> None:
     """An HTTP request in clear (first byte 'G' = 71, no such content type): a TLS error with
     an alert, never EIO or data; the peer gets the alert; the connection stays dead."""
+
     def session() -> None:
         ours, theirs = connect(mode, "server", peer="afalg")
         with ours, theirs:

@@ -48,9 +48,9 @@ def test_vm_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(vm.shutil, "which", lambda name: None)
     monkeypatch.setattr(vm, "_vng", lambda: None)
     lacking = {m.what: str(m) for m in vm.missing("/nonexistent/vmlinuz")}
-    assert "apt-get install --no-install-recommends qemu-system-x86" in lacking[
-        "qemu-system-x86_64"
-    ]
+    assert (
+        "apt-get install --no-install-recommends qemu-system-x86" in lacking["qemu-system-x86_64"]
+    )
     assert "pip install virtme-ng" in lacking["virtme-ng (vng)"]
     assert "kernel image /nonexistent/vmlinuz" in lacking
 
