@@ -104,5 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 1
     except (OSError, ValueError) as exc:
-        print(f"afalg {args.subcommand}: {exc}", file=sys.stderr)
+        print(f"afalg {args.subcommand}: {_describe(exc)}", file=sys.stderr)
         return 1
+
+
+def _describe(exc: BaseException) -> str:
+    """The message of ``exc`` without OSError's ``[Errno N]`` prefix (the text names it)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror if exc.filename is None else f"{exc.strerror}: {exc.filename}"
+    return str(exc)
