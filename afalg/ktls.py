@@ -48,7 +48,7 @@ from afalg.keys import TLS_1_3_VERSION, TrafficKeys
 if TYPE_CHECKING:
     from afalg.handoff import TicketFeed
 
-__all__ = ["KTLSSocket", "TLSSocketBase", "enable", "supports", "tls_stats"]
+__all__ = ["KTLSSocket", "TLSSocketBase", "enable", "supports", "supports_rekey", "tls_stats"]
 
 CT_CHANGE_CIPHER_SPEC = 20
 CT_ALERT = 21
@@ -169,6 +169,30 @@ def supports(version: int, cipher_type: int) -> bool:
     with client, peer:
         try:
             enable(client, keys, keys)
+        except (KTLSError, OSError):
+            return False
+    return True
+
+
+@functools.cache
+def supports_rekey() -> bool:
+    """Whether this kernel replaces the keys of a live kTLS socket (TLS 1.3 KeyUpdate; Linux
+    6.14+): tried once per process, setting ``TLS_TX`` twice on a throwaway connection (older
+    kernels answer EBUSY)."""
+    from afalg.keys import CipherSuite
+
+    suite = CipherSuite.TLS_AES_128_GCM_SHA256
+    keys = TrafficKeys.tls13(suite, bytes(32))
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname(), timeout=5)
+            peer, _ = listener.accept()
+    except OSError:
+        return False
+    with client, peer:
+        try:
+            enable(client, keys, keys)
+            install_keys(client, _uapi.TLS_TX, keys.next_generation())
         except (KTLSError, OSError):
             return False
     return True
@@ -707,6 +731,16 @@ class KTLSSocket(TLSSocketBase):
                 AlertDescription.internal_error,
                 KeyUpdateUnsupported(AlertDescription.internal_error, "no traffic secret kept"),
             )
+        if not supports_rekey():
+            raise self._fatal(
+                AlertDescription.internal_error,
+                KeyUpdateUnsupported(
+                    AlertDescription.internal_error,
+                    f"peer sent a TLS 1.3 KeyUpdate, but this kernel ({os.uname().release}) "
+                    "cannot install new kTLS keys on a live socket: kTLS rekeying needs Linux "
+                    "6.14+; use mode='algif' with peers that update keys",
+                ),
+            )
         nxt = self._rx_keys.next_generation()
         try:
             install_keys(self._sock, _uapi.TLS_RX, nxt)
@@ -721,18 +755,24 @@ class KTLSSocket(TLSSocketBase):
                 AlertDescription.internal_error,
                 KeyUpdateUnsupported(
                     AlertDescription.internal_error,
-                    f"peer sent a TLS 1.3 KeyUpdate, but this kernel ({os.uname().release}) "
-                    "cannot install new kTLS keys on a live socket: kTLS rekeying needs Linux "
-                    f"6.14+ ({exc.strerror}); use mode='algif' with peers that update keys",
+                    f"installing the next kTLS keys after the peer's KeyUpdate failed: {exc}",
                 ),
             ) from exc
         self._rx_keys = nxt
 
     def key_update(self, *, request_peer: bool = False) -> None:
-        """Send a KeyUpdate and move to the next send keys (Linux 6.14+ only)."""
+        """Send a KeyUpdate and move to the next send keys (Linux 6.14+ only). Where the kernel
+        cannot rekey, :class:`afalg.errors.KeyUpdateUnsupported` is raised before anything is
+        sent and the connection carries on under its current keys."""
         self._check_send()
         if self._tx_keys is None:
             raise ValueError("KeyUpdate needs TLS 1.3 keys with their traffic secret")
+        if not supports_rekey():
+            raise KeyUpdateUnsupported(
+                AlertDescription.internal_error,
+                f"this kernel ({os.uname().release}) cannot rekey kTLS (Linux 6.14+ can); "
+                "nothing was sent, the connection goes on under its current keys",
+            )
         nxt = self._tx_keys.next_generation()
         self._send_record(CT_HANDSHAKE, key_update_message(request_peer))
         try:

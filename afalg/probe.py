@@ -48,6 +48,7 @@ class Capabilities:
     tls_ulp_reason: str | None = None
     # "TLSv1.3" -> ["AES_GCM_128", ...]: the ciphers TLS_TX and TLS_RX both accepted.
     ktls_ciphers: dict[str, list[str]] = field(default_factory=dict)
+    ktls_rekey: bool = False  # live kTLS sockets take new keys (TLS 1.3 KeyUpdate; 6.14+)
 
     @property
     def ktls(self) -> bool:
@@ -130,6 +131,8 @@ def probe() -> Capabilities:
     """Probe the running kernel. Never raises for a missing capability; it reports it."""
     af_alg, af_reason, types = _probe_af_alg()
     tls_ulp, tls_reason, ciphers = _probe_tls()
+    from afalg.ktls import supports_rekey
+
     return Capabilities(
         kernel_release=platform.release(),
         af_alg=af_alg,
@@ -138,6 +141,7 @@ def probe() -> Capabilities:
         tls_ulp=tls_ulp,
         tls_ulp_reason=tls_reason,
         ktls_ciphers=ciphers,
+        ktls_rekey=tls_ulp and supports_rekey(),
     )
 
 
@@ -155,4 +159,6 @@ def format_report(caps: Capabilities) -> str:
     lines.append(f"tls ULP: {status(caps.tls_ulp, caps.tls_ulp_reason)}")
     for version, names in caps.ktls_ciphers.items():
         lines.append(f"  kTLS {version}: {', '.join(names) or 'none'}")
+    if caps.tls_ulp:
+        lines.append(f"  kTLS rekey (KeyUpdate): {yes[caps.ktls_rekey]}")
     return "\n".join(lines)

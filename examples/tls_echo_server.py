@@ -391,7 +391,10 @@ class EchoServer:
                 conn.tls = tls
             tls.do_handshake()
             return tls
-        tls = self._wrap(conn.sock, self.context, server_side=True, mode=self.mode)
+        # afalg's wrap() owns (and on failure closes) the socket it is given: give it a
+        # duplicate, so that after a failed handshake conn.sock can still be shut down and
+        # drained (closing a socket with unread bytes would send a reset).
+        tls = self._wrap(conn.sock.dup(), self.context, server_side=True, mode=self.mode)
         with conn.lock:
             conn.tls = tls
         return tls

@@ -83,6 +83,10 @@ def test_afalg_info_cli_reports_the_kernel() -> None:
     assert f"kernel: {os.uname().release}" in result.stdout
     assert "AF_ALG: yes" in result.stdout
     assert "tls ULP: yes" in result.stdout
+    from afalg.ktls import supports_rekey
+
+    expected = "yes" if supports_rekey() else "no"
+    assert f"kTLS rekey (KeyUpdate): {expected}" in result.stdout
 
 
 def test_afalg_info_without_af_alg_says_why_and_fails() -> None:

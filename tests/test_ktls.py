@@ -18,7 +18,7 @@ from test_tls_helpers import (
 
 from afalg import ktls, tls
 from afalg._uapi import TLS_1_2_VERSION, TLS_1_3_VERSION, TLS_TX, TLSCipherType
-from afalg.errors import KTLSError
+from afalg.errors import KeyUpdateUnsupported, KTLSError
 from afalg.keys import CipherSuite, TrafficKeys
 
 pytestmark = pytest.mark.kernel
@@ -104,3 +104,22 @@ def test_ktls_on_both_ends(version: str) -> None:
         assert srv.recv(1) == b""
         srv.sendall(b"still open the other way")
         assert recv_exactly(client, 24) == b"still open the other way"
+
+
+def test_key_update_where_the_kernel_cannot_rekey_or_can() -> None:
+    """Linux < 6.14 cannot replace live kTLS keys: key_update() says so before sending a byte
+    and the connection goes on. Where the kernel can (6.14+, found by the probe), the peer
+    (algif on cryptography) follows the KeyUpdate and reads what comes after it."""
+    ours, theirs = connect(("ktls", "kernel"), "client", peer="afalg")
+    with ours, theirs:
+        before = theirs.record_layer.rx_keys
+        if not ktls.supports_rekey():
+            with pytest.raises(KeyUpdateUnsupported, match=r"6\.14.*nothing was sent"):
+                ours.key_update()
+        else:
+            ours.key_update(request_peer=True)
+        ours.sendall(b"after")
+        assert recv_exactly(theirs, 5) == b"after"
+        assert (theirs.record_layer.rx_keys.secret != before.secret) == ktls.supports_rekey()
+        theirs.sendall(b"back")  # under the peer's next keys if it was asked to update
+        assert recv_exactly(ours, 4) == b"back"
