@@ -3,7 +3,10 @@
     python bench/run.py [--mib N] [--out bench/RESULTS.md]
 
 Bare times mean little here (under TCG emulation the kernel's crypto runs ~50x slower than on
-hardware), so every row compares two ways of doing the same job, back to back, same process:
+hardware), so every row compares two ways of doing the same job in the same process. They are
+measured round-robin (``--rounds`` rounds, each running every job for a short window), so the
+drift of a shared or emulated machine hits both sides alike; a row gives the median MB/s of
+each side and the median ratio with its range over the rounds.
 
 - AEAD: AF_ALG ``gcm(aes)`` (``afalg.alg.AEAD``) vs ``cryptography``'s AESGCM, 16 KiB messages.
 - hash: AF_ALG ``sha256`` over a file by splice (``Hash.update_file``) vs ``hashlib.file_digest``.
@@ -21,12 +24,14 @@ import hashlib
 import os
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,16 +39,46 @@ CERTS = ROOT / "tests" / "certs"
 RECORD = 2**14
 
 
-def throughput(job: Callable[[], int], min_seconds: float = 1.0) -> float:
-    """MB/s of ``job`` (which returns the bytes it moved), repeated for at least min_seconds."""
-    job()  # warm up: module loading, socket setup
+Job = Callable[[], int]  # does the work once, returns the bytes it moved
+
+
+def throughput(job: Job, min_seconds: float) -> float:
+    """MB/s of ``job``, repeated for at least ``min_seconds``."""
     moved, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < min_seconds:
         moved += job()
     return moved / elapsed / 1e6
 
 
-def bench_aead(size: int) -> tuple[float, float]:
+def measure(jobs: dict[str, Job], rounds: int, seconds: float) -> dict[str, list[float]]:
+    """MB/s of every job in every round; the jobs take turns within a round."""
+    for job in jobs.values():
+        job()  # warm up: module loading, socket setup, page cache
+    speeds: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(rounds):
+        for name, job in jobs.items():
+            speeds[name].append(throughput(job, seconds))
+    return speeds
+
+
+@dataclass
+class Row:
+    job: str
+    mine: str
+    mine_speeds: list[float]
+    peer: str
+    peer_speeds: list[float]
+
+    def cells(self) -> str:
+        ratios = [a / b for a, b in zip(self.mine_speeds, self.peer_speeds, strict=True)]
+        return (
+            f"| {self.job} | {self.mine} | {statistics.median(self.mine_speeds):.1f} "
+            f"| {self.peer} | {statistics.median(self.peer_speeds):.1f} "
+            f"| {statistics.median(ratios):.2f} | {min(ratios):.2f}-{max(ratios):.2f} |"
+        )
+
+
+def bench_aead(size: int) -> tuple[Job, Job, Callable[[], None]]:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     from afalg.alg import AEAD
@@ -57,13 +92,10 @@ def bench_aead(size: int) -> tuple[float, float]:
             seal(nonce, data, b"")
         return n * RECORD
 
-    try:
-        return throughput(lambda: run(kernel.encrypt)), throughput(lambda: run(user.encrypt))
-    finally:
-        kernel.close()
+    return lambda: run(kernel.encrypt), lambda: run(user.encrypt), kernel.close
 
 
-def bench_hash(path: Path) -> tuple[float, float]:
+def bench_hash(path: Path) -> tuple[Job, Job]:
     from afalg.alg import Hash
 
     size = path.stat().st_size
@@ -79,17 +111,17 @@ def bench_hash(path: Path) -> tuple[float, float]:
             hashlib.file_digest(f, "sha256")
         return size
 
-    return throughput(kernel), throughput(user)
+    return kernel, user
 
 
-def bench_record(size: int) -> tuple[float, float]:
+def bench_record(size: int) -> tuple[Job, Job]:
     from afalg.keys import CipherSuite, TrafficKeys
     from afalg.record import ContentType, RecordLayer
 
     keys = TrafficKeys.tls13(CipherSuite.TLS_AES_128_GCM_SHA256, os.urandom(32))
     payload = os.urandom(size)
 
-    def run(backend: str) -> float:
+    def run(backend: str) -> Job:
         def job() -> int:
             with (RecordLayer(tx=keys, backend=backend) as tx,
                   RecordLayer(rx=keys, backend=backend) as rx):  # fmt: skip
@@ -98,7 +130,7 @@ def bench_record(size: int) -> tuple[float, float]:
                     pass
             return size
 
-        return throughput(job)
+        return job
 
     return run("kernel"), run("cryptography")
 
@@ -111,7 +143,7 @@ def _contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server, client
 
 
-def bench_transfer(path: Path) -> dict[str, float]:
+def bench_transfer(path: Path) -> dict[str, Job]:
     """Send the file over TLS 1.3 loopback; the receiver is Python ssl in every case."""
     from afalg import tls
 
@@ -153,13 +185,15 @@ def bench_transfer(path: Path) -> dict[str, float]:
         return size
 
     senders = ["ssl sendall", "kTLS sendfile", "kTLS sendall", "algif sendall"]
-    return {name: throughput(lambda name=name: one(name), 2.0) for name in senders}
+    return {name: (lambda name=name: one(name)) for name in senders}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=8, help="data per transfer/hash run (MiB)")
-    parser.add_argument("--out", help="also write the table (Markdown) to this file")
+    parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds per row")
+    parser.add_argument("--seconds", type=float, default=0.5, help="window per job and round")
+    parser.add_argument("--out", help="also write the results (Markdown) to this file")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from afalg.probe import probe
@@ -173,36 +207,54 @@ def main() -> int:
         return subprocess.run(cmd, cwd=ROOT).returncode
 
     size = args.mib << 20
-    rows: list[tuple[str, str, float, str, float]] = []
+    rounds, seconds = args.rounds, args.seconds
+    rows: list[Row] = []
+
+    def pair(job: str, mine: str, peer: str, jobs: tuple[Job, Job]) -> None:
+        speeds = measure({mine: jobs[0], peer: jobs[1]}, rounds, seconds)
+        rows.append(Row(job, mine, speeds[mine], peer, speeds[peer]))
+        print(rows[-1].cells(), flush=True)
+
     with tempfile.NamedTemporaryFile() as f:
         f.write(os.urandom(size))
         f.flush()
         path = Path(f.name)
-        k, u = bench_aead(size)
-        rows.append(("AEAD seal, 16 KiB messages", "AF_ALG gcm(aes)", k, "cryptography AESGCM", u))
-        k, u = bench_hash(path)
-        rows.append((f"SHA-256 of a {args.mib} MiB file", "AF_ALG splice", k, "hashlib", u))
-        k, u = bench_record(1 << 20)
-        rows.append(("TLS 1.3 records seal+open, 1 MiB", "kernel AEAD", k, "cryptography", u))
+        kernel_aead, user_aead, close = bench_aead(size)
+        try:
+            pair("AEAD seal, 16 KiB messages", "AF_ALG gcm(aes)", "cryptography AESGCM",
+                 (kernel_aead, user_aead))  # fmt: skip
+        finally:
+            close()
+        pair(f"SHA-256 of a {args.mib} MiB file", "AF_ALG splice", "hashlib", bench_hash(path))
+        pair("TLS 1.3 records seal+open, 1 MiB", "kernel AEAD", "cryptography",
+             bench_record(1 << 20))  # fmt: skip
         if caps.ktls:
-            speeds = bench_transfer(path)
+            speeds = measure(bench_transfer(path), rounds, 2 * seconds)
             base = speeds.pop("ssl sendall")
-            for name, value in speeds.items():
-                rows.append((f"TLS 1.3 send {args.mib} MiB", name, value, "ssl sendall", base))
+            for name, values in speeds.items():
+                rows.append(Row(f"TLS 1.3 send {args.mib} MiB", name, values, "ssl sendall", base))
+                print(rows[-1].cells(), flush=True)
 
+    where = f"kernel {caps.kernel_release}, {os.cpu_count()} CPUs" + (
+        " (virtme-ng VM, TCG emulation)" if os.environ.get("AFALG_IN_VM") else ""
+    )
     lines = [
-        f"kernel {caps.kernel_release}, {os.cpu_count()} CPUs"
-        + (" (virtme-ng VM, TCG emulation)" if os.environ.get("AFALG_IN_VM") else ""),
+        "# Benchmark results",
         "",
-        "| job | afalg path | MB/s | peer | MB/s | ratio |",
-        "|---|---|---:|---|---:|---:|",
+        f"Reproduce: `python bench/run.py --mib {args.mib} --rounds {rounds} --seconds {seconds}`"
+        " (`make bench`; under `afalg vm` when the host kernel lacks AF_ALG).",
+        "Each row: median MB/s of the afalg path and of its peer, measured round-robin in the",
+        "same process; ratio = afalg / peer (>1: afalg is faster), median and range over the",
+        f"{rounds} rounds.",
+        "",
+        where,
+        "",
+        "| job | afalg path | MB/s | peer | MB/s | ratio | range |",
+        "|---|---|---:|---|---:|---:|---:|",
+        *(row.cells() for row in rows),
     ]
-    lines += [f"| {job} | {mine} | {a:.1f} | {peer} | {b:.1f} | {a / b:.2f} |"
-              for job, mine, a, peer, b in rows]  # fmt: skip
-    table = "\n".join(lines)
-    print(table)
     if args.out:
-        Path(args.out).write_text(table + "\n")
+        Path(args.out).write_text("\n".join(lines) + "\n")
     return 0
 
 
