@@ -1,7 +1,7 @@
 """The two AEAD backends of the record layer: the kernel's (AF_ALG, :class:`afalg.alg.AEAD`)
 and pyca/cryptography's, behind one interface::
 
-    encrypt(nonce, plaintext, aad) -> ciphertext || 16-byte tag
+    encrypt(nonce, plaintext, aad) -> ciphertext || 16-byte tag  (bytes or a fresh bytearray)
     decrypt(nonce, ciphertext || tag, aad) -> plaintext   (raises afalg.InvalidTag)
     close()
 
@@ -42,7 +42,7 @@ class RecordAEAD(Protocol):
 
     name: str
 
-    def encrypt(self, nonce: bytes, plaintext: Buffer, aad: bytes) -> bytes: ...
+    def encrypt(self, nonce: bytes, plaintext: Buffer, aad: bytes) -> bytes | bytearray: ...
 
     def decrypt(self, nonce: bytes, ciphertext_and_tag: Buffer, aad: bytes) -> bytes: ...
 
@@ -91,8 +91,8 @@ class KernelAEAD:
         self.name = suite.kernel_aead
         self._aead = AEAD(self.name, key, tag_size=TAG_SIZE)
 
-    def encrypt(self, nonce: bytes, plaintext: Buffer, aad: bytes) -> bytes:
-        return self._aead.encrypt(nonce, plaintext, aad)
+    def encrypt(self, nonce: bytes, plaintext: Buffer, aad: bytes) -> bytes | bytearray:
+        return self._aead._encrypt(nonce, plaintext, aad)  # no copy of the output
 
     def decrypt(self, nonce: bytes, ciphertext_and_tag: Buffer, aad: bytes) -> bytes:
         if len(ciphertext_and_tag) < TAG_SIZE:

@@ -75,6 +75,18 @@ def _bytes(value: Any, what: str) -> bytes:
     raise TypeError(f"{what} must be bytes-like, not {type(value).__name__}")
 
 
+def _view(value: Any, what: str) -> bytes | memoryview:
+    """``value`` as bytes for a syscall, without a copy where it is contiguous."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        try:
+            return memoryview(value).cast("B")
+        except TypeError:  # not C-contiguous
+            return bytes(value)
+    raise TypeError(f"{what} must be bytes-like, not {type(value).__name__}")
+
+
 def _alg_error(exc: OSError, what: str) -> AlgError:
     if exc.errno == errno.EBADMSG:
         return InvalidTag()
@@ -269,7 +281,21 @@ def _recv_exact(op: socket.socket, size: int, what: str) -> bytes:
     return bytes(buf)
 
 
-def _sendmsg(op: socket.socket, parts: list[bytes], cmsgs: list, flags: int, what: str) -> None:
+def _recv_output(op: socket.socket, skip: int, size: int, what: str) -> bytearray:
+    """One AEAD result: the kernel writes ``skip`` bytes of AAD back, then ``size`` bytes of
+    output, in one recvmsg. The AAD lands in a scratch buffer, the output is returned."""
+    result = bytearray(size)
+    buffers = [bytearray(skip), result] if skip else [result]
+    try:
+        n = op.recvmsg_into(buffers)[0]
+    except OSError as exc:
+        raise _alg_error(exc, what) from None
+    if n != skip + size:
+        raise AlgError(errno.EIO, f"{what}: the kernel returned {n} of {skip + size} bytes")
+    return result
+
+
+def _sendmsg(op: socket.socket, parts: list[Buffer], cmsgs: list, flags: int, what: str) -> None:
     total = sum(len(p) for p in parts)
     try:
         sent = op.sendmsg([p for p in parts if p], cmsgs, flags)
@@ -410,33 +436,46 @@ class AEAD(_AlgSocket):
 
     def encrypt(self, iv: Buffer, plaintext: Buffer, aad: Buffer = b"") -> bytes:
         """``ciphertext || tag`` of ``plaintext`` (``tag_size`` bytes longer)."""
-        kiv, assoc = self._prepare(iv, aad)
-        plaintext = _bytes(plaintext, "plaintext")
-        out = len(assoc) + len(plaintext) + self.tag_size
-        return self._crypt(AlgOp.ENCRYPT, kiv, assoc, plaintext, out)
+        return bytes(self._encrypt(iv, plaintext, aad))
 
     def decrypt(self, iv: Buffer, ciphertext_and_tag: Buffer, aad: Buffer = b"") -> bytes:
         """The plaintext, or :class:`afalg.InvalidTag` if the tag does not verify (or the input
         is shorter than the tag). Unauthenticated plaintext is never returned."""
+        return bytes(self._decrypt(iv, ciphertext_and_tag, aad))
+
+    def _encrypt(self, iv: Buffer, plaintext: Buffer, aad: Buffer = b"") -> bytearray:
+        """:meth:`encrypt` returning the ``bytearray`` the kernel wrote into (no copy; the
+        record layer's kernel backend uses it)."""
         kiv, assoc = self._prepare(iv, aad)
-        data = _bytes(ciphertext_and_tag, "ciphertext_and_tag")
+        data = _view(plaintext, "plaintext")
+        return self._crypt(AlgOp.ENCRYPT, kiv, assoc, data, len(data) + self.tag_size)
+
+    def _decrypt(self, iv: Buffer, ciphertext_and_tag: Buffer, aad: Buffer = b"") -> bytearray:
+        kiv, assoc = self._prepare(iv, aad)
+        data = _view(ciphertext_and_tag, "ciphertext_and_tag")
         self._check_open()
         if len(data) < self.tag_size:
             raise InvalidTag(
                 f"input of {len(data)} bytes is shorter than the {self.tag_size}-byte tag"
             )
-        out = len(assoc) + len(data) - self.tag_size
-        return self._crypt(AlgOp.DECRYPT, kiv, assoc, data, out)
+        return self._crypt(AlgOp.DECRYPT, kiv, assoc, data, len(data) - self.tag_size)
 
-    def _crypt(self, op: AlgOp, iv: bytes, assoc: bytes, data: bytes, out: int) -> bytes:
+    def _crypt(
+        self, op: AlgOp, iv: bytes, assoc: bytes, data: bytes | memoryview, size: int
+    ) -> bytearray:
+        """Send ``assoc || data`` with the operation and IV; return the ``size`` output bytes
+        that follow the AAD the kernel writes back."""
         what = f"{self.name} {op.name.lower()}"
         with self._lock:
             self._check_open()
-            self._fit(len(assoc) + len(data), out)
+            self._fit(len(assoc) + len(data), len(assoc) + size)
             sock = self._op_socket()
             try:
                 _sendmsg(sock, [assoc, data], cmsg.alg_cmsgs(op, iv, len(assoc)), 0, what)
-                result = _recv_exact(sock, out, what) if out else self._recv_empty(sock, what)
+                if assoc or size:
+                    result = _recv_output(sock, len(assoc), size, what)
+                else:
+                    result = self._recv_empty(sock, what)
             except AlgError as exc:
                 self._drop_op()
                 if exc.errno == errno.ENOMEM:
@@ -445,16 +484,16 @@ class AEAD(_AlgSocket):
             except BaseException:
                 self._drop_op()
                 raise
-        return result[len(assoc) :]
+        return result
 
     @staticmethod
-    def _recv_empty(sock: socket.socket, what: str) -> bytes:
+    def _recv_empty(sock: socket.socket, what: str) -> bytearray:
         # decrypting an empty message with no AAD: the kernel still checks the tag
         try:
             sock.recv(1)
         except OSError as exc:
             raise _alg_error(exc, what) from None
-        return b""
+        return bytearray()
 
 
 # --------------------------------------------------------------------------------------------

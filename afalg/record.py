@@ -374,7 +374,9 @@ class RecordLayer:
         tx.seq = seq + 1
         return _HDR.pack(ctype, TLS_1_2_VERSION, len(out)) + out
 
-    def _encrypt(self, tx: _Direction, nonce: bytes, content: Buffer, aad: bytes) -> bytes:
+    def _encrypt(
+        self, tx: _Direction, nonce: bytes, content: Buffer, aad: bytes
+    ) -> bytes | bytearray:
         try:
             return tx.aead.encrypt(nonce, content, aad)
         except Exception as exc:
