@@ -32,6 +32,7 @@ import io
 import os
 import socket
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from afalg import _uapi
@@ -160,18 +161,7 @@ def supports(version: int, cipher_type: int) -> bool:
         return False
     iv = bytes(12 if suite.is_chacha20 or suite.is_tls13 else 4)
     keys = TrafficKeys(version, suite, bytes(suite.key_length), iv)
-    try:
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            client = socket.create_connection(listener.getsockname(), timeout=5)
-            peer, _ = listener.accept()
-    except OSError:
-        return False
-    with client, peer:
-        try:
-            enable(client, keys, keys)
-        except (KTLSError, OSError):
-            return False
-    return True
+    return _trial(lambda sock: enable(sock, keys, keys))
 
 
 @functools.cache
@@ -181,8 +171,17 @@ def supports_rekey() -> bool:
     kernels answer EBUSY)."""
     from afalg.keys import CipherSuite
 
-    suite = CipherSuite.TLS_AES_128_GCM_SHA256
-    keys = TrafficKeys.tls13(suite, bytes(32))
+    keys = TrafficKeys.tls13(CipherSuite.TLS_AES_128_GCM_SHA256, bytes(32))
+
+    def rekey(sock: socket.socket) -> None:
+        enable(sock, keys, keys)
+        install_keys(sock, _uapi.TLS_TX, keys.next_generation())
+
+    return _trial(rekey)
+
+
+def _trial(setup: Callable[[socket.socket], object]) -> bool:
+    """Whether ``setup`` succeeds on the client end of a throwaway loopback TCP connection."""
     try:
         with socket.create_server(("127.0.0.1", 0)) as listener:
             client = socket.create_connection(listener.getsockname(), timeout=5)
@@ -191,9 +190,8 @@ def supports_rekey() -> bool:
         return False
     with client, peer:
         try:
-            enable(client, keys, keys)
-            install_keys(client, _uapi.TLS_TX, keys.next_generation())
-        except (KTLSError, OSError):
+            setup(client)
+        except OSError:  # KTLSError included
             return False
     return True
 
