@@ -106,6 +106,27 @@ def _check_tcp(sock: socket.socket) -> None:
         raise KTLSError(errno.EOPNOTSUPP, "kTLS needs a TCP socket (AF_INET/AF_INET6 stream)")
 
 
+_CAP_NET_ADMIN = 12
+
+
+def missing_ulp_reason() -> str:
+    """Why ``TCP_ULP "tls"`` gave ENOENT. The kernel loads the tls module on demand only for a
+    process with CAP_NET_ADMIN (net/ipv4/tcp_ulp.c), so an unprivileged one needs it loaded."""
+    if os.path.exists("/sys/module/tls"):
+        return "the kernel has no tls ULP although the tls module is loaded (ENOENT)"
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        caps = 0
+    if not caps >> _CAP_NET_ADMIN & 1:
+        return (
+            "the tls module is not loaded, and only a process with CAP_NET_ADMIN may load it "
+            "on demand: run 'modprobe tls' as root once (ENOENT)"
+        )
+    return "the kernel has no tls ULP (CONFIG_TLS missing or the tls module not loadable)"
+
+
 def attach_ulp(sock: socket.socket) -> None:
     """``setsockopt(SOL_TCP, TCP_ULP, "tls")``, with errors that say what went wrong."""
     _check_tcp(sock)
@@ -121,7 +142,7 @@ def attach_ulp(sock: socket.socket) -> None:
             msg = (f"this socket already has the {current or 'a'} ULP attached; the tls ULP can "
                    "be set once per socket (EEXIST)")  # fmt: skip
         elif code == errno.ENOENT:
-            msg = "the kernel has no tls ULP (CONFIG_TLS missing or the tls module not loadable)"
+            msg = missing_ulp_reason()
         else:
             msg = f"setsockopt(TCP_ULP, 'tls') failed: {exc.strerror}"
         raise KTLSError(code, msg) from exc

@@ -115,6 +115,10 @@ def _probe_tls() -> tuple[bool, str | None, dict[str, list[str]]]:
         with _established() as sock:
             sock.setsockopt(_uapi.SOL_TCP, _uapi.TCP_ULP, b"tls")
     except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            from afalg.ktls import missing_ulp_reason
+
+            return False, f"setsockopt(TCP_ULP, 'tls') failed: {missing_ulp_reason()}", {}
         return False, f"setsockopt(TCP_ULP, 'tls') failed: {_reason(exc)}", {}
     ciphers = {
         vname: [

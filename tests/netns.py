@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import queue
 import select
+import shutil
 import socket
 import struct
 import subprocess
@@ -138,6 +139,30 @@ class Namespace:
         return Capture(self, ifname or self.ifname)
 
 
+CAP_NET_ADMIN = 12
+CAP_NET_RAW = 13
+CAP_SYS_ADMIN = 21
+
+
+def missing_capability() -> str | None:
+    """Why this process cannot make namespaces and sniff a veth, or None if it can: it needs
+    CAP_SYS_ADMIN (setns), CAP_NET_ADMIN (veth, addresses), CAP_NET_RAW (AF_PACKET) and the
+    ``ip`` command (``ip netns exec``)."""
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        caps = 0
+    needed = {"CAP_SYS_ADMIN": CAP_SYS_ADMIN, "CAP_NET_ADMIN": CAP_NET_ADMIN,
+              "CAP_NET_RAW": CAP_NET_RAW}  # fmt: skip
+    lacking = [name for name, bit in needed.items() if not caps >> bit & 1]
+    if lacking:
+        return f"network namespaces and a sniffed veth need {', '.join(lacking)} (run as root)"
+    if not shutil.which("ip"):
+        return "the ip command (iproute2) is not installed"
+    return None
+
+
 class NetnsPair:
     """Namespaces ``a`` (10.0.0.1/24) and ``b`` (10.0.0.2/24) joined by a veth pair.
 
@@ -172,9 +197,15 @@ class NetnsPair:
         self.close()
 
     def setup(self) -> None:
-        """Create the namespaces and the veth pair; idempotent once up."""
+        """Create the namespaces and the veth pair; idempotent once up. Skips the test, with
+        the reason, where the capabilities or commands for that are missing."""
         if self._up:
             return
+        missing = missing_capability()
+        if missing:
+            import pytest
+
+            pytest.skip(missing)
         self.close()  # a leftover of a crashed run under the same names
         try:
             for ns in (self.a, self.b):

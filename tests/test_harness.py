@@ -110,3 +110,22 @@ def test_probe_is_the_package_api() -> None:
     assert caps.kernel_release == os.uname().release
     assert caps.af_alg == bool(caps.alg_types)
     assert caps.ktls == (caps.tls_ulp and any(caps.ktls_ciphers.values()))
+
+
+def test_missing_tls_ulp_reason_names_the_capability() -> None:
+    """The kernel loads the tls module on demand only for CAP_NET_ADMIN: an unprivileged
+    process is told to modprobe it; a privileged one gets the plain reason."""
+    code = "from afalg.ktls import missing_ulp_reason; print(missing_ulp_reason())"
+    if os.path.exists("/sys/module/tls"):
+        pytest.skip("the tls module is loaded here: the reason is about something else")
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stderr
+    dropped = subprocess.run(
+        ["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+    )
+    assert dropped.returncode == 0, dropped.stderr
+    assert "CAP_NET_ADMIN" in dropped.stdout and "modprobe tls" in dropped.stdout
+    if os.geteuid() == 0:
+        assert "modprobe" not in plain.stdout and "CONFIG_TLS" in plain.stdout

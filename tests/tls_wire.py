@@ -481,8 +481,10 @@ class RawTLSClient:
 
 
 def s_client_argv(host: str, port: int, *, suite: Suite, keylog: str, cafile: str) -> list[str]:
+    from test_tls_helpers import require_openssl
+
     argv = [
-        "openssl",
+        require_openssl(),
         "s_client",
         "-connect",
         f"{host}:{port}",
