@@ -25,6 +25,10 @@ cipher and selected_alpn_protocol. A peer's fatal alert raises :class:`afalg.TLS
 (an :class:`ssl.SSLError`) naming it; close_notify is EOF; a TCP close without close_notify is
 EOF too unless ``suppress_ragged_eofs=False`` (then :class:`ssl.SSLEOFError`), as in ssl.
 Non-blocking sockets raise ``BlockingIOError`` like plain sockets.
+
+Sessions stay ssl's: pass ``session=conn.session`` to resume (TLS 1.2 and 1.3). A TLS 1.3
+server sends its NewSessionTickets after the hand-off, so the kernel (or the record layer) opens
+them; :class:`afalg.handoff.TicketFeed` gives them back to ssl, which stores the session.
 """
 
 from __future__ import annotations
