@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import string
 import sys
+from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 from afalg import alg
@@ -28,7 +29,7 @@ __all__ = ["add_parsers"]
 _CHUNK = 64 * 1024
 
 
-def _hex(what: str):
+def _hex(what: str) -> Callable[[str], bytes]:
     """An argparse type for a hex argument. Its errors name the problem, never the value (a
     key must not end up on stderr or in a log)."""
 
@@ -204,7 +205,9 @@ class _IntermixedParser(argparse.ArgumentParser):
 
     _mixing = False
 
-    def parse_known_args(self, args=None, namespace=None):
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
         if self._mixing:
             return super().parse_known_args(args, namespace)
         self._mixing = True
