@@ -27,6 +27,7 @@ import os
 import re
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
@@ -849,6 +850,16 @@ class _CipherSpec:
     chunk: int  # the kernel's chunksize: what a streaming read must be a multiple of
     chains: bool  # the kernel carries the IV from one read to the next (streaming works)
     min_len: int = 0
+    # For modes the kernel does not chain but whose IV after n bytes (a multiple of ``chunk``)
+    # userspace can compute: a stream then runs as a series of complete operations.
+    advance: Callable[[bytes, int], bytes] | None = None
+
+
+def _chacha20_advance(iv: bytes, n: int) -> bytes:
+    """The kernel's chacha20 IV (32-bit little-endian block counter, then the 12-byte nonce)
+    after ``n`` bytes; the counter wraps at 2**32 as the kernel's does."""
+    counter = (int.from_bytes(iv[:4], "little") + n // 64) % 2**32
+    return counter.to_bytes(4, "little") + iv[4:]
 
 
 def _cipher_spec(name: str) -> _CipherSpec | None:
@@ -869,7 +880,7 @@ def _cipher_spec(name: str) -> _CipherSpec | None:
             return _CipherSpec(tuple(2 * k for k in keys), 16, 1, 16, False, 16)
         return _CipherSpec(keys, 16, 1, 16, False, 16)  # cts(cbc(...))
     if name == "chacha20":
-        return _CipherSpec((32,), 16, 1, 64, False)
+        return _CipherSpec((32,), 16, 1, 64, False, advance=_chacha20_advance)
     return None
 
 
@@ -882,8 +893,9 @@ class SKCipher(_AlgSocket):
 
     One-shot ``encrypt(iv, data)`` / ``decrypt(iv, data)``, or streaming ``encryptor(iv)`` /
     ``decryptor(iv)`` with ``update()`` and ``finalize()`` for data larger than memory (sent
-    with MSG_MORE; the kernel carries the IV across reads for cbc, ctr and ecb; other modes are
-    buffered until ``finalize()``). ``padding="pkcs7"`` pads and strips PKCS#7 (block modes
+    with MSG_MORE; the kernel carries the IV across reads for cbc, ctr and ecb; chacha20 runs as
+    a series of complete operations whose IV afalg advances; xts and cts, which cannot be cut,
+    are buffered until ``finalize()``). ``padding="pkcs7"`` pads and strips PKCS#7 (block modes
     only) and raises :class:`afalg.PaddingError` on malformed padding.
 
     Never reuse an IV (or counter) with the same key.
@@ -1034,7 +1046,7 @@ class CipherStream:
         self._total += len(data)
         if not self._spec.chains:
             self._buffer += data
-            return b""
+            return self._advance_buffered(sock)
         what = f"{self._cipher.name} {self._op.name.lower()}"
         out = []
         try:
@@ -1052,6 +1064,25 @@ class CipherStream:
             self.close()
             raise
         return self._hold_back(b"".join(out))
+
+    def _advance_buffered(self, sock: socket.socket) -> bytes:
+        """For a mode with an ``advance`` rule: run the whole chunks buffered so far as complete
+        operations (up to _STREAM_CHUNK bytes each), moving the IV past them."""
+        advance, chunk = self._spec.advance, self._spec.chunk
+        if advance is None:
+            return b""
+        out = []
+        try:
+            while len(self._buffer) >= chunk:
+                n = min(len(self._buffer) - len(self._buffer) % chunk, _STREAM_CHUNK)
+                piece = bytes(self._buffer[:n])
+                out.append(self._cipher._crypt_once(sock, self._op, self._iv, piece, owned=True))
+                del self._buffer[:n]
+                self._iv = advance(self._iv, n)
+        except BaseException:
+            self.close()
+            raise
+        return b"".join(out)
 
     def _hold_back(self, out: bytes) -> bytes:
         if not (self._cipher.padding and self._op == AlgOp.DECRYPT):

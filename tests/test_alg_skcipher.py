@@ -118,6 +118,28 @@ def test_xts_buffered_stream() -> None:
         assert s.update(message[1000:]) + s.finalize() == expected
 
 
+def test_chacha20_streams_with_the_iv_advanced_by_afalg() -> None:
+    """The kernel does not carry chacha20's counter across reads: afalg runs each whole
+    64-byte-block stretch as its own operation with the counter moved on, so output comes out
+    of update() and memory stays bounded. Near the 32-bit wrap the stream agrees with the
+    kernel's own one-shot (the kernel's counter wraps; OpenSSL's would carry)."""
+    key = os.urandom(32)
+    message = os.urandom(300_000)
+    with SKCipher("chacha20", key) as c:
+        for counter in (7, 2**32 - 3):
+            iv = counter.to_bytes(4, "little") + os.urandom(12)
+            whole = c.encrypt(iv, message)
+            if counter == 7:
+                enc = _ref("chacha20", key, iv).encryptor()
+                assert whole == enc.update(message) + enc.finalize()
+            s = c.encryptor(iv)
+            first = s.update(message[:100])  # one whole block ready, 36 bytes held
+            assert first == whole[:64]
+            rest = s.update(message[100:200_001])
+            assert len(first + rest) == 200_000  # every whole block so far; one byte held
+            assert first + rest + s.update(message[200_001:]) + s.finalize() == whole
+
+
 def test_errors() -> None:
     with pytest.raises(ValueError, match="key must be 16, 24 or 32 bytes, got 10"):
         SKCipher("cbc(aes)", bytes(10))
