@@ -107,6 +107,13 @@ def _bind(kind: str, name: str) -> socket.socket:
             raise AlgorithmNotAvailable(
                 exc.errno, f"AF_ALG sockets are not available here: {os.strerror(exc.errno)}"
             ) from None
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            raise AlgorithmNotAvailable(
+                exc.errno,
+                f"AF_ALG is restricted here: socket(AF_ALG) was denied ({os.strerror(exc.errno)}; "
+                "a seccomp filter or a security module, as some systems do since "
+                "CVE-2026-31431)",
+            ) from None
         raise _alg_error(exc, "socket(AF_ALG)") from None
     try:
         sock.bind((kind, name))
