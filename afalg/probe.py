@@ -65,6 +65,8 @@ def _probe_af_alg() -> tuple[bool, str | None, dict[str, bool]]:
     try:
         sock = socket.socket(_uapi.AF_ALG, socket.SOCK_SEQPACKET, 0)
     except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            return False, f"socket(AF_ALG) denied by policy (seccomp or LSM): {_reason(exc)}", {}
         return False, f"socket(AF_ALG) failed: {_reason(exc)}", {}
     sock.close()
     types = {}

@@ -99,4 +99,5 @@ def test_afalg_info_says_af_alg_is_denied() -> None:
     )
     assert result.returncode == 1
     assert "AF_ALG is not usable here" in result.stderr and "EPERM" in result.stderr
+    assert "denied by policy" in result.stderr
     assert "Traceback" not in result.stderr
