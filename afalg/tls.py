@@ -238,7 +238,13 @@ class AlgTLSSocket(TLSSocketBase):
                     return self._ragged_eof()
                 if record.content_type == CT_APPLICATION_DATA:
                     self._check_record_boundary(record.content_type)
-                    self._plain += record.payload
+                    payload = record.payload
+                    if payload:  # straight into the caller's buffer; keep only the rest
+                        n = min(len(view), len(payload))
+                        data = memoryview(payload)
+                        view[:n] = data[:n]
+                        self._plain += data[n:]
+                        return n
                 elif self._control_record(record.content_type, record.payload):
                     return 0  # close_notify
             n = min(len(view), len(self._plain))
