@@ -267,6 +267,37 @@ def test_failed_handshake_forgets_secrets() -> None:
     ssock.close()
 
 
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+@pytest.mark.parametrize("role", ["client", "server"])
+def test_mutual_authentication(version: str, role: str) -> None:
+    """The server asks for a client certificate (CertificateRequest; in TLS 1.3 the client's
+    Certificate and CertificateVerify come with its Finished): the hand-off's sequence numbers
+    still hold, and the afalg side sees the peer's certificate."""
+    from afalg import tls
+
+    cipher = TLS12_CIPHERS[0] if version == "TLSv1.2" else None
+    sctx, cctx = _contexts(version, cipher, 1)
+    sctx.verify_mode = ssl.CERT_REQUIRED
+    sctx.load_verify_locations(CERTS / "ca.pem")
+    cctx.load_cert_chain(CERTS / "server.pem", CERTS / "server.key")
+    csock, ssock = tcp_pair()
+    if role == "client":
+        t, res = run_peer(lambda: sctx.wrap_socket(ssock, server_side=True))
+        conn = tls.wrap(csock, cctx, server_hostname="localhost", mode="algif",
+                        algif_backend="cryptography")  # fmt: skip
+    else:
+        t, res = run_peer(lambda: cctx.wrap_socket(csock, server_hostname="localhost"))
+        conn = tls.wrap(ssock, sctx, server_side=True, mode="algif", algif_backend="cryptography")
+    peer = peer_result(t, res)
+    with conn, peer:
+        assert conn.version() == version
+        assert peer.getpeercert() and conn.getpeercert()  # each side verified the other
+        conn.sendall(b"ping")
+        assert peer.recv(4) == b"ping"
+        peer.sendall(b"pong")
+        assert conn.recv(4) == b"pong"
+
+
 @pytest.mark.parametrize("role", ["client", "server"])
 def test_hello_retry_request(role: str) -> None:
     """The server accepts only secp384r1, the client's first key share is x25519: a
