@@ -57,6 +57,7 @@ CT_HANDSHAKE = 22
 CT_APPLICATION_DATA = 23
 HT_HELLO_REQUEST = 0
 HT_NEW_SESSION_TICKET = 4
+HT_CERTIFICATE_REQUEST = 13
 HT_KEY_UPDATE = 24
 ALERT_WARNING = 1
 ALERT_FATAL = 2
@@ -562,7 +563,11 @@ class TLSSocketBase:
             AlertDescription.unexpected_message,
             TLSProtocolError(
                 AlertDescription.unexpected_message,
-                f"unexpected post-handshake message (HandshakeType {msg_type})",
+                "post-handshake client authentication (a CertificateRequest after the "
+                "handshake) cannot be answered once the keys left ssl; leave "
+                "post_handshake_auth off on the client context"
+                if msg_type == HT_CERTIFICATE_REQUEST and self._version == TLS_1_3_VERSION
+                else f"unexpected post-handshake message (HandshakeType {msg_type})",
             ),
         )
 

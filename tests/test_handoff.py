@@ -298,6 +298,39 @@ def test_mutual_authentication(version: str, role: str) -> None:
         assert conn.recv(4) == b"pong"
 
 
+def test_post_handshake_client_auth_is_refused_by_name() -> None:
+    """A TLS 1.3 server asks for a client certificate after the handshake (the client context
+    offered post_handshake_auth). The keys left ssl, so it cannot be answered: a clear error
+    naming the setting, and the server gets unexpected_message."""
+    import afalg
+    from afalg import tls
+
+    sctx, cctx = _contexts("TLSv1.3", None, 0)
+    sctx.verify_mode = ssl.CERT_REQUIRED
+    sctx.post_handshake_auth = True
+    sctx.load_verify_locations(CERTS / "ca.pem")
+    cctx.post_handshake_auth = True
+    cctx.load_cert_chain(CERTS / "server.pem", CERTS / "server.key")
+    csock, ssock = tcp_pair()
+
+    def server() -> ssl.SSLSocket:
+        s = sctx.wrap_socket(ssock, server_side=True)
+        s.verify_client_post_handshake()
+        s.sendall(b"x")  # the CertificateRequest goes out before it
+        s.recv(10)
+        return s
+
+    t, res = run_peer(server)
+    conn = tls.wrap(csock, cctx, server_hostname="localhost", mode="algif",
+                    algif_backend="cryptography")  # fmt: skip
+    with conn:
+        with pytest.raises(afalg.TLSProtocolError, match="post_handshake_auth") as info:
+            conn.recv(10)
+        assert info.value.alert == afalg.AlertDescription.unexpected_message
+    with pytest.raises(ssl.SSLError, match="UNEXPECTED_MESSAGE"):
+        peer_result(t, res)
+
+
 @pytest.mark.parametrize("role", ["client", "server"])
 def test_hello_retry_request(role: str) -> None:
     """The server accepts only secp384r1, the client's first key share is x25519: a
