@@ -325,9 +325,6 @@ class Handoff:
         return TicketFeed(self.ssl_object, self.incoming, self.rx)
 
 
-HT_NEW_SESSION_TICKET = 4
-
-
 class TicketFeed:
     """Gives a TLS 1.3 client's ssl object the NewSessionTickets the server sends after the
     handshake, which the kernel (or the record layer) opened in ssl's place.
@@ -355,7 +352,9 @@ class TicketFeed:
         """Pass the body of one NewSessionTicket message to ssl."""
         if self._ssl is None:
             return
-        message = bytes([HT_NEW_SESSION_TICKET]) + len(body).to_bytes(3, "big") + body
+        from afalg.ktls import HT_NEW_SESSION_TICKET, handshake_message
+
+        message = handshake_message(HT_NEW_SESSION_TICKET, body)
         try:
             self._incoming.write(self._layer.seal(CT_HANDSHAKE, message))
             self._ssl.read(1)

@@ -478,12 +478,9 @@ class TLSSocketBase:
         """RFC 8446 5.1: no other record may come between the records of one handshake
         message (unexpected_message)."""
         if self._hs_buf and content_type != CT_HANDSHAKE:
-            raise self._fatal(
+            raise self._protocol_error(
                 AlertDescription.unexpected_message,
-                TLSProtocolError(
-                    AlertDescription.unexpected_message,
-                    f"record of content type {content_type} inside a fragmented handshake message",
-                ),
+                f"record of content type {content_type} inside a fragmented handshake message",
             )
 
     def _control_record(self, content_type: int, payload: bytes) -> bool:
@@ -491,9 +488,8 @@ class TLSSocketBase:
         self._check_record_boundary(content_type)
         if content_type == CT_ALERT:
             if len(payload) != 2:
-                raise self._fatal(
-                    AlertDescription.decode_error,
-                    TLSProtocolError(AlertDescription.decode_error, "alert record of bad length"),
+                raise self._protocol_error(
+                    AlertDescription.decode_error, "alert record of bad length"
                 )
             level, description = payload
             if description == AlertDescription.close_notify:
@@ -507,40 +503,40 @@ class TLSSocketBase:
             self._close_notify_sent = True  # the connection is gone; send nothing more
             raise self._error
         if content_type == CT_HANDSHAKE:
-            if not payload:
-                raise self._fatal(
-                    AlertDescription.unexpected_message,
-                    TLSProtocolError(AlertDescription.unexpected_message, "empty handshake record"),
-                )
-            self._hs_buf += payload
-            messages = _handshake_messages(self._hs_buf)
-            if len(self._hs_buf) >= 4:
-                length = int.from_bytes(self._hs_buf[1:4], "big")
-                if length > MAX_POST_HANDSHAKE_MESSAGE:
-                    alert = AlertDescription.illegal_parameter
-                    raise self._fatal(
-                        alert,
-                        TLSProtocolError(
-                            alert, f"post-handshake message of {length} bytes is too long"
-                        ),
-                    )
-            for i, (msg_type, body) in enumerate(messages):
-                last = i == len(messages) - 1 and not self._hs_buf
-                if msg_type == HT_KEY_UPDATE and not last:
-                    # RFC 8446 5.1: a message preceding a key change must end its record.
-                    alert = AlertDescription.unexpected_message
-                    raise self._fatal(
-                        alert, TLSProtocolError(alert, "data after a KeyUpdate in its record")
-                    )
-                self._handshake_message(msg_type, body)
+            self._handshake_record(payload)
             return False
-        raise self._fatal(
+        raise self._protocol_error(
             AlertDescription.unexpected_message,
-            TLSProtocolError(
-                AlertDescription.unexpected_message,
-                f"unexpected record of content type {content_type} after the handshake",
-            ),
+            f"unexpected record of content type {content_type} after the handshake",
         )
+
+    def _protocol_error(self, alert: AlertDescription, message: str) -> BaseException:
+        """:meth:`_fatal` with a :class:`TLSProtocolError` carrying ``alert``."""
+        return self._fatal(alert, TLSProtocolError(alert, message))
+
+    def _handshake_record(self, payload: bytes) -> None:
+        """Take the complete post-handshake messages out of the buffered handshake bytes and
+        act on them. RFC 8446 5.1: no empty handshake record, and a KeyUpdate ends its record;
+        a message longer than MAX_POST_HANDSHAKE_MESSAGE is refused at its header."""
+        if not payload:
+            raise self._protocol_error(
+                AlertDescription.unexpected_message, "empty handshake record"
+            )
+        self._hs_buf += payload
+        messages = _handshake_messages(self._hs_buf)
+        if len(self._hs_buf) >= 4:
+            length = int.from_bytes(self._hs_buf[1:4], "big")
+            if length > MAX_POST_HANDSHAKE_MESSAGE:
+                raise self._protocol_error(
+                    AlertDescription.illegal_parameter,
+                    f"post-handshake message of {length} bytes is too long",
+                )
+        for i, (msg_type, body) in enumerate(messages):
+            if msg_type == HT_KEY_UPDATE and (i < len(messages) - 1 or self._hs_buf):
+                raise self._protocol_error(
+                    AlertDescription.unexpected_message, "data after a KeyUpdate in its record"
+                )
+            self._handshake_message(msg_type, body)
 
     def _handshake_message(self, msg_type: int, body: bytes) -> None:
         if msg_type == HT_NEW_SESSION_TICKET and self._version == TLS_1_3_VERSION:
@@ -556,19 +552,19 @@ class TLSSocketBase:
                     if len(body) != 1
                     else AlertDescription.illegal_parameter
                 )
-                raise self._fatal(alert, TLSProtocolError(alert, "malformed KeyUpdate"))
+                raise self._protocol_error(alert, "malformed KeyUpdate")
             self._key_update(update_requested=body[0] == 1)
             return
-        raise self._fatal(
-            AlertDescription.unexpected_message,
-            TLSProtocolError(
+        if msg_type == HT_CERTIFICATE_REQUEST and self._version == TLS_1_3_VERSION:
+            raise self._protocol_error(
                 AlertDescription.unexpected_message,
                 "post-handshake client authentication (a CertificateRequest after the "
                 "handshake) cannot be answered once the keys left ssl; leave "
-                "post_handshake_auth off on the client context"
-                if msg_type == HT_CERTIFICATE_REQUEST and self._version == TLS_1_3_VERSION
-                else f"unexpected post-handshake message (HandshakeType {msg_type})",
-            ),
+                "post_handshake_auth off on the client context",
+            )
+        raise self._protocol_error(
+            AlertDescription.unexpected_message,
+            f"unexpected post-handshake message (HandshakeType {msg_type})",
         )
 
     def _key_update(self, *, update_requested: bool) -> None:
@@ -630,9 +626,14 @@ def _handshake_messages(buffer: bytearray) -> list[tuple[int, bytes]]:
     return out
 
 
+def handshake_message(msg_type: int, body: bytes) -> bytes:
+    """A handshake message: msg_type (1 byte), length (3 bytes, big-endian), body."""
+    return bytes([msg_type]) + len(body).to_bytes(3, "big") + body
+
+
 def key_update_message(update_requested: bool) -> bytes:
     """A KeyUpdate handshake message (RFC 8446 section 4.6.3)."""
-    return bytes([HT_KEY_UPDATE, 0, 0, 1, 1 if update_requested else 0])
+    return handshake_message(HT_KEY_UPDATE, bytes([1 if update_requested else 0]))
 
 
 # --- kTLS ----------------------------------------------------------------------------------------
@@ -824,4 +825,4 @@ class KTLSSocket(TLSSocketBase):
         with contextlib.suppress(OSError):
             self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # clears sk_err
         alert, what = _RECV_ERRORS[exc.errno]
-        return self._fatal(alert, TLSProtocolError(alert, f"kTLS: {what} ({exc.strerror})"))
+        return self._protocol_error(alert, f"kTLS: {what} ({exc.strerror})")

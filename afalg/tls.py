@@ -90,15 +90,14 @@ def wrap(
         )  # fmt: skip
         if mode == "auto":
             mode = "ktls" if ktls.supports(h.version, h.cipher_suite.ktls_cipher_type) else "algif"
+        common: dict[str, Any] = {
+            "ssl_object": h.ssl_object,
+            "suppress_ragged_eofs": suppress_ragged_eofs,
+            "tickets": h.ticket_feed(),
+        }
         if mode == "ktls":
-            return KTLSSocket(
-                sock, h.tx, h.rx, ssl_object=h.ssl_object,
-                suppress_ragged_eofs=suppress_ragged_eofs, tickets=h.ticket_feed(),
-            )  # fmt: skip
-        return AlgTLSSocket(
-            sock, h.tx, h.rx, ssl_object=h.ssl_object, suppress_ragged_eofs=suppress_ragged_eofs,
-            backend=algif_backend, tickets=h.ticket_feed(),
-        )  # fmt: skip
+            return KTLSSocket(sock, h.tx, h.rx, **common)
+        return AlgTLSSocket(sock, h.tx, h.rx, backend=algif_backend, **common)
     except BaseException:
         sock.close()
         raise
