@@ -63,6 +63,11 @@ class TLSCipherType(IntEnum):
 # /proc/net/tls_stat, whose names are the kernel's own.
 TLS_STAT_PATH = "/proc/net/tls_stat"
 
+# --- include/uapi/linux/capability.h --------------------------------------------------------
+CAP_NET_ADMIN = 12
+CAP_NET_RAW = 13
+CAP_SYS_ADMIN = 21
+
 # --- include/uapi/linux/fcntl.h / splice ------------------------------------------------------
 SPLICE_F_MOVE = 1
 SPLICE_F_NONBLOCK = 2

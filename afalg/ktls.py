@@ -32,7 +32,8 @@ import io
 import os
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from afalg import _uapi
@@ -107,20 +108,14 @@ def _check_tcp(sock: socket.socket) -> None:
         raise KTLSError(errno.EOPNOTSUPP, "kTLS needs a TCP socket (AF_INET/AF_INET6 stream)")
 
 
-_CAP_NET_ADMIN = 12
-
-
 def missing_ulp_reason() -> str:
     """Why ``TCP_ULP "tls"`` gave ENOENT. The kernel loads the tls module on demand only for a
     process with CAP_NET_ADMIN (net/ipv4/tcp_ulp.c), so an unprivileged one needs it loaded."""
+    from afalg.probe import has_capability
+
     if os.path.exists("/sys/module/tls"):
         return "the kernel has no tls ULP although the tls module is loaded (ENOENT)"
-    try:
-        with open("/proc/self/status") as f:
-            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
-    except (OSError, StopIteration, ValueError):
-        caps = 0
-    if not caps >> _CAP_NET_ADMIN & 1:
+    if not has_capability(_uapi.CAP_NET_ADMIN):
         return (
             "the tls module is not loaded, and only a process with CAP_NET_ADMIN may load it "
             "on demand: run 'modprobe tls' as root once (ENOENT)"
@@ -202,19 +197,24 @@ def supports_rekey() -> bool:
     return _trial(rekey)
 
 
-def _trial(setup: Callable[[socket.socket], object]) -> bool:
-    """Whether ``setup`` succeeds on the client end of a throwaway loopback TCP connection."""
-    try:
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            client = socket.create_connection(listener.getsockname(), timeout=5)
-            peer, _ = listener.accept()
-    except OSError:
-        return False
+@contextmanager
+def loopback() -> Iterator[socket.socket]:
+    """The client end of a throwaway loopback TCP connection, ESTABLISHED (the tls ULP takes
+    no other state), its peer kept open until the end."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=5)
+        peer, _ = listener.accept()
     with client, peer:
-        try:
-            setup(client)
-        except OSError:  # KTLSError included
-            return False
+        yield client
+
+
+def _trial(setup: Callable[[socket.socket], object]) -> bool:
+    """Whether ``setup`` succeeds on a :func:`loopback` connection."""
+    try:
+        with loopback() as sock:
+            setup(sock)
+    except OSError:  # KTLSError included
+        return False
     return True
 
 

@@ -11,13 +11,12 @@ import errno
 import os
 import platform
 import socket
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass, field
 
 from afalg import _uapi
 
-__all__ = ["Capabilities", "probe"]
+__all__ = ["Capabilities", "has_capability", "probe"]
 
 # One algorithm per AF_ALG socket type that every kernel with that type has.
 PROBE_ALGORITHMS: dict[str, str] = {
@@ -27,11 +26,11 @@ PROBE_ALGORITHMS: dict[str, str] = {
     "rng": "stdrng",
 }
 
-# kTLS ciphers afalg drives: name -> (cipher type, key size).
-KTLS_CIPHERS: dict[str, tuple[_uapi.TLSCipherType, int]] = {
-    "AES_GCM_128": (_uapi.TLSCipherType.AES_GCM_128, 16),
-    "AES_GCM_256": (_uapi.TLSCipherType.AES_GCM_256, 32),
-    "CHACHA20_POLY1305": (_uapi.TLSCipherType.CHACHA20_POLY1305, 32),
+# kTLS ciphers afalg drives, by name.
+KTLS_CIPHERS: dict[str, _uapi.TLSCipherType] = {
+    "AES_GCM_128": _uapi.TLSCipherType.AES_GCM_128,
+    "AES_GCM_256": _uapi.TLSCipherType.AES_GCM_256,
+    "CHACHA20_POLY1305": _uapi.TLSCipherType.CHACHA20_POLY1305,
 }
 VERSIONS = {"TLSv1.2": _uapi.TLS_1_2_VERSION, "TLSv1.3": _uapi.TLS_1_3_VERSION}
 
@@ -80,54 +79,27 @@ def _probe_af_alg() -> tuple[bool, str | None, dict[str, bool]]:
     return True, None, types
 
 
-@contextmanager
-def _established() -> Iterator[socket.socket]:
-    """A TCP socket in ESTABLISHED state (the tls ULP refuses any other), peer kept open."""
-    with (
-        closing(socket.create_server(("127.0.0.1", 0))) as listener,
-        closing(socket.create_connection(listener.getsockname())) as client,
-        closing(listener.accept()[0]),
-    ):
-        yield client
-
-
-def _try_ktls(version: int, cipher_type: int, key_size: int) -> bool:
-    from afalg.cmsg import tls_crypto_info
-
-    salt, iv = (
-        (b"", bytes(12))
-        if cipher_type == _uapi.TLSCipherType.CHACHA20_POLY1305
-        else (bytes(4), bytes(8))
-    )
-    info = tls_crypto_info(
-        version, cipher_type, key=bytes(key_size), iv=iv, salt=salt, rec_seq=bytes(8)
-    )
-    with _established() as sock:
-        sock.setsockopt(_uapi.SOL_TCP, _uapi.TCP_ULP, b"tls")
-        try:
-            sock.setsockopt(_uapi.SOL_TLS, _uapi.TLS_TX, info)
-            sock.setsockopt(_uapi.SOL_TLS, _uapi.TLS_RX, info)
-        except OSError:
-            return False
-    return True
+def has_capability(cap: int) -> bool:
+    """Whether this process has capability ``cap`` (``_uapi.CAP_*``) in its effective set."""
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return bool(caps >> cap & 1)
 
 
 def _probe_tls() -> tuple[bool, str | None, dict[str, list[str]]]:
+    from afalg.ktls import loopback, missing_ulp_reason, supports
+
     try:
-        with _established() as sock:
+        with loopback() as sock:
             sock.setsockopt(_uapi.SOL_TCP, _uapi.TCP_ULP, b"tls")
     except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            from afalg.ktls import missing_ulp_reason
-
-            return False, f"setsockopt(TCP_ULP, 'tls') failed: {missing_ulp_reason()}", {}
-        return False, f"setsockopt(TCP_ULP, 'tls') failed: {_reason(exc)}", {}
+        reason = missing_ulp_reason() if exc.errno == errno.ENOENT else _reason(exc)
+        return False, f"setsockopt(TCP_ULP, 'tls') failed: {reason}", {}
     ciphers = {
-        vname: [
-            cname
-            for cname, (ctype, ksize) in KTLS_CIPHERS.items()
-            if _try_ktls(version, ctype, ksize)
-        ]
+        vname: [cname for cname, ctype in KTLS_CIPHERS.items() if supports(version, ctype)]
         for vname, version in VERSIONS.items()
     }
     return True, None, ciphers

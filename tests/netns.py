@@ -39,6 +39,9 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
 
+from afalg import _uapi
+from afalg.probe import has_capability
+
 __all__ = [
     "Capture",
     "Frame",
@@ -139,23 +142,12 @@ class Namespace:
         return Capture(self, ifname or self.ifname)
 
 
-CAP_NET_ADMIN = 12
-CAP_NET_RAW = 13
-CAP_SYS_ADMIN = 21
-
-
 def missing_capability() -> str | None:
     """Why this process cannot make namespaces and sniff a veth, or None if it can: it needs
     CAP_SYS_ADMIN (setns), CAP_NET_ADMIN (veth, addresses), CAP_NET_RAW (AF_PACKET) and the
     ``ip`` command (``ip netns exec``)."""
-    try:
-        with open("/proc/self/status") as f:
-            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
-    except (OSError, StopIteration, ValueError):
-        caps = 0
-    needed = {"CAP_SYS_ADMIN": CAP_SYS_ADMIN, "CAP_NET_ADMIN": CAP_NET_ADMIN,
-              "CAP_NET_RAW": CAP_NET_RAW}  # fmt: skip
-    lacking = [name for name, bit in needed.items() if not caps >> bit & 1]
+    needed = ("CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_NET_RAW")
+    lacking = [name for name in needed if not has_capability(getattr(_uapi, name))]
     if lacking:
         return f"network namespaces and a sniffed veth need {', '.join(lacking)} (run as root)"
     if not shutil.which("ip"):
