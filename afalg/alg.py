@@ -998,7 +998,7 @@ class SKCipher(_AlgSocket):
             raise ValueError(f"{self.name}: data must be at least {spec.min_len} bytes, got {n}")
 
     def _crypt_once(
-        self, sock: socket.socket, op: AlgOp, iv: bytes, data: bytes, *, owned: bool
+        self, sock: socket.socket, op: AlgOp, iv: bytes, data: Buffer, *, owned: bool
     ) -> bytes:
         """One complete operation (no MSG_MORE) on ``sock``."""
         what = f"{self.name} {op.name.lower()}"
@@ -1048,7 +1048,7 @@ class CipherStream:
 
     def update(self, data: Buffer) -> bytes:
         """Feed ``data``; return the output available so far."""
-        data = _bytes(data, "data")
+        data = _view(data, "data")
         sock = self._live()
         self._total += len(data)
         if not self._spec.chains:
@@ -1082,8 +1082,10 @@ class CipherStream:
         try:
             while len(self._buffer) >= chunk:
                 n = min(len(self._buffer) - len(self._buffer) % chunk, _STREAM_CHUNK)
-                piece = bytes(self._buffer[:n])
-                out.append(self._cipher._crypt_once(sock, self._op, self._iv, piece, owned=True))
+                with memoryview(self._buffer)[:n] as piece:  # released before the del below
+                    out.append(
+                        self._cipher._crypt_once(sock, self._op, self._iv, piece, owned=True)
+                    )
                 del self._buffer[:n]
                 self._iv = advance(self._iv, n)
         except BaseException:
