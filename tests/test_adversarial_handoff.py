@@ -15,7 +15,9 @@ import gc
 import os
 import socket
 import ssl
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_tls_helpers import Bg, client_context, server_context, tcp_pair
@@ -57,6 +59,21 @@ class MemoryClient:
         self.sock.close()
 
 
+@contextlib.contextmanager
+def handoff_server(sctx: ssl.SSLContext) -> Iterator[tuple[tuple[str, int], Callable[[], Any]]]:
+    """A listening socket's address, and ``serve()``: accept one connection and run the
+    server-side hand-off on it (to run in a :class:`Bg`)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def serve() -> handoff.Handoff:
+            conn, _ = listener.accept()
+            conn.settimeout(10)
+            with conn:
+                return handoff.handshake(conn, sctx, server_side=True)
+
+        yield listener.getsockname(), serve
+
+
 def _logged_secret(path: Path, label: str, client_random: bytes) -> bytes:
     for line in path.read_text().splitlines():
         fields = line.split()
@@ -71,15 +88,7 @@ def test_replayed_client_random_cannot_steal_or_break_another_handshake(tmp_path
     honest connection's secrets."""
     sctx = server_context()
     honest_log = tmp_path / "honest.keylog"
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        address = listener.getsockname()
-
-        def serve() -> handoff.Handoff:
-            conn, _ = listener.accept()
-            conn.settimeout(10)
-            with conn:
-                return handoff.handshake(conn, sctx, server_side=True)
-
+    with handoff_server(sctx) as (address, serve):
         # The honest client gets the server's whole first flight (the server has logged the
         # honest connection's application traffic secrets) and holds its Finished.
         honest = MemoryClient(client_context(keylog_filename=str(honest_log)), address)
@@ -114,15 +123,7 @@ def test_replayed_client_random_after_the_honest_handshake_is_harmless(tmp_path:
     the secrets were forgotten (and punched out of the memfd) when they were taken."""
     sctx = server_context()
     honest_log = tmp_path / "honest.keylog"
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        address = listener.getsockname()
-
-        def serve() -> handoff.Handoff:
-            conn, _ = listener.accept()
-            conn.settimeout(10)
-            with conn:
-                return handoff.handshake(conn, sctx, server_side=True)
-
+    with handoff_server(sctx) as (address, serve):
         honest = MemoryClient(client_context(keylog_filename=str(honest_log)), address)
         server = Bg(serve)
         honest.sock.sendall(honest.client_hello)

@@ -144,10 +144,10 @@ def test_tlslite_ng_client(server, version, cipher, expected):
     assert (record.outcome, record.mode, record.suite) == ("ok", server.mode, expected)
 
 
-@pytest.mark.parametrize("tls_version", ["1.3", "1.2"])
-def test_python_ssl_client_echo(server, tls_version):
+def _ssl_client(server, tls_version="any"):
+    """The example client in mode userspace (Python ssl), connected to ``server``."""
     ctx = echo_client.client_context(cafile=CAFILE, tls_version=tls_version)
-    tls = echo_client.connect(
+    return echo_client.connect(
         "127.0.0.1",
         server.port,
         ctx,
@@ -155,6 +155,11 @@ def test_python_ssl_client_echo(server, tls_version):
         server_hostname="localhost",
         timeout=60 * SLOW,
     )
+
+
+@pytest.mark.parametrize("tls_version", ["1.3", "1.2"])
+def test_python_ssl_client_echo(server, tls_version):
+    tls = _ssl_client(server, tls_version=tls_version)
     port = tls.getsockname()[1]
     result = echo_client.Result(0)
     with tls:
@@ -170,15 +175,7 @@ def test_python_ssl_client_echo(server, tls_version):
 
 
 def test_python_ssl_client_get_sendfile(server, files):
-    ctx = echo_client.client_context(cafile=CAFILE)
-    tls = echo_client.connect(
-        "127.0.0.1",
-        server.port,
-        ctx,
-        mode="userspace",
-        server_hostname="localhost",
-        timeout=60 * SLOW,
-    )
+    tls = _ssl_client(server)
     port = tls.getsockname()[1]
     result = echo_client.Result(0)
     with tls:
