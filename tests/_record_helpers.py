@@ -7,6 +7,7 @@ import os
 import struct
 from pathlib import Path
 
+from _env import CERTS
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from afalg.keys import CipherSuite, TrafficKeys
@@ -62,3 +63,30 @@ def hand_seal12(
         explicit = seq.to_bytes(8, "big") if explicit is None else explicit
         body = explicit + raw_aead(keys).encrypt(keys.iv + explicit, content, aad)
     return struct.pack(">BHH", ctype, 0x0303, len(body)) + body
+
+
+# --- the OpenSSL exchange of tests/_record_interop.py: what runs, what it must show ----------
+
+TLS12 = [
+    ("ECDHE-RSA-AES128-GCM-SHA256", "rsa"),
+    ("AES256-GCM-SHA384", "rsa"),
+    ("ECDHE-RSA-CHACHA20-POLY1305", "rsa"),
+    ("ECDHE-ECDSA-AES256-GCM-SHA384", "ec"),
+    ("ECDHE-ECDSA-CHACHA20-POLY1305", "ec"),
+]
+TLS13 = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"]
+CERT_FILES = {
+    "ec": (str(CERTS / "server.pem"), str(CERTS / "server.key")),
+    "rsa": (str(CERTS / "rsa.pem"), str(CERTS / "rsa.key")),
+}
+
+
+def check(summary: dict, version: str, suite: str) -> None:
+    """What every exchange must have done, whichever backend."""
+    assert summary["version"] == f"TLSv{version}"
+    assert summary["suite"] == suite
+    assert summary["close_notify"] is True
+    assert summary["opened"] >= 10 and summary["sealed"] >= 10
+    if version == "1.3":
+        assert summary["key_updates"] == 2
+        assert summary["tickets"] >= 1  # OpenSSL's NewSessionTickets, opened by us

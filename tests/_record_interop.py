@@ -10,7 +10,8 @@ KeyUpdate both ways, close_notify).
 
 Python's ssl cannot choose a TLS 1.3 suite, so :func:`run_in_subprocess` runs the exchange in a
 child whose OPENSSL_CONF sets ``Ciphersuites``. Run directly:
-``python -m tests._record_interop VERSION SUITE BACKEND CERTFILE KEYFILE`` prints a JSON summary.
+``python tests/_record_interop.py VERSION SUITE BACKEND CERTFILE KEYFILE`` prints a JSON summary
+(the matrix both test files run, and :func:`check` of a summary, are in _record_helpers).
 """
 
 from __future__ import annotations
@@ -18,28 +19,29 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from tls_wire import parse_keylog, split_records
+
 from afalg.keys import TrafficKeys, suite_from_openssl_name, tls12_traffic_keys
 from afalg.record import ContentType, Record, RecordLayer
 
-ROOT = Path(__file__).resolve().parent.parent
 HS = ContentType.handshake
 APP = ContentType.application_data
 SIZES = (1, 1000, 16384, 16385, 100 * 1024)
 
 
-def split_records(stream: bytes) -> list[bytes]:
-    out, i = [], 0
-    while i < len(stream):
-        n = int.from_bytes(stream[i + 3 : i + 5], "big")
-        out.append(stream[i : i + 5 + n])
-        i += 5 + n
-    assert i == len(stream), "stream does not end on a record boundary"
-    return out
+def whole_records(stream: bytes) -> list[bytes]:
+    """Each record of ``stream``, header included; a stream that does not end on a record
+    boundary raises ValueError."""
+    return [
+        struct.pack("!BHH", content_type, version, len(fragment)) + fragment
+        for content_type, version, fragment in split_records(stream)
+    ]
 
 
 def _step(obj: ssl.SSLObject) -> bool:
@@ -62,7 +64,8 @@ def _read_all(obj: ssl.SSLObject) -> bytes:
         out += chunk
 
 
-def _open_all(layer: RecordLayer, data: bytes) -> list[Record]:
+def open_all(layer: RecordLayer, data: bytes) -> list[Record]:
+    """Feed ``data`` to ``layer`` and return every record it completes."""
     layer.feed(data)
     out = []
     while (r := layer.next_record()) is not None:
@@ -70,13 +73,13 @@ def _open_all(layer: RecordLayer, data: bytes) -> list[Record]:
     return out
 
 
-def _keylog(path: str) -> dict[str, str]:
-    out = {}
-    for line in Path(path).read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 3:
-            out[parts[0]] = parts[2]
-    return out
+def _keylog(path: str) -> dict[str, bytes]:
+    """The secrets in the key log at ``path`` (one connection's), by label."""
+    return {
+        label: secret
+        for by_label in parse_keylog(Path(path).read_text()).values()
+        for label, secret in by_label.items()
+    }
 
 
 def contexts(version: str, suite: str, certfile: str, keyfile: str, keylog: str):
@@ -130,20 +133,20 @@ def run_exchange(version: str, suite: str, backend: str, certfile: str, keyfile:
         log = _keylog(keylog)
 
         summary: dict = {"version": c.version(), "suite": negotiated, "opened": 0, "sealed": 0}
-        c_records = split_records(bytes(c_stream))
-        s_records = split_records(bytes(s_stream))
+        c_records = whole_records(bytes(c_stream))
+        s_records = whole_records(bytes(s_stream))
 
         if version == "1.3":
-            ckeys = TrafficKeys.tls13(cs, bytes.fromhex(log["CLIENT_TRAFFIC_SECRET_0"]))
-            skeys = TrafficKeys.tls13(cs, bytes.fromhex(log["SERVER_TRAFFIC_SECRET_0"]))
+            ckeys = TrafficKeys.tls13(cs, log["CLIENT_TRAFFIC_SECRET_0"])
+            skeys = TrafficKeys.tls13(cs, log["SERVER_TRAFFIC_SECRET_0"])
             c_protected: list[bytes] = []
-            s_protected = split_records(s_after_done)  # NewSessionTickets
+            s_protected = whole_records(s_after_done)  # NewSessionTickets
         else:
             # ClientHello / ServerHello random: record header 5, handshake header 4, version 2
             client_random = c_records[0][11:43]
             server_random = s_records[0][11:43]
             ckeys, skeys = tls12_traffic_keys(
-                cs, bytes.fromhex(log["CLIENT_RANDOM"]), client_random, server_random
+                cs, log["CLIENT_RANDOM"], client_random, server_random
             )
             c_protected = _after_ccs(c_records)
             s_protected = _after_ccs(s_records)
@@ -153,7 +156,7 @@ def run_exchange(version: str, suite: str, backend: str, certfile: str, keyfile:
         obs_s = RecordLayer(rx=skeys, backend=backend)  # watches server -> client
         for obs, recs in ((obs_c, c_protected), (obs_s, s_protected)):
             for rec in recs:
-                opened = _open_all(obs, rec)
+                opened = open_all(obs, rec)
                 assert [r.content_type for r in opened] == [HS], opened
                 # TLS 1.2: Finished (20); TLS 1.3: NewSessionTicket (4)
                 assert opened[0].payload[0] == (20 if version == "1.2" else 4)
@@ -169,7 +172,7 @@ def run_exchange(version: str, suite: str, backend: str, certfile: str, keyfile:
             ):
                 writer.write(payload)
                 wire = out_bio.read()
-                records = _open_all(obs, wire)
+                records = open_all(obs, wire)
                 assert all(r.content_type == APP for r in records)
                 assert b"".join(r.payload for r in records) == payload
                 summary["opened"] += len(records)
@@ -184,7 +187,7 @@ def run_exchange(version: str, suite: str, backend: str, certfile: str, keyfile:
             payload = os.urandom(size)
             for ours, in_bio, reader in ((our_c, sin, s), (our_s, cin, c)):
                 wire = ours.seal(APP, payload)
-                summary["sealed"] += len(split_records(wire))
+                summary["sealed"] += len(whole_records(wire))
                 in_bio.write(wire)
                 assert _read_all(reader) == payload
 
@@ -200,7 +203,7 @@ def run_exchange(version: str, suite: str, backend: str, certfile: str, keyfile:
             key_update = obs_s.next_record()  # one record at a time: the next needs new keys
             assert key_update == Record(HS, b"\x18\x00\x00\x01\x00"), key_update
             obs_s.rekey_rx()
-            assert _open_all(obs_s, b"") == [Record(APP, b"after its key update")]
+            assert open_all(obs_s, b"") == [Record(APP, b"after its key update")]
             summary["key_updates"] = 2
 
         # close_notify from us ends OpenSSL's read side
@@ -240,8 +243,7 @@ def run_in_subprocess(
     Path(conf).write_text(OPENSSL_CONF.format(suites=suite))
     env = dict(os.environ, OPENSSL_CONF=conf)
     proc = subprocess.run(
-        [sys.executable, "-m", "tests._record_interop", version, suite, backend, certfile, keyfile],
-        cwd=ROOT,
+        [sys.executable, __file__, version, suite, backend, certfile, keyfile],
         env=env,
         capture_output=True,
         text=True,

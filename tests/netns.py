@@ -32,7 +32,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,13 +48,14 @@ __all__ = [
     "Namespace",
     "NetnsPair",
     "TCPStream",
-    "iter_records",
     "tcp_streams",
 ]
 
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
 PACKET_OUTGOING = 4
+SOL_PACKET = 263  # <linux/socket.h>
+PACKET_STATISTICS = 6  # <linux/if_packet.h>: struct tpacket_stats { tp_packets; tp_drops; }
 
 
 class Namespace:
@@ -270,12 +271,18 @@ class Capture:
     ``with ns.capture() as cap: ...``; after the block (or :meth:`stop`) ``cap.frames`` holds the
     frames in order. A raw socket rather than scapy's sniffer: no scapy import on the hot path,
     no BPF compiler needed, and the socket is opened before the traffic starts.
+
+    Lossless only while the capture thread keeps up: on a loaded machine the socket's receive
+    buffer can fill and the kernel drops frames. ``cap.drops`` (after :meth:`stop`) is the
+    kernel's count of them; a test that needs every byte checks it, the others use
+    ``tcp_streams(frames, allow_gaps=True)``.
     """
 
     def __init__(self, ns: Namespace, ifname: str) -> None:
         self.ns = ns
         self.ifname = ifname
         self.frames: list[Frame] = []
+        self.drops = 0  # frames the kernel dropped for this socket (read at stop)
         self._sock: socket.socket | None = None
         self._stop_r, self._stop_w = -1, -1
         self._thread: threading.Thread | None = None
@@ -289,7 +296,10 @@ class Capture:
 
     def start(self) -> None:
         sock = self.ns.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        try:  # past net.core.rmem_max (CAP_NET_ADMIN, which the namespaces need anyway)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, 32 << 20)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
         sock.bind((self.ifname, ETH_P_ALL))
         self._sock = sock
         self._stop_r, self._stop_w = os.pipe()
@@ -326,6 +336,10 @@ class Capture:
         self._thread.join()
         self._thread = None
         assert self._sock is not None
+        _packets, drops = struct.unpack(
+            "II", self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
+        )
+        self.drops += drops
         self._sock.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
@@ -345,20 +359,25 @@ class TCPStream:
     fin: bool = False
     rst: bool = False
     segments: int = 0
+    missing: int = 0  # bytes not captured before the last captured one (allow_gaps only)
+    chunks: dict[int, bytes] = field(default_factory=dict, repr=False)  # stream offset -> data
     _isn: int | None = field(default=None, repr=False)
-    _chunks: dict[int, bytes] = field(default_factory=dict, repr=False)
 
 
 Endpoint = tuple[str, int]
 
 
-def tcp_streams(frames: Sequence[Frame]) -> dict[tuple[Endpoint, Endpoint], TCPStream]:
+def tcp_streams(
+    frames: Sequence[Frame], *, allow_gaps: bool = False
+) -> dict[tuple[Endpoint, Endpoint], TCPStream]:
     """Reassemble the TCP byte streams in ``frames`` (IPv4 over Ethernet).
 
     Keyed by ``(src, dst)`` address pairs; each direction is its own :class:`TCPStream`.
     Retransmitted segments are deduplicated by sequence number; a gap raises ``ValueError``
-    (a veth drops nothing, so a gap means the capture missed frames). Only the last connection
-    per address pair is kept when a 4-tuple is reused.
+    (a veth drops nothing, so a gap means the capture missed frames, see ``Capture.drops``).
+    With ``allow_gaps`` a gap is not an error: ``data`` is the stream up to the first gap,
+    ``chunks`` every captured segment by offset and ``missing`` how many bytes the gaps hold.
+    Only the last connection per address pair is kept when a 4-tuple is reused.
     """
     streams: dict[tuple[Endpoint, Endpoint], TCPStream] = {}
     for frame in frames:
@@ -377,15 +396,20 @@ def tcp_streams(frames: Sequence[Frame]) -> dict[tuple[Endpoint, Endpoint], TCPS
         stream.rst |= bool(flags & 0x04)
         if payload:
             offset = (seq - stream._isn) & 0xFFFFFFFF
-            stream._chunks.setdefault(offset, payload)
+            stream.chunks.setdefault(offset, payload)
             stream.segments += 1
     for stream in streams.values():
         data = bytearray()
-        for offset in sorted(stream._chunks):
-            chunk = stream._chunks[offset]
-            if offset > len(data):
-                raise ValueError(f"gap in TCP stream {stream.src}->{stream.dst} at {len(data)}")
-            data += chunk[len(data) - offset :]
+        end = 0  # the furthest captured byte
+        for offset in sorted(stream.chunks):
+            chunk = stream.chunks[offset]
+            if offset > end:
+                if not allow_gaps:
+                    raise ValueError(f"gap in TCP stream {stream.src}->{stream.dst} at {end}")
+                stream.missing += offset - end
+            if offset <= len(data) and stream.missing == 0:
+                data += chunk[len(data) - offset :]
+            end = max(end, offset + len(chunk))
         stream.data = bytes(data)
     return streams
 
@@ -404,13 +428,3 @@ def _parse_tcp(frame: bytes) -> tuple[tuple[str, int], tuple[str, int], int, int
     data_offset = (tcp[12] >> 4) * 4
     flags = tcp[13]
     return (src_ip, src_port), (dst_ip, dst_port), seq, flags, bytes(tcp[data_offset:])
-
-
-def iter_records(data: bytes) -> Iterator[tuple[int, int, bytes]]:
-    """Split a TLS byte stream into ``(content_type, version, fragment)``; a partial record at
-    the end is yielded with the fragment as far as captured."""
-    pos = 0
-    while pos + 5 <= len(data):
-        content_type, version, length = struct.unpack_from("!BHH", data, pos)
-        yield content_type, version, data[pos + 5 : pos + 5 + length]
-        pos += 5 + length

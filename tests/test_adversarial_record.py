@@ -14,6 +14,7 @@ import struct
 
 import pytest
 from _record_helpers import ALL_SUITES, TLS12_SUITES, TLS13_SUITES, make_keys
+from _record_interop import open_all
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -38,20 +39,12 @@ def layers(suite: CipherSuite, seq: int = 0) -> tuple[RecordLayer, RecordLayer, 
     return RecordLayer(tx=keys, backend=CRYPTO), RecordLayer(rx=keys, backend=CRYPTO), keys
 
 
-def opened(layer: RecordLayer, wire: bytes) -> list[Record]:
-    layer.feed(wire)
-    out = []
-    while (rec := layer.next_record()) is not None:
-        out.append(rec)
-    return out
-
-
 def expect_poison(layer: RecordLayer, alert: A, wire: bytes = b"") -> TLSProtocolError:
     """Feeding ``wire`` raises ``alert``; the layer then refuses everything but sealing an
     alert."""
     released: list[Record] = []
     with pytest.raises(TLSProtocolError) as info:
-        released += opened(layer, wire)
+        released += open_all(layer, wire)
     assert info.value.alert is alert, info.value
     assert alert.name in str(info.value)
     with pytest.raises(TLSProtocolError):
@@ -69,7 +62,7 @@ def expect_poison(layer: RecordLayer, alert: A, wire: bytes = b"") -> TLSProtoco
 def test_replayed_record(suite: CipherSuite) -> None:
     tx, rx, _ = layers(suite)
     first = tx.seal(APP, b"pay me 1")
-    assert opened(rx, first) == [Record(APP, b"pay me 1")]
+    assert open_all(rx, first) == [Record(APP, b"pay me 1")]
     expect_poison(rx, A.bad_record_mac, first)
 
 
@@ -142,7 +135,7 @@ def test_records_too_short_for_a_tag(suite: CipherSuite) -> None:
 def test_garbage_never_becomes_a_record(suite: CipherSuite, garbage: bytes) -> None:
     _, rx, _ = layers(suite)
     try:
-        records = opened(rx, garbage)
+        records = open_all(rx, garbage)
     except TLSProtocolError as exc:
         assert isinstance(exc.alert, A) and exc.alert.name in str(exc)
         assert rx.error is exc
@@ -212,7 +205,7 @@ def test_each_nonce_used_once_across_every_kind_of_seal(suite: CipherSuite) -> N
     wire += tx.seal(ContentType.alert, b"\x01\x00")
     assert len(rec.nonces) == 6 == len(set(rec.nonces))
     assert tx.tx_keys.seq == 6
-    assert [r.content_type for r in opened(rx, wire)] == [APP, APP, APP, APP,
+    assert [r.content_type for r in open_all(rx, wire)] == [APP, APP, APP, APP,
                                                            ContentType.handshake,
                                                            ContentType.alert]  # fmt: skip
 
@@ -253,7 +246,7 @@ def test_sequence_numbers_never_wrap(suite: CipherSuite) -> None:
     with pytest.raises(ValueError, match="exhausted"):
         tx.tx_keys  # noqa: B018 - a property that must refuse, not show seq 2**64 or 0
     assert "seq=18446744073709551616" in repr(tx)
-    assert opened(rx, wire) == [Record(APP, b"a"), Record(APP, b"b")]
+    assert open_all(rx, wire) == [Record(APP, b"a"), Record(APP, b"b")]
     with pytest.raises(ValueError, match="exhausted"):
         rx.rx_keys  # noqa: B018
     # a record after the last sequence number is refused before any decryption

@@ -17,7 +17,8 @@ import socket
 import struct
 
 import pytest
-from test_echo_server import CERTS, MODES, SLOW, Running, client, connect
+from _env import CAFILE, SERVER_MODES, SLOW
+from test_echo_server import Running, client, connect
 
 from afalg import handoff, tls
 
@@ -40,24 +41,28 @@ def drain(sock: socket.socket) -> None:
             pass
 
 
-def honest(srv: Running, data: bytes) -> None:
+def honest(srv: Running, data: bytes) -> int:
+    """One echo; returns the client's port (the server logs it as the peer)."""
     result = client.Result(0)
     with connect(srv) as conn:
+        port = conn.getsockname()[1]
         client.echo(conn, data, result)
+    return port
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SERVER_MODES)
 def test_hostile_clients_cost_only_their_connection_and_no_fd(mode: str) -> None:
     srv = Running(mode, handshake_timeout=30.0 * SLOW)
-    cctx = client.client_context(cafile=str(CERTS / "ca.pem"))
+    cctx = client.client_context(cafile=CAFILE)
     handoff.keylog_for(cctx)  # its memfd exists before the baseline
     try:
-        honest(srv, b"first")
+        first = honest(srv, b"first")
         srv.finished(1)
         baseline = open_fds()
 
-        def hostile_after_handshake(payload: bytes | None, *, fin: bool = False) -> None:
+        def hostile_after_handshake(payload: bytes | None, *, fin: bool = False) -> int:
             raw = socket.create_connection(("127.0.0.1", srv.port), timeout=20 * SLOW)
+            port = raw.getsockname()[1]
             conn = tls.wrap(raw, cctx, server_hostname="localhost", mode="algif",
                             algif_backend="cryptography")  # fmt: skip
             with conn:
@@ -70,24 +75,38 @@ def test_hostile_clients_cost_only_their_connection_and_no_fd(mode: str) -> None
                 if fin:
                     conn._sock.shutdown(socket.SHUT_WR)
                 drain(conn._sock)
+            return port
 
-        hostile_after_handshake(None)  # forged record
-        hostile_after_handshake(b"GET / HTTP/1.0\r\n\r\n")  # plaintext after the handshake
-        hostile_after_handshake(struct.pack(">BHH", 23, 0x0303, 2**14 + 300) + bytes(100))
-        hostile_after_handshake(struct.pack(">BHH", 23, 0x0303, 100) + bytes(30), fin=True)
-        for raw_bytes in (BAD_HELLO, BAD_HELLO[:7]):  # garbage hello; half a hello then FIN
+        def hostile_hello(raw_bytes: bytes) -> int:
             with socket.create_connection(("127.0.0.1", srv.port), timeout=20 * SLOW) as raw:
+                port = raw.getsockname()[1]
                 raw.sendall(raw_bytes)
                 raw.shutdown(socket.SHUT_WR)
                 drain(raw)
-        honest(srv, b"still serving")
+            return port
+
+        # Each client's outcome is found by its port: the server logs connections as they
+        # finish, and a slow teardown (a loaded machine) can finish one after the next.
+        fatal = [
+            hostile_after_handshake(None),  # forged record
+            hostile_after_handshake(b"GET / HTTP/1.0\r\n\r\n"),  # plaintext after handshake
+            hostile_after_handshake(struct.pack(">BHH", 23, 0x0303, 2**14 + 300) + bytes(100)),
+        ]
+        # a truncated record then FIN: may count as a (ragged) EOF
+        truncated = hostile_after_handshake(
+            struct.pack(">BHH", 23, 0x0303, 100) + bytes(30), fin=True
+        )
+        bad_hellos = [hostile_hello(BAD_HELLO), hostile_hello(BAD_HELLO[:7])]  # then FIN
+        last = honest(srv, b"still serving")
         conns = srv.finished(8, timeout=60 * SLOW)
-        outcomes = [c.outcome for c in conns]
-        assert outcomes[0] == "ok" and outcomes[-1] == "ok", outcomes
-        # forged, plaintext and oversized records are fatal; the truncated record then FIN
-        # may count as a (ragged) EOF; the two bad hellos fail their handshake
-        assert all(o.startswith(("alert:", "error:")) for o in outcomes[1:4]), outcomes
-        assert all(o.startswith("handshake-") for o in outcomes[5:7]), outcomes
+        outcome = {c.peer[1]: c.outcome for c in conns}
+        ports = [first, *fatal, truncated, *bad_hellos, last]
+        assert sorted(outcome) == sorted(ports), (outcome, ports)
+        assert outcome[first] == "ok" and outcome[last] == "ok", outcome
+        # forged, plaintext and oversized records are fatal; the bad hellos fail the handshake
+        assert all(outcome[p].startswith(("alert:", "error:")) for p in fatal), outcome
+        assert all(outcome[p].startswith("handshake-") for p in bad_hellos), outcome
+        outcomes = [outcome[p] for p in ports]
         after = open_fds()
         leaked = {fd: target for fd, target in after.items() if fd not in baseline}
         assert not leaked, (leaked, outcomes)

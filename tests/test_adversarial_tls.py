@@ -18,7 +18,8 @@ import struct
 from collections.abc import Callable
 
 import pytest
-from test_tls_helpers import MODES, connect, recv_exactly
+from _env import WRAP_MODES
+from test_tls_helpers import connect, recv_exactly
 
 import afalg
 from afalg.errors import AlertDescription as A
@@ -54,7 +55,7 @@ def peer_gets_alert(theirs: object, alert: A) -> None:
     assert info.value.alert is alert
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 def test_plaintext_on_the_wire_after_the_handshake(mode: tuple[str, str]) -> None:
     """An HTTP request in clear (first byte 'G' = 71, no such content type): a TLS error with
     an alert, never EIO or data; the peer gets the alert; the connection stays dead."""
@@ -73,7 +74,7 @@ def test_plaintext_on_the_wire_after_the_handshake(mode: tuple[str, str]) -> Non
     assert_no_fd_leak(session)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 @pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
 def test_forged_record_between_good_ones(mode: tuple[str, str], version: str) -> None:
     """good | forged | good in one TCP write: the first comes out, then bad_record_mac, and the
@@ -98,7 +99,7 @@ def test_forged_record_between_good_ones(mode: tuple[str, str], version: str) ->
     assert_no_fd_leak(session)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 def test_oversized_record_header(mode: tuple[str, str]) -> None:
     """A TLS 1.3 header announcing 2**14 + 257 bytes: record_overflow (kTLS: EMSGSIZE) as soon
     as the header is seen, without waiting for a body that never comes."""
@@ -112,7 +113,7 @@ def test_oversized_record_header(mode: tuple[str, str]) -> None:
         assert_poisoned(ours)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 @pytest.mark.parametrize("suppress", [True, False], ids=["suppress", "strict"])
 def test_truncated_record_then_fin(mode: tuple[str, str], suppress: bool) -> None:
     """Half a record, then the peer's FIN: no byte of it, no hang; EOF (suppress_ragged_eofs)
@@ -130,7 +131,7 @@ def test_truncated_record_then_fin(mode: tuple[str, str], suppress: bool) -> Non
                 ours.recv(100)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 def test_no_key_in_repr(mode: tuple[str, str]) -> None:
     ours, theirs = connect(mode, "client", peer="afalg")
     with ours, theirs:
@@ -143,7 +144,7 @@ def test_no_key_in_repr(mode: tuple[str, str]) -> None:
                 assert not any(secret.hex() in t or repr(secret) in t for t in texts), texts
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 def test_io_after_close_is_refused(mode: tuple[str, str], tmp_path) -> None:
     """After close() no buffered plaintext comes out and nothing goes in: EBADF, as ssl."""
     ours, theirs = connect(mode, "client", peer="afalg")
@@ -162,7 +163,7 @@ def test_io_after_close_is_refused(mode: tuple[str, str], tmp_path) -> None:
             assert info.value.errno == errno.EBADF, info.value
 
 
-@pytest.mark.parametrize("mode", MODES)  # refused before any rekeying, so kTLS < 6.14 too
+@pytest.mark.parametrize("mode", WRAP_MODES)  # refused before any rekeying, so kTLS < 6.14 too
 @pytest.mark.parametrize(
     "after",
     [b"\x04\x00", b"\x04\x00\x00\x00"],
@@ -185,7 +186,7 @@ def test_key_update_must_end_its_record(mode: tuple[str, str], after: bytes) -> 
         assert info.value.alert is A.unexpected_message
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 @pytest.mark.parametrize("interleaved", [(23, b"interleaved"), (21, b"\x01\x00")],
                          ids=["application-data", "close-notify"])  # fmt: skip
 def test_handshake_message_interrupted(mode: tuple[str, str], interleaved: tuple) -> None:
@@ -201,7 +202,7 @@ def test_handshake_message_interrupted(mode: tuple[str, str], interleaved: tuple
         assert info.value.alert is A.unexpected_message
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 @pytest.mark.parametrize(
     ("record", "alert"),
     [(b"", A.unexpected_message), (b"\x04\x7f\xff\xff", A.illegal_parameter)],

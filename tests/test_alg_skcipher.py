@@ -6,18 +6,16 @@ import itertools
 import os
 
 import pytest
+from _env import FEW_EXAMPLES as _FEW  # four ciphers x two directions per example
 from cryptography.hazmat.primitives import padding as _padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import afalg
 from afalg.alg import SKCipher
 
 pytestmark = pytest.mark.kernel
-
-# four ciphers x two directions per example: fewer examples under TCG than the VM profile's 12
-_FEW = settings(max_examples=5) if os.environ.get("AFALG_IN_VM") else settings()
 
 
 def _ref(name: str, key: bytes, iv: bytes | None) -> Cipher:

@@ -27,12 +27,13 @@ import os
 import socket
 import ssl
 import struct
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+import tls_echo_client as echo_client
+import tls_echo_server as echo_server
+from _env import CAFILE, CERTS, CONFORMANCE_MODES, SLOW
 from netns import NetnsPair, tcp_streams
 from tls_wire import (
     BY_OPENSSL,
@@ -58,17 +59,6 @@ from tls_wire import (
 )
 
 pytestmark = pytest.mark.kernel
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
-import tls_echo_client as echo_client  # noqa: E402
-import tls_echo_server as echo_server  # noqa: E402
-
-CERTS = ROOT / "tests" / "certs"
-CAFILE = str(CERTS / "ca.pem")
-SLOW = 8.0 if os.environ.get("AFALG_IN_VM") else 1.0
-# The modes under test; AFALG_CONFORMANCE_MODES=userspace runs the reference (plain ssl) server.
-MODES = os.environ.get("AFALG_CONFORMANCE_MODES", "ktls,algif").split(",")
 
 SUITES = [
     "TLS_AES_128_GCM_SHA256",
@@ -129,6 +119,12 @@ class Server:
             )
             return self.closed[client_port]
 
+    def wait_closed(self, n: int, timeout: float = 20 * SLOW) -> None:
+        """Wait until the server has logged ``n`` connections (its close_notify is sent by
+        then)."""
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.closed) >= n, timeout), self.closed
+
 
 class HonestClient:
     """Python ssl in namespace b, echoing a small message every 100 ms on one connection."""
@@ -170,7 +166,7 @@ class HonestClient:
         self.tls.close()
 
 
-@pytest.fixture(scope="module", params=MODES)
+@pytest.fixture(scope="module", params=CONFORMANCE_MODES)
 def server(request, pair):
     srv = Server(pair, request.param)
     honest = HonestClient(pair, srv.port)
@@ -198,9 +194,10 @@ def test_wire(server, pair, scapy_tls, suite_name, tmp_path):
     argv = pair.b.argv(
         s_client_argv(pair.a.address, server.port, suite=suite, keylog=str(keylog), cafile=CAFILE)
     )
+    closed_before = len(server.closed)
     with pair.a.capture() as cap:
         echoed = run_s_client_echo(argv, chunks, timeout=60 * SLOW)
-        time.sleep(0.3 * SLOW)  # the server's close_notify
+        server.wait_closed(closed_before + 1)  # the server's close_notify is on the wire
     assert echoed == sent
 
     server_addr = (pair.a.address, server.port)

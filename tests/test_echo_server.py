@@ -17,27 +17,14 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+import tls_echo_client as client
+import tls_echo_server as server
+from _env import CERTS, IN_VM, ROOT, SERVER_MODES, SLOW
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
-
-import tls_echo_client as client  # noqa: E402
-import tls_echo_server as server  # noqa: E402
-
-CERTS = ROOT / "tests" / "certs"
-IN_VM = bool(os.environ.get("AFALG_IN_VM"))
-SLOW = 8.0 if IN_VM else 1.0  # Python under TCG is ~14x slower
 # A handshake through afalg.tls.wrap takes seconds under TCG (and the CPUs are shared).
 HANDSHAKE_TIMEOUT = 15.0 if IN_VM else 1.0
-
-MODES = [
-    pytest.param("userspace"),
-    pytest.param("ktls", marks=pytest.mark.kernel),
-    pytest.param("algif", marks=pytest.mark.kernel),
-]
 
 
 class Running:
@@ -71,7 +58,7 @@ class Running:
         assert self.server.wait_stopped(10 * SLOW)
 
 
-@pytest.fixture(params=MODES)
+@pytest.fixture(params=SERVER_MODES)
 def mode(request):
     return request.param
 
@@ -273,7 +260,10 @@ def test_connection_cap(mode):
     srv = Running(mode, max_conns=2, handshake_timeout=5.0 * HANDSHAKE_TIMEOUT)
     try:
         held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(2)]
-        time.sleep(0.3 * SLOW)
+        deadline = time.monotonic() + 10 * SLOW
+        while len(srv.server.connections) < 2:  # the server has taken both: the cap is reached
+            assert time.monotonic() < deadline, srv.server.connections
+            time.sleep(0.01)
         extra = socket.create_connection(("127.0.0.1", srv.port), timeout=10 * SLOW)
         assert extra.recv(1) == b""  # accepted and closed at once
         extra.close()

@@ -11,27 +11,18 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import sys
 import threading
-from pathlib import Path
 
 import pytest
+import tls_echo_client as echo_client
+import tls_echo_server as echo_server
+from _env import CAFILE, CERTS, CONFORMANCE_MODES, SLOW
 from tls_wire import BY_OPENSSL, marker_payload, run_s_client_echo, s_client_argv
 
 pytestmark = [
     pytest.mark.kernel,
     pytest.mark.filterwarnings("ignore:The asyncore module:DeprecationWarning"),
 ]
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
-import tls_echo_client as echo_client  # noqa: E402
-import tls_echo_server as echo_server  # noqa: E402
-
-CERTS = ROOT / "tests" / "certs"
-CAFILE = str(CERTS / "ca.pem")
-SLOW = 8.0 if os.environ.get("AFALG_IN_VM") else 1.0
-MODES = os.environ.get("AFALG_CONFORMANCE_MODES", "ktls,algif").split(",")
 
 
 class Server:
@@ -78,7 +69,7 @@ def files(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module", params=MODES)
+@pytest.fixture(scope="module", params=CONFORMANCE_MODES)
 def server(request, files):
     srv = Server(request.param, str(files))
     yield srv

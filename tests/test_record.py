@@ -10,6 +10,16 @@ import socket
 import struct
 
 import pytest
+from _record_helpers import (
+    ALL_SUITES,
+    TLS12_SUITES,
+    TLS13_SUITES,
+    hand_seal12,
+    hand_seal13,
+    make_keys,
+    rfc8448,
+)
+from _record_interop import open_all
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,15 +31,6 @@ from afalg.record import (
     Record,
     RecordLayer,
 )
-from tests._record_helpers import (
-    ALL_SUITES,
-    TLS12_SUITES,
-    TLS13_SUITES,
-    hand_seal12,
-    hand_seal13,
-    make_keys,
-    rfc8448,
-)
 
 CRYPTO = "cryptography"
 A = AlertDescription
@@ -39,14 +40,6 @@ APP = ContentType.application_data
 def pair(suite: CipherSuite, seq: int = 0, **kw: object) -> tuple[RecordLayer, RecordLayer]:
     keys = make_keys(suite, seq)
     return RecordLayer(tx=keys, backend=CRYPTO, **kw), RecordLayer(rx=keys, backend=CRYPTO)
-
-
-def open_all(rx: RecordLayer, data: bytes) -> list[Record]:
-    rx.feed(data)
-    out = []
-    while (r := rx.next_record()) is not None:
-        out.append(r)
-    return out
 
 
 def expect_alert(alert: AlertDescription, rx: RecordLayer, data: bytes) -> None:

@@ -11,35 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from tests._record_interop import run_exchange, run_in_subprocess
-
-CERTS = Path(__file__).parent / "certs"
-
-TLS12 = [
-    ("ECDHE-RSA-AES128-GCM-SHA256", "rsa"),
-    ("AES256-GCM-SHA384", "rsa"),
-    ("ECDHE-RSA-CHACHA20-POLY1305", "rsa"),
-    ("ECDHE-ECDSA-AES256-GCM-SHA384", "ec"),
-    ("ECDHE-ECDSA-CHACHA20-POLY1305", "ec"),
-]
-TLS13 = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"]
-
-
-CERT_FILES = {
-    "ec": (str(CERTS / "server.pem"), str(CERTS / "server.key")),
-    "rsa": (str(CERTS / "rsa.pem"), str(CERTS / "rsa.key")),
-}
-
-
-def check(summary: dict, version: str, suite: str) -> None:
-    assert summary["version"] == f"TLSv{version}"
-    assert summary["suite"] == suite
-    assert summary["close_notify"] is True
-    assert summary["opened"] >= 10 and summary["sealed"] >= 10
-    if version == "1.3":
-        assert summary["key_updates"] == 2
-        assert summary["tickets"] >= 1  # OpenSSL's NewSessionTickets, opened by us
+from _record_helpers import CERT_FILES, TLS12, TLS13, check
+from _record_interop import run_exchange, run_in_subprocess
 
 
 @pytest.mark.parametrize(("suite", "cert"), TLS12)

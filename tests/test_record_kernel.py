@@ -11,29 +11,19 @@ import os
 from pathlib import Path
 
 import pytest
+from _record_helpers import ALL_SUITES, CERT_FILES, TLS12, TLS13, check, make_keys, rfc8448
+from _record_interop import open_all, run_exchange, run_in_subprocess
 from hypothesis import given
 from hypothesis import strategies as st
 
 from afalg import AlertDescription, TLSProtocolError
 from afalg.keys import CipherSuite, TrafficKeys
 from afalg.record import MAX_PLAINTEXT, ContentType, Record, RecordLayer
-from tests._record_helpers import ALL_SUITES, make_keys, rfc8448
-from tests._record_interop import run_exchange, run_in_subprocess
-from tests.test_record_interop import CERT_FILES, TLS12, TLS13, check
 
 pytestmark = pytest.mark.kernel
 
 APP = ContentType.application_data
-CERTS = Path(__file__).parent / "certs"
-EC = (str(CERTS / "server.pem"), str(CERTS / "server.key"))
-
-
-def open_all(layer: RecordLayer, data: bytes) -> list[Record]:
-    layer.feed(data)
-    out = []
-    while (r := layer.next_record()) is not None:
-        out.append(r)
-    return out
+EC = CERT_FILES["ec"]
 
 
 @pytest.mark.parametrize("suite", ALL_SUITES, ids=lambda s: s.name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import select
 import shutil
 import socket
 import ssl
@@ -17,14 +18,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from _env import CERTS
 
 from afalg import tls
 
-CERTS = Path(__file__).parent / "certs"
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 
 
@@ -34,15 +34,6 @@ def require_openssl() -> str:
         pytest.skip("the openssl command is not installed (interop peer)")
     return OPENSSL
 
-
-IN_VM = bool(os.environ.get("AFALG_IN_VM"))
-
-# (mode, algif backend): kernel ones run in the VM, the cryptography one on the host.
-MODES = [
-    pytest.param(("ktls", "kernel"), id="ktls", marks=pytest.mark.kernel),
-    pytest.param(("algif", "kernel"), id="algif", marks=pytest.mark.kernel),
-    pytest.param(("algif", "cryptography"), id="algif-host"),
-]
 
 TLS13_SUITES = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"]
 TLS12_SUITES = ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
@@ -240,6 +231,23 @@ def openssl_client(version: str, suite: str, *extra: str) -> Iterator[tuple[Any,
             with contextlib.suppress(Exception):
                 proc.kill()
                 proc.wait(10)
+
+
+def wait_stderr(proc: Any, marker: bytes, timeout: float = 60) -> bytes:
+    """Read a subprocess's stderr until ``marker`` has appeared (raises on EOF or timeout);
+    returns what was read."""
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    fd = proc.stderr.fileno()
+    while marker not in out:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise TimeoutError(f"no {marker!r} from openssl on stderr: {bytes(out)!r}")
+        data = os.read(fd, 4096)
+        if not data:
+            raise EOFError(f"openssl stderr ended without {marker!r}: {bytes(out)!r}")
+        out += data
+    return bytes(out)
 
 
 def read_stdout(proc: Any, n: int, timeout: float = 60) -> bytes:

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
 import pytest
+from _env import WRAP_MODES
 from test_tls_helpers import (
-    MODES,
     TLS12_SUITES,
     TLS13_SUITES,
     client_context,
@@ -21,6 +20,7 @@ from test_tls_helpers import (
     recv_all,
     recv_exactly,
     server_context,
+    wait_stderr,
 )
 
 from afalg import tls
@@ -36,7 +36,7 @@ def _combos(algif_suites: list[tuple[str, str]]) -> list[object]:
     """kTLS and algif-host with every suite; algif in the VM with ``algif_suites`` (the record
     layer's suites are covered byte for byte by its own tests; this keeps the VM part short)."""
     out = []
-    for param in MODES:
+    for param in WRAP_MODES:
         mode = param.values[0]
         suites = algif_suites if mode == ("algif", "kernel") else SUITES
         for version, suite in suites:
@@ -95,7 +95,7 @@ def test_server_against_s_client(mode: tuple[str, str], version: str, suite: str
         proc.wait(30)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 def test_key_update_from_openssl(mode: tuple[str, str]) -> None:
     """s_client sends KeyUpdate(update_requested): algif moves both directions; kTLS on Linux
     before 6.14 raises KeyUpdateUnsupported naming the limit."""
@@ -110,7 +110,9 @@ def test_key_update_from_openssl(mode: tuple[str, str]) -> None:
             assert recv_exactly(conn, 5) == b"1111\n"
             proc.stdin.write(b"K\n")  # KeyUpdate, update_requested
             proc.stdin.flush()
-            time.sleep(1)  # s_client drops the rest of a stdin read that held a command
+            # s_client drops the rest of a stdin read that held a command: send the next
+            # line only once it has taken this one
+            wait_stderr(proc, b"KEYUPDATE\n")
             proc.stdin.write(b"2222\n")
             proc.stdin.flush()
             major, minor = os.uname().release.split("-")[0].split(".")[:2]
@@ -123,7 +125,7 @@ def test_key_update_from_openssl(mode: tuple[str, str]) -> None:
             assert read_stdout(proc, 5) == b"3333\n"
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 def test_tls13_client_resumes_against_s_server(mode: tuple[str, str]) -> None:
     """s_server's NewSessionTickets arrive after the hand-off (the kernel or the record layer
     opens them); afalg gives them back to ssl, so the session resumes: a PSK handshake that

@@ -15,8 +15,8 @@ import os
 import ssl
 
 import pytest
+from _env import WRAP_MODES
 from test_tls_helpers import (
-    MODES,
     TLS12_SUITES,
     Bg,
     connect,
@@ -45,7 +45,7 @@ def _exchange(ours: object, theirs: object, size: int) -> None:
     assert hashlib.sha256(got).digest() == hashlib.sha256(in_data).digest()
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 @pytest.mark.parametrize("role", ["client", "server"])
 def test_transfers_both_ways(mode: tuple[str, str], role: str) -> None:
     """1 B each way right after the handshake (a wrong starting sequence number fails here),
@@ -70,7 +70,7 @@ def test_transfers_both_ways(mode: tuple[str, str], role: str) -> None:
         assert theirs.recv(10) == b""
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 @pytest.mark.parametrize("cipher", TLS12_SUITES[::2])
 def test_tls12(mode: tuple[str, str], cipher: str) -> None:
     ours, theirs = connect(mode, "client", version="TLSv1.2", cipher=cipher)
@@ -85,7 +85,7 @@ def test_tls12(mode: tuple[str, str], cipher: str) -> None:
         bg.result()
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 def test_many_small_sends_and_partial_reads(mode: tuple[str, str]) -> None:
     ours, theirs = connect(mode, "server")
     with ours, theirs:
@@ -117,7 +117,7 @@ def test_many_small_sends_and_partial_reads(mode: tuple[str, str]) -> None:
         assert recv_exactly(theirs, 25) == b"written through makefile\n"
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 def test_timeout_and_nonblocking(mode: tuple[str, str]) -> None:
     ours, theirs = connect(mode, "client")
     with ours, theirs:
@@ -132,7 +132,7 @@ def test_timeout_and_nonblocking(mode: tuple[str, str]) -> None:
         assert recv_exactly(ours, 10) == b"still fine"
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 def test_sendfile_10mib(mode: tuple[str, str], tmp_path: object) -> None:
     data = pattern(10 * 2**20, 3)
     path = tmp_path / "blob"  # type: ignore[operator]
@@ -148,7 +148,7 @@ def test_sendfile_10mib(mode: tuple[str, str], tmp_path: object) -> None:
         assert recv_exactly(theirs, 10) == data[1000:1010]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 def test_close_notify_from_peer_and_ragged_eof(mode: tuple[str, str]) -> None:
     ours, theirs = connect(mode, "client")
     with ours:
@@ -173,7 +173,7 @@ def test_close_notify_from_peer_and_ragged_eof(mode: tuple[str, str]) -> None:
                     ours.recv(10)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 def test_peer_alert(mode: tuple[str, str]) -> None:
     ours, theirs = connect(mode, "client", peer="afalg")
     with ours, theirs:
@@ -190,7 +190,7 @@ def test_peer_alert(mode: tuple[str, str]) -> None:
             ours.send(b"x")
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 def test_corrupted_record(mode: tuple[str, str]) -> None:
     """A record whose tag fails: bad_record_mac raised here and sent to the peer."""
     stats = tls_stats() if mode[0] == "ktls" else {}
@@ -212,7 +212,7 @@ def test_corrupted_record(mode: tuple[str, str]) -> None:
         assert tls_stats()["TlsDecryptError"] == stats["TlsDecryptError"] + 1
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 @pytest.mark.parametrize("requested", [False, True], ids=["update_not_requested", "requested"])
 def test_peer_key_update(mode: tuple[str, str], requested: bool) -> None:
     ours, theirs = connect(mode, "client", peer="afalg")
@@ -247,7 +247,7 @@ def _kernel_can_rekey() -> bool:
     return (int(major), int(minor)) >= (6, 14)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 def test_concurrent_send_and_recv(mode: tuple[str, str]) -> None:
     """One thread sends while another receives, on both ends (afalg peer: unlike an OpenSSL SSL
     object, afalg sockets allow one reader and one writer at once)."""
@@ -265,7 +265,7 @@ def test_concurrent_send_and_recv(mode: tuple[str, str]) -> None:
         assert got == in_data
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WRAP_MODES)
 def test_malformed_key_update(mode: tuple[str, str]) -> None:
     """KeyUpdate whose request_update is neither 0 nor 1: illegal_parameter, sent and raised."""
     ours, theirs = connect(mode, "client", peer="afalg")

@@ -1,0 +1,45 @@
+"""What the test modules share about where they run: paths, the VM's slowness, the modes.
+
+Imported by name (``from _env import SLOW``): ``[tool:pytest] pythonpath`` in setup.cfg puts
+``tests/`` (and ``examples/``, for the example server and client) on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CERTS = ROOT / "tests" / "certs"
+CAFILE = str(CERTS / "ca.pem")
+
+IN_VM = bool(os.environ.get("AFALG_IN_VM"))
+# Python under TCG is ~14x slower, and the host's CPUs are shared: scale every timeout by this.
+SLOW = 8.0 if IN_VM else 1.0
+
+# Modes of the example server (examples/tls_echo_server.py): the plain-ssl reference on the host,
+# the kernel ones in the VM.
+SERVER_MODES = [
+    pytest.param("userspace"),
+    pytest.param("ktls", marks=pytest.mark.kernel),
+    pytest.param("algif", marks=pytest.mark.kernel),
+]
+
+# (mode, algif backend) of afalg.tls.wrap: kernel ones run in the VM, the cryptography one on the
+# host.
+WRAP_MODES = [
+    pytest.param(("ktls", "kernel"), id="ktls", marks=pytest.mark.kernel),
+    pytest.param(("algif", "kernel"), id="algif", marks=pytest.mark.kernel),
+    pytest.param(("algif", "cryptography"), id="algif-host"),
+]
+
+# The server modes the kernel-only suites (conformance, interop) run;
+# AFALG_CONFORMANCE_MODES=userspace runs them against the reference (plain ssl) server.
+CONFORMANCE_MODES = os.environ.get("AFALG_CONFORMANCE_MODES", "ktls,algif").split(",")
+
+# For property tests whose every example costs several kernel operations: fewer examples under
+# TCG than the VM profile's (conftest.py).
+FEW_EXAMPLES = settings(max_examples=5) if IN_VM else settings()
