@@ -39,7 +39,11 @@ def _cmd_vm(args: argparse.Namespace) -> int:
     if not argv:
         print("afalg vm: no command given (afalg vm -- CMD ...)", file=sys.stderr)
         return 2
-    lacking = vm.missing(args.kernel)
+    try:
+        lacking = vm.missing(args.kernel)
+    except ValueError as exc:  # an unknown kernel name
+        print(f"afalg vm: {exc}", file=sys.stderr)
+        return 2
     if lacking and args.install:
         vm.install(args.kernel)
         lacking = vm.missing(args.kernel)
@@ -55,6 +59,7 @@ def _cmd_vm(args: argparse.Namespace) -> int:
         cpus=args.cpus,
         memory=args.memory,
         env=dict(item.split("=", 1) for item in args.env),
+        sysctls=dict(item.split("=", 1) for item in args.sysctl),
     )
 
 
@@ -75,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Boot a Debian kernel under QEMU (TCG) over this filesystem, run CMD in the "
         "current directory (made writable), pass its output through and exit with its status.",
     )
-    vmp.add_argument("--kernel", default="6.12", help="6.1, 6.12 or a path to a vmlinuz")
+    vmp.add_argument("--kernel", default="6.12", help="6.1, 6.12, 7.3 or a path to a vmlinuz")
     vmp.add_argument("--install", action="store_true", help="install what is missing (root)")
     vmp.add_argument("--timeout", type=float, default=None, help="kill the VM after S seconds")
     vmp.add_argument("--cpus", type=int, default=2)
@@ -83,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     vmp.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE", help="export inside the VM"
     )
+    vmp.add_argument(
+        "--sysctl", action="append", default=[], metavar="KEY=VALUE",
+        help="set in the guest before CMD, e.g. crypto.af_alg_restrict=0",
+    )  # fmt: skip
     vmp.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG ...]")
     vmp.set_defaults(func=_cmd_vm)
 

@@ -2,9 +2,11 @@
 
 - If this kernel has AF_ALG and the ``tls`` ULP, everything runs natively, once.
 - Otherwise the tests that need no kernel run on the host, and the ``kernel``-marked ones run
-  inside a VM on each Debian kernel (``afalg vm``), with AFALG_REQUIRE_KERNEL=1 so that a kernel
-  test that skips there fails instead. The two kernels run side by side, one vCPU each, their
-  output printed whole as each finishes.
+  inside a VM on each Debian kernel (``afalg vm``: 6.1, 6.12 and 7.3), with
+  AFALG_REQUIRE_KERNEL=1 so that a kernel test that skips there fails instead. 7.3 runs twice:
+  the whole kernel suite with ``crypto.af_alg_restrict=0``, and the ``restricted``-marked tests
+  with the sysctl at its default (1, the allowlist). The VM runs go two at a time, one vCPU
+  each, longest first, their output printed whole as each finishes.
 
 Every pytest run prints its own summary; the last line adds them up, and the exit status is
 non-zero if any run failed. Usage: ``python tests/run.py [--kernel 6.1] [PYTEST ARGS...]``.
@@ -21,8 +23,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = ("6.1", "6.12")
-VM_TIMEOUT = 40 * 60  # seconds for one kernel's whole run, so a hang fails fast
+KERNELS = ("6.1", "6.12", "7.3")
+VM_TIMEOUT = 25 * 60  # seconds for one kernel's whole run, so a hang fails fast
+PARALLEL = 2  # VM runs at once: TCG is CPU-bound and pytest is one thread
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One VM run of the kernel tests: a kernel, a marker expression, sysctls set first."""
+
+    kernel: str
+    marker: str = "kernel"
+    sysctls: tuple[tuple[str, str], ...] = ()
+    suffix: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"kernel-{self.kernel}{self.suffix}"
+
+
+def stages(kernel: str) -> list[Stage]:
+    """The VM runs for one kernel: 7.3 (AF_ALG allowlisted by default) runs twice."""
+    if kernel == "7.3":
+        return [
+            Stage(kernel, sysctls=(("crypto.af_alg_restrict", "0"),)),
+            Stage(kernel, "kernel and restricted", suffix="-restricted"),
+        ]
+    return [Stage(kernel)]
 
 
 def counts(junit: Path) -> dict[str, int]:
@@ -48,27 +75,15 @@ def host_command(marker: str | None, junit: Path, extra: list[str]) -> list[str]
     return pytest_argv(junit, (["-m", marker] if marker else []) + extra)
 
 
-def vm_command(kernel: str, cpus: int, junit: Path, extra: list[str]) -> list[str]:
+def vm_command(stage: Stage, cpus: int, junit: Path, extra: list[str]) -> list[str]:
+    sysctls = [arg for key, value in stage.sysctls for arg in ("--sysctl", f"{key}={value}")]
     return [
-        sys.executable,
-        "-m",
-        "afalg",
-        "vm",
-        "--kernel",
-        kernel,
-        "--cpus",
-        str(cpus),
-        "--timeout",
-        str(VM_TIMEOUT),
-        "--env",
-        "AFALG_IN_VM=1",
-        "--env",
-        "AFALG_REQUIRE_KERNEL=1",
-        "--env",
-        "PYTHONDONTWRITEBYTECODE=1",
-        "--",
-        *pytest_argv(junit, ["-m", "kernel", "-p", "no:cacheprovider", *extra]),
-    ]
+        sys.executable, "-m", "afalg", "vm", "--kernel", stage.kernel, "--cpus", str(cpus),
+        "--timeout", str(VM_TIMEOUT), *sysctls,
+        "--env", "AFALG_IN_VM=1", "--env", "AFALG_REQUIRE_KERNEL=1",
+        "--env", "PYTHONDONTWRITEBYTECODE=1",
+        "--", *pytest_argv(junit, ["-m", stage.marker, "-p", "no:cacheprovider", *extra]),
+    ]  # fmt: skip
 
 
 @dataclass
@@ -135,19 +150,27 @@ def main() -> int:
                 print(f"afalg tests: installing the VM for kernel {kernel}", flush=True)
                 vm.install(kernel)
         host = Run("host", host_command("not kernel", junit("host"), extra), junit("host"))
-        # The kernels run side by side, one vCPU each (TCG is CPU-bound; pytest is one thread).
-        cpus = 1 if len(kernels) > 1 else 2
+        todo = [stage for k in kernels for stage in stages(k)]
+        todo.sort(key=lambda stage: stage.marker != "kernel")  # whole runs first: the longest
+        cpus = 1 if len(todo) > 1 else 2
         runs = [host] + [
-            Run(f"kernel-{k}", vm_command(k, cpus, junit(f"kernel-{k}"), extra),
-                junit(f"kernel-{k}"), log=outdir / f"kernel-{k}.log")
-            for k in kernels
+            Run(s.name, vm_command(s, cpus, junit(s.name), extra), junit(s.name),
+                log=outdir / f"{s.name}.log")
+            for s in todo
         ]  # fmt: skip
     runs[0].start()
     runs[0].wait()
-    for run in runs[1:]:
-        run.start()
-    for run in runs[1:]:
-        run.wait()
+    pending, active = list(runs[1:]), []
+    while pending or active:
+        while pending and len(active) < PARALLEL:
+            active.append(pending.pop(0))
+            active[-1].start()
+        done = next((r for r in active if r.proc and r.proc.poll() is not None), None)
+        if done is None:
+            time.sleep(0.5)
+            continue
+        active.remove(done)
+        done.wait()
 
     total = {"passed": 0, "failed": 0, "skipped": 0, "xfailed": 0}
     print("\n===== afalg tests: summary =====")
