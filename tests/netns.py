@@ -56,6 +56,7 @@ ETH_P_IP = 0x0800
 PACKET_OUTGOING = 4
 SOL_PACKET = 263  # <linux/socket.h>
 PACKET_STATISTICS = 6  # <linux/if_packet.h>: struct tpacket_stats { tp_packets; tp_drops; }
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; not in the socket module
 
 
 class Namespace:
@@ -297,7 +298,7 @@ class Capture:
     def start(self) -> None:
         sock = self.ns.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         try:  # past net.core.rmem_max (CAP_NET_ADMIN, which the namespaces need anyway)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, 32 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
         except PermissionError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
         sock.bind((self.ifname, ETH_P_ALL))
