@@ -29,6 +29,7 @@ the package lays it out), ``depmod`` indexes them, and nothing goes under ``/boo
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -38,9 +39,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, TextIO
 
 __all__ = [
     "KERNELS", "REQUIREMENTS", "Kernel", "Missing", "find_busybox", "find_kernel", "install",
@@ -404,7 +407,22 @@ def _run_vng(
 
 
 def _wait(cmd: list[str], env: Mapping[str, str], timeout: float | None) -> int:
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    # QEMU reopens /proc/self/fd/1 and 2 for the guest's output, truncating a regular file
+    # there (``afalg vm ... > log`` would lose what came before, as NUL bytes): its output
+    # goes through pipes, copied to ours.
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    copiers = [
+        threading.Thread(
+            target=_copy, args=(pipe, sys.stdout if pipe is proc.stdout else sys.stderr)
+        )
+        for pipe in (proc.stdout, proc.stderr)
+    ]
+    for copier in copiers:
+        copier.start()
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -416,3 +434,16 @@ def _wait(cmd: list[str], env: Mapping[str, str], timeout: float | None) -> int:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
+    finally:
+        for copier in copiers:
+            copier.join()
+
+
+def _copy(pipe: IO[bytes], out: TextIO) -> None:
+    """Copy ``pipe`` to ``out`` as it comes (line by line for a terminal) until EOF."""
+    out.flush()
+    fd = out.fileno()
+    with pipe:
+        while chunk := os.read(pipe.fileno(), 65536):
+            with contextlib.suppress(BrokenPipeError):
+                os.write(fd, chunk)
