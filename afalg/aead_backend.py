@@ -29,6 +29,7 @@ __all__ = [
     "CryptographyAEAD",
     "KernelAEAD",
     "RecordAEAD",
+    "kernel_refusal",
     "new_record_aead",
 ]
 
@@ -129,3 +130,14 @@ def _kernel(suite: CipherSuite, key: bytes) -> KernelAEAD:
         return KernelAEAD(suite, key)
     except ImportError as exc:  # afalg.alg not importable (yet): no kernel backend
         raise AlgorithmNotAvailable(errno.EAFNOSUPPORT, f"afalg.alg unavailable: {exc}") from exc
+
+
+def kernel_refusal(suite: CipherSuite) -> AlgorithmNotAvailable | None:
+    """Why the kernel backend cannot run ``suite`` here (AF_ALG missing, denied, or its AEAD
+    refused, e.g. by ``crypto.af_alg_restrict``), or None when it can: a trial bind with a zero
+    key, closed at once. Not cached: the answer follows the sysctl."""
+    try:
+        _kernel(suite, bytes(suite.key_length)).close()
+    except AlgorithmNotAvailable as exc:
+        return exc
+    return None

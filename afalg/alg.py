@@ -94,6 +94,149 @@ def _alg_error(exc: OSError, what: str) -> AlgError:
     return AlgError(exc.errno, f"{what}: {os.strerror(exc.errno or 0)}")
 
 
+# --------------------------------------------------------------------------------------------
+# Why a bind or socket() was refused: crypto.af_alg_restrict (Linux 7.3+), the kernel's build
+# --------------------------------------------------------------------------------------------
+
+AF_ALG_RESTRICT = "/proc/sys/crypto/af_alg_restrict"
+RESTRICT_REMEDY = (
+    "as root `sysctl crypto.af_alg_restrict=0` lifts it; or use the cryptography backend "
+    '(RecordLayer(backend="cryptography"), tls.wrap(..., algif_backend="cryptography")), '
+    'or kTLS (tls.wrap(..., mode="ktls")), which does not use AF_ALG'
+)
+
+# The kernel option that builds an algorithm (or a template in its name), where afalg knows it.
+_CONFIG_OPTIONS = {
+    "stdrng": "CONFIG_CRYPTO_DRBG",
+    "jitterentropy_rng": "CONFIG_CRYPTO_JITTERENTROPY",
+    "ansi_cprng": "CONFIG_CRYPTO_ANSI_CPRNG",
+    "gcm": "CONFIG_CRYPTO_GCM",
+    "ccm": "CONFIG_CRYPTO_CCM",
+    "chacha20": "CONFIG_CRYPTO_CHACHA20",
+    "rfc7539": "CONFIG_CRYPTO_CHACHA20POLY1305",
+}
+# The rng names a kernel may offer, the default first (the DRBG), then the entropy source
+# Debian's 7.3 kernels are built with instead (CONFIG_CRYPTO_DRBG is not set there).
+RNG_NAMES = ("stdrng", "jitterentropy_rng")
+
+
+def af_alg_restrict() -> int | None:
+    """The sysctl ``crypto.af_alg_restrict`` (Linux 7.3+): 0 every algorithm, 1 an allowlist
+    (a shorter one without CAP_SYS_ADMIN or CAP_NET_ADMIN; a refused ``bind()`` gives ENOENT),
+    2 AF_ALG disabled (``socket()`` gives EAFNOSUPPORT). None where the kernel has no such sysctl
+    (before 7.3; or ``af_alg`` is not loaded yet: the first ``socket(AF_ALG)`` loads it)."""
+    try:
+        with open(AF_ALG_RESTRICT) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _privileged() -> bool:
+    from afalg._uapi import CAP_NET_ADMIN, CAP_SYS_ADMIN
+    from afalg.probe import has_capability
+
+    return has_capability(CAP_SYS_ADMIN) or has_capability(CAP_NET_ADMIN)
+
+
+def _kernel_config() -> tuple[str, str] | None:
+    """(path, text) of the running kernel's build configuration, where it can be found."""
+    import gzip
+
+    release = os.uname().release
+    try:
+        with gzip.open("/proc/config.gz", "rt") as f:
+            return "/proc/config.gz", f.read()
+    except OSError:
+        pass
+    for path in (f"/boot/config-{release}", f"/usr/lib/modules/{release}/config",
+                 f"/lib/modules/{release}/build/.config"):  # fmt: skip
+        try:
+            with open(path) as f:
+                return path, f.read()
+        except OSError:
+            continue
+    return None
+
+
+def kernel_lacks(name: str) -> str | None:
+    """Why the running kernel has no algorithm ``name`` (or a template in it), when its build
+    configuration says so: e.g. ``"CONFIG_CRYPTO_DRBG is not set in /boot/config-..."``. None
+    when it may have it, or nothing says otherwise."""
+    names = ["stdrng"] if name.startswith("drbg_") else []  # drbg_* are the DRBG's drivers
+    names += re.findall(r"\w+", name)  # "rfc7539(chacha20,poly1305)": each template, each cipher
+    options = list(dict.fromkeys(_CONFIG_OPTIONS[n] for n in names if n in _CONFIG_OPTIONS))
+    if not options:
+        return None
+    config = _kernel_config()
+    if config is None:
+        return None
+    path, text = config
+    for option in options:
+        if f"# {option} is not set" in text:
+            return f"{option} is not set in {path}"
+    return None
+
+
+def _in_proc_crypto(name: str) -> bool:
+    return any(name in (info.name, info.driver) for info in algorithms())
+
+
+def _not_available(kind: str, name: str) -> AlgorithmNotAvailable:
+    """The error for a ``bind()`` refused with ENOENT: the kernel lacks the algorithm, or
+    ``crypto.af_alg_restrict`` refuses it (saying which, and what to do)."""
+    restrict = af_alg_restrict()
+    lacks = kernel_lacks(name)
+    if lacks is not None or not restrict:
+        message = f"the kernel has no {kind} algorithm {name!r}"
+        if lacks is not None:
+            message += f" ({lacks})"
+        if kind == "rng":
+            others = [n for n in RNG_NAMES if n != name and kernel_lacks(n) is None]
+            if others:
+                message += f"; rng names it may offer: {', '.join(others)}"
+        if restrict:
+            message += f"; AF_ALG is also restricted here (crypto.af_alg_restrict={restrict})"
+        return AlgorithmNotAvailable(errno.ENOENT, message)
+    who = "the allowlist"
+    if not _privileged():
+        who = "the shorter allowlist of a process without CAP_SYS_ADMIN or CAP_NET_ADMIN (this one)"
+    has = " (the kernel has it: /proc/crypto lists it)" if _in_proc_crypto(name) else ""
+    return AlgorithmNotAvailable(
+        errno.ENOENT,
+        f"AF_ALG refused {kind} {name!r}{has}: the sysctl crypto.af_alg_restrict={restrict} "
+        f"limits AF_ALG to {who}, and {name!r} is not on it; {RESTRICT_REMEDY}",
+        af_alg_restrict=restrict,
+    )
+
+
+def _socket_error(exc: OSError) -> AlgError:
+    """The error for a refused ``socket(AF_ALG)``."""
+    code = exc.errno or 0
+    if code in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT):
+        restrict = af_alg_restrict()
+        if restrict is not None and restrict >= 2:
+            return AlgorithmNotAvailable(
+                code,
+                f"AF_ALG is disabled by the sysctl crypto.af_alg_restrict={restrict} "
+                f"({os.strerror(code)}); as root `sysctl crypto.af_alg_restrict=0` enables it "
+                "(1: an allowlist); or use the cryptography backend, or kTLS, which does not "
+                "use AF_ALG",
+                af_alg_restrict=restrict,
+            )
+        return AlgorithmNotAvailable(
+            code, f"AF_ALG sockets are not available here: {os.strerror(code)}"
+        )
+    if code in (errno.EPERM, errno.EACCES):
+        return AlgorithmNotAvailable(
+            code,
+            f"AF_ALG is restricted here: socket(AF_ALG) was denied ({os.strerror(code)}; "
+            "a seccomp filter or a security module, as some systems do since "
+            "CVE-2026-31431)",
+        )
+    return _alg_error(exc, "socket(AF_ALG)")
+
+
 def _bind(kind: str, name: str) -> socket.socket:
     """A transform socket bound to ``(kind, name)``."""
     if not isinstance(name, str):
@@ -103,26 +246,13 @@ def _bind(kind: str, name: str) -> socket.socket:
     try:
         sock = socket.socket(AF_ALG, socket.SOCK_SEQPACKET, 0)
     except OSError as exc:
-        if exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT):
-            raise AlgorithmNotAvailable(
-                exc.errno, f"AF_ALG sockets are not available here: {os.strerror(exc.errno)}"
-            ) from None
-        if exc.errno in (errno.EPERM, errno.EACCES):
-            raise AlgorithmNotAvailable(
-                exc.errno,
-                f"AF_ALG is restricted here: socket(AF_ALG) was denied ({os.strerror(exc.errno)}; "
-                "a seccomp filter or a security module, as some systems do since "
-                "CVE-2026-31431)",
-            ) from None
-        raise _alg_error(exc, "socket(AF_ALG)") from None
+        raise _socket_error(exc) from None
     try:
         sock.bind((kind, name))
     except OSError as exc:
         sock.close()
         if exc.errno == errno.ENOENT:
-            raise AlgorithmNotAvailable(
-                errno.ENOENT, f"the kernel has no {kind} algorithm {name!r}"
-            ) from None
+            raise _not_available(kind, name) from None
         raise _alg_error(exc, f"bind({kind!r}, {name!r})") from None
     return sock
 
@@ -264,12 +394,12 @@ class _AlgSocket:
         raise TypeError(f"cannot pickle {type(self).__name__}: it owns kernel sockets")
 
 
-def _no_socket_memory(what: str, size: int) -> AlgError:
+def _no_socket_memory(what: str, size: int, detail: str = "") -> AlgError:
     limit = _buffer_limit("/proc/sys/net/core/optmem_max")
     return AlgError(
         errno.ENOMEM,
-        f"{what} of {size} bytes: the kernel refused the socket memory for its scatterlists "
-        f"(net.core.optmem_max={limit}); split the data or raise net.core.optmem_max",
+        f"{what} of {size} bytes: the kernel refused the socket memory for its scatterlists"
+        f"{detail} (net.core.optmem_max={limit}); split the data or raise net.core.optmem_max",
     )
 
 
@@ -310,7 +440,10 @@ def _sendmsg(op: socket.socket, parts: list[Buffer], cmsgs: list, flags: int, wh
     except OSError as exc:
         raise _alg_error(exc, what) from None
     if sent != total:
-        raise AlgError(errno.EIO, f"{what}: the kernel took {sent} of {total} bytes")
+        # af_alg_sendmsg() returns what it copied when it stops short; with the buffers fitted
+        # that is a failed sock_kmalloc() of its scatterlist tables, charged to optmem_max
+        # (Linux 7.3 with 16 MiB: 16515072 bytes taken, 126 pages per 4 KiB table)
+        raise _no_socket_memory(what, total, f": it took {sent} of {total} bytes")
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,7 +619,7 @@ class AEAD(_AlgSocket):
                     result = self._recv_empty(sock, what)
             except AlgError as exc:
                 self._drop_op()
-                if exc.errno == errno.ENOMEM:
+                if exc.errno == errno.ENOMEM and "optmem_max" not in str(exc):
                     raise _no_socket_memory(what, len(assoc) + len(data)) from None
                 raise
             except BaseException:
@@ -1175,16 +1308,34 @@ _RNG_MAX_READ = 128  # algif_rng.c MAXSIZE: one recvmsg() returns at most this m
 class RNG(_AlgSocket):
     """A kernel RNG (``rng`` socket), ``read(n) -> bytes``.
 
-    ``stdrng`` is the kernel's default DRBG. ``seed=None`` lets it seed itself from the kernel's
-    entropy (an empty reset); for a DRBG a given seed is a personalization string mixed into
-    that, not a replacement. Deterministic RNGs (``ansi_cprng``) take their seed from here.
+    ``name=None`` takes the kernel's default: ``stdrng`` (its DRBG) where the kernel has one,
+    else ``jitterentropy_rng`` (Debian's 7.3 kernels are built without the DRBG,
+    ``CONFIG_CRYPTO_DRBG`` unset); ``.name`` says which. An explicit name is used as given.
+    ``seed=None`` lets it seed itself from the kernel's entropy (an empty reset); for a DRBG a
+    given seed is a personalization string mixed into that, not a replacement. Deterministic
+    RNGs (``ansi_cprng``) take their seed from here.
     """
 
     _kind = "rng"
 
-    def __init__(self, name: str = "stdrng", seed: Buffer | None = None) -> None:
-        super().__init__(name)
-        self._open(b"" if seed is None else _bytes(seed, "seed"))
+    def __init__(self, name: str | None = None, seed: Buffer | None = None) -> None:
+        key = b"" if seed is None else _bytes(seed, "seed")
+        if name is not None:
+            super().__init__(name)
+            self._open(key)
+            return
+        first: AlgorithmNotAvailable | None = None
+        for candidate in RNG_NAMES:
+            super().__init__(candidate)
+            try:
+                self._open(key)
+                return
+            except AlgorithmNotAvailable as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                first = first or exc
+        assert first is not None
+        raise first
 
     def read(self, n: int) -> bytes:
         if not isinstance(n, int) or n < 0:

@@ -23,7 +23,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     caps = probe()
     if args.json:
-        print(json.dumps(dataclasses.asdict(caps), indent=2))
+        report = dataclasses.asdict(caps)
+        report["refused"] = [f"{a.type} {a.name}" for a in caps.refused]
+        print(json.dumps(report, indent=2))
     else:
         print(format_report(caps))
     if not caps.af_alg:

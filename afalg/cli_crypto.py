@@ -8,7 +8,7 @@ kcapi-rng, with coreutils-compatible output:
   streaming.
 - ``afalg aead-enc|aead-dec --cipher NAME --key HEX --iv HEX [--aad HEX] [--tag-size N]``:
   stdin to stdout; decryption prints nothing unless the tag verifies.
-- ``afalg rng N [--name stdrng] [--hex]``.
+- ``afalg rng N [--name NAME] [--hex]`` (the default: ``stdrng``, else ``jitterentropy_rng``).
 
 ``add_parsers(subparsers)`` adds them; each sets ``func(args) -> int``. Errors surface as
 :class:`afalg.AlgError` or :class:`ValueError`, which the ``afalg`` command prints as one line.
@@ -262,6 +262,6 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("rng", help="N random bytes from a kernel RNG to stdout")
     p.add_argument("n", metavar="N", type=int)
-    p.add_argument("--name", default="stdrng")
+    p.add_argument("--name", default=None, help="default: stdrng, else jitterentropy_rng")
     p.add_argument("--hex", action="store_true", help="print hex and a newline")
     p.set_defaults(func=_cmd_rng)

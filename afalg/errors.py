@@ -30,7 +30,17 @@ class AlgError(OSError):
 
 
 class AlgorithmNotAvailable(AlgError):
-    """The kernel has no such algorithm (``bind()`` gave ENOENT), or AF_ALG itself is missing."""
+    """The kernel has no such algorithm (``bind()`` gave ENOENT), AF_ALG itself is missing, or
+    policy refuses it. ``af_alg_restrict`` is the value of the sysctl
+    ``crypto.af_alg_restrict`` (Linux 7.3+) when the refusal comes from it (1: the algorithm is
+    not on AF_ALG's allowlist; 2: AF_ALG is disabled), else None; the message then names the
+    remedies (the sysctl at 0, the ``cryptography`` backend, kTLS)."""
+
+    def __init__(
+        self, code: int | None, message: str, *, af_alg_restrict: int | None = None
+    ) -> None:
+        super().__init__(code, message)
+        self.af_alg_restrict = af_alg_restrict
 
 
 class InvalidTag(AlgError):

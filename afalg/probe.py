@@ -18,13 +18,15 @@ from afalg import _uapi
 
 __all__ = ["Capabilities", "has_capability", "probe"]
 
-# One algorithm per AF_ALG socket type that every kernel with that type has.
-PROBE_ALGORITHMS: dict[str, str] = {
-    "hash": "sha256",
-    "skcipher": "cbc(aes)",
-    "aead": "gcm(aes)",
-    "rng": "stdrng",
+# The algorithms afalg uses, by AF_ALG socket type (the record layer's AEADs, IPsec's, the
+# CLI's defaults). A type is available when one of its algorithms binds.
+USED_ALGORITHMS: dict[str, tuple[str, ...]] = {
+    "hash": ("sha256", "hmac(sha256)", "hmac(sha384)"),
+    "skcipher": ("cbc(aes)", "ctr(aes)", "chacha20"),
+    "aead": ("gcm(aes)", "ccm(aes)", "rfc4106(gcm(aes))", "rfc7539(chacha20,poly1305)"),
+    "rng": ("stdrng", "jitterentropy_rng"),
 }
+PROBE_ALGORITHMS: dict[str, str] = {kind: names[0] for kind, names in USED_ALGORITHMS.items()}
 
 # kTLS ciphers afalg drives, by name.
 KTLS_CIPHERS: dict[str, _uapi.TLSCipherType] = {
@@ -36,6 +38,18 @@ VERSIONS = {"TLSv1.2": _uapi.TLS_1_2_VERSION, "TLSv1.3": _uapi.TLS_1_3_VERSION}
 
 
 @dataclass(frozen=True)
+class AlgStatus:
+    """Whether ``bind((type, name))`` works; if not, ``reason`` says why in one line, and
+    ``restricted`` is True when ``crypto.af_alg_restrict`` refused it."""
+
+    type: str
+    name: str
+    available: bool
+    reason: str | None = None
+    restricted: bool = False
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """The result of :func:`probe`. Reasons are one-line strings naming the errno."""
 
@@ -43,11 +57,21 @@ class Capabilities:
     af_alg: bool
     af_alg_reason: str | None
     alg_types: dict[str, bool] = field(default_factory=dict)
+    # crypto.af_alg_restrict (Linux 7.3+; None: no such sysctl) and whether this process has
+    # the capabilities that give the longer allowlist (CAP_SYS_ADMIN or CAP_NET_ADMIN)
+    af_alg_restrict: int | None = None
+    privileged: bool = False
+    algorithms: list[AlgStatus] = field(default_factory=list)
     tls_ulp: bool = False
     tls_ulp_reason: str | None = None
     # "TLSv1.3" -> ["AES_GCM_128", ...]: the ciphers TLS_TX and TLS_RX both accepted.
     ktls_ciphers: dict[str, list[str]] = field(default_factory=dict)
     ktls_rekey: bool = False  # live kTLS sockets take new keys (TLS 1.3 KeyUpdate; 6.14+)
+
+    @property
+    def refused(self) -> list[AlgStatus]:
+        """The algorithms afalg uses that ``crypto.af_alg_restrict`` refuses here."""
+        return [a for a in self.algorithms if a.restricted]
 
     @property
     def ktls(self) -> bool:
@@ -60,23 +84,40 @@ def _reason(exc: OSError) -> str:
     return f"{name}: {exc.strerror or exc}"
 
 
-def _probe_af_alg() -> tuple[bool, str | None, dict[str, bool]]:
+def _probe_af_alg() -> tuple[bool, str | None, list[AlgStatus]]:
+    from afalg.alg import _not_available, _socket_error
+
     try:
         sock = socket.socket(_uapi.AF_ALG, socket.SOCK_SEQPACKET, 0)
     except OSError as exc:
         if exc.errno in (errno.EPERM, errno.EACCES):
-            return False, f"socket(AF_ALG) denied by policy (seccomp or LSM): {_reason(exc)}", {}
-        return False, f"socket(AF_ALG) failed: {_reason(exc)}", {}
+            return False, f"socket(AF_ALG) denied by policy (seccomp or LSM): {_reason(exc)}", []
+        error = _socket_error(exc)
+        if getattr(error, "af_alg_restrict", None):
+            return False, f"{error.strerror} [{_reason(exc)}]", []
+        return False, f"socket(AF_ALG) failed: {_reason(exc)}", []
     sock.close()
-    types = {}
-    for kind, name in PROBE_ALGORITHMS.items():
-        with closing(socket.socket(_uapi.AF_ALG, socket.SOCK_SEQPACKET, 0)) as sock:
-            try:
-                sock.bind((kind, name))
-                types[kind] = True
-            except OSError:
-                types[kind] = False
-    return True, None, types
+    found = []
+    for kind, names in USED_ALGORITHMS.items():
+        for name in names:
+            with closing(socket.socket(_uapi.AF_ALG, socket.SOCK_SEQPACKET, 0)) as sock:
+                try:
+                    sock.bind((kind, name))
+                except OSError as exc:
+                    if exc.errno != errno.ENOENT:
+                        found.append(AlgStatus(kind, name, False, _reason(exc)))
+                        continue
+                    error = _not_available(kind, name)
+                    restricted = error.af_alg_restrict is not None
+                    reason = (
+                        f"refused by crypto.af_alg_restrict={error.af_alg_restrict}"
+                        if restricted
+                        else (error.strerror or "ENOENT")
+                    )
+                    found.append(AlgStatus(kind, name, False, reason, restricted))
+                else:
+                    found.append(AlgStatus(kind, name, True))
+    return True, None, found
 
 
 def has_capability(cap: int) -> bool:
@@ -107,20 +148,42 @@ def _probe_tls() -> tuple[bool, str | None, dict[str, list[str]]]:
 
 def probe() -> Capabilities:
     """Probe the running kernel. Never raises for a missing capability; it reports it."""
-    af_alg, af_reason, types = _probe_af_alg()
+    af_alg, af_reason, found = _probe_af_alg()
     tls_ulp, tls_reason, ciphers = _probe_tls()
+    from afalg.alg import _privileged, af_alg_restrict
     from afalg.ktls import supports_rekey
+
+    types = {kind: any(a.available for a in found if a.type == kind) for kind in USED_ALGORITHMS}
 
     return Capabilities(
         kernel_release=platform.release(),
         af_alg=af_alg,
         af_alg_reason=af_reason,
-        alg_types=types,
+        alg_types=types if af_alg else {},
+        af_alg_restrict=af_alg_restrict(),
+        privileged=_privileged(),
+        algorithms=found,
         tls_ulp=tls_ulp,
         tls_ulp_reason=tls_reason,
         ktls_ciphers=ciphers,
         ktls_rekey=tls_ulp and supports_rekey(),
     )
+
+
+def _restrict_text(caps: Capabilities) -> str:
+    value = caps.af_alg_restrict
+    if value is None:
+        return "absent (no AF_ALG allowlist before Linux 7.3)"
+    if value == 0:
+        return "0 (unrestricted)"
+    if value == 1:
+        whose = (
+            "the allowlist for CAP_SYS_ADMIN or CAP_NET_ADMIN, which this process has"
+            if caps.privileged
+            else "the shorter allowlist: this process lacks CAP_SYS_ADMIN and CAP_NET_ADMIN"
+        )
+        return f"1 ({whose})"
+    return f"{value} (AF_ALG disabled)"
 
 
 def format_report(caps: Capabilities) -> str:
@@ -132,8 +195,17 @@ def format_report(caps: Capabilities) -> str:
 
     lines = [f"kernel: {caps.kernel_release} ({os.uname().machine})"]
     lines.append(f"AF_ALG: {status(caps.af_alg, caps.af_alg_reason)}")
-    for kind, ok in caps.alg_types.items():
-        lines.append(f"  {kind:<9} {PROBE_ALGORITHMS[kind]:<10} {yes[ok]}")
+    if caps.af_alg or caps.af_alg_restrict is not None:
+        lines.append(f"  crypto.af_alg_restrict: {_restrict_text(caps)}")
+    for a in caps.algorithms:
+        lines.append(f"  {a.type:<9} {a.name:<27} {status(a.available, a.reason)}")
+    if caps.refused:
+        refused = ", ".join(f"{a.type} {a.name}" for a in caps.refused)
+        lines.append(
+            f"  refused by crypto.af_alg_restrict={caps.af_alg_restrict}: {refused}; "
+            "as root `sysctl crypto.af_alg_restrict=0` allows them, the cryptography backend "
+            "and kTLS need none of them"
+        )
     lines.append(f"tls ULP: {status(caps.tls_ulp, caps.tls_ulp_reason)}")
     for version, names in caps.ktls_ciphers.items():
         lines.append(f"  kTLS {version}: {', '.join(names) or 'none'}")

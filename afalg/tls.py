@@ -17,7 +17,12 @@ the record keys to the kernel:
 - ``mode="algif"``: :class:`AlgTLSSocket`: our record layer (:mod:`afalg.record`) frames the
   records and the kernel's AEAD (AF_ALG ``gcm(aes)`` / ``rfc7539(chacha20,poly1305)``) seals
   and opens them; full TLS 1.3 KeyUpdate both ways.
-- ``mode="auto"``: kTLS when this kernel offers it for the negotiated suite, else algif.
+- ``mode="auto"`` (:func:`choose_mode`): kTLS when this kernel runs the negotiated suite both
+  ways; else algif on the kernel's AEAD; else algif on pyca/cryptography's AEAD (where AF_ALG
+  is missing, denied, or refuses the suite's AEAD, as Linux 7.3's ``crypto.af_alg_restrict``
+  does for ``gcm(aes)``). ``conn.mode`` and ``conn.backend`` (``"kernel"`` or
+  ``"cryptography"``) say which ran. When the mode asked for cannot run, the peer gets a fatal
+  ``internal_error`` alert before :func:`wrap` raises.
 
 Both objects offer send, sendall, recv, recv_into, sendfile, makefile, settimeout, setblocking,
 shutdown, close (sends close_notify), fileno, the context manager protocol, getpeercert, version,
@@ -34,14 +39,22 @@ them; :class:`afalg.handoff.TicketFeed` gives them back to ssl, which stores the
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import ssl
 import threading
 from typing import Any
 
 from afalg import handoff, ktls
-from afalg.errors import TLSAlertReceived, TLSProtocolError
-from afalg.keys import TLS_1_3_VERSION, TrafficKeys
+from afalg.aead_backend import kernel_refusal
+from afalg.errors import (
+    AlertDescription,
+    AlgError,
+    KTLSError,
+    TLSAlertReceived,
+    TLSProtocolError,
+)
+from afalg.keys import TLS_1_3_VERSION, CipherSuite, TrafficKeys
 from afalg.ktls import (
     CT_APPLICATION_DATA,
     KTLSSocket,
@@ -51,11 +64,71 @@ from afalg.ktls import (
 )
 from afalg.record import ContentType, RecordLayer
 
-__all__ = ["MODES", "AlgTLSSocket", "KTLSSocket", "TLSAlertReceived", "tls_stats", "wrap"]
+__all__ = [
+    "BACKENDS",
+    "MODES",
+    "AlgTLSSocket",
+    "KTLSSocket",
+    "TLSAlertReceived",
+    "choose_mode",
+    "tls_stats",
+    "wrap",
+]
 
 MODES = ("auto", "ktls", "algif")
+BACKENDS = ("auto", "kernel", "cryptography")
 _SEND_CHUNK = 4 * 2**14  # plaintext sealed per send() call: four full records
 _RECV_CHUNK = 2**16
+
+
+def choose_mode(
+    version: int, suite: CipherSuite, mode: str = "auto", algif_backend: str = "auto"
+) -> tuple[str, str]:
+    """Where the records of a connection using ``suite`` in ``version`` (``0x0303``/``0x0304``)
+    are protected: ``(mode, backend)``, one of ``("ktls", "kernel")``, ``("algif", "kernel")``,
+    ``("algif", "cryptography")``. The one definition of ``mode="auto"``:
+
+    1. kTLS, if this kernel runs the suite both ways (``TLS_TX`` and ``TLS_RX``);
+    2. else algif on the kernel's AEAD, if AF_ALG binds it (``algif_backend`` "auto"/"kernel");
+    3. else algif on pyca/cryptography (``algif_backend`` "auto"/"cryptography").
+
+    ``mode="ktls"`` or ``"algif"`` and ``algif_backend="kernel"`` or ``"cryptography"`` narrow
+    the choice. When nothing allowed can run it raises :class:`afalg.errors.KTLSError` (kTLS
+    asked for) or :class:`afalg.AlgorithmNotAvailable` (the kernel AEAD asked for; its message
+    says why, e.g. ``crypto.af_alg_restrict``). Each call tries the kernel afresh.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if algif_backend not in BACKENDS:
+        raise ValueError(f"algif_backend must be one of {BACKENDS}, not {algif_backend!r}")
+    if mode in ("auto", "ktls"):
+        if ktls.supports(version, suite.ktls_cipher_type):
+            return "ktls", "kernel"
+        if mode == "ktls":
+            name = "TLSv1.3" if version == TLS_1_3_VERSION else "TLSv1.2"
+            raise KTLSError(
+                errno.ENOPROTOOPT,
+                f"this kernel does not run kTLS for {suite.name} in {name} both ways "
+                "(`afalg info` shows what it runs); use mode='auto' or 'algif'",
+            )
+    if algif_backend in ("auto", "kernel"):
+        refusal = kernel_refusal(suite)
+        if refusal is None:
+            return "algif", "kernel"
+        if algif_backend == "kernel":
+            raise refusal
+    return "algif", "cryptography"
+
+
+def _refuse(sock: socket.socket, tx: TrafficKeys) -> None:
+    """Tell the peer the connection cannot go on: a fatal internal_error alert, sealed under our
+    first traffic keys by pyca/cryptography (it needs neither AF_ALG nor kTLS), then our FIN."""
+    with contextlib.suppress(Exception):
+        layer = RecordLayer(tx=tx, backend="cryptography")
+        alert = bytes([2, AlertDescription.internal_error])
+        sock.sendall(layer.seal(ContentType.alert, alert))
+        layer.close()
+        sock.shutdown(socket.SHUT_WR)
 
 
 def wrap(
@@ -67,20 +140,22 @@ def wrap(
     mode: str = "auto",
     suppress_ragged_eofs: bool = True,
     session: ssl.SSLSession | None = None,
-    algif_backend: str = "kernel",
+    algif_backend: str = "auto",
 ) -> KTLSSocket | AlgTLSSocket:
     """Handshake on the connected TCP socket ``sock`` with ``context`` and return a TLS socket
     whose records the kernel protects. The result owns ``sock`` (it is closed on failure too).
 
-    ``mode`` is ``"ktls"``, ``"algif"`` or ``"auto"``; the result's ``.mode`` says which ran.
-    The handshake honours ``sock``'s timeout. ``algif_backend`` picks the AEAD of algif mode
-    (``"kernel"``; ``"cryptography"`` or ``"auto"`` where AF_ALG is missing).
+    ``mode`` is ``"ktls"``, ``"algif"`` or ``"auto"`` and ``algif_backend`` the AEAD of algif
+    mode (``"auto"``, ``"kernel"``, ``"cryptography"``), chosen by :func:`choose_mode`; the
+    result's ``.mode`` and ``.backend`` say which ran. The handshake honours ``sock``'s timeout.
     Raises what ssl raises for a failed handshake, :class:`afalg.keys.UnsupportedCipherSuite`
-    for a non-AEAD suite, :class:`afalg.errors.KTLSError` when ``mode="ktls"`` and the kernel
-    refuses kTLS for the suite.
+    for a non-AEAD suite; when the mode asked for cannot run (:class:`afalg.errors.KTLSError`,
+    :class:`afalg.AlgorithmNotAvailable`) the peer first gets a fatal ``internal_error`` alert.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if algif_backend not in BACKENDS:
+        raise ValueError(f"algif_backend must be one of {BACKENDS}, not {algif_backend!r}")
     if not isinstance(sock, socket.socket):
         raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
     try:
@@ -88,16 +163,21 @@ def wrap(
             sock, context, server_side=server_side, server_hostname=server_hostname,
             session=session,
         )  # fmt: skip
-        if mode == "auto":
-            mode = "ktls" if ktls.supports(h.version, h.cipher_suite.ktls_cipher_type) else "algif"
         common: dict[str, Any] = {
             "ssl_object": h.ssl_object,
             "suppress_ragged_eofs": suppress_ragged_eofs,
             "tickets": h.ticket_feed(),
         }
-        if mode == "ktls":
-            return KTLSSocket(sock, h.tx, h.rx, **common)
-        return AlgTLSSocket(sock, h.tx, h.rx, backend=algif_backend, **common)
+        try:
+            chosen, backend = choose_mode(h.version, h.cipher_suite, mode, algif_backend)
+            if chosen == "algif":
+                return AlgTLSSocket(sock, h.tx, h.rx, backend=backend, **common)
+        except (AlgError, KTLSError):
+            _refuse(sock, h.tx)  # nothing was installed on sock: the peer hears why, in TLS
+            raise
+        conn = KTLSSocket(sock, h.tx, h.rx, **common)
+        conn.backend = "kernel"  # type: ignore[attr-defined]  # belongs in ktls.KTLSSocket
+        return conn
     except BaseException:
         sock.close()
         raise
@@ -140,6 +220,11 @@ class AlgTLSSocket(TLSSocketBase):
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f" backend={self._layer.backend}>"
+
+    @property
+    def backend(self) -> str:
+        """The AEAD that protects the records: ``"kernel"`` (AF_ALG) or ``"cryptography"``."""
+        return self._layer.backend
 
     @property
     def record_layer(self) -> RecordLayer:

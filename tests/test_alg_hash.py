@@ -35,7 +35,10 @@ def test_known_sizes_and_answers(name: str) -> None:
 
 def test_kernel_names_and_new() -> None:
     assert alg.Hash("sha3-256", b"x").digest() == hashlib.sha3_256(b"x").digest()
-    assert alg.Hash("sha256-generic", b"x").digest() == hashlib.sha256(b"x").digest()
+    # a driver name, as /proc/crypto lists it: sha256-generic before 7.3, sha256-lib after
+    drivers = [i.driver for i in alg.algorithms(type="hash", name="sha256")]
+    assert drivers, "sha256 has no driver in /proc/crypto"
+    assert alg.Hash(drivers[0], b"x").digest() == hashlib.sha256(b"x").digest()
     h = alg.new("sha256", b"abc")
     assert h.name == "sha256"
     assert h.hexdigest() == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
