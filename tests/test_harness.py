@@ -8,51 +8,7 @@ import sys
 
 import pytest
 
-from afalg import vm
-
-needs_vm = pytest.mark.skipif(
-    bool(vm.missing("6.12")), reason=f"VM not installed: {', '.join(map(str, vm.missing()))}"
-)
-
-
-def afalg_vm(*argv: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "afalg", "vm", "--timeout", "300", "--", *argv]
-    return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-
-
-@needs_vm
-def test_vm_passes_output_and_exit_status_through() -> None:
-    result = afalg_vm("sh", "-c", "uname -r; pwd; echo to-stderr >&2; exit 3")
-    assert result.returncode == 3, result
-    release, cwd = result.stdout.split()[-2:]
-    assert release.startswith("6.12.")
-    assert cwd == os.getcwd()
-    assert "to-stderr" in result.stderr
-
-
-@needs_vm
-def test_vm_true_exits_zero_and_current_directory_is_writable() -> None:
-    marker = f".vmtmp/harness-{os.getpid()}"
-    os.makedirs(".vmtmp", exist_ok=True)
-    try:
-        result = afalg_vm("sh", "-c", f"echo written > {marker} && true")
-        assert result.returncode == 0, result
-        with open(marker) as f:
-            assert f.read() == "written\n"
-    finally:
-        if os.path.exists(marker):
-            os.unlink(marker)
-
-
-def test_vm_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vm.shutil, "which", lambda name: None)
-    monkeypatch.setattr(vm, "_vng", lambda: None)
-    lacking = {m.what: str(m) for m in vm.missing("/nonexistent/vmlinuz")}
-    assert (
-        "apt-get install --no-install-recommends qemu-system-x86" in lacking["qemu-system-x86_64"]
-    )
-    assert "pip install virtme-ng" in lacking["virtme-ng (vng)"]
-    assert "kernel image /nonexistent/vmlinuz" in lacking
+# The VM runner's boot, output, exit status and install list: tests/test_vm_install.py.
 
 
 @pytest.mark.kernel
