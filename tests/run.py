@@ -119,6 +119,14 @@ class Run:
             sys.stdout.flush()
 
 
+def release(kernel: str) -> str:
+    """The release the VM boots for a kernel name (``uname -r`` there)."""
+    from afalg import vm
+
+    image = vm.find_kernel(kernel)
+    return vm.kernel_release(image) if image else "not installed"
+
+
 def kernel_is_capable() -> bool:
     from afalg.probe import probe
 
@@ -154,8 +162,8 @@ def main() -> int:
         todo.sort(key=lambda stage: stage.marker != "kernel")  # whole runs first: the longest
         cpus = 1 if len(todo) > 1 else 2
         runs = [host] + [
-            Run(s.name, vm_command(s, cpus, junit(s.name), extra), junit(s.name),
-                log=outdir / f"{s.name}.log")
+            Run(f"{s.name} ({release(s.kernel)})", vm_command(s, cpus, junit(s.name), extra),
+                junit(s.name), log=outdir / f"{s.name}.log")
             for s in todo
         ]  # fmt: skip
     runs[0].start()
