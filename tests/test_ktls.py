@@ -4,6 +4,7 @@ the kernel's TLS counters, kTLS on both ends. All in the VM (kernel-marked)."""
 from __future__ import annotations
 
 import errno
+import os
 import socket
 
 import pytest
@@ -36,6 +37,11 @@ def test_ulp_before_connect() -> None:
 
 
 def test_ulp_twice_and_keys_twice() -> None:
+    """The ULP goes on once (EEXIST). A second TLS 1.3 key is a rekey on Linux 6.14+ (TLS 1.3
+    KeyUpdate) and refused before (EBUSY); the probe agrees with the release."""
+    major, minor = os.uname().release.split("-")[0].split(".")[:2]
+    rekeys = (int(major), int(minor)) >= (6, 14)
+    assert ktls.supports_rekey() == rekeys
     a, b = tcp_pair()
     with a, b:
         ktls.attach_ulp(a)
@@ -43,8 +49,20 @@ def test_ulp_twice_and_keys_twice() -> None:
             ktls.attach_ulp(a)
         assert info.value.errno == errno.EEXIST
         ktls.install_keys(a, TLS_TX, _keys())
+        if rekeys:
+            ktls.install_keys(a, TLS_TX, _keys().next_generation())
+        else:
+            with pytest.raises(KTLSError, match="already installed") as info:
+                ktls.install_keys(a, TLS_TX, _keys().next_generation())
+            assert info.value.errno == errno.EBUSY
+    c, d = tcp_pair()
+    with c, d:  # TLS 1.2 has no rekey: a second key is refused on every kernel
+        keys12 = TrafficKeys(TLS_1_2_VERSION, CipherSuite.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                             bytes(16), bytes(4))  # fmt: skip
+        ktls.attach_ulp(c)
+        ktls.install_keys(c, TLS_TX, keys12)
         with pytest.raises(KTLSError, match="already installed") as info:
-            ktls.install_keys(a, TLS_TX, _keys())
+            ktls.install_keys(c, TLS_TX, keys12)
         assert info.value.errno == errno.EBUSY
 
 
