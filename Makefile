@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-quick lint clean bench
+.PHONY: demo test test-quick stress fuzz lint clean bench
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,31 @@ test: $(VENV)/.installed
 K ?= 6.12
 test-quick: $(VENV)/.installed
 	$(PY) tests/run.py --kernel $(K) $(T)
+
+# Load, soak and fuzzing at full size, outside `make test` (which runs a smoke size of each):
+# `make stress` runs the tests marked stress, `make fuzz` the hypothesis tests (thousands of
+# examples; AFALG_FUZZ_EXAMPLES=N changes the count), on the host then in the VM on each kernel of
+# KERNELS (7.3 with crypto.af_alg_restrict=0). E.g. make stress KERNELS=6.12
+KERNELS ?= 6.1 6.12 7.3
+FULL_TIMEOUT ?= 7200
+define full_size_run
+	AFALG_TEST_SCALE=full $(PY) -m pytest -m "$(1) and not kernel" -p no:cacheprovider --timeout=$(FULL_TIMEOUT) \
+	  || [ $$? = 5 ]  # 5: none selected here
+	set -e; for k in $(KERNELS); do \
+	  sysctl=; [ $$k = 7.3 ] && sysctl="--sysctl crypto.af_alg_restrict=0"; \
+	  $(VENV)/bin/afalg vm --kernel $$k --cpus 2 --timeout $(FULL_TIMEOUT) $$sysctl \
+	    --env AFALG_IN_VM=1 --env AFALG_REQUIRE_KERNEL=1 --env AFALG_TEST_SCALE=full \
+	    --env AFALG_FUZZ_EXAMPLES=$${AFALG_FUZZ_EXAMPLES:-2000} --env PYTHONDONTWRITEBYTECODE=1 \
+	    -- $(PY) -m pytest -m "$(1) and kernel" -p no:cacheprovider --timeout=$(FULL_TIMEOUT) \
+	  || [ $$? = 5 ]; \
+	done
+endef
+
+stress: $(VENV)/.installed
+	$(call full_size_run,stress)
+
+fuzz: $(VENV)/.installed
+	$(call full_size_run,fuzz)
 
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py

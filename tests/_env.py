@@ -17,6 +17,21 @@ CERTS = ROOT / "tests" / "certs"
 CAFILE = str(CERTS / "ca.pem")
 
 IN_VM = bool(os.environ.get("AFALG_IN_VM"))
+
+# How big the load, soak and fuzz tests run. "smoke" (the default; what `make test` runs): each
+# asserts everything it asserts at full size, on sizes that keep the budget (README, "Tests").
+# "full" (`make stress`, `make fuzz`): many connections, long loops, thousands of examples.
+SCALE = os.environ.get("AFALG_TEST_SCALE", "smoke")
+if SCALE not in ("smoke", "full"):
+    raise ValueError(f"AFALG_TEST_SCALE={SCALE!r}: expected smoke or full")
+FULL = SCALE == "full"
+
+
+def scaled(smoke: int, full: int) -> int:
+    """A size for the current AFALG_TEST_SCALE: ``smoke`` by default, ``full`` at full size."""
+    return full if FULL else smoke
+
+
 # Python under TCG is ~14x slower, and the host's CPUs are shared: scale every timeout by this.
 SLOW = 8.0 if IN_VM else 1.0
 
@@ -42,4 +57,4 @@ CONFORMANCE_MODES = os.environ.get("AFALG_CONFORMANCE_MODES", "ktls,algif").spli
 
 # For property tests whose every example costs several kernel operations: fewer examples under
 # TCG than the VM profile's (conftest.py).
-FEW_EXAMPLES = settings(max_examples=5) if IN_VM else settings()
+FEW_EXAMPLES = settings(max_examples=scaled(5, 500)) if IN_VM else settings()
