@@ -157,7 +157,8 @@ def test_a_traced_boot_uses_only_what_the_install_list_brings(tmp_path: Path) ->
     marker.parent.mkdir(exist_ok=True)
     script = f"uname -r; pwd; echo to-stderr >&2; echo written > {marker}; exit 3"
     result = subprocess.run(
-        ["strace", "-f", "-y", "-qq", "-e", "trace=execve,openat", "-e", "status=successful",
+        ["strace", "-f", "--seccomp-bpf", "-y", "-qq", "-e", "trace=execve,openat",
+         "-e", "status=successful",
          "-o", str(trace), sys.executable, "-m", "afalg", "vm", "--kernel", TRACED_KERNEL,
          "--timeout", "600", "--", "sh", "-c", script],
         cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
