@@ -21,7 +21,7 @@ import time
 import pytest
 import tls_echo_client as client
 import tls_echo_server as server
-from _env import CERTS, IN_VM, ROOT, SERVER_MODES, SLOW
+from _env import CERTS, IN_VM, ROOT, SERVER_MODES, SLOW, scaled
 
 # A handshake through afalg.tls.wrap takes seconds under TCG (and the CPUs are shared).
 HANDSHAKE_TIMEOUT = 15.0 if IN_VM else 1.0
@@ -134,8 +134,9 @@ def test_each_read_is_echoed_in_one_record(running):
     assert running.finished(1)[0].bytes_out == 1 + 300 + 2**14
 
 
+@pytest.mark.stress
 def test_concurrent_clients(running):
-    n = 6
+    n = scaled(6, 64)
     results = [client.Result(i) for i in range(n)]
 
     def one(i: int) -> None:

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 
 import pytest
+from _env import scaled
 from test_tls_helpers import client_context, server_context, tcp_pair
 
 import afalg
@@ -23,9 +24,9 @@ from afalg.alg import AEAD, HMAC, RNG, Hash, SKCipher
 from afalg.keys import CipherSuite, TrafficKeys
 from afalg.record import ContentType, RecordLayer
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.stress]
 
-RUNS = 5
+RUNS = scaled(5, 200)  # a soak at full size (make stress): a slow leak shows up as growth too
 
 
 def open_fds() -> set[int]:
