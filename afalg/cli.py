@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -47,7 +49,12 @@ def _cmd_vm(args: argparse.Namespace) -> int:
         print(f"afalg vm: {exc}", file=sys.stderr)
         return 2
     if lacking and args.install:
-        vm.install(args.kernel)
+        try:
+            vm.install(args.kernel)
+        except subprocess.CalledProcessError as exc:
+            print(f"afalg vm: installing failed: {shlex.join(exc.cmd)} exited {exc.returncode}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
         lacking = vm.missing(args.kernel)
     if lacking:
         for item in lacking:

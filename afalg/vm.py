@@ -12,6 +12,7 @@ What it needs, and where it comes from (:data:`REQUIREMENTS` and :data:`KERNELS`
 a static ``busybox``            Debian package ``busybox-static`` (virtme-ng's initramfs)
 ``modprobe``, ``depmod``        Debian package ``kmod`` (virtme-ng loads the guest's modules)
 ``systemd-udevd``               Debian package ``udev`` (the guest's /dev/virtio-ports links)
+``file``                        Debian package ``file`` (virtme-ng reads the kernel's version)
 ``vng`` (virtme-ng)             PyPI package ``virtme-ng``, in the running Python's environment
 ``/boot/vmlinuz-6.1.*``         Debian package ``linux-image-amd64`` (bookworm: 6.1)
 ``/boot/vmlinuz-6.12.*``        Debian package ``linux-image-6.12-amd64``
@@ -208,6 +209,12 @@ REQUIREMENTS = [
     ("a statically linked busybox", find_busybox, "busybox-static", None),
     ("modprobe and depmod", lambda: shutil.which("depmod", path=_SBIN), "kmod", None),
     ("udevd", _udevd, "udev", None),
+    (
+        "file, which virtme-ng reads kernel versions with",
+        lambda: shutil.which("file"),
+        "file",
+        None,
+    ),
     ("virtme-ng (vng)", _vng, None, "virtme-ng"),
 ]
 
