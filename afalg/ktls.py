@@ -16,6 +16,18 @@ consumed, a KeyUpdate installs the next receive keys where the kernel can rekey 
 and otherwise raises :class:`afalg.errors.KeyUpdateUnsupported`. Control records are sent with
 a ``TLS_SET_RECORD_TYPE`` control message (close_notify on close, fatal alerts on errors).
 
+Rekeying (TLS 1.3 KeyUpdate, Documentation/networking/tls.rst): the kernel pauses reading after a
+handshake record that starts with a KeyUpdate (msg_type 24; ``TlsRxRekeyReceived``) until
+``TLS_RX`` is set again (meanwhile reads fail with EKEYEXPIRED or, on 7.3, a blocking one just
+waits); :class:`KTLSSocket` installs the next generation as soon as it has read the KeyUpdate
+(``TlsRxRekeyOk``). The kernel only looks at a record's first byte, so it also pauses where
+there is no complete KeyUpdate yet (a KeyUpdate fragmented over records, or a fragment of
+another message that starts with the byte 24): there the current keys are installed again at
+the kernel's sequence number (``getsockopt(TLS_RX)``) to read on. On
+the send side there is no pause: our KeyUpdate goes out under the old keys, then ``TLS_TX`` gets
+the new ones (``TlsTxRekeyOk``). A peer's update_requested is answered with one KeyUpdate before
+our next application data (RFC 8446 4.6.3), however many requests came meanwhile.
+
 A record that fails authentication makes the kernel set the socket error (EBADMSG); until it is
 read with ``SO_ERROR`` every send fails. :class:`KTLSSocket` reads it, sends the bad_record_mac
 alert and raises :class:`afalg.TLSProtocolError` (bad_record_mac); the connection is then dead.
@@ -30,8 +42,11 @@ import errno
 import functools
 import io
 import os
+import select
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -526,6 +541,16 @@ class TLSSocketBase:
         messages = _handshake_messages(self._hs_buf)
         if len(self._hs_buf) >= 4:
             length = int.from_bytes(self._hs_buf[1:4], "big")
+            if (
+                self._hs_buf[0] == HT_KEY_UPDATE
+                and length != 1
+                and self._version == TLS_1_3_VERSION
+            ):
+                # Refused at its header: a kTLS kernel that rekeys reads nothing more until
+                # new keys are installed, so the rest of this message would never come.
+                raise self._protocol_error(
+                    AlertDescription.decode_error, f"KeyUpdate of {length} bytes (not 1)"
+                )
             if length > MAX_POST_HANDSHAKE_MESSAGE:
                 raise self._protocol_error(
                     AlertDescription.illegal_parameter,
@@ -643,6 +668,10 @@ _RECV_ERRORS = {
     errno.EMSGSIZE: (AlertDescription.record_overflow, "record too long"),
     errno.EINVAL: (AlertDescription.decode_error, "malformed record header"),
     errno.EIO: (AlertDescription.unexpected_message, "kernel refused a record (EIO)"),
+    errno.EKEYEXPIRED: (
+        AlertDescription.internal_error,
+        "the kernel paused reading for a KeyUpdate and could not be resumed (EKEYEXPIRED)",
+    ),
 }
 
 
@@ -675,31 +704,48 @@ class KTLSSocket(TLSSocketBase):
         self._version = tx.version
         self._rbuf = bytearray()  # plaintext read past a small caller buffer
         self._scratch: memoryview | None = None  # one record's room, for small reads
+        # Sending a KeyUpdate and installing the next TX keys is one step: no application data
+        # from another thread may come between them (it would go out under the old keys).
+        self._tx_lock = threading.RLock()
+        self._update_due = False  # the peer asked for our KeyUpdate (update_requested)
+        self._rx_paused = False  # EKEYEXPIRED seen and the current keys installed again
+        self._reader: socket.socket | None = None  # a duplicate for reads with a timeout
 
     # -- sending --
     def send(self, data: Any, flags: int = 0) -> int:
         self._check_send()
-        try:
-            return self._sock.send(data, flags)
-        except OSError as exc:
-            raise self._translate(exc) from exc
+        with self._tx_lock:
+            self._answer_key_update()
+            try:
+                return self._sock.send(data, flags)
+            except OSError as exc:
+                raise self._translate(exc) from exc
 
     def _send_alert(self, level: int, description: int, *, wait: bool) -> None:
         self._send_record(CT_ALERT, bytes([level, description]), wait=wait)
 
     def _send_record(self, content_type: int, payload: bytes, *, wait: bool = True) -> None:
         flags = 0 if wait else socket.MSG_DONTWAIT
-        self._sock.sendmsg([payload], [record_type_cmsg(content_type)], flags)
+        # Best effort without waiting (a fatal alert from the receiving thread): never block
+        # behind a send in another thread.
+        locked = self._tx_lock.acquire(blocking=wait)
+        try:
+            self._sock.sendmsg([payload], [record_type_cmsg(content_type)], flags)
+        finally:
+            if locked:
+                self._tx_lock.release()
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
         """Send a file with ``os.sendfile`` (the kernel encrypts the pages it reads), as
         :meth:`socket.socket.sendfile`: honours the timeout, falls back to ``send`` for what
         is not a regular file; the file position ends after the last byte sent."""
         self._check_send()
-        try:
-            return self._sock.sendfile(file, offset, count)
-        except OSError as exc:
-            raise self._translate(exc) from exc
+        with self._tx_lock:
+            self._answer_key_update()
+            try:
+                return self._sock.sendfile(file, offset, count)
+            except OSError as exc:
+                raise self._translate(exc) from exc
 
     # -- receiving --
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
@@ -721,9 +767,12 @@ class KTLSSocket(TLSSocketBase):
                     self._scratch = memoryview(bytearray(_RECORD_BUF))
                 target = self._scratch
             try:
-                n, ancdata, _msg_flags, _addr = self._sock.recvmsg_into([target], _ANCBUFSIZE)
+                n, ancdata = self._recvmsg(target)
             except OSError as exc:
+                if exc.errno == errno.EKEYEXPIRED and self._resume_rx():
+                    continue
                 raise self._translate(exc) from exc
+            self._rx_paused = False
             content_type = CT_APPLICATION_DATA
             for level, kind, data in ancdata:
                 if level == _uapi.SOL_TLS and kind == _uapi.TLS_GET_RECORD_TYPE:
@@ -740,17 +789,62 @@ class KTLSSocket(TLSSocketBase):
                     self._rbuf += target[k:n]
                     return k
                 return n
-            if self._control_record(content_type, bytes(target[:n])):
+            payload = bytes(target[:n])
+            rx_generation = self._rx_keys
+            if self._control_record(content_type, payload):
                 return 0  # close_notify
+            if content_type == CT_HANDSHAKE and payload[:1] == b"\x18":
+                self._follow_kernel_pause(rx_generation)
+
+    def _recvmsg(self, target: memoryview) -> tuple[int, list[tuple[int, int, bytes]]]:
+        """One ``recvmsg`` (with room for the record type). With a timeout, Python polls before
+        reading; but poll() does not report a socket that the kernel paused for a KeyUpdate,
+        even when that KeyUpdate waits decrypted in the kernel (read together with the data
+        before it). So with a timeout the read comes first (non-blocking, on a duplicate whose
+        own timeout is 0) and poll() only when there was nothing to read."""
+        timeout = self._sock.gettimeout()
+        if not timeout:  # blocking (the kernel hands out decrypted records first) or 0
+            n, ancdata, _flags, _addr = self._sock.recvmsg_into([target], _ANCBUFSIZE)
+            return n, ancdata
+        if self._reader is None:
+            self._reader = socket.fromfd(
+                self._sock.fileno(), self._sock.family, self._sock.type, self._sock.proto
+            )
+            self._reader.settimeout(0.0)  # the shared O_NONBLOCK is set already (a timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                n, ancdata, _flags, _addr = self._reader.recvmsg_into(
+                    [target], _ANCBUFSIZE, socket.MSG_DONTWAIT
+                )
+                return n, ancdata
+            except BlockingIOError:
+                pass
+            left = deadline - time.monotonic()
+            poller = select.poll()
+            poller.register(self._reader, select.POLLIN | select.POLLPRI)
+            if left <= 0 or not poller.poll(max(1, int(left * 1000))):
+                raise TimeoutError("timed out")
 
     def _release(self) -> None:
         super()._release()
         self._rbuf.clear()
         self._scratch = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def _cannot_rekey(self, what: str) -> str:
+        return (
+            f"{what}, but this kernel ({os.uname().release}) cannot install new kTLS keys on a "
+            "live socket: kTLS rekeying needs Linux 6.14+; use mode='algif' with peers that "
+            "update keys"
+        )
 
     def _key_update(self, *, update_requested: bool) -> None:
-        """The peer moved to its next traffic secret: install the next receive keys (and, if it
-        asked, send our KeyUpdate and move ours). Linux < 6.14 cannot replace kTLS keys."""
+        """The peer moved to its next traffic secret: install the next receive keys at once (the
+        kernel reads nothing more until then). If it asked for ours, our KeyUpdate goes out
+        before our next application data (one for any number of requests meanwhile)."""
         if self._rx_keys is None:
             raise self._fatal(
                 AlertDescription.internal_error,
@@ -761,34 +855,91 @@ class KTLSSocket(TLSSocketBase):
                 AlertDescription.internal_error,
                 KeyUpdateUnsupported(
                     AlertDescription.internal_error,
-                    f"peer sent a TLS 1.3 KeyUpdate, but this kernel ({os.uname().release}) "
-                    "cannot install new kTLS keys on a live socket: kTLS rekeying needs Linux "
-                    "6.14+; use mode='algif' with peers that update keys",
+                    self._cannot_rekey("peer sent a TLS 1.3 KeyUpdate"),
                 ),
             )
         nxt = self._rx_keys.next_generation()
         try:
             install_keys(self._sock, _uapi.TLS_RX, nxt)
-            if update_requested:
-                assert self._tx_keys is not None
-                self._send_record(CT_HANDSHAKE, key_update_message(False))
-                tx = self._tx_keys.next_generation()
-                install_keys(self._sock, _uapi.TLS_TX, tx)
-                self._tx_keys = tx
         except KTLSError as exc:
             raise self._fatal(
                 AlertDescription.internal_error,
                 KeyUpdateUnsupported(
                     AlertDescription.internal_error,
-                    f"installing the next kTLS keys after the peer's KeyUpdate failed: {exc}",
+                    f"installing the next kTLS receive keys after the peer's KeyUpdate failed: "
+                    f"{exc}",
                 ),
             ) from exc
         self._rx_keys = nxt
+        if update_requested and not self._close_notify_sent:
+            self._update_due = True
+
+    def _follow_kernel_pause(self, before: TrafficKeys | None) -> None:
+        """The kernel paused reading after this handshake record: it starts with the byte 24
+        (KeyUpdate's msg_type), which is all the kernel looks at. Unless it was a complete
+        KeyUpdate (the next keys are in already), read on under the current keys: a KeyUpdate
+        fragmented over records, or another message's fragment that starts with 24. (A blocking
+        read would otherwise wait for ever: 7.3 reports EKEYEXPIRED only to some reads.)"""
+        if self._rx_keys is not before or self._version != TLS_1_3_VERSION:
+            return  # a new generation is installed (or TLS 1.2: no pause)
+        if not supports_rekey():
+            return  # no pause either
+        if not self._resume_rx():
+            raise self._protocol_error(
+                AlertDescription.internal_error,
+                "the kernel paused reading on a fragment starting with the byte 24 and "
+                "could not be resumed",
+            )
+
+    def _resume_rx(self) -> bool:
+        """The kernel paused on a record that starts with the byte 24 but was no complete
+        KeyUpdate (a fragment), or a read failed with EKEYEXPIRED: install the current receive
+        keys again at the kernel's next sequence number (``getsockopt(TLS_RX)``) so that reading
+        goes on. False if that is not possible, or was just done (the error then stands)."""
+        if self._rx_paused or self._rx_keys is None or self._error is not None:
+            return False
+        size = len(_crypto_info(self._rx_keys))
+        try:
+            current = self._sock.getsockopt(_uapi.SOL_TLS, _uapi.TLS_RX, size)
+            seq = int.from_bytes(current[-8:], "big")  # rec_seq ends every crypto_info struct
+            install_keys(self._sock, _uapi.TLS_RX, self._rx_keys.with_seq(seq))
+        except (OSError, ValueError):
+            return False
+        self._rx_paused = True  # a second EKEYEXPIRED before any record read is an error
+        return True
+
+    def _answer_key_update(self) -> None:
+        """Send the KeyUpdate the peer asked for, if it is due (called with the TX lock)."""
+        if self._update_due:
+            self._send_key_update(request_peer=False)  # clears it once sent
+
+    def _send_key_update(self, *, request_peer: bool) -> None:
+        assert self._tx_keys is not None
+        nxt = self._tx_keys.next_generation()
+        with self._tx_lock:
+            try:
+                self._send_record(CT_HANDSHAKE, key_update_message(request_peer))
+            except OSError as exc:
+                raise self._translate(exc) from exc
+            try:
+                install_keys(self._sock, _uapi.TLS_TX, nxt)
+            except KTLSError as exc:  # the KeyUpdate is out: the old keys may not be used again
+                raise self._fatal(
+                    AlertDescription.internal_error,
+                    KeyUpdateUnsupported(
+                        AlertDescription.internal_error,
+                        f"installing the next kTLS send keys after our KeyUpdate failed "
+                        f"({os.uname().release}): {exc.strerror}",
+                    ),
+                ) from exc
+            self._tx_keys = nxt
+            self._update_due = False  # any KeyUpdate of ours answers a request
 
     def key_update(self, *, request_peer: bool = False) -> None:
-        """Send a KeyUpdate and move to the next send keys (Linux 6.14+ only). Where the kernel
-        cannot rekey, :class:`afalg.errors.KeyUpdateUnsupported` is raised before anything is
-        sent and the connection carries on under its current keys."""
+        """Send a TLS 1.3 KeyUpdate and move to the next send keys (Linux 6.14+);
+        ``request_peer`` asks the peer to update its keys too (update_requested). Where the
+        kernel cannot rekey, :class:`afalg.errors.KeyUpdateUnsupported` is raised before
+        anything is sent and the connection carries on under its current keys."""
         self._check_send()
         if self._tx_keys is None:
             raise ValueError("KeyUpdate needs TLS 1.3 keys with their traffic secret")
@@ -798,20 +949,7 @@ class KTLSSocket(TLSSocketBase):
                 f"this kernel ({os.uname().release}) cannot rekey kTLS (Linux 6.14+ can); "
                 "nothing was sent, the connection goes on under its current keys",
             )
-        nxt = self._tx_keys.next_generation()
-        self._send_record(CT_HANDSHAKE, key_update_message(request_peer))
-        try:
-            install_keys(self._sock, _uapi.TLS_TX, nxt)
-        except KTLSError as exc:
-            raise self._fatal(
-                AlertDescription.internal_error,
-                KeyUpdateUnsupported(
-                    AlertDescription.internal_error,
-                    f"this kernel ({os.uname().release}) cannot rekey kTLS (Linux 6.14+ can): "
-                    f"{exc.strerror}",
-                ),
-            ) from exc
-        self._tx_keys = nxt
+        self._send_key_update(request_peer=request_peer)
 
     def _translate(self, exc: OSError) -> BaseException:
         """Map a kernel TLS error to a TLS error (never a bare EIO), reading SO_ERROR so later

@@ -358,3 +358,138 @@ def test_command_line_sigterm(tmp_path):
     assert proc.returncode == 0
     assert "server summary: mode=userspace connections=3 ok=3" in stdout
     assert stderr.count(" outcome=ok") == 3
+
+
+# --- KeyUpdates from the client (TLS 1.3) ---------------------------------------------------------
+
+KERNEL_MODES = [p for p in SERVER_MODES if p.values[0] != "userspace"]
+
+
+def _algif_client(running: Running):
+    """afalg's algif socket on the cryptography backend: it can send KeyUpdates (and raw
+    records) that Python's ssl cannot."""
+    from afalg import tls as afalg_tls
+
+    raw = socket.create_connection(("127.0.0.1", running.port), timeout=20 * SLOW)
+    return afalg_tls.wrap(raw, ctx(tls_version="1.3"), server_hostname="localhost",
+                          mode="algif", algif_backend="cryptography")  # fmt: skip
+
+
+def _echo(conn, data: bytes) -> None:
+    conn.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        more = conn.recv(len(data) - len(got))
+        assert more, f"EOF after {len(got)} of {len(data)} bytes"
+        got += more
+    assert got == data
+
+
+def _server_can_follow(mode: str) -> bool:
+    from afalg.ktls import supports_rekey
+
+    return mode == "algif" or supports_rekey()
+
+
+@pytest.mark.parametrize("mode", KERNEL_MODES)
+def test_client_key_updates(mode):
+    """A client sends KeyUpdates, requested and not, one at a time and ten in a row, each
+    followed by an echo checked byte for byte; the server follows (and answers the requests
+    before its next echo). Under kTLS the kernel counts every rekey. Where kTLS cannot rekey
+    (Linux < 6.14) the server ends the connection with internal_error instead."""
+    from afalg.errors import TLSAlertReceived
+    from afalg.ktls import tls_stats
+
+    running = Running(mode, handshake_timeout=HANDSHAKE_TIMEOUT)
+    try:
+        can = _server_can_follow(mode)
+        with _algif_client(running) as conn:
+            _echo(conn, b"before")
+            before = tls_stats()
+            if not can:
+                conn.key_update()
+                with pytest.raises(TLSAlertReceived, match="internal_error"):
+                    conn.recv(10)
+            else:
+                for i in range(6):
+                    conn.key_update(request_peer=bool(i % 2))
+                    _echo(conn, os.urandom(1000 + i))
+                for _ in range(10):
+                    conn.key_update()
+                _echo(conn, os.urandom(3 * 2**14))
+                # data, KeyUpdate, data in one write: the server's read of the first data
+                # takes the KeyUpdate along inside the kernel (the bug seen on 7.3)
+                layer = conn.record_layer
+                wire = layer.seal(23, b"a" * 100) + layer.seal(22, b"\x18\x00\x00\x01\x00")
+                layer.rekey_tx()
+                conn._sock.sendall(wire + layer.seal(23, b"b" * 100))
+                got = b""
+                while len(got) < 200:
+                    more = conn.recv(200 - len(got))
+                    assert more
+                    got += more
+                assert got == b"a" * 100 + b"b" * 100
+        (record,) = running.finished(1)
+        if not can:
+            assert record.outcome == "alert:internal_error"
+            return
+        assert record.outcome == "ok" and record.mode == mode
+        if mode == "ktls":
+            after = tls_stats()
+            delta = {k: after[k] - before[k] for k in ("TlsRxRekeyReceived", "TlsRxRekeyOk",
+                                                       "TlsTxRekeyOk", "TlsRxRekeyError",
+                                                       "TlsTxRekeyError")}  # fmt: skip
+            assert delta == {"TlsRxRekeyReceived": 17, "TlsRxRekeyOk": 17, "TlsTxRekeyOk": 3,
+                             "TlsRxRekeyError": 0, "TlsTxRekeyError": 0}  # fmt: skip
+    finally:
+        running.stop()
+
+
+# (KeyUpdate records as sent, expected server outcome where it can follow, client key change)
+KEY_UPDATE_CASES = {
+    "fragmented": ([b"\x18", b"\x00\x00\x01\x00"], "ok", True),
+    "requested-fragmented": ([b"\x18\x00\x00", b"\x01\x01"], "ok", True),
+    "bad-value": ([b"\x18\x00\x00\x01\x02"], "alert:illegal_parameter", False),
+    "long": ([b"\x18\x00\x00\x02\x00\x00"], "alert:decode_error", False),
+    "truncated": ([b"\x18\x00\x00\x05\x00"], "alert:decode_error", False),
+    "two-in-a-record": ([b"\x18\x00\x00\x01\x00" * 2], "alert:unexpected_message", False),
+}
+
+
+@pytest.mark.parametrize("mode", KERNEL_MODES)
+def test_odd_and_malformed_key_updates(mode):
+    """KeyUpdates spread over records (legal: the server follows) and malformed ones (each
+    ends its connection with the right alert, never a bare OSError such as EKEYEXPIRED);
+    the server keeps serving."""
+    from afalg.errors import TLSAlertReceived
+
+    running = Running(mode, handshake_timeout=HANDSHAKE_TIMEOUT)
+    try:
+        can = _server_can_follow(mode)
+        ports = {}
+        for name, (pieces, outcome, legal) in KEY_UPDATE_CASES.items():
+            with _algif_client(running) as conn:
+                ports[conn.getsockname()[1]] = name
+                _echo(conn, b"before")
+                layer = conn.record_layer
+                conn._sock.sendall(b"".join(layer.seal(22, piece) for piece in pieces))
+                if legal:
+                    layer.rekey_tx()
+                if legal and can:
+                    _echo(conn, b"under the next keys")  # (after the server's answer, if asked)
+                else:
+                    alert = outcome.split(":")[1] if not legal else "internal_error"
+                    with pytest.raises(TLSAlertReceived, match=alert):
+                        while conn.recv(100):
+                            pass
+        with _algif_client(running) as conn:
+            _echo(conn, b"still serving")
+        records = running.finished(len(KEY_UPDATE_CASES) + 1)
+        got = {ports[r.peer[1]]: r.outcome for r in records if r.peer[1] in ports}
+        want = {
+            name: "alert:internal_error" if legal and not can else outcome
+            for name, (_pieces, outcome, legal) in KEY_UPDATE_CASES.items()
+        }
+        assert got == want
+    finally:
+        running.stop()
