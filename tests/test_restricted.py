@@ -29,10 +29,10 @@ from pathlib import Path
 import pytest
 
 import afalg
-from afalg import alg, probe
+from afalg import alg
 from afalg.alg import AEAD, RNG, Hash
 from afalg.keys import CipherSuite, TrafficKeys
-from afalg.probe import AlgStatus, Capabilities, format_report
+from afalg.probe import AlgStatus, Capabilities, format_report, probe
 from afalg.record import ContentType, RecordLayer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,7 +160,7 @@ def test_level_2_disables_af_alg(allowlist: int | None) -> None:
         Hash("sha256")
     assert info.value.errno == errno.EAFNOSUPPORT and info.value.af_alg_restrict == 2
     assert "disabled by the sysctl crypto.af_alg_restrict=2" in str(info.value)
-    caps = probe.probe()
+    caps = probe()
     assert not caps.af_alg and "crypto.af_alg_restrict=2" in (caps.af_alg_reason or "")
 
 

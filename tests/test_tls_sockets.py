@@ -52,6 +52,7 @@ def test_transfers_both_ways(mode: tuple[str, str], role: str) -> None:
     then 16 KiB and 8 MiB (client role; 1 MiB as server) each way, then close_notify."""
     ours, theirs = connect(mode, role)
     with ours, theirs:
+        assert (ours.mode, ours.backend) == mode  # type: ignore[union-attr]
         if role == "client":
             ours.sendall(b"a")  # our first record, before reading anything
             assert theirs.recv(1) == b"a"
