@@ -112,11 +112,17 @@ def connect(
         raise
 
 
-def echo(tls: Any, data: bytes, result: Result) -> None:
-    """Send ``data`` in records of at most 2^14 bytes, reading each chunk's echo back."""
+def echo(tls: Any, data: bytes, result: Result, *, key_update: bool = False) -> None:
+    """Send ``data`` in records of at most 2^14 bytes, reading each chunk's echo back. With
+    ``key_update`` (TLS 1.3, afalg modes), a KeyUpdate asking the server for its own goes
+    before every chunk, so every echo comes under new keys both ways."""
+    if key_update and not hasattr(tls, "key_update"):
+        raise ValueError("--key-update needs an afalg mode (ktls, algif or auto)")
     view = memoryview(data)
     for start in range(0, len(data), CHUNK):
         chunk = view[start : start + CHUNK]
+        if key_update:
+            tls.key_update(request_peer=True)
         tls.sendall(chunk)
         result.sent += len(chunk)
         got = bytearray()
@@ -186,7 +192,7 @@ def run_one(
                     with open(args.output, "wb") as f:
                         f.write(result.body)
             else:
-                echo(tls, payload, result)
+                echo(tls, payload, result, key_update=args.key_update)
                 result.detail = "echo verified"
         result.ok = True
     except Exception as exc:
@@ -217,6 +223,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sha256", help="with --get: expected digest of the file")
     p.add_argument("--output", help="with --get: write the file here")
     p.add_argument("--connections", type=int, default=1, help="concurrent connections")
+    p.add_argument(
+        "--key-update",
+        action="store_true",
+        help="TLS 1.3: a KeyUpdate (update_requested) before every echoed record",
+    )
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--keylog", help="append TLS secrets to this file (debugging only)")
     return p.parse_args(argv)

@@ -493,3 +493,29 @@ def test_odd_and_malformed_key_updates(mode):
         assert got == want
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("mode", KERNEL_MODES)
+def test_example_client_key_update_against_the_server(mode):
+    """Both examples in the same mode, the client with --key-update: every echoed record under
+    new keys both ways. kTLS before Linux 6.14 refuses the first KeyUpdate by name."""
+    from afalg.errors import KeyUpdateUnsupported
+
+    running = Running(mode, handshake_timeout=HANDSHAKE_TIMEOUT)
+    try:
+        data = os.urandom(5 * 2**14 + 3)
+        result = client.Result(0)
+        tls = client.connect("127.0.0.1", running.port, ctx(tls_version="1.3"), mode=mode,
+                             server_hostname="localhost", timeout=20 * SLOW)  # fmt: skip
+        with tls:
+            if not _server_can_follow(mode):
+                with pytest.raises(KeyUpdateUnsupported, match=r"6\.14"):
+                    client.echo(tls, data, result, key_update=True)
+                client.echo(tls, data, result)  # nothing was sent: the connection goes on
+            else:
+                client.echo(tls, data, result, key_update=True)
+        assert result.received == len(data)
+        (record,) = running.finished(1)
+        assert (record.outcome, record.mode) == ("ok", mode)
+    finally:
+        running.stop()
