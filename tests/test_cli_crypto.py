@@ -12,15 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
+from _env import scaled
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from afalg.cli import main
 
 pytestmark = pytest.mark.kernel
 
-# The issue asks for a 100 MiB file: under TCG the whole test takes ~12 s (afalg hash 4.7 s on
-# 6.12), so it runs at full size; AFALG_BIG_HASH_MIB changes it.
-BIG_MIB = int(os.environ.get("AFALG_BIG_HASH_MIB", "100"))
+# The issue asks for a 100 MiB file: that is the full size (make stress; 36 s of a kernel stage
+# under TCG on a loaded machine). The smoke size, 16 MiB, crosses every boundary the 100 MiB file
+# does (pipe buffers, splice chunks, many reads); AFALG_BIG_HASH_MIB overrides both.
+BIG_MIB = int(os.environ.get("AFALG_BIG_HASH_MIB", scaled(16, 100)))
 
 
 def _run(argv: list[str], stdin: bytes = b"", capsysbinary=None) -> tuple[int, bytes, bytes]:
@@ -34,6 +36,7 @@ def _run(argv: list[str], stdin: bytes = b"", capsysbinary=None) -> tuple[int, b
     return rc, out, err
 
 
+@pytest.mark.stress
 def test_hash_matches_sha256sum_end_to_end(tmp_path: Path) -> None:
     big = tmp_path / "big.bin"
     with open(big, "wb") as f:

@@ -26,7 +26,7 @@ from afalg.record import ContentType, RecordLayer
 
 pytestmark = [pytest.mark.kernel, pytest.mark.stress]
 
-RUNS = scaled(5, 200)  # a soak at full size (make stress): a slow leak shows up as growth too
+RUNS = scaled(3, 200)  # a soak at full size (make stress): a slow leak shows up as growth too
 
 
 def open_fds() -> set[int]:
