@@ -24,26 +24,12 @@ test-quick: $(VENV)/.installed
 # Load, soak and fuzzing at full size, outside `make test` (which runs a smoke size of each):
 # `make stress` runs the tests marked stress, `make fuzz` the hypothesis tests (thousands of
 # examples; AFALG_FUZZ_EXAMPLES=N changes the count), on the host then in the VM on each kernel of
-# K (7.3 with crypto.af_alg_restrict=0). E.g. make stress K="6.1 6.12 7.3"
-FULL_TIMEOUT ?= 7200
-define full_size_run
-	AFALG_TEST_SCALE=full $(PY) -m pytest -m "$(1) and not kernel" -p no:cacheprovider --timeout=$(FULL_TIMEOUT) \
-	  || [ $$? = 5 ]  # 5: none selected here
-	set -e; for k in $(K); do \
-	  sysctl=; [ $$k = 7.3 ] && sysctl="--sysctl crypto.af_alg_restrict=0"; \
-	  $(VENV)/bin/afalg vm --kernel $$k --cpus 2 --timeout $(FULL_TIMEOUT) $$sysctl \
-	    --env AFALG_IN_VM=1 --env AFALG_REQUIRE_KERNEL=1 --env AFALG_TEST_SCALE=full \
-	    --env AFALG_FUZZ_EXAMPLES=$${AFALG_FUZZ_EXAMPLES:-2000} --env PYTHONDONTWRITEBYTECODE=1 \
-	    -- $(PY) -m pytest -m "$(1) and kernel" -p no:cacheprovider --timeout=$(FULL_TIMEOUT) \
-	  || [ $$? = 5 ]; \
-	done
-endef
-
+# K (7.3 with crypto.af_alg_restrict=0, and at its default). E.g. make stress K="6.1 6.12 7.3"
 stress: $(VENV)/.installed
-	$(call full_size_run,stress)
+	$(PY) tests/run.py --scale full --select stress $(foreach k,$(K),--kernel $(k))
 
 fuzz: $(VENV)/.installed
-	$(call full_size_run,fuzz)
+	$(PY) tests/run.py --scale full --select fuzz $(foreach k,$(K),--kernel $(k))
 
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py

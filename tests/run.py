@@ -9,12 +9,14 @@
   each, longest first, their output printed whole as each finishes.
 
 Every pytest run prints its own summary; the last line adds them up, and the exit status is
-non-zero if any run failed. Usage: ``python tests/run.py [--kernel 6.1] [PYTEST ARGS...]``.
+non-zero if any run failed. Usage: ``python tests/run.py [--kernel 6.1] [--scale full]
+[--select stress] [PYTEST ARGS...]`` (``make stress`` and ``make fuzz`` are the last two).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -26,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ("6.1", "6.12", "7.3")
 VM_TIMEOUT = 25 * 60  # seconds for one kernel's whole run, so a hang fails fast
 PARALLEL = 2  # VM runs at once: TCG is CPU-bound and pytest is one thread
+FULL_TIMEOUT = 2 * 60 * 60  # --scale full: per test and per VM run
+PASSED_ENV = ("AFALG_TEST_SCALE", "AFALG_FUZZ_EXAMPLES")  # exported into the VM when set
 
 
 @dataclass(frozen=True)
@@ -75,14 +79,23 @@ def host_command(marker: str | None, junit: Path, extra: list[str]) -> list[str]
     return pytest_argv(junit, (["-m", marker] if marker else []) + extra)
 
 
-def vm_command(stage: Stage, cpus: int, junit: Path, extra: list[str]) -> list[str]:
+def selected(marker: str, select: str | None) -> str:
+    """``marker`` narrowed to the tests ``--select`` names (e.g. stress)."""
+    return f"({marker}) and ({select})" if select else marker
+
+
+def vm_command(
+    stage: Stage, cpus: int, junit: Path, extra: list[str], select: str | None, timeout: int
+) -> list[str]:
     sysctls = [arg for key, value in stage.sysctls for arg in ("--sysctl", f"{key}={value}")]
+    passed = [f"{k}={os.environ[k]}" for k in PASSED_ENV if k in os.environ]
+    marker = selected(stage.marker, select)
     return [
         sys.executable, "-m", "afalg", "vm", "--kernel", stage.kernel, "--cpus", str(cpus),
-        "--timeout", str(VM_TIMEOUT), *sysctls,
+        "--timeout", str(timeout), *sysctls,
         "--env", "AFALG_IN_VM=1", "--env", "AFALG_REQUIRE_KERNEL=1",
-        "--env", "PYTHONDONTWRITEBYTECODE=1",
-        "--", *pytest_argv(junit, ["-m", stage.marker, "-p", "no:cacheprovider", *extra]),
+        "--env", "PYTHONDONTWRITEBYTECODE=1", *(arg for kv in passed for arg in ("--env", kv)),
+        "--", *pytest_argv(junit, ["-m", marker, "-p", "no:cacheprovider", *extra]),
     ]  # fmt: skip
 
 
@@ -138,7 +151,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", action="append", choices=KERNELS, help="VM kernel(s) only")
     parser.add_argument("--vm", action="store_true", help="use the VM even if the host could")
+    parser.add_argument(
+        "--scale", choices=("smoke", "full"), default=None,
+        help="size of the load, soak and fuzz tests (AFALG_TEST_SCALE; smoke by default)",
+    )  # fmt: skip
+    parser.add_argument("--select", metavar="EXPR", help="only tests matching this marker expr")
     args, extra = parser.parse_known_args()
+    timeout = VM_TIMEOUT
+    if args.scale:
+        os.environ["AFALG_TEST_SCALE"] = args.scale
+    if args.scale == "full":
+        timeout = FULL_TIMEOUT
+        extra = [f"--timeout={FULL_TIMEOUT}", *extra]
 
     outdir = ROOT / ".vmtmp"
     outdir.mkdir(exist_ok=True)
@@ -148,7 +172,8 @@ def main() -> int:
 
     native = not args.vm and not args.kernel and kernel_is_capable()
     if native:
-        runs = [Run("native", host_command(None, junit("native"), extra), junit("native"))]
+        native_run = host_command(args.select, junit("native"), extra)
+        runs = [Run("native", native_run, junit("native"))]
     else:
         from afalg import vm
 
@@ -157,12 +182,14 @@ def main() -> int:
             if vm.missing(kernel):
                 print(f"afalg tests: installing the VM for kernel {kernel}", flush=True)
                 vm.install(kernel)
-        host = Run("host", host_command("not kernel", junit("host"), extra), junit("host"))
+        host_run = host_command(selected("not kernel", args.select), junit("host"), extra)
+        host = Run("host", host_run, junit("host"))
         todo = [stage for k in kernels for stage in stages(k)]
         todo.sort(key=lambda stage: stage.marker != "kernel")  # whole runs first: the longest
         cpus = 1 if len(todo) > 1 else 2
         runs = [host] + [
-            Run(f"{s.name} ({release(s.kernel)})", vm_command(s, cpus, junit(s.name), extra),
+            Run(f"{s.name} ({release(s.kernel)})",
+                vm_command(s, cpus, junit(s.name), extra, args.select, timeout),
                 junit(s.name), log=outdir / f"{s.name}.log")
             for s in todo
         ]  # fmt: skip
