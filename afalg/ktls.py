@@ -684,6 +684,7 @@ class KTLSSocket(TLSSocketBase):
     """
 
     mode = "ktls"
+    backend = "kernel"  # the kernel's TLS does the crypto
 
     def __init__(
         self,

@@ -175,9 +175,7 @@ def wrap(
         except (AlgError, KTLSError):
             _refuse(sock, h.tx)  # nothing was installed on sock: the peer hears why, in TLS
             raise
-        conn = KTLSSocket(sock, h.tx, h.rx, **common)
-        conn.backend = "kernel"  # type: ignore[attr-defined]  # belongs in ktls.KTLSSocket
-        return conn
+        return KTLSSocket(sock, h.tx, h.rx, **common)
     except BaseException:
         sock.close()
         raise
