@@ -302,6 +302,10 @@ class _AlgSocket:
         self._tfm: socket.socket | None = None
         self._op: socket.socket | None = None
         self._lock = threading.RLock()
+        if not isinstance(name, str):  # before any regex or socket sees it
+            raise TypeError(f"name must be str, not {type(name).__name__}")
+        if not 0 < len(name.encode()) < cmsg.SALG_NAME_MAX:
+            raise ValueError(f"name must be 1 to {cmsg.SALG_NAME_MAX - 1} bytes: {name!r}")
         self._sndbuf = 0
         self._rcvbuf = 0
         self.name = name
@@ -525,8 +529,8 @@ class AEAD(_AlgSocket):
     def __init__(self, name: str, key: Buffer, tag_size: int = 16) -> None:
         super().__init__(name)
         key = _bytes(key, "key")
-        if not isinstance(tag_size, int):
-            raise TypeError("tag_size must be an int")
+        if not isinstance(tag_size, int) or isinstance(tag_size, bool):
+            raise TypeError(f"tag_size must be an int, not {type(tag_size).__name__}")
         self._spec = spec = _aead_spec(name)
         if spec is not None:
             if len(key) not in spec.keys:
@@ -778,6 +782,8 @@ class Hash(_AlgSocket):
 
     def __init__(self, name: str, data: Buffer = b"", *, _key: bytes | None = None) -> None:
         kname, self.digest_size, self.block_size = _hash_spec(name)
+        if not isinstance(data, (bytes, bytearray, memoryview)):  # before any socket
+            raise TypeError(f"data must be bytes-like, not {type(data).__name__}")
         super().__init__(kname)
         self._more = False  # the kernel holds a running state (data sent with MSG_MORE)
         self._failed = False  # an update failed: the kernel state is gone, refuse to go on
@@ -1046,11 +1052,15 @@ class SKCipher(_AlgSocket):
     def __init__(self, name: str, key: Buffer, *, padding: str | None = None) -> None:
         super().__init__(name)
         key = _bytes(key, "key")
+        if padding is not None and not isinstance(padding, str):
+            raise TypeError(f"padding must be None or 'pkcs7', not {type(padding).__name__}")
         if padding not in (None, "pkcs7"):
             raise ValueError(f"padding must be None or 'pkcs7', got {padding!r}")
         spec = _cipher_spec(name)
         if spec is not None and spec.keys is not None and len(key) not in spec.keys:
             raise ValueError(f"{name}: key must be {_sizes(spec.keys)} bytes, got {len(key)}")
+        if padding and spec is not None and spec.block == 1:  # known before any socket
+            raise ValueError(f"{name} is not a block mode: PKCS#7 padding does not apply")
         self._open(key)
         if spec is None:
             info = _proc_sizes(name)
