@@ -218,11 +218,34 @@ def _hash(algorithm: str | hashes.HashAlgorithm) -> hashes.HashAlgorithm:
 
 
 def _bytes(name: str, value: object) -> bytes:
+    """``value`` as bytes if it is bytes-like (any buffer); TypeError naming ``name`` if not.
+
+    ``bytes(16)`` is sixteen zero bytes: an int (or a str) where key material belongs must be
+    refused, never turned into zeros.
+    """
     if isinstance(value, bytes):
         return value
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    raise TypeError(f"{name} must be bytes-like, not {type(value).__name__}")
+    try:
+        with memoryview(value) as view:  # type: ignore[arg-type]
+            return view.tobytes()
+    except TypeError:
+        raise TypeError(f"{name} must be bytes-like, not {type(value).__name__}") from None
+
+
+def _label(value: object) -> bytes:
+    """A label: a str (ASCII) or bytes-like."""
+    if isinstance(value, str):
+        return value.encode("ascii")
+    return _bytes("label", value)
+
+
+def _length(value: object) -> int:
+    """An output length: a positive int (TypeError for any other type, ValueError if < 1)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"length must be int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"length must be positive, got {value}")
+    return value
 
 
 # --- TLS 1.3 key schedule (RFC 8446 section 7.1) ------------------------------------------------
@@ -231,9 +254,11 @@ def _bytes(name: str, value: object) -> bytes:
 def hkdf_extract(algorithm: str | hashes.HashAlgorithm, salt: bytes, ikm: bytes) -> bytes:
     """HKDF-Extract(salt, IKM) (RFC 5869): HMAC-Hash(salt, IKM); an empty salt is Hash.length
     zero bytes."""
+    salt = _bytes("salt", salt)
+    ikm = _bytes("ikm", ikm)
     alg = _hash(algorithm)
-    h = _hmac.HMAC(bytes(salt) or bytes(alg.digest_size), alg)
-    h.update(bytes(ikm))
+    h = _hmac.HMAC(salt or bytes(alg.digest_size), alg)
+    h.update(ikm)
     return h.finalize()
 
 
@@ -248,18 +273,22 @@ def hkdf_expand_label(
 
     ``label`` is given without the ``"tls13 "`` prefix (``"key"``, ``"iv"``, ``"traffic upd"``).
     """
-    if isinstance(label, str):
-        label = label.encode("ascii")
-    full_label = b"tls13 " + bytes(label)
-    context = bytes(context)
-    if not 0 < length <= 0xFFFF or len(full_label) > 255 or len(context) > 255:
-        raise ValueError("HKDF-Expand-Label argument out of range")
+    secret = _bytes("secret", secret)
+    full_label = b"tls13 " + _label(label)
+    context = _bytes("context", context)
+    length = _length(length)
+    if length > 0xFFFF:
+        raise ValueError(f"length must be at most 65535, got {length}")
+    if len(full_label) > 255:
+        raise ValueError(f"label must be at most 249 bytes, got {len(full_label) - 6}")
+    if len(context) > 255:
+        raise ValueError(f"context must be at most 255 bytes, got {len(context)}")
     info = (
         length.to_bytes(2, "big")
         + bytes([len(full_label)]) + full_label
         + bytes([len(context)]) + context
     )  # fmt: skip
-    return HKDFExpand(_hash(algorithm), length, info).derive(bytes(secret))
+    return HKDFExpand(_hash(algorithm), length, info).derive(secret)
 
 
 def derive_secret(
@@ -271,7 +300,7 @@ def derive_secret(
     """
     alg = _hash(algorithm)
     digest = hashes.Hash(alg)
-    digest.update(bytes(messages))
+    digest.update(_bytes("messages", messages))
     return hkdf_expand_label(alg, secret, label, digest.finalize(), alg.digest_size)
 
 
@@ -287,10 +316,9 @@ def tls12_prf(
 ) -> bytes:
     """PRF(secret, label, seed) = P_<hash>(secret, label + seed), ``length`` bytes."""
     alg = _hash(algorithm)
-    if isinstance(label, str):
-        label = label.encode("ascii")
-    seed = bytes(label) + bytes(seed)
-    secret = bytes(secret)
+    secret = _bytes("secret", secret)
+    seed = _label(label) + _bytes("seed", seed)
+    length = _length(length)
 
     def hmac(data: bytes) -> bytes:
         h = _hmac.HMAC(secret, alg)

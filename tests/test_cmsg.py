@@ -240,3 +240,49 @@ def test_record_type_errors() -> None:
         cmsg.record_type_cmsg(256)
     with pytest.raises(ValueError, match="1 byte, got 2"):
         cmsg.parse_record_type(b"\x17\x00")
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda: cmsg.iv_cmsg(16), "iv"),
+        (lambda: cmsg.iv_cmsg("0123456789abcdef"), "iv"),
+        (lambda: cmsg.pack_af_alg_iv(12), "iv"),
+        (lambda: cmsg.alg_cmsgs(iv=16), "iv"),
+        (lambda: cmsg.unpack_af_alg_iv(8), "data"),
+        (lambda: cmsg.parse_record_type(1), "cmsg_data"),
+        (lambda: cmsg.unpack_tls_crypto_info(40), "data"),
+        (lambda: cmsg.parse_alg_cmsgs([(SOL_ALG, ALG_SET_OP, 4)]), "data"),
+        (
+            lambda: cmsg.tls_crypto_info(0x0304, 51, key=16, iv=bytes(8), salt=bytes(4)),
+            "key",
+        ),
+        (
+            lambda: cmsg.tls_crypto_info(0x0304, 51, key=bytes(16), iv=12),
+            "iv",
+        ),
+        (
+            lambda: cmsg.tls_crypto_info(0x0304, 51, key=bytes(16), iv=bytes(8), salt=4),
+            "salt",
+        ),
+        (
+            lambda: cmsg.tls_crypto_info(
+                0x0304, 51, key=bytes(16), iv=bytes(8), salt=bytes(4), rec_seq=True
+            ),
+            "rec_seq",
+        ),
+    ],
+)
+def test_int_where_bytes_belong_is_refused_by_name(call, name: str) -> None:
+    """``bytes(16)`` is sixteen zero bytes: an int as an IV or a key must raise TypeError naming
+    the argument, never reach the kernel as zeros."""
+    with pytest.raises(TypeError, match=name):
+        call()
+
+
+def test_any_bytes_like_iv_and_key() -> None:
+    import array
+
+    assert cmsg.iv_cmsg(array.array("B", range(16)))[2] == cmsg.iv_cmsg(bytes(range(16)))[2]
+    info = cmsg.tls_crypto_info(0x0304, 51, key=bytearray(16), iv=memoryview(bytes(12)))
+    assert info == cmsg.tls_crypto_info(0x0304, 51, key=bytes(16), iv=bytes(12))

@@ -188,3 +188,47 @@ def test_ktls_params() -> None:
     assert cc.ktls_params()["iv"] == bytes(range(12)) and cc.ktls_params()["salt"] == b""
     assert t13.cipher_suite.ktls_cipher_type == 51 and t12.cipher_suite.ktls_cipher_type == 52
     assert cc.cipher_suite.ktls_cipher_type == 54
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda: hkdf_extract("sha256", 32, ECDHE), "salt"),
+        (lambda: hkdf_extract("sha256", b"", 32), "ikm"),
+        (lambda: hkdf_extract("sha256", b"", "text"), "ikm"),
+        (lambda: hkdf_expand_label("sha256", 32, "key", b"", 16), "secret"),
+        (lambda: hkdf_expand_label("sha256", MASTER, 5, b"", 16), "label"),
+        (lambda: hkdf_expand_label("sha256", MASTER, "key", 32, 16), "context"),
+        (lambda: hkdf_expand_label("sha256", MASTER, "key", b"", 16.0), "length"),
+        (lambda: derive_secret("sha256", 32, "derived", b""), "secret"),
+        (lambda: derive_secret("sha256", MASTER, "derived", 4), "messages"),
+        (lambda: tls12_prf("sha256", 48, "master secret", b"seed", 48), "secret"),
+        (lambda: tls12_prf("sha256", b"k", 13, b"seed", 48), "label"),
+        (lambda: tls12_prf("sha256", b"k", "master secret", 64, 48), "seed"),
+        (lambda: tls12_prf("sha256", b"k", "master secret", b"seed", "48"), "length"),
+        (lambda: TrafficKeys.tls13(0x1301, 32), "secret"),
+    ],
+)
+def test_int_where_bytes_belong_is_refused_by_name(call, name: str) -> None:
+    """``bytes(32)`` is 32 zero bytes: an int (or str) as key material must raise, never derive
+    keys from zeros."""
+    with pytest.raises(TypeError, match=name):
+        call()
+
+
+@pytest.mark.parametrize("length", [0, -5])
+def test_nonpositive_lengths_are_refused(length: int) -> None:
+    with pytest.raises(ValueError, match="length"):
+        tls12_prf("sha256", b"k", "master secret", b"seed", length)
+    with pytest.raises(ValueError, match="length"):
+        hkdf_expand_label("sha256", MASTER, "key", b"", length)
+
+
+def test_any_bytes_like_is_accepted() -> None:
+    import array
+
+    assert hkdf_extract("sha256", bytearray(), memoryview(bytes(32))) == EARLY
+    as_array = array.array("B", MASTER)
+    assert hkdf_expand_label("sha256", as_array, "key", b"", 16) == hkdf_expand_label(
+        "sha256", MASTER, "key", b"", 16
+    )
