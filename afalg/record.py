@@ -94,7 +94,10 @@ class Record(NamedTuple):
 
 PaddingPolicy = Callable[[ContentType, int], int]
 """TLS 1.3 padding: given the content type and content length, how many zero bytes to add.
-The result is clamped so that TLSInnerPlaintext stays within 2**14 + 1 bytes."""
+The result is clamped so that TLSInnerPlaintext stays within 2**14 + 1 bytes.
+:meth:`RecordLayer.seal` asks it about every record of a payload before sealing any: if it raises
+(or returns anything but an int: TypeError), ``seal()`` raises with no sequence number used and
+the layer stays usable."""
 
 _CT = {int(t): t for t in ContentType}
 _TYPE_BYTE = {t: bytes((t,)) for t in ContentType}
@@ -342,18 +345,33 @@ class RecordLayer:
                 _A.internal_error,
                 "sequence number would pass 2**64-1: update the keys or close the connection",
             )
-        seal_one = self._seal13 if tx.version == TLS_1_3_VERSION else self._seal12
-        if count == 1:
-            return seal_one(tx, ctype, view)
+        fragments = [view] if count == 1 else [
+            view[i : i + MAX_PLAINTEXT] for i in range(0, n, MAX_PLAINTEXT)
+        ]  # fmt: skip
+        if tx.version != TLS_1_3_VERSION:
+            return b"".join(self._seal12(tx, ctype, fragment) for fragment in fragments)
+        # The padding policy is the caller's code: ask it about every record before sealing
+        # any, so that if it raises no sequence number is used and the layer stays usable.
+        pads = [self._pad(ctype, len(fragment)) for fragment in fragments]
         return b"".join(
-            seal_one(tx, ctype, view[i : i + MAX_PLAINTEXT]) for i in range(0, n, MAX_PLAINTEXT)
+            self._seal13(tx, ctype, fragment, pad)
+            for fragment, pad in zip(fragments, pads, strict=True)
         )
 
-    def _seal13(self, tx: _Direction, ctype: ContentType, content: memoryview) -> bytes:
-        n = len(content)
-        pad = 0
-        if self._padding is not None:
-            pad = max(0, min(int(self._padding(ctype, n)), MAX_PLAINTEXT - n))
+    def _pad(self, ctype: ContentType, n: int) -> int:
+        """The policy's padding for a record of ``n`` content bytes, clamped to what fits."""
+        if self._padding is None:
+            return 0
+        pad = self._padding(ctype, n)
+        if not isinstance(pad, int) or isinstance(pad, bool):
+            raise TypeError(f"the padding policy must return an int, not {type(pad).__name__}")
+        return max(0, min(pad, MAX_PLAINTEXT - n))
+
+    def _seal13(
+        self, tx: _Direction, ctype: ContentType, content: memoryview, pad: int | None = None
+    ) -> bytes:
+        if pad is None:
+            pad = self._pad(ctype, len(content))
         inner = b"".join((content, _TYPE_BYTE[ctype], bytes(pad)))
         header = _HDR.pack(23, TLS_1_2_VERSION, len(inner) + TAG_SIZE)
         seq = tx.seq

@@ -297,6 +297,35 @@ def test_padding_policy(suite: CipherSuite) -> None:
 
 
 @pytest.mark.parametrize("suite", TLS13_SUITES)
+@pytest.mark.parametrize("failure", ["raises", "not-an-int"])
+def test_padding_policy_failing_mid_seal_uses_no_sequence_number(
+    suite: CipherSuite, failure: str
+) -> None:
+    """A policy that fails on the second record of a split payload: seal() raises before any
+    record is sealed, no sequence number is used, and the layer goes on (issue 15 item 6)."""
+    keys = make_keys(suite)
+    calls = []
+
+    def policy(ctype: ContentType, n: int) -> int:
+        calls.append(n)
+        if len(calls) == 2:
+            if failure == "raises":
+                raise RuntimeError("policy bug")
+            return "7"  # type: ignore[return-value]
+        return 0
+
+    tx = RecordLayer(tx=keys, backend=CRYPTO, padding=policy)
+    rx = RecordLayer(rx=keys, backend=CRYPTO)
+    with pytest.raises(RuntimeError if failure == "raises" else TypeError):
+        tx.seal(APP, b"x" * (MAX_PLAINTEXT + 10))
+    assert tx.tx_keys.seq == 0 and tx.error is None
+    calls.append(0)  # the policy works from now on
+    wire = tx.seal(APP, b"next")
+    assert open_all(rx, wire) == [Record(APP, b"next")]  # the peer opens it: no gap
+    assert tx.tx_keys.seq == rx.rx_keys.seq == 1
+
+
+@pytest.mark.parametrize("suite", TLS13_SUITES)
 def test_tls13_inner_plaintext_errors(suite: CipherSuite) -> None:
     keys = make_keys(suite)
 
