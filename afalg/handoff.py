@@ -13,11 +13,22 @@ Three properties make the hand-off safe:
   so when the handshake ends the socket sits at a record boundary and no byte after the last
   handshake record has been consumed: the kernel (or the record layer) reads the next record.
 - **Secrets in memory only, and only as long as needed.** OpenSSL writes its NSS key log to a
-  memfd (``keylog_filename = /proc/self/fd/N``), one per context. The lines are parsed by the
-  ClientHello random (every line carries it), the region of the memfd holding them is punched
-  out (``fallocate(PUNCH_HOLE)``) as soon as it is read, and a connection's lines are dropped
-  once its keys are built, so a long-running server does not accumulate secrets. A key log the
-  caller configured on the context (``keylog_filename``) keeps receiving every line.
+  memfd (``keylog_filename = /proc/self/fd/N``), one per context and process. The lines are
+  parsed by the ClientHello random (every line carries it), the region of the memfd holding them
+  is punched out (``fallocate(PUNCH_HOLE)``) as soon as it is read, and a connection's lines are
+  dropped once its keys are built, so a long-running server does not accumulate secrets. A key
+  log the caller configured on the context (``keylog_filename``) keeps receiving every line.
+- **No other connection's secrets either.** The key log is the context's, so connections the
+  caller makes with the same context (``ctx.wrap_socket``, ``ctx.wrap_bio``, asyncio) log there
+  too. :func:`keylog_for` therefore gives the context ``sslsocket_class`` and
+  ``sslobject_class`` subclasses of the ones it had whose ``do_handshake``, ``read``, ``write``
+  and ``send`` empty the memfd before they return or raise (OpenSSL logs only inside those
+  calls): once any connection's handshake has finished or failed, none of its secrets is left in
+  the memfd. (Toggling ``keylog_filename`` around afalg's own handshakes instead would race with
+  other threads' handshakes in CPython's key log callback.)
+- **One key log per process.** After ``fork()`` the child gets a fresh memfd for every context
+  (:func:`os.register_at_fork`); the parent's is closed in the child. Workers of a pre-fork
+  server never read, or punch out, each other's lines.
 - **Sequence numbers from the records that crossed the BIOs.** TLS 1.2: the records after each
   direction's ChangeCipherSpec were sealed under the new keys (the Finished used sequence 0, so
   application data starts at 1). TLS 1.3: the peer's Finished is the last record ssl opened
@@ -35,6 +46,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 import socket
 import ssl
@@ -42,6 +54,7 @@ import struct
 import threading
 import weakref
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from afalg.keys import (
     TLS_1_2_VERSION,
@@ -103,6 +116,7 @@ class KeyLog:
         self.path = f"/proc/self/fd/{self._fd}"
         self.forward_to = forward_to
         self._lock = threading.Lock()
+        self._pid = os.getpid()  # the process whose memfd this is (see _after_fork_in_child)
         self._offset = 0  # everything before it has been parsed and punched out
         # Pending connections by (client random, role). The client picks the random and it is
         # public, so one random is never pending twice in a role: a second ClientHello carrying
@@ -125,6 +139,21 @@ class KeyLog:
             self._fd = -1
             self._expected.clear()
             self._finalizer()
+
+    def _abandon(self) -> None:
+        """In a forked child: close this (the parent's) memfd and forget the parent's pending
+        connections, without the lock (a thread of the parent may have held it at fork)."""
+        self._lock = threading.Lock()
+        self._fd = -1
+        self._expected.clear()
+        self._finalizer()
+
+    def collect(self) -> None:
+        """Parse and punch out every whole line logged so far (see :meth:`collect_locked`);
+        nothing when closed."""
+        with self._lock:
+            if not self.closed:
+                self.collect_locked()
 
     def expect(self, client_random: bytes, server_side: bool) -> None:
         """Keep the lines of this connection (called when its ClientHello is seen, before ssl
@@ -203,7 +232,8 @@ _keylogs_lock = threading.Lock()
 
 
 def keylog_for(context: ssl.SSLContext) -> KeyLog:
-    """The :class:`KeyLog` installed on ``context`` (installing it the first time).
+    """The :class:`KeyLog` installed on ``context`` in this process (installing it the first
+    time, with the socket and object classes that empty it; see the module docstring).
 
     A ``keylog_filename`` the caller set keeps receiving every line (forwarded by afalg).
     """
@@ -211,13 +241,91 @@ def keylog_for(context: ssl.SSLContext) -> KeyLog:
         log = _keylogs.get(context)
         current: str | None = context.keylog_filename
         if log is not None and current == log.path:
-            if not log.closed:
+            if not log.closed and log._pid == os.getpid():
+                _install_scrubbers(context)
                 return log
-            current = log.forward_to  # the closed log's path is ours, not the caller's
+            current = log.forward_to  # the closed (or parent's) log's path is ours
+            if log._pid != os.getpid():
+                log._abandon()  # forked without os.fork's hooks: never touch the parent's lines
         log = KeyLog(forward_to=current)
         context.keylog_filename = log.path
+        log.collect()  # the header ssl wrote ("# TLS secrets log file...")
         _keylogs[context] = log
+        _install_scrubbers(context)
         return log
+
+
+def _after_fork_in_child() -> None:
+    """A fresh memfd for every context's key log: the child must neither parse nor punch out
+    the lines of its parent (or of its siblings), nor log into their memfd."""
+    global _keylogs_lock
+    _keylogs_lock = threading.Lock()  # a thread of the parent may have held it at fork
+    for context, log in list(_keylogs.items()):
+        if log._pid == os.getpid():
+            continue
+        del _keylogs[context]
+        log._abandon()
+        if context.keylog_filename != log.path:
+            continue  # the caller replaced the key log: keylog_for installs ours when needed
+        fresh = KeyLog(forward_to=log.forward_to)
+        context.keylog_filename = fresh.path
+        fresh.collect()
+        _keylogs[context] = fresh
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _scrub(context: ssl.SSLContext) -> None:
+    """Empty the memfd of ``context``'s key log (if afalg installed one in this process)."""
+    log = _keylogs.get(context)
+    if log is not None and log._pid == os.getpid():
+        with contextlib.suppress(OSError, ValueError):
+            log.collect()
+
+
+# Every call in which OpenSSL may log a secret: the handshake, and read/write, which run (or
+# resume, or renegotiate) it implicitly. SSLSocket.send calls the C object's write directly.
+_SCRUBBED_METHODS = ("do_handshake", "read", "write", "send")
+_C = TypeVar("_C", bound=type)
+_scrubbing_classes: dict[type, type] = {}
+
+
+def _scrubbing_method(method: Any) -> Any:
+    @functools.wraps(method)
+    def scrubbing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            _scrub(self.context)
+
+    return scrubbing
+
+
+def _scrubbing(cls: _C) -> _C:
+    """A subclass of ``cls`` (an SSLSocket or SSLObject class) whose calls that may log a
+    secret empty the key log's memfd before they return or raise."""
+    if getattr(cls, "_afalg_scrubs_keylog", False):
+        return cls
+    sub = _scrubbing_classes.get(cls)
+    if sub is None:
+        namespace: dict[str, Any] = {
+            "_afalg_scrubs_keylog": True,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+        }
+        for name in _SCRUBBED_METHODS:
+            if hasattr(cls, name):
+                namespace[name] = _scrubbing_method(getattr(cls, name))
+        sub = type(cls.__name__, (cls,), namespace)
+        _scrubbing_classes[cls] = sub
+    return sub  # type: ignore[return-value]
+
+
+def _install_scrubbers(context: ssl.SSLContext) -> None:
+    context.sslsocket_class = _scrubbing(context.sslsocket_class)
+    context.sslobject_class = _scrubbing(context.sslobject_class)
 
 
 # --- records crossing the BIOs ------------------------------------------------------------------

@@ -8,6 +8,7 @@ ssl refusing our record (bad_record_mac) or our tag check failing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _env import SLOW, scaled
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from afalg import handoff
@@ -527,3 +529,207 @@ def test_server_side_resumption(version: str) -> None:
             assert srv.session_reused == (attempt == 1)
             session = c.session
             c.close()
+
+
+# --- the key log: other connections' secrets, fork ----------------------------------------------
+
+
+def memfd_contents(log: handoff.KeyLog) -> bytes:
+    """The memfd read back through its path, holes (read back as zeros) left out."""
+    with open(log.path, "rb") as f:
+        return f.read().replace(b"\0", b"")
+
+
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+def test_plain_connections_on_the_context_leave_no_secret_in_the_memfd(version: str) -> None:
+    """After an afalg hand-off both contexts carry afalg's key log; connections made with
+    ``ctx.wrap_socket`` on them log there too. Once their handshake has finished (or failed),
+    nothing of theirs may be left in the memfd."""
+    cipher = None if version == "TLSv1.3" else TLS12_CIPHERS[0]
+    sctx, cctx = _contexts(version, cipher, 1)
+    csock, ssock = tcp_pair()
+    t, res = run_peer(lambda: handoff.handshake(ssock, sctx, server_side=True))
+    handoff.handshake(csock, cctx, server_hostname="localhost")
+    peer_result(t, res)
+    csock.close()
+    ssock.close()
+    slog, clog = handoff.keylog_for(sctx), handoff.keylog_for(cctx)
+    assert memfd_contents(slog) == memfd_contents(clog) == b""
+
+    for _ in range(3):
+        csock, ssock = tcp_pair()
+
+        def server(ssock: socket.socket = ssock) -> bytes:
+            with sctx.wrap_socket(ssock, server_side=True) as s:
+                left = memfd_contents(slog)  # the server's handshake has finished
+                s.sendall(s.recv(4))
+                return left
+
+        t, res = run_peer(server)
+        with cctx.wrap_socket(csock, server_hostname="localhost") as c:
+            assert memfd_contents(clog) == b""  # the client's handshake has finished
+            c.sendall(b"ping")
+            assert c.recv(4) == b"ping"
+        assert peer_result(t, res) == b""
+        assert memfd_contents(slog) == memfd_contents(clog) == b""
+
+    # A failed handshake: the client refuses the certificate (wrong name) after both ends
+    # derived their handshake secrets (TLS 1.3: the server all of its secrets).
+    csock, ssock = tcp_pair()
+
+    def failing_server() -> bytes:
+        with pytest.raises((ssl.SSLError, OSError)):
+            sctx.wrap_socket(ssock, server_side=True)
+        return memfd_contents(slog)
+
+    t, res = run_peer(failing_server)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        cctx.wrap_socket(csock, server_hostname="wrong.example")
+    assert memfd_contents(clog) == b""
+    assert peer_result(t, res) == b""
+    csock.close()
+    ssock.close()
+    assert not slog._expected and not clog._expected
+
+
+def test_plain_ssl_objects_leave_no_secret_in_the_memfd() -> None:
+    """The same through ``wrap_bio`` (asyncio's way), the handshake driven by hand."""
+    sctx, cctx = _contexts("TLSv1.3", None, 0)
+    slog = handoff.keylog_for(sctx)
+    sin, sout, cin, cout = (ssl.MemoryBIO() for _ in range(4))
+    server = sctx.wrap_bio(sin, sout, server_side=True)
+    client = cctx.wrap_bio(cin, cout, server_hostname="localhost")
+    for _ in range(4):
+        for obj, out, peer_in in ((client, cout, sin), (server, sout, cin)):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                obj.do_handshake()
+            peer_in.write(out.read())
+            assert memfd_contents(slog) == b""
+    assert server.version() == client.version() == "TLSv1.3"
+
+
+def _prefork_worker(listener: socket.socket, sctx: ssl.SSLContext, out: int) -> None:
+    """One worker of a pre-fork server: hand off every connection it accepts, echo one record
+    with the keys, and report each connection on ``out`` (one line, written atomically)."""
+    log = handoff.keylog_for(sctx)
+    os.write(
+        out, f"log {os.getpid()} {os.fstat(int(log.path.rsplit('/', 1)[1])).st_ino}\n".encode()
+    )
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return  # the parent shut the listener down
+        with conn:
+            conn.settimeout(30 * SLOW)
+            try:
+                h = handoff.handshake(conn, sctx, server_side=True)
+                data = read_app_data(conn, h.rx, 4)
+                conn.sendall(seal(h.tx, h.tx.seq, 23, data))
+                line = f"ok {os.getpid()} {data.decode()}"
+            except Exception as exc:  # reported to the parent
+                line = f"fail {os.getpid()} {exc!r}".replace("\n", " ")
+        os.write(out, line.encode()[:400] + b"\n")
+
+
+def test_pre_fork_server_works_in_every_worker() -> None:
+    """The key log exists before ``fork()``; two workers share the listener. Worker A holds a
+    connection whose server flight (with every secret of it) is out while worker B hands off
+    many others; then A's connection finishes. Every connection must get its keys (before the
+    fix the workers shared the memfd and B punched out A's lines), and each worker has a memfd
+    of its own."""
+    sctx, cctx = _contexts("TLSv1.3", None, 0)
+    parent_log = handoff.keylog_for(sctx)
+    parent_inode = os.fstat(int(parent_log.path.rsplit("/", 1)[1])).st_ino
+    listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+    address = listener.getsockname()
+    results_r, results_w = os.pipe()
+    workers = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the worker)
+            status = 1
+            try:
+                os.close(results_r)
+                _prefork_worker(listener, sctx, results_w)
+                status = 0
+            finally:
+                os._exit(status)
+        workers.append(pid)
+    os.close(results_w)
+    timeout = 30 * SLOW
+    try:
+        # Client 1: its ClientHello out, the server's whole flight in; its Finished held back.
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        first = cctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        with contextlib.suppress(ssl.SSLWantReadError):
+            first.do_handshake()
+        first_sock = socket.create_connection(address, timeout=timeout)
+        first_sock.sendall(outgoing.read())
+        while True:
+            record, whole = handoff.read_record(first_sock)
+            assert whole, record
+            incoming.write(record)
+            try:
+                first.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                continue
+        finished = outgoing.read()
+
+        def client(n: int) -> bytes:
+            sock = socket.create_connection(address, timeout=timeout)
+            with cctx.wrap_socket(sock, server_hostname="localhost") as c:
+                c.sendall(b"%04d" % n)
+                return c.recv(4)
+
+        def many(start: int, count: int) -> None:
+            threads = [run_peer(lambda n=n: client(n)) for n in range(start, start + count)]
+            for n, (t, res) in zip(range(start, start + count), threads, strict=True):
+                t.join(timeout)
+                assert res == [b"%04d" % n], res
+
+        count = scaled(30, 120)
+        many(1, count)  # all by the other worker: the first one's is waiting for client 1
+        first.write(b"0000")
+        first_sock.sendall(finished + outgoing.read())
+        while True:
+            try:
+                assert first.read(4) == b"0000"
+                break
+            except ssl.SSLWantReadError:
+                record, whole = handoff.read_record(first_sock)
+                assert whole, f"worker ended client 1's connection: {record!r}"
+                incoming.write(record)
+        first_sock.close()
+        many(1 + count, count)  # both workers free
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes both workers' accept()
+        listener.close()
+        deadline = time.monotonic() + timeout
+        statuses = {}
+        while len(statuses) < len(workers) and time.monotonic() < deadline:
+            for pid in workers:
+                if pid not in statuses:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        statuses[pid] = status
+            time.sleep(0.05)
+        for pid in workers:
+            if pid not in statuses:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+        with os.fdopen(results_r, "rb") as f:
+            lines = f.read().decode().splitlines()
+    assert all(os.waitstatus_to_exitcode(s) == 0 for s in statuses.values()), statuses
+    assert sorted(statuses) == sorted(workers), "a worker did not stop"
+    failures = [line for line in lines if not line.startswith(("ok ", "log "))]
+    assert not failures, failures
+    served = [line.split() for line in lines if line.startswith("ok ")]
+    assert sorted(int(n) for _ok, _pid, n in served) == list(range(2 * count + 1))
+    assert {int(pid) for _ok, pid, _n in served} == set(workers)  # both workers served
+    inodes = {
+        int(inode)
+        for _log, _pid, inode in (line.split() for line in lines if line.startswith("log "))
+    }
+    assert len(inodes) == 2 and parent_inode not in inodes  # a memfd per process
