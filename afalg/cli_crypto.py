@@ -17,6 +17,7 @@ kcapi-rng, with coreutils-compatible output:
 from __future__ import annotations
 
 import argparse
+import os
 import string
 import sys
 from collections.abc import Callable, Sequence
@@ -49,101 +50,352 @@ def _hex(what: str) -> Callable[[str], bytes]:
     return parse
 
 
-def _escape(name: str) -> tuple[str, str]:
-    """coreutils' escaping of a file name in a checksum line: (prefix, name)."""
-    if not any(c in name for c in "\\\n\r"):
-        return "", name
-    return "\\", name.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+# --------------------------------------------------------------------------------------------
+# hash / hmac: coreutils' sha256sum (9.1), byte for byte, with names as bytes (not UTF-8 only)
+# --------------------------------------------------------------------------------------------
+
+# Where a name does not need quoting in a message (gnulib's quotef: shell-escape style, ':' too).
+_PLAIN = frozenset(b"%+,-./0123456789@ABCDEFGHIJKLMNOPQRSTUVWXYZ]_abcdefghijklmnopqrstuvwxyz")
+# What may sit inside "..." when a name with a single quote is double-quoted instead.
+_DQ_OK = _PLAIN | frozenset(b" :'")
+_C_ESCAPES = {7: "a", 8: "b", 9: "t", 10: "n", 11: "v", 12: "f", 13: "r"}
 
 
-def _unescape(name: str) -> str:
-    out, i = [], 0
+def _quotef(name: bytes) -> bytes:
+    """A file name as coreutils quotes it in a message (``'a b'``, ``"it's"``,
+    ``'a'$'\\n''b'``): gnulib's shell-escape quoting, printable UTF-8 kept as is."""
+    chars = name.decode("utf-8", "surrogateescape")
+    plain = True
+    for i, c in enumerate(chars):
+        code = ord(c)
+        if code < 128:
+            if not (code in _PLAIN or (c in "#~" and i > 0)):
+                plain = False
+        elif not c.isprintable():  # non-printable, or a byte that is not UTF-8
+            plain = False
+    if plain and chars:
+        return name
+    if "'" in chars and all(
+        (ord(c) in _DQ_OK if ord(c) < 128 else c.isprintable()) or (c in "#~" and i == 0)
+        for i, c in enumerate(chars)
+    ):
+        return b'"' + name + b'"'
+    out, dollar = ["'"], False
+    for c in chars:
+        code = ord(c)
+        if (code < 128 and (code < 32 or code == 127)) or (code >= 128 and not c.isprintable()):
+            if not dollar:
+                out.append("'$'")
+                dollar = True
+            if code in _C_ESCAPES:
+                out.append("\\" + _C_ESCAPES[code])
+            else:
+                raw = c.encode("utf-8", "surrogateescape")
+                out.append("".join(f"\\{b:03o}" for b in raw))
+            continue
+        if dollar:
+            out.append("''")
+            dollar = False
+        out.append("'\\''" if c == "'" else c)
+    out.append("'")
+    return "".join(out).encode("utf-8", "surrogateescape")
+
+
+def _escape(name: bytes, chars: bytes = b"\\\n\r") -> tuple[bytes, bytes]:
+    """coreutils' escaping of a name in a checksum line: (prefix, name). Hashing escapes names
+    with a backslash, newline or carriage return; ``--check`` output only those with a newline
+    (as sha256sum 9.1 does), though it then escapes all three."""
+    if not any(b in chars for b in name):
+        return b"", name
+    return b"\\", name.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+
+
+def _unescape(name: bytes) -> bytes | None:
+    """A name from an escaped checksum line; None where it is malformed (a lone trailing
+    backslash, an escape other than \\\\, \\n and \\r): coreutils' filename_unescape."""
+    out, i = bytearray(), 0
     while i < len(name):
-        if name[i] == "\\" and i + 1 < len(name):
-            out.append({"\\": "\\", "n": "\n", "r": "\r"}.get(name[i + 1], name[i + 1]))
+        c = name[i]
+        if c == 0x5C:
+            if i + 1 == len(name):
+                return None
+            nxt = {0x5C: b"\\", 0x6E: b"\n", 0x72: b"\r"}.get(name[i + 1])
+            if nxt is None:
+                return None
+            out += nxt
             i += 2
+        elif c == 0:
+            return None
         else:
-            out.append(name[i])
+            out.append(c)
             i += 1
-    return "".join(out)
+    return bytes(out)
+
+
+_TAGS = {"blake2b-512": "BLAKE2b", "rmd160": "RIPEMD160"}
+
+
+def _tag_name(kernel_name: str) -> bytes:
+    """The algorithm's name in a BSD-style (``--tag``) line, as coreutils spells it."""
+    if kernel_name.startswith("blake2b-"):
+        return _TAGS.get(kernel_name, "BLAKE2b" + kernel_name[7:]).encode()
+    return _TAGS.get(kernel_name, kernel_name.upper()).encode()
 
 
 def _new(args: argparse.Namespace) -> alg.Hash:
     return alg.Hash(args.alg) if args.key is None else alg.HMAC(args.alg, args.key)
 
 
-def _digest_file(args: argparse.Namespace, path: str) -> str:
+def _digest_file(args: argparse.Namespace, path: bytes) -> str:
     with _new(args) as obj:
-        if path == "-":
+        if path == b"-":
             obj.update_file(sys.stdin.buffer)
         else:
-            obj.update_file(path)
+            with open(path, "rb", buffering=0) as f:
+                obj.update_file(f)
         return obj.hexdigest()
 
 
+def _err(args: argparse.Namespace, message: bytes | str) -> None:
+    if isinstance(message, str):
+        message = message.encode("utf-8", "surrogateescape")
+    sys.stdout.flush()
+    sys.stdout.buffer.flush()
+    err = sys.stderr.buffer
+    err.write(f"afalg {args.subcommand}: ".encode() + message + b"\n")
+    err.flush()
+
+
 def _warn(args: argparse.Namespace, message: str) -> None:
-    print(f"afalg {args.subcommand}: {message}", file=sys.stderr)
+    _err(args, message)
+
+
+def _open_failure(args: argparse.Namespace, name: bytes, exc: OSError) -> None:
+    if isinstance(exc, alg.AlgError):  # the kernel's, not the file's: one clear error
+        raise exc
+    _err(args, _quotef(name) + b": " + (exc.strerror or str(exc)).encode())
+
+
+def _usage_error(args: argparse.Namespace, message: str) -> int:
+    _err(args, message)
+    sys.stderr.buffer.write(
+        f"Try 'afalg {args.subcommand} --help' for more information.\n".encode()
+    )
+    sys.stderr.buffer.flush()
+    return 1
 
 
 def _cmd_hash(args: argparse.Namespace) -> int:
+    if args.check:
+        if args.tag:
+            return _usage_error(args, "the --tag option is meaningless when verifying checksums")
+        if args.zero:
+            return _usage_error(args, "the --zero option is not supported when verifying checksums")
+    else:
+        for flag in ("ignore_missing", "status", "warn", "strict", "quiet"):
+            if getattr(args, flag):
+                option = "--" + flag.replace("_", "-")
+                return _usage_error(
+                    args, f"the {option} option is meaningful only when verifying checksums"
+                )
     _new(args).close()  # an unknown ALG is one clear error, before any file
     if args.check:
         return _check(args)
     status = 0
+    out = sys.stdout.buffer
+    tag = _tag_name(_new_name(args))
     for path in args.files or ["-"]:
+        name = os.fsencode(path)
         try:
-            digest = _digest_file(args, path)
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-            _warn(args, f"{path}: {exc.strerror}")
+            digest = _digest_file(args, name).encode()
+        except OSError as exc:
+            _open_failure(args, name, exc)
             status = 1
             continue
-        prefix, shown = _escape(path)
-        sys.stdout.write(f"{prefix}{digest}  {shown}\n")
-    sys.stdout.flush()
+        prefix, shown = (b"", name) if args.zero else _escape(name)
+        end = b"\0" if args.zero else b"\n"
+        if args.tag:
+            out.write(prefix + tag + b" (" + shown + b") = " + digest + end)
+        else:
+            out.write(prefix + digest + b"  " + shown + end)
+    out.flush()
     return status
 
 
+def _new_name(args: argparse.Namespace) -> str:
+    with _new(args) as obj:
+        name = obj.name
+    return name[5:-1] if name.startswith("hmac(") else name
+
+
+class _CheckState:
+    """What sha256sum keeps across the checksum files of one run: whether the lines so far
+    were "digest name" (BSD reversed, 1) or "digest  name" (0), unknown (-1)."""
+
+    def __init__(self, tag: bytes, hex_len: int) -> None:
+        self.tag = tag
+        self.hex_len = hex_len
+        self.bsd_reversed = -1
+
+
+def _hex_digits(digest: bytes, hex_len: int) -> bool:
+    return len(digest) == hex_len and all(c in b"0123456789abcdefABCDEF" for c in digest)
+
+
+def _split_bsd(s: bytes, escaped: bool, state: _CheckState) -> tuple[bytes, bytes] | None:
+    """``NAME) = DIGEST`` after ``TAG (``: coreutils' bsd_split_3."""
+    if not s:
+        return None
+    i = len(s) - 1
+    while i and s[i] != 0x29:  # ')'
+        i -= 1
+    if s[i] != 0x29:
+        return None
+    name: bytes | None = s[:i]
+    if escaped:
+        name = _unescape(s[:i])
+        if name is None:
+            return None
+    i += 1
+    while i < len(s) and s[i] in b" \t":
+        i += 1
+    if i >= len(s) or s[i] != 0x3D:  # '='
+        return None
+    i += 1
+    while i < len(s) and s[i] in b" \t":
+        i += 1
+    digest = s[i:]
+    return (digest, name) if name is not None and _hex_digits(digest, state.hex_len) else None
+
+
+def _split_line(s: bytes, state: _CheckState) -> tuple[bytes, bytes] | None:
+    """(digest, name) of one checksum line, or None if it is improperly formatted:
+    coreutils' split_3 (GNU ``digest  name``, ``digest *name``, BSD ``TAG (name) = digest``,
+    BSD reversed ``digest name``; a leading backslash means an escaped name)."""
+    s = s.split(b"\0", 1)[0]  # C strings end at a NUL
+    n, i = len(s), 0
+    while i < n and s[i] in b" \t":
+        i += 1
+    escaped = i < n and s[i] == 0x5C
+    if escaped:
+        i += 1
+    if s.startswith(state.tag, i):
+        i += len(state.tag)
+        if i < n and s[i] == 0x20:
+            i += 1
+        if i < n and s[i] == 0x28:  # '('
+            return _split_bsd(s[i + 1 :], escaped, state)
+        return None
+    if n - i < state.hex_len + 2 + (i < n and s[i] == 0x5C):
+        return None
+    digest = s[i : i + state.hex_len]
+    i += state.hex_len
+    if s[i] not in b" \t":
+        return None
+    i += 1
+    if not _hex_digits(digest, state.hex_len):
+        return None
+    if n - i == 1 or s[i] not in b" *":
+        if state.bsd_reversed == 0:  # no mixing with GNU lines (leading-space renames)
+            return None
+        state.bsd_reversed = 1
+    elif state.bsd_reversed != 1:
+        state.bsd_reversed = 0
+        i += 1
+    name: bytes | None = s[i:]
+    if escaped:
+        name = _unescape(s[i:])
+    return None if name is None else (digest, name)
+
+
 def _check(args: argparse.Namespace) -> int:
-    bad = unreadable = malformed = 0
+    with _new(args) as obj:
+        hex_len = 2 * (obj.digest_size or 0)
+    state = _CheckState(_tag_name(_new_name(args)), hex_len)
+    ok = True
     for listing in args.files or ["-"]:
-        stream = sys.stdin if listing == "-" else open(listing, encoding="utf-8")  # noqa: SIM115
-        with stream:
-            lines = stream.read().splitlines()
-        for line in lines:
-            if not line.strip():
+        ok &= _check_one(args, os.fsencode(listing), state)
+    return 0 if ok else 1
+
+
+def _check_one(args: argparse.Namespace, listing: bytes, state: _CheckState) -> bool:
+    out = sys.stdout.buffer
+    is_stdin = listing == b"-"
+    shown_listing = _quotef(b"standard input" if is_stdin else listing)
+    try:
+        if is_stdin:
+            data = sys.stdin.buffer.read()
+        else:
+            with open(listing, "rb") as f:
+                data = f.read()
+    except OSError as exc:
+        _open_failure(args, listing, exc)
+        return False
+    malformed = unreadable = mismatched = 0
+    formatted = matched = False
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for number, line in enumerate(lines, 1):
+        if line.startswith(b"#"):
+            continue
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            continue
+        parsed = _split_line(line, state)
+        if parsed is None or (is_stdin and parsed[1] == b"-"):
+            malformed += 1
+            if args.warn:
+                what = f": {number}: improperly formatted {state.tag.decode()} checksum line"
+                _err(args, shown_listing + what.encode())
+            continue
+        formatted = True
+        digest, name = parsed
+        # sha256sum 9.1 escapes a name here only when it has a newline (not for \\ or \r)
+        prefix, shown = _escape(name) if b"\n" in name else (b"", name)
+        try:
+            actual = _digest_file(args, name).encode()
+        except FileNotFoundError as exc:
+            if args.ignore_missing:
                 continue
-            escaped = line.startswith("\\")
-            body = line[1:] if escaped else line
-            digest, sep, name = body.partition(" ")
-            if not sep or not name or name[0] not in " *":
-                malformed += 1
-                continue
-            name = name[1:]
-            if escaped:
-                name = _unescape(name)
-            try:
-                actual = _digest_file(args, name)
-            except OSError:
-                print(f"{name}: FAILED open or read")
-                unreadable += 1
-                continue
-            if actual == digest.lower():
-                if not args.quiet:
-                    print(f"{name}: OK")
-            else:
-                print(f"{name}: FAILED")
-                bad += 1
-    sys.stdout.flush()
-    for count, what in (
-        (malformed, "line is improperly formatted"),
-        (unreadable, "listed file could not be read"),
-        (bad, "computed checksum did NOT match"),
-    ):
-        if count:
-            plural = what.replace("line is", "lines are").replace("file could", "files could")
-            plural = plural.replace("checksum did", "checksums did")
-            _warn(args, f"WARNING: {count} {what if count == 1 else plural}")
-    return 1 if bad or unreadable or malformed else 0
+            _open_failure(args, name, exc)
+            actual = None
+        except OSError as exc:
+            _open_failure(args, name, exc)
+            actual = None
+        if actual is None:
+            unreadable += 1
+            if not args.status:
+                out.write(prefix + shown + b": FAILED open or read\n")
+            continue
+        match = actual == digest.lower()
+        if match:
+            matched = True
+        else:
+            mismatched += 1
+        if not args.status and (not match or not args.quiet):
+            out.write(prefix + shown + (b": OK\n" if match else b": FAILED\n"))
+    out.flush()
+    if not formatted:
+        _err(args, shown_listing + b": no properly formatted checksum lines found")
+    elif not args.status:
+        for count, one, many in (
+            (malformed, "line is improperly formatted", "lines are improperly formatted"),
+            (unreadable, "listed file could not be read", "listed files could not be read"),
+            (mismatched, "computed checksum did NOT match", "computed checksums did NOT match"),
+        ):
+            if count:
+                _warn(args, f"WARNING: {count} {one if count == 1 else many}")
+        if args.ignore_missing and not matched:
+            _err(args, shown_listing + b": no file was verified")
+    return (
+        formatted
+        and matched
+        and not mismatched
+        and not unreadable
+        and not (args.strict and malformed)
+    )
 
 
 def _copy_stream(stream: alg.CipherStream, src: BinaryIO, dst: BinaryIO) -> None:
@@ -193,7 +445,18 @@ def _cmd_rng(args: argparse.Namespace) -> int:
     return 0
 
 
+# The kernel's crypto types (crypto_type.tfmsize users; /proc/crypto "type :"), and "hash" for
+# shash and ahash together. Types /proc/crypto shows are accepted too (newer kernels add some).
+KNOWN_TYPES = ("aead", "acomp", "ahash", "akcipher", "cipher", "compression", "hash", "kpp",
+               "lskcipher", "rng", "scomp", "shash", "sig", "skcipher")  # fmt: skip
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
+    if args.type is not None:
+        known = sorted(set(KNOWN_TYPES) | {i.type for i in alg.algorithms()})
+        if args.type not in known:
+            _err(args, f"unknown type {args.type!r}; known types: {', '.join(known)}")
+            return 2
     infos = alg.algorithms(type=args.type)
     for info in sorted(infos, key=lambda i: (i.type, i.name, -i.priority)):
         print(f"{info.type:<10} {info.name:<32} {info.driver:<40} {info.priority:>5} {info.module}")
@@ -236,7 +499,19 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         else:
             p.set_defaults(key=None)
         p.add_argument("-c", "--check", action="store_true", help="verify checksum lines")
+        p.add_argument("--tag", action="store_true", help="BSD-style lines: ALG (FILE) = HEX")
+        p.add_argument(
+            "-z", "--zero", action="store_true", help="end lines with NUL, no name escaping"
+        )
+        p.add_argument(
+            "--ignore-missing", action="store_true", help="with --check: skip missing files"
+        )
         p.add_argument("--quiet", action="store_true", help="with --check: no OK lines")
+        p.add_argument("--status", action="store_true", help="with --check: no output, status")
+        p.add_argument("--strict", action="store_true", help="with --check: fail on improper lines")
+        p.add_argument(
+            "-w", "--warn", action="store_true", help="with --check: warn about improper lines"
+        )
         p.set_defaults(func=_cmd_hash)
 
     for name, verb in (("enc", "encrypt"), ("dec", "decrypt")):
