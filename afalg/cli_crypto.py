@@ -8,6 +8,10 @@ kcapi-rng, with coreutils-compatible output:
   streaming.
 - ``afalg aead-enc|aead-dec --cipher NAME --key HEX --iv HEX [--aad HEX] [--tag-size N]``:
   stdin to stdout; decryption prints nothing unless the tag verifies.
+
+Wherever ``--key HEX`` goes, ``--key-file PATH`` or ``--key-fd FD`` may instead (the key in hex,
+surrounding whitespace ignored; read to EOF), keeping the key out of ``ps`` and shell history:
+``afalg hmac sha256 --key-fd 3 FILE 3<keyfile``.
 - ``afalg rng N [--name NAME] [--hex]`` (the default: ``stdrng``, else ``jitterentropy_rng``).
 
 ``add_parsers(subparsers)`` adds them; each sets ``func(args) -> int``. Errors surface as
@@ -48,6 +52,55 @@ def _hex(what: str) -> Callable[[str], bytes]:
             raise argparse.ArgumentTypeError(f"{what} must be hex: {problem}") from None
 
     return parse
+
+
+def _add_key_options(p: argparse.ArgumentParser) -> None:
+    """--key HEX, or (kept out of ps and shell history) --key-file PATH or --key-fd FD."""
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument(
+        "--key", type=_hex("--key"), help="the key in hex (visible in ps and shell history)"
+    )
+    group.add_argument(
+        "--key-file", metavar="PATH", help="read the key in hex from PATH (whitespace ignored)"
+    )
+    group.add_argument(
+        "--key-fd", metavar="FD", type=int, help="read the key in hex from descriptor FD to EOF"
+    )
+
+
+def _read_key(args: argparse.Namespace, stdin_is_data: bool) -> None:
+    """Set ``args.key`` from --key-file or --key-fd (hex, surrounding whitespace ignored). The
+    errors name the option and the problem, never the key."""
+    if args.key is not None:
+        return
+    if args.key_file is not None:
+        what = "--key-file"
+        try:
+            with open(args.key_file, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            raise ValueError(f"{what} {args.key_file}: {exc.strerror}") from None
+    else:
+        what, fd = "--key-fd", args.key_fd
+        if fd < 0:
+            raise ValueError(f"{what} must be a descriptor (>= 0), got {fd}")
+        if fd == 0 and stdin_is_data:
+            raise ValueError(f"{what} 0 is stdin, which carries the data here")
+        chunks = []
+        try:
+            while chunk := os.read(fd, 4096):
+                chunks.append(chunk)
+        except OSError as exc:
+            raise ValueError(f"{what} {fd}: {exc.strerror}") from None
+        raw = b"".join(chunks)
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} must hold the key in hex; it holds other bytes") from None
+    try:
+        args.key = _hex(what)(text.strip())
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +239,8 @@ def _usage_error(args: argparse.Namespace, message: str) -> int:
 
 
 def _cmd_hash(args: argparse.Namespace) -> int:
+    if hasattr(args, "key_file"):
+        _read_key(args, stdin_is_data="-" in args.files or not args.files)
     if args.check:
         if args.tag:
             return _usage_error(args, "the --tag option is meaningless when verifying checksums")
@@ -407,6 +462,7 @@ def _copy_stream(stream: alg.CipherStream, src: BinaryIO, dst: BinaryIO) -> None
 
 
 def _cmd_cipher(args: argparse.Namespace) -> int:
+    _read_key(args, stdin_is_data=True)
     with alg.SKCipher(args.cipher, args.key, padding=args.padding) as cipher:
         stream = (
             cipher.encryptor(args.iv) if args.subcommand == "enc" else cipher.decryptor(args.iv)
@@ -416,6 +472,7 @@ def _cmd_cipher(args: argparse.Namespace) -> int:
 
 
 def _cmd_aead(args: argparse.Namespace) -> int:
+    _read_key(args, stdin_is_data=True)
     data = sys.stdin.buffer.read()
     with alg.AEAD(args.cipher, args.key, args.tag_size) as aead:
         if args.subcommand == "aead-enc":
@@ -495,7 +552,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("alg", metavar="ALG", help="sha256, sha3-256, blake2b-512, ...")
         p.add_argument("files", metavar="FILE", nargs="*", help="files ('-' or none: stdin)")
         if keyed:
-            p.add_argument("--key", required=True, type=_hex("--key"), help="the key, in hex")
+            _add_key_options(p)
         else:
             p.set_defaults(key=None)
         p.add_argument("-c", "--check", action="store_true", help="verify checksum lines")
@@ -517,7 +574,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     for name, verb in (("enc", "encrypt"), ("dec", "decrypt")):
         p = subparsers.add_parser(name, help=f"{verb} stdin to stdout (streaming skcipher)")
         p.add_argument("--cipher", required=True, help="cbc(aes), ctr(aes), xts(aes), ...")
-        p.add_argument("--key", required=True, type=_hex("--key"))
+        _add_key_options(p)
         p.add_argument("--iv", type=_hex("--iv"), default=None, help="hex (none for ecb)")
         p.add_argument("--padding", choices=["pkcs7"], default=None)
         p.set_defaults(func=_cmd_cipher)
@@ -529,7 +586,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(
             "--cipher", required=True, help="gcm(aes), ccm(aes), rfc7539(chacha20,poly1305), ..."
         )
-        p.add_argument("--key", required=True, type=_hex("--key"))
+        _add_key_options(p)
         p.add_argument("--iv", required=True, type=_hex("--iv"), help="the IV or nonce, in hex")
         p.add_argument("--aad", type=_hex("--aad"), default=b"", help="associated data, hex")
         p.add_argument("--tag-size", type=int, default=16)

@@ -98,6 +98,32 @@ def test_hmac(tmp_path: Path, capsysbinary) -> None:
     assert out == f"{hmac.new(b'key', b'message', 'sha256').hexdigest()}  {a}\n".encode()
 
 
+def test_hmac_and_cipher_keys_from_file_and_fd(tmp_path: Path, capsysbinary) -> None:
+    """--key-file and --key-fd give what --key gives (issue 15 item 7)."""
+    a = tmp_path / "a"
+    a.write_bytes(b"message")
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(b"6b6579\n")
+    expected = f"{hmac.new(b'key', b'message', 'sha256').hexdigest()}  {a}\n".encode()
+    rc, out, _ = _run(
+        ["hmac", "sha256", "--key-file", str(keyfile), str(a)], capsysbinary=capsysbinary
+    )
+    assert (rc, out) == (0, expected)
+    r, w = os.pipe()
+    os.write(w, b"6b6579")
+    os.close(w)
+    try:
+        rc, out, _ = _run(["hmac", "sha256", "--key-fd", str(r), str(a)], capsysbinary=capsysbinary)
+    finally:
+        os.close(r)
+    assert (rc, out) == (0, expected)
+    key, iv = os.urandom(16), os.urandom(12)
+    keyfile.write_text(key.hex())
+    args = ["--cipher", "gcm(aes)", "--iv", iv.hex()]
+    rc, ct, _ = _run(["aead-enc", *args, "--key-file", str(keyfile)], b"secret", capsysbinary)
+    assert rc == 0 and ct == AESGCM(key).encrypt(iv, b"secret", b"")
+
+
 def test_enc_dec_streaming(capsysbinary) -> None:
     key, iv = os.urandom(16), os.urandom(16)
     data = os.urandom(300_000)
