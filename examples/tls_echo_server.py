@@ -14,16 +14,23 @@ The protocol: each read is echoed back in one record (reads are at most 2^14 byt
 record). With ``--serve-dir DIR``, a connection whose first line is ``GET /path`` (optionally
 ``GET /path HTTP/1.x`` followed by headers, so ``curl`` works too) gets an ``HTTP/1.0`` response
 with the file sent by ``sendfile()`` (kTLS: the kernel encrypts the page cache straight into the
-socket) and is then closed; no path may leave DIR.
+socket) and is then closed. The file checks are :class:`afalg.serving.ServeDir`'s: no path may
+leave DIR, symlinks swapped in are refused (``O_NOFOLLOW``), a FIFO or device does not block
+(``O_NONBLOCK``, then a regular file is required), a file that cannot be opened gets an HTTP
+error status (404, 403, 500).
 
 Design (robust, and honest about its limits):
 
 - One thread accepts with a ``selectors`` loop; each connection gets its own thread, and their
-  number is capped (``--max-conns``; beyond it new connections are accepted and closed at once,
-  with a log line). A slow or silent client therefore ties up only its own thread.
-- The handshake has an absolute deadline (``--handshake-timeout``), enforced by the accept loop
-  (it shuts the socket down when the deadline passes, however slowly the peer trickles bytes);
-  after the handshake an idle timeout applies to each read and write.
+  number is capped, in all (``--max-conns``) and per peer address (``--max-conns-per-address``;
+  beyond either, new connections are accepted and closed at once, with a log line; the counting
+  is :class:`afalg.serving.ConnectionLimits`). A slow or silent client therefore ties up only
+  its own thread, and one address cannot take every slot.
+- The handshake has an absolute deadline (``--handshake-timeout``), and so has each file
+  request, from its first byte to the last byte of the response (``--request-timeout``); the
+  accept loop enforces them (it shuts the socket down when the deadline passes, however slowly
+  the peer trickles bytes). After the handshake an idle timeout applies to each read and write
+  besides.
 - A peer that sends garbage, forged records or a failed handshake costs only its connection.
   After a fatal alert the server shuts down its write side, drains what the peer still sends
   for a moment, then closes, so the alert is not destroyed by a TCP reset.
@@ -51,13 +58,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from afalg.ktls import tls_stats
+from afalg.serving import ConnectionLimits, RequestRefused, ServeDir, ServerLimits
 
 MODES = ("ktls", "algif", "auto", "userspace")
 MAX_RECORD = 2**14  # TLS plaintext limit: one read, one record
@@ -148,10 +155,11 @@ class Connection:
     sock: socket.socket
     peer: tuple[str, int]
     started: float
-    deadline: float  # absolute handshake deadline (monotonic)
+    deadline: float | None  # the current absolute deadline (monotonic), None: none running
+    deadline_kind: str = "handshake"  # what it bounds: "handshake" or "request"
     tls: Any = None  # the TLS socket once the handshake started (it owns the fd then)
     handshake_done: bool = False
-    timed_out: bool = False
+    expired: str | None = None  # the deadline_kind whose deadline passed (set by the accept loop)
     closed: bool = False
     version: str = "-"
     suite: str = "-"
@@ -208,6 +216,8 @@ class EchoServer:
         handshake_timeout: float = 10.0,
         idle_timeout: float = 60.0,
         max_conns: int = 256,
+        max_conns_per_address: int = 64,
+        request_timeout: float = 30.0,
         grace: float = 2.0,
         drain_time: float = 1.0,
     ) -> None:
@@ -216,10 +226,20 @@ class EchoServer:
         self.listener = listener
         self.context = context
         self.mode = mode
-        self.serve_dir = os.path.realpath(serve_dir) if serve_dir else None
+        self.files = ServeDir(serve_dir) if serve_dir else None
+        self.serve_dir = self.files.root if self.files else None
+        self.limits = ServerLimits(
+            handshake_timeout=handshake_timeout,
+            request_timeout=request_timeout,
+            idle_timeout=idle_timeout,
+            max_conns=max_conns,
+            max_conns_per_address=max_conns_per_address,
+        )
         self.handshake_timeout = handshake_timeout
+        self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
         self.max_conns = max_conns
+        self.admission = ConnectionLimits(max_conns, max_conns_per_address)
         self.grace = grace
         self.drain_time = drain_time
         self.connections: dict[int, Connection] = {}
@@ -236,6 +256,9 @@ class EchoServer:
         self.on_close: Callable[[Connection], None] | None = None
         self._lock = threading.Lock()
         self._stop_r, self._stop_w = os.pipe()
+        self._wake_r, self._wake_w = os.pipe()  # a new deadline: the accept loop recomputes
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._wrap: Callable[..., Any] | None = None
@@ -255,11 +278,15 @@ class EchoServer:
         with selectors.DefaultSelector() as sel:
             sel.register(self.listener, selectors.EVENT_READ)
             sel.register(self._stop_r, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
             while not self._stopping.is_set():
                 for key, _ in sel.select(self._next_deadline()):
                     if key.fileobj is self.listener:
                         self._accept()
-                self._expire_handshakes()
+                    elif key.fileobj == self._wake_r:
+                        with contextlib.suppress(OSError):
+                            os.read(self._wake_r, 4096)
+                self._expire_deadlines()
         self.listener.close()
         self._finish_connections()
         self._stopped.set()
@@ -275,20 +302,34 @@ class EchoServer:
 
     def _next_deadline(self) -> float | None:
         with self._lock:
-            pending = [c.deadline for c in self.connections.values() if not c.handshake_done]
+            pending = [
+                c.deadline
+                for c in self.connections.values()
+                if c.deadline is not None and c.expired is None
+            ]
         return max(0.0, min(pending) - time.monotonic()) if pending else None
 
-    def _expire_handshakes(self) -> None:
+    def _expire_deadlines(self) -> None:
         now = time.monotonic()
+        late = []
         with self._lock:
-            late = [
-                c
-                for c in self.connections.values()
-                if not c.handshake_done and not c.timed_out and c.deadline <= now
-            ]
+            for c in self.connections.values():
+                if c.deadline is not None and c.expired is None and c.deadline <= now:
+                    c.expired = c.deadline_kind
+                    late.append(c)
         for conn in late:
-            conn.timed_out = True
             conn.force_shutdown()
+
+    def _set_deadline(self, conn: Connection, kind: str | None, seconds: float = 0.0) -> None:
+        """Start (``kind``: "request") or end (None) a connection's absolute deadline."""
+        with self._lock:
+            if kind is None:
+                conn.deadline = None
+            else:
+                conn.deadline, conn.deadline_kind = time.monotonic() + seconds, kind
+        if kind is not None:
+            with contextlib.suppress(OSError):  # full pipe: the loop is awake already
+                os.write(self._wake_w, b"x")
 
     def _accept(self) -> None:
         while True:
@@ -301,13 +342,13 @@ class EchoServer:
                 return
             now = time.monotonic()
             conn = Connection(sock, peer, now, now + self.handshake_timeout)
+            refused = self.admission.admit(peer[0])
             with self._lock:
                 self.totals["connections"] += 1
-                full = len(self.connections) >= self.max_conns
-                if not full:
+                if refused is None:
                     self.connections[id(conn)] = conn
-            if full:
-                conn.outcome = "refused:connection-cap"
+            if refused is not None:
+                conn.outcome = f"refused:{refused}"
                 self._record(conn, ok=False)
                 sock.close()
                 continue
@@ -347,13 +388,14 @@ class EchoServer:
                 log.debug("handshake with %s failed", conn.peer, exc_info=True)
                 conn.outcome = (
                     "handshake-timeout"
-                    if conn.timed_out or isinstance(exc, TimeoutError)
+                    if conn.expired or isinstance(exc, TimeoutError)
                     else f"handshake-failed:{_alert_name(exc)}"
                 )
                 fatal = isinstance(exc, ssl.SSLError)
                 return
             conn.handshake_done = True
-            if conn.timed_out:  # the deadline passed just as the handshake finished
+            self._set_deadline(conn, None)
+            if conn.expired:  # the deadline passed just as the handshake finished
                 conn.outcome = "handshake-timeout"
                 return
             conn.version = tls.version() or "-"
@@ -369,6 +411,8 @@ class EchoServer:
                 fatal = True
             except OSError as exc:
                 conn.outcome = f"error:{exc.strerror or exc}"
+            if conn.expired == "request":  # shut down under the request: whatever it raised
+                conn.outcome = "request-timeout"
         except Exception as exc:  # a bug must not take the server down
             log.exception("connection handler failed")
             conn.outcome = f"error:{type(exc).__name__}"
@@ -379,6 +423,7 @@ class EchoServer:
             with self._lock:
                 self.connections.pop(id(conn), None)
                 self.threads.discard(threading.current_thread())
+            self.admission.release(conn.peer[0])
 
     def _handshake(self, conn: Connection) -> Any:
         if self._wrap is None:
@@ -406,7 +451,8 @@ class EchoServer:
             if not data:
                 return "ok"
             conn.bytes_in += len(data)
-            if first and self.serve_dir and data.startswith(b"GET "):
+            if first and self.files is not None and data.startswith(b"GET "):
+                self._set_deadline(conn, "request", self.request_timeout)
                 return self._serve_file(conn, tls, data)
             first = False
             tls.sendall(data)  # <= 2^14 bytes: one record
@@ -431,10 +477,13 @@ class EchoServer:
                     return "eof"
                 conn.bytes_in += len(more)
                 rest += more
-        path = self.resolve(parts[1].decode("latin-1"))
-        if path is None:
-            return self._respond(conn, tls, 404, "Not Found")
-        with open(path, "rb") as f:
+        assert self.files is not None
+        try:
+            f = self.files.open(parts[1].decode("latin-1"))
+        except RequestRefused as exc:
+            log.debug("GET %r from %s: %s", parts[1], conn.peer, exc)
+            return self._respond(conn, tls, exc.status, exc.reason)
+        with f:
             size = os.fstat(f.fileno()).st_size
             head = (
                 f"HTTP/1.0 200 OK\r\nContent-Length: {size}\r\n"
@@ -454,19 +503,6 @@ class EchoServer:
         tls.sendall(head.encode())
         conn.bytes_out += len(head)
         return f"http-{status}"
-
-    def resolve(self, target: str) -> str | None:
-        """The file under ``serve_dir`` named by a request target, or None (missing, not a
-        regular file, or outside the directory after resolving ``..`` and symlinks)."""
-        if self.serve_dir is None:
-            return None
-        path = urllib.parse.unquote(urllib.parse.urlsplit(target).path)
-        if "\x00" in path or not path.startswith("/"):
-            return None
-        full = os.path.realpath(os.path.join(self.serve_dir, path.lstrip("/")))
-        if os.path.commonpath([self.serve_dir, full]) != self.serve_dir:
-            return None
-        return full if os.path.isfile(full) else None
 
     def _close(self, conn: Connection, fatal: bool) -> None:
         """Close the connection gracefully, never by a reset that could overtake the last
@@ -522,7 +558,7 @@ class EchoServer:
                 drained += len(data)
 
     def _record(self, conn: Connection, *, ok: bool) -> None:
-        refused = conn.outcome == "refused:connection-cap"
+        refused = conn.outcome.startswith("refused:")
         with self._lock:
             self.totals["refused" if refused else "ok" if ok else "failed"] += 1
             self.totals["bytes_in"] += conn.bytes_in
@@ -559,7 +595,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-dir", help="serve files from DIR on 'GET /path'")
     p.add_argument("--handshake-timeout", type=float, default=10.0)
     p.add_argument("--idle-timeout", type=float, default=60.0)
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        help="absolute seconds for a file request, first byte to last",
+    )
     p.add_argument("--max-conns", type=int, default=256)
+    p.add_argument("--max-conns-per-address", type=int, default=64)
     p.add_argument(
         "--grace",
         type=float,
@@ -600,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,
         max_conns=args.max_conns,
+        max_conns_per_address=args.max_conns_per_address,
+        request_timeout=args.request_timeout,
         grace=args.grace,
     )
     for signum in (signal.SIGINT, signal.SIGTERM):

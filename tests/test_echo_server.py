@@ -294,18 +294,145 @@ def test_stop_with_idle_client(mode):
     tls.close()
 
 
-def test_resolve_unit(files):
-    srv = server.EchoServer(
-        socket.socket(),
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER),
-        mode="userspace",
+# --- slow clients, per-address cap, files that are not what they seemed -----------------------
+
+
+@pytest.mark.parametrize("mode", ["userspace"])
+def test_request_deadline_cuts_a_trickled_request(mode, files):
+    """A GET whose headers trickle in, each byte well inside the idle timeout, is shut down at
+    the request deadline (before: only the idle timeout applied, so it never ended); an honest
+    client is served meanwhile."""
+    request_timeout = 2 * HANDSHAKE_TIMEOUT
+    srv = Running(
+        mode,
         serve_dir=str(files),
+        handshake_timeout=HANDSHAKE_TIMEOUT * 5,
+        request_timeout=request_timeout,
+        idle_timeout=60 * SLOW,
     )
-    srv.listener.close()
-    assert srv.resolve("/small.txt") == str(files / "small.txt")
-    assert srv.resolve("/sub/../small.txt?x=1") == str(files / "small.txt")
-    for bad in ("/../secret.txt", "/link", "small.txt", "/sub", "/\x00", "/nope"):
-        assert srv.resolve(bad) is None, bad
+    stop = threading.Event()
+    try:
+        slow = connect(srv)
+        slow.sendall(b"GET /small.txt HTTP/1.1\r\nX-Slow: ")
+
+        def trickle() -> None:
+            while not stop.wait(request_timeout / 8):
+                try:
+                    slow.sendall(b"a")
+                except (OSError, ValueError):
+                    return
+
+        t = threading.Thread(target=trickle, daemon=True)
+        t.start()
+        result = client.Result(0)
+        with connect(srv) as tls:
+            client.echo(tls, b"honest", result)
+        conns = srv.finished(2, timeout=request_timeout + 30 * SLOW)
+        assert sorted(c.outcome for c in conns) == ["ok", "request-timeout"]
+        stop.set()
+        t.join(10 * SLOW)
+        slow.close()
+    finally:
+        stop.set()
+        srv.stop()
+
+
+@pytest.mark.parametrize("mode", ["userspace"])
+def test_per_address_cap(mode):
+    """One address holding its share of connections cannot take more; another address still
+    gets in (before: only the global cap, so one address could hold every slot)."""
+    srv = Running(
+        mode, max_conns=10, max_conns_per_address=2, handshake_timeout=5.0 * HANDSHAKE_TIMEOUT
+    )
+    try:
+        held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(2)]
+        deadline = time.monotonic() + 10 * SLOW
+        while len(srv.server.connections) < 2:  # the server has taken both
+            assert time.monotonic() < deadline, srv.server.connections
+            time.sleep(0.01)
+        extra = socket.create_connection(("127.0.0.1", srv.port), timeout=10 * SLOW)
+        assert extra.recv(1) == b""  # accepted and closed at once
+        extra.close()
+        (refused,) = srv.finished(1)
+        assert refused.outcome == "refused:address-cap"
+        other = socket.create_connection(
+            ("127.0.0.1", srv.port), timeout=20 * SLOW, source_address=("127.0.0.2", 0)
+        )
+        tls = client.client_context(cafile=str(CERTS / "ca.pem")).wrap_socket(
+            other, server_hostname="localhost"
+        )
+        with tls:
+            result = client.Result(0)
+            client.echo(tls, b"from another address", result)
+        assert srv.server.admission.count("127.0.0.2") in (0, 1)
+        for s in held:
+            s.close()
+        srv.finished(4)
+        assert srv.server.totals["refused"] == 1
+        assert srv.server.admission.count() == 0  # every slot released
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("mode", ["userspace"])
+def test_fifo_in_place_of_a_checked_file_does_not_block(running, files, monkeypatch):
+    """The file a request names is checked, then a FIFO takes its place: the server must not
+    block opening it (``O_NONBLOCK``) and must answer 404 after finding it is not a regular file.
+    The swap is simulated by making the check see a regular file."""
+    fifo = files / "fifo"
+    os.mkfifo(fifo)
+    real_isfile = os.path.isfile
+    monkeypatch.setattr(os.path, "isfile", lambda p: str(p) == str(fifo) or real_isfile(p))
+    try:
+        result = client.Result(0)
+        with connect(running) as tls:
+            tls.settimeout(10 * SLOW)
+            client.get(tls, "/fifo", result)
+        assert result.status == 404 and result.body == b""
+        result = client.Result(1)
+        with connect(running) as tls:
+            client.get(tls, "/small.txt", result)
+        assert result.status == 200
+    finally:  # a reader blocked on the FIFO (the bug) is let go
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.parametrize("mode", ["userspace"])
+def test_unreadable_file_gets_an_http_error_status(running, files, monkeypatch):
+    """A file the server may not open gets ``403 Forbidden`` (before: the connection was closed
+    without a response). As root, permission bits do not stop the server: open() is made to
+    fail with EACCES for that file instead."""
+    locked = files / "locked.txt"
+    locked.write_bytes(b"not for you")
+    if os.geteuid() == 0:
+        import builtins
+
+        def denied(path) -> bool:
+            return os.path.basename(os.fsdecode(path)) == "locked.txt"
+
+        real_open, real_os_open = builtins.open, os.open
+
+        def fake_open(file, *args, **kwargs):
+            if isinstance(file, (str, bytes, os.PathLike)) and denied(file):
+                raise PermissionError(13, "Permission denied", os.fsdecode(file))
+            return real_open(file, *args, **kwargs)
+
+        def fake_os_open(path, *args, **kwargs):
+            if denied(path):
+                raise PermissionError(13, "Permission denied", os.fsdecode(path))
+            return real_os_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", fake_open)
+        monkeypatch.setattr(os, "open", fake_os_open)
+    else:
+        locked.chmod(0)
+    result = client.Result(0)
+    with connect(running) as tls:
+        client.get(tls, "/locked.txt", result)
+    assert result.status == 403 and result.body == b""
+    (conn,) = running.finished(1)
+    assert conn.outcome == "http-403"
 
 
 def test_command_line_sigterm(tmp_path):

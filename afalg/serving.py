@@ -1,0 +1,190 @@
+"""Limits and path checks for servers that send files (``sendfile()`` over kTLS or not).
+
+Nothing here touches a socket: a server asks :class:`ConnectionLimits` whether to admit a peer,
+:class:`ServeDir` for the file a request names, and enforces the deadlines of
+:class:`ServerLimits` itself (the example server, ``examples/tls_echo_server.py``, shuts a
+connection down from its accept loop when a deadline passes, however slowly the peer trickles
+bytes).
+
+- **Admission**: a cap on all connections and one per peer address, so that a few slow clients
+  from one address cannot hold every slot.
+- **Deadlines**: the handshake and each request (reading it and sending the response) have an
+  absolute deadline; an idle timeout applies to each read and write besides. A peer sending one
+  byte just inside the idle timeout outlives the idle timeout, never the deadline.
+- **Files**: a request target is resolved under one directory (``..`` and symlinks resolved,
+  nothing outside it), then opened component by component from that directory with
+  ``O_NOFOLLOW`` (a symlink swapped in after the check is refused) and the last component with
+  ``O_NONBLOCK`` (a FIFO swapped in does not block the server), and it must be a regular file
+  *after* opening. Refusals carry an HTTP status: 404 (missing, not a regular file, outside),
+  403 (not readable), 500 (any other error).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import threading
+import urllib.parse
+from dataclasses import dataclass
+from typing import BinaryIO
+
+__all__ = ["ConnectionLimits", "RequestRefused", "ServeDir", "ServerLimits"]
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """A server's limits, in seconds and connections."""
+
+    handshake_timeout: float = 10.0  # absolute, from accept() to the end of the handshake
+    request_timeout: float = 30.0  # absolute, from a request's first byte to its last response byte
+    idle_timeout: float = 60.0  # each read and write
+    max_conns: int = 256  # all peers together
+    max_conns_per_address: int = 64  # one peer address
+
+    def __post_init__(self) -> None:
+        for name in ("handshake_timeout", "request_timeout", "idle_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        for name in ("max_conns", "max_conns_per_address"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+class ConnectionLimits:
+    """Admission under a total and a per-address cap; thread-safe.
+
+    ``admit(address)`` returns None and counts the connection, or the name of the cap that
+    refuses it (``"connection-cap"``, ``"address-cap"``); every admitted connection is
+    ``release()``-d exactly once.
+    """
+
+    def __init__(self, max_conns: int, max_conns_per_address: int) -> None:
+        ServerLimits(max_conns=max_conns, max_conns_per_address=max_conns_per_address)  # checks
+        self.max_conns = max_conns
+        self.max_conns_per_address = max_conns_per_address
+        self._lock = threading.Lock()
+        self._total = 0
+        self._by_address: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"<ConnectionLimits {self._total}/{self.max_conns} "
+            f"addresses={len(self._by_address)} per-address<={self.max_conns_per_address}>"
+        )
+
+    @staticmethod
+    def key(address: str) -> str:
+        """The address a peer is counted under (an IPv4-mapped IPv6 address as IPv4)."""
+        return address[7:] if address.startswith("::ffff:") and "." in address else address
+
+    def admit(self, address: str) -> str | None:
+        key = self.key(address)
+        with self._lock:
+            if self._total >= self.max_conns:
+                return "connection-cap"
+            if self._by_address.get(key, 0) >= self.max_conns_per_address:
+                return "address-cap"
+            self._total += 1
+            self._by_address[key] = self._by_address.get(key, 0) + 1
+            return None
+
+    def release(self, address: str) -> None:
+        key = self.key(address)
+        with self._lock:
+            count = self._by_address.get(key, 0)
+            if count <= 0:
+                raise ValueError(f"release({address!r}) without admit()")
+            self._total -= 1
+            if count == 1:
+                del self._by_address[key]
+            else:
+                self._by_address[key] = count - 1
+
+    def count(self, address: str | None = None) -> int:
+        """Connections admitted and not released (from ``address``, or all)."""
+        with self._lock:
+            return self._total if address is None else self._by_address.get(self.key(address), 0)
+
+
+class RequestRefused(Exception):
+    """A request that gets an HTTP error status instead of a file."""
+
+    def __init__(self, status: int, reason: str, detail: str = "") -> None:
+        super().__init__(f"{status} {reason}" + (f": {detail}" if detail else ""))
+        self.status = status
+        self.reason = reason
+
+
+_NOT_FOUND = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.EISDIR)
+_FORBIDDEN = (errno.EACCES, errno.EPERM)
+
+
+class ServeDir:
+    """The files under one directory, as a server may hand them out."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.realpath(root)
+        if not os.path.isdir(self.root):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(root))
+
+    def __repr__(self) -> str:
+        return f"ServeDir({self.root!r})"
+
+    def resolve(self, target: str) -> str | None:
+        """The path under the root a request target (``/a/b?query``, percent-encoded) names,
+        ``..`` and symlinks resolved; None if it leaves the root or is not an absolute path.
+        Whether it exists and what it is, :meth:`open` finds out."""
+        path = urllib.parse.unquote(urllib.parse.urlsplit(target).path)
+        if "\x00" in path or not path.startswith("/"):
+            return None
+        full = os.path.realpath(os.path.join(self.root, path.lstrip("/")))
+        if full == self.root or os.path.commonpath([self.root, full]) != self.root:
+            return None
+        return full
+
+    def open(self, target: str) -> BinaryIO:
+        """The regular file ``target`` names, open for reading (blocking), or
+        :class:`RequestRefused` (404, 403, 500). See the module docstring for the checks."""
+        full = self.resolve(target)
+        if full is None:
+            raise RequestRefused(404, "Not Found", "outside the served directory")
+        parts = os.path.relpath(full, self.root).split(os.sep)
+        try:
+            fd = self._open_beneath(parts)
+        except OSError as exc:
+            if exc.errno in _NOT_FOUND:
+                raise RequestRefused(404, "Not Found", exc.strerror or "") from None
+            if exc.errno in _FORBIDDEN:
+                raise RequestRefused(403, "Forbidden", exc.strerror or "") from None
+            raise RequestRefused(500, "Internal Server Error", exc.strerror or "") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise RequestRefused(404, "Not Found", "not a regular file")
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _open_beneath(self, parts: list[str]) -> int:
+        """Open ``root/parts...`` one component at a time, never following a symlink."""
+        directory = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name in parts[:-1]:
+                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+                child = os.open(name, flags, dir_fd=directory)
+                os.close(directory)
+                directory = child
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+            return os.open(parts[-1], flags, dir_fd=directory)
+        finally:
+            os.close(directory)

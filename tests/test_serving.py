@@ -1,0 +1,150 @@
+"""afalg.serving: the limits and path checks a file server shares (host; no sockets)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+
+from afalg.serving import ConnectionLimits, RequestRefused, ServeDir, ServerLimits
+
+
+@pytest.fixture
+def files(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "small.txt").write_bytes(b"hello\n")
+    (root / "sub").mkdir()
+    (root / "sub" / "empty").write_bytes(b"")
+    (root / "alias").symlink_to(root / "small.txt")  # a symlink that stays inside
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(b"outside the served directory")
+    (root / "link").symlink_to(outside / "secret.txt")
+    (root / "linkdir").symlink_to(outside)
+    return root
+
+
+def refused(files: ServeDir, target: str) -> int:
+    with pytest.raises(RequestRefused) as info:
+        files.open(target)
+    return info.value.status
+
+
+def test_resolve(files):
+    d = ServeDir(files)
+    assert d.resolve("/small.txt") == str(files / "small.txt")
+    assert d.resolve("/sub/../small.txt?x=1") == str(files / "small.txt")
+    assert d.resolve("/%73mall.txt") == str(files / "small.txt")
+    for bad in ("/../outside/secret.txt", "/link", "/linkdir/secret.txt", "small.txt", "/\x00",
+                "/", "//", "/%2e%2e/outside/secret.txt"):  # fmt: skip
+        assert d.resolve(bad) is None, bad
+
+
+def test_open_regular_files(files):
+    d = ServeDir(str(files))
+    with d.open("/small.txt") as f:
+        assert f.read() == b"hello\n"
+        assert os.get_blocking(f.fileno())  # O_NONBLOCK was only for opening
+    with d.open("/alias") as f:  # resolved inside the root
+        assert f.read() == b"hello\n"
+    with d.open("/sub/empty") as f:
+        assert f.read() == b""
+
+
+def test_not_found(files):
+    d = ServeDir(files)
+    for target in ("/missing", "/sub", "/link", "/linkdir/secret.txt", "/../x", "/sub/empty/x"):
+        assert refused(d, target) == 404, target
+
+
+def test_fifo_and_socket_do_not_block(files):
+    """Opened with O_NONBLOCK, then refused as not regular files (a FIFO without a writer would
+    block a plain open() for ever)."""
+    os.mkfifo(files / "fifo")
+    with socket.socket(socket.AF_UNIX) as unix:
+        unix.bind(str(files / "sock"))
+        d = ServeDir(files)
+        done = threading.Event()
+
+        def run() -> None:
+            assert refused(d, "/fifo") == 404
+            assert refused(d, "/sock") == 404
+            done.set()
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(30)
+        if not done.is_set():  # let the blocked reader go before failing
+            os.close(os.open(files / "fifo", os.O_WRONLY | os.O_NONBLOCK))
+        assert done.is_set()
+
+
+def test_symlink_swapped_in_after_the_check_is_refused(files, monkeypatch):
+    """The check (realpath) saw plain directories and files; by the time of opening, a
+    component is a symlink leading out: O_NOFOLLOW on every component refuses it."""
+    d = ServeDir(files)
+    monkeypatch.setattr(os.path, "realpath", lambda p: os.path.normpath(p))
+    assert d.resolve("/linkdir/secret.txt") == str(files / "linkdir" / "secret.txt")
+    assert refused(d, "/linkdir/secret.txt") == 404
+    assert refused(d, "/link") == 404
+
+
+def test_unreadable_is_403_other_errors_500(files, monkeypatch):
+    d = ServeDir(files)
+    real_open = os.open
+
+    def failing(errno_: int):
+        def fake(path, *args, **kwargs):
+            if os.fsdecode(path) == "small.txt":
+                raise OSError(errno_, os.strerror(errno_))
+            return real_open(path, *args, **kwargs)
+
+        return fake
+
+    monkeypatch.setattr(os, "open", failing(13))  # EACCES (root ignores mode bits)
+    assert refused(d, "/small.txt") == 403
+    monkeypatch.setattr(os, "open", failing(5))  # EIO
+    assert refused(d, "/small.txt") == 500
+    monkeypatch.undo()
+    if os.geteuid() != 0:
+        (files / "small.txt").chmod(0)
+        assert refused(d, "/small.txt") == 403
+
+
+def test_serve_dir_must_be_a_directory(files):
+    with pytest.raises(NotADirectoryError):
+        ServeDir(files / "small.txt")
+
+
+def test_connection_limits():
+    limits = ConnectionLimits(max_conns=3, max_conns_per_address=2)
+    assert limits.admit("10.0.0.1") is None
+    assert limits.admit("::ffff:10.0.0.1") is None  # the same peer over IPv6
+    assert limits.admit("10.0.0.1") == "address-cap"
+    assert limits.admit("10.0.0.2") is None
+    assert limits.admit("10.0.0.3") == "connection-cap"
+    assert (limits.count(), limits.count("10.0.0.1"), limits.count("10.0.0.2")) == (3, 2, 1)
+    limits.release("10.0.0.1")
+    assert limits.admit("10.0.0.1") is None
+    for address in ("10.0.0.1", "10.0.0.1", "10.0.0.2"):
+        limits.release(address)
+    assert limits.count() == 0 and "0/3" in repr(limits)
+    with pytest.raises(ValueError, match="without admit"):
+        limits.release("10.0.0.9")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"max_conns": 0}, ValueError),
+        ({"max_conns_per_address": True}, TypeError),
+        ({"request_timeout": 0}, ValueError),
+        ({"idle_timeout": "5"}, TypeError),
+    ],
+)
+def test_server_limits_checked(kwargs, error):
+    with pytest.raises(error):
+        ServerLimits(**kwargs)
