@@ -23,6 +23,7 @@ import contextlib
 import errno
 import fcntl
 import hmac as _hmac
+import io
 import os
 import re
 import socket
@@ -767,6 +768,18 @@ def _hash_spec(name: str) -> tuple[str, int | None, int | None]:
     return name, None, None
 
 
+def _spliceable_fd(file: Any) -> int | None:
+    """The descriptor whose bytes are the ones ``file`` reads (a FileIO or socket, or a buffered
+    reader over one), or None: a gzip file's or a wrapper's fileno() is not what they read."""
+    raw = file.raw if isinstance(file, (io.BufferedReader, io.BufferedRandom)) else file
+    if not isinstance(raw, (io.FileIO, socket.SocketIO)):
+        return None
+    try:
+        return int(file.fileno())
+    except (OSError, ValueError):
+        return None
+
+
 class Hash(_AlgSocket):
     """A kernel hash with :mod:`hashlib`'s interface: ``update``, ``digest``, ``hexdigest``,
     ``copy``, ``digest_size``, ``block_size``, ``name`` (the kernel's name, e.g. "sha3-256").
@@ -827,28 +840,49 @@ class Hash(_AlgSocket):
             self._more = True
 
     def update_file(self, file: int | str | os.PathLike | Any, length: int | None = None) -> int:
-        """Hash a file (an fd, a path, or an object with ``fileno()``) from its current offset,
-        ``length`` bytes or to EOF, through ``splice()`` with ``SPLICE_F_MORE`` so the bytes never
-        enter Python; return the number of bytes hashed. Falls back to read() where splice
-        cannot go (the kernel refuses some files)."""
+        """Hash a file, ``length`` bytes or to EOF, through ``splice()`` with ``SPLICE_F_MORE`` so
+        the bytes never enter Python; return the number of bytes hashed.
+
+        ``file`` is a path, a descriptor (hashed from its offset, which moves past the bytes
+        hashed), or a binary file object, hashed from its position as :func:`hashlib.file_digest`
+        would read it: what a buffered reader holds counts, and the object is left positioned
+        after the bytes hashed (seekable files are spliced at that offset, then ``seek()``; pipes
+        give up their buffer first). Other readable binary objects (``io.BytesIO``, a gzip file)
+        are read through ``readinto()``. Falls back to read() where splice cannot go."""
+        if length is not None:
+            if not isinstance(length, int) or isinstance(length, bool):
+                raise TypeError(f"length must be an int or None, not {type(length).__name__}")
+            if length < 0:
+                raise ValueError(f"length must be non-negative, got {length}")
         if isinstance(file, (str, os.PathLike)):
             with open(file, "rb", buffering=0) as f:
                 return self.update_file(f, length)
-        if isinstance(file, int):
-            fd = file
-        else:
-            try:
-                fd = file.fileno()
-            except (OSError, ValueError, AttributeError):  # io.BytesIO and friends
-                return self._read_object(file, length)
-        if not isinstance(file, int) and hasattr(file, "flush"):
-            with contextlib.suppress(OSError, ValueError):
-                file.flush()
+        if length == 0:
+            return 0
+        readable = hasattr(file, "readinto") or hasattr(file, "read")
+        if isinstance(file, bool) or not (isinstance(file, int) or readable):
+            raise TypeError(f"file must be a path, a descriptor or a file object, not {file!r}")
+        if isinstance(file, io.TextIOBase) or (hasattr(file, "readable") and not file.readable()):
+            raise ValueError(f"{file!r} is not a file object in binary reading mode")
+        fd = file if isinstance(file, int) else _spliceable_fd(file)
+        if fd is None:
+            return self._read_object(file, length)
         with self._lock:
             self._check_state()
+            total = 0
+            offset = None
+            if not isinstance(file, int):
+                with contextlib.suppress(OSError, ValueError):
+                    file.flush()  # a BufferedRandom's pending writes
+                if file.seekable():
+                    offset = file.tell()
+                elif hasattr(file, "peek"):  # a pipe: what the reader holds comes first
+                    total = self._drain(file, length)
+                    if length is not None and total == length:
+                        return total
             op = self._op_socket()
             try:
-                return self._splice(fd, op, length)
+                n = self._splice(fd, op, None if length is None else length - total, offset)
             except OSError as exc:
                 self._drop_op()
                 self._more = False
@@ -856,8 +890,30 @@ class Hash(_AlgSocket):
                 if isinstance(exc, AlgError):
                     raise
                 raise _alg_error(exc, f"{self.name} update_file") from None
+            if n is None:  # splice refused this file before moving a byte
+                return total + (
+                    self._read_into(fd, length) if isinstance(file, int) else
+                    self._read_object(file, None if length is None else length - total)
+                )  # fmt: skip
+            if offset is not None and not isinstance(file, int):
+                file.seek(offset + n)  # past the bytes hashed; the reader's buffer stays true
+            return total + n
 
-    def _splice(self, fd: int, op: socket.socket, length: int | None) -> int:
+    def _drain(self, file: Any, length: int | None) -> int:
+        """Hash what a buffered, non-seekable reader holds (reading no further than it has, or
+        one read when it holds nothing), so that its descriptor's offset is its position."""
+        held = len(file.peek())
+        if length is not None:
+            held = min(held, length)
+        if held:
+            self.update(file.read(held))
+        return held
+
+    def _splice(
+        self, fd: int, op: socket.socket, length: int | None, offset: int | None
+    ) -> int | None:
+        """Splice ``fd`` (from ``offset``, leaving the descriptor's own offset alone, or from its
+        offset when None) into the hash; None when the kernel refuses to splice this file."""
         total = 0
         r, w = os.pipe()
         try:
@@ -867,10 +923,13 @@ class Hash(_AlgSocket):
             while length is None or total < length:
                 want = chunk if length is None else min(chunk, length - total)
                 try:
-                    n = os.splice(fd, w, want)
+                    if offset is None:
+                        n = os.splice(fd, w, want)
+                    else:
+                        n = os.splice(fd, w, want, offset_src=offset + total)
                 except OSError as exc:
                     if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS) and not total:
-                        return self._read_into(fd, length)
+                        return None
                     raise
                 if n == 0:
                     break
@@ -889,12 +948,19 @@ class Hash(_AlgSocket):
 
     def _read_object(self, file: Any, length: int | None) -> int:
         total = 0
-        while length is None or total < length:
-            block = file.read(1 << 16 if length is None else min(1 << 16, length - total))
-            if not block:
-                break
-            self.update(block)
-            total += len(block)
+        buf = bytearray(1 << 16)
+        with memoryview(buf) as view:
+            while length is None or total < length:
+                want = len(buf) if length is None else min(len(buf), length - total)
+                if hasattr(file, "readinto"):
+                    n = file.readinto(view[:want])
+                    block = view[:n] if n else b""
+                else:
+                    block = file.read(want)
+                if not block:
+                    break
+                self.update(block)
+                total += len(block)
         return total
 
     def _read_into(self, fd: int, length: int | None) -> int:
@@ -972,8 +1038,9 @@ def new(name: str, data: Buffer = b"") -> Hash:
 
 
 def file_digest(file: int | str | os.PathLike | Any, name: str) -> Hash:
-    """Hash a whole file in the kernel (splice, no copy through Python), like
-    :func:`hashlib.file_digest`; returns the :class:`Hash`."""
+    """Hash a file from its position to EOF in the kernel (splice, no copy through Python), like
+    :func:`hashlib.file_digest` (a buffered reader's position, not its descriptor's offset; see
+    :meth:`Hash.update_file`); returns the :class:`Hash`."""
     h = Hash(name)
     try:
         h.update_file(file)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import hmac
+import io
 import itertools
 import os
 from pathlib import Path
@@ -101,6 +103,60 @@ def test_update_file_splice(tmp_path: Path) -> None:
         finally:
             os.close(fd)
         assert m.digest() == hmac.digest(b"key", data, "sha256")
+
+
+def test_file_objects_hash_from_their_position(tmp_path: Path) -> None:
+    """A buffered reader's position, not its descriptor's offset (4096 after f.read(10)), as
+    hashlib.file_digest reads it; the reader is left after the bytes hashed (issue 15 item 3)."""
+    data = os.urandom(200_000)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    with open(path, "rb") as f, open(path, "rb") as g:
+        f.read(10)
+        g.read(10)
+        assert alg.file_digest(f, "sha256").digest() == hashlib.file_digest(g, "sha256").digest()
+        assert f.tell() == len(data) and f.read() == b""
+        f.seek(5)
+        assert f.read(3) == data[5:8]  # seeking back still reads the file
+    with open(path, "rb") as f, alg.Hash("sha256") as h:
+        assert f.read(10) == data[:10]
+        assert h.update_file(f, 5000) == 5000
+        assert h.digest() == hashlib.sha256(data[10:5010]).digest()
+        assert f.tell() == 5010 and f.read(7) == data[5010:5017]  # the reader stays consistent
+        assert h.update_file(f) == len(data) - 5017
+        assert h.digest() == hashlib.sha256(data[10:5010] + data[5017:]).digest()
+    with open(path, "r+b") as f:  # pending writes are hashed (flushed first)
+        f.read(1)
+        f.write(b"new")
+        f.seek(2)
+        expected = (data[:1] + b"new" + data[4:])[2:]
+        assert alg.file_digest(f, "sha256").digest() == hashlib.sha256(expected).digest()
+    with gzip.open(tmp_path / "blob.gz", "wb") as z:
+        z.write(data)
+    with gzip.open(tmp_path / "blob.gz", "rb") as z:  # its fileno() is the compressed file
+        z.read(7)
+        assert alg.file_digest(z, "sha256").digest() == hashlib.sha256(data[7:]).digest()
+    buf = io.BytesIO(data)
+    buf.seek(99)
+    assert alg.file_digest(buf, "sha256").digest() == hashlib.sha256(data[99:]).digest()
+    with open(path) as text, pytest.raises(ValueError, match="binary"):
+        alg.file_digest(text, "sha256")
+
+
+def test_buffered_pipe_hashes_what_the_reader_holds() -> None:
+    data = os.urandom(20_000)
+    r, w = os.pipe()
+    os.write(w, data[:10_000])  # within the pipe's 64 KiB: no writer thread needed
+    os.write(w, data[10_000:])
+    os.close(w)
+    with os.fdopen(r, "rb") as f, alg.Hash("sha256") as h:
+        assert f.read(10) == data[:10]  # the reader now holds up to 8 KiB more
+        assert h.update_file(f, 100) == 100
+        assert h.digest() == hashlib.sha256(data[10:110]).digest()
+        assert f.read(5) == data[110:115]
+        assert h.update_file(f) == len(data) - 115
+        assert h.digest() == hashlib.sha256(data[10:110] + data[115:]).digest()
+        assert f.read() == b""
 
 
 def test_update_file_from_pipe_and_empty(tmp_path: Path) -> None:
