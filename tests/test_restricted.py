@@ -7,35 +7,44 @@ kernel suite. They check what holds on every kernel: where the sysctl exists the
 fixture sets it to 1 for the test (and restores it); where it does not (before 7.3), the same
 test checks that nothing is refused. The mode tests make kTLS and AF_ALG unavailable for real in
 a child process (a seccomp filter answering ENOENT to ``setsockopt(TCP_ULP)`` and EPERM to
-``socket(AF_ALG)``) and talk to it with Python's ssl as the peer. The unprivileged case runs
-under ``setpriv`` with every capability dropped.
+``socket(AF_ALG)``) and talk to it with Python's ssl as the peer. The unprivileged case runs in
+a child that drops every capability and becomes nobody (as ``setpriv`` would). The children are
+forked from the test process (:func:`in_child`): no interpreter start or imports, which cost
+seconds each in the VM.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import ctypes
 import errno
+import importlib
+import io
 import json
 import os
 import platform
-import shutil
+import select
+import signal
 import socket
-import subprocess
-import sys
-import textwrap
-from collections.abc import Iterator
+import ssl
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from test_tls_helpers import client_context, server_context, tcp_pair
 
 import afalg
-from afalg import alg
+from afalg import alg, cli, ktls, tls
 from afalg.alg import AEAD, RNG, Hash
-from afalg.keys import CipherSuite, TrafficKeys
+from afalg.keys import TLS_1_3_VERSION, CipherSuite, TrafficKeys
 from afalg.probe import AlgStatus, Capabilities, format_report, probe
 from afalg.record import ContentType, RecordLayer
 
-ROOT = Path(__file__).resolve().parent.parent
 GCM = "gcm(aes)"
 
 # -- host: the messages, from a faked sysctl ------------------------------------------------
@@ -164,14 +173,23 @@ def test_level_2_disables_af_alg(allowlist: int | None) -> None:
     assert not caps.af_alg and "crypto.af_alg_restrict=2" in (caps.af_alg_reason or "")
 
 
+def _info() -> dict[str, tuple[int, str]]:
+    """The child: ``afalg info`` and ``afalg info --json`` (what ``python -m afalg`` runs), their
+    exit statuses and outputs."""
+    outputs = {}
+    for argv in (["info"], ["info", "--json"]):
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            code = cli.main(argv)
+        outputs[argv[-1]] = (code, out.getvalue())
+    return outputs
+
+
 @pytest.mark.kernel
 @pytest.mark.restricted
 def test_afalg_info_shows_the_sysctl_and_what_it_refuses(allowlist: int | None) -> None:
-    run = [sys.executable, "-m", "afalg", "info"]
-    text = subprocess.run(run, capture_output=True, text=True, check=True).stdout
-    report = json.loads(
-        subprocess.run([*run, "--json"], capture_output=True, text=True, check=True).stdout
-    )
+    outputs = in_child(_info)
+    assert outputs["info"][0] == outputs["--json"][0] == 0, outputs
+    text, report = outputs["info"][1], json.loads(outputs["--json"][1])
     assert report["af_alg_restrict"] == allowlist
     if allowlist is None:
         assert "crypto.af_alg_restrict: absent" in text
@@ -220,40 +238,107 @@ def test_record_layer_auto_shows_its_backend(allowlist: int | None) -> None:
         assert rx.next_record().payload == b"either way"  # type: ignore[union-attr]
 
 
-# -- unprivileged: setpriv drops every capability -------------------------------------------
+# -- children: forked from this process ------------------------------------------------------
 
-UNPRIVILEGED = textwrap.dedent(
-    """
-    import json, sys
-    import afalg
-    from afalg.alg import Hash
-    from afalg.probe import probe
+
+def in_child(fn: Callable[[], Any], timeout: float = 300) -> Any:
+    """``fn()`` run in a child forked from this process, its (JSON) result returned: what the
+    child does to itself (a seccomp filter, dropped privileges) stays there. A fork costs no
+    interpreter start and no imports (seconds each under TCG, over 9p). The child starts as a
+    fresh process would: kTLS support is tried afresh (afalg.ktls caches it per process)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: reports, then leaves without returning to pytest
+        status = 1
+        try:
+            os.close(read)
+            ktls.supports.cache_clear()
+            ktls.supports_rekey.cache_clear()
+            try:
+                report = {"result": fn()}
+            except BaseException:
+                report = {"error": traceback.format_exc()}
+            with os.fdopen(write, "w") as f:
+                json.dump(report, f)
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    chunks: list[bytes] = []
+    deadline, eof = time.monotonic() + timeout, False
+    try:
+        while select.select([read], [], [], max(0, deadline - time.monotonic()))[0]:
+            chunk = os.read(read, 1 << 16)
+            if not chunk:
+                eof = True
+                break
+            chunks.append(chunk)
+    finally:  # timed out, or interrupted (pytest-timeout): the child goes too
+        os.close(read)
+        if not eof:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+    assert eof, f"the child gave no answer in {timeout} s"
+    assert os.waitstatus_to_exitcode(status) == 0 and chunks, f"child: wait status {status:#x}"
+    report = json.loads(b"".join(chunks))
+    assert "error" not in report, report["error"]
+    return report["result"]
+
+
+# -- unprivileged: every capability dropped --------------------------------------------------
+
+PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 4, 24, 47, 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _libc_ok(result: int, what: str) -> None:
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def drop_privileges() -> None:
+    """What ``setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all
+    --bounding-set=-all`` does before it runs a command, done to this (forked) process."""
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for cap in range(last + 1):
+        _libc_ok(LIBC.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"PR_CAPBSET_DROP {cap}")
+    _libc_ok(LIBC.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "PR_CAP_AMBIENT")
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)  # from root to none: permitted and effective sets cleared
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    _libc_ok(LIBC.capset(header, (ctypes.c_uint32 * 6)()), "capset")  # inheritable: none
+    _libc_ok(LIBC.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "PR_SET_DUMPABLE")  # as after an exec
+
+
+def _unprivileged() -> dict:
+    codecs.lookup("idna")  # imported on first use (getaddrinfo): now, while still root
+    importlib.import_module("gzip")  # likewise (alg.kernel_lacks)
+    drop_privileges()
+    with open("/proc/self/status") as f:
+        status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
     try:
         Hash("sha256").close()
         refusal = None
     except afalg.AlgorithmNotAvailable as exc:
         refusal = str(exc)
     caps = probe()
-    print(json.dumps({"refusal": refusal, "privileged": caps.privileged,
-                      "refused": [f"{a.type} {a.name}" for a in caps.refused]}))
-    """
-)
+    return {"refusal": refusal, "privileged": caps.privileged,
+            "refused": [f"{a.type} {a.name}" for a in caps.refused],
+            "ids": [os.getresuid(), os.getresgid(), os.getgroups()],
+            "caps": {k: int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd",
+                                                      "CapAmb")}}  # fmt: skip
 
 
 @pytest.mark.kernel
 @pytest.mark.restricted
 def test_unprivileged_allowlist_is_named(allowlist: int | None) -> None:
-    setpriv = shutil.which("setpriv")
-    assert setpriv, "setpriv (util-linux) is needed for the unprivileged case"
-    drop = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-            "--bounding-set=-all"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
-    result = subprocess.run(
-        [*drop, sys.executable, "-c", UNPRIVILEGED],
-        capture_output=True, text=True, timeout=300, env=env, cwd="/",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    report = in_child(_unprivileged)
+    assert report["ids"] == [[65534] * 3, [65534] * 3, []]
+    assert report["caps"] == dict.fromkeys(report["caps"], 0), report["caps"]
     assert report["privileged"] is False
     if allowlist is None:
         assert report["refusal"] is None and report["refused"] == []
@@ -265,62 +350,50 @@ def test_unprivileged_allowlist_is_named(allowlist: int | None) -> None:
 
 # -- wrap(mode="auto"): the one definition, with kTLS and AF_ALG made unavailable for real ----
 
-# A classic-BPF seccomp filter (x86_64): socket(AF_ALG) -> EPERM and setsockopt(SOL_TCP,
-# TCP_ULP) -> ENOENT, each when asked; anything else allowed.
-SECCOMP = textwrap.dedent(
-    """
-    import ctypes, ctypes.util, errno
 
-    def deny(af_alg, tls_ulp):
-        class Insn(ctypes.Structure):
-            _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8),
-                        ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+def deny(af_alg: bool, tls_ulp: bool) -> None:
+    """A classic-BPF seccomp filter (x86_64) on this (forked) process: socket(AF_ALG) -> EPERM
+    and setsockopt(SOL_TCP, TCP_ULP) -> ENOENT, each when asked; anything else allowed."""
 
-        class Prog(ctypes.Structure):
-            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
+    class Insn(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8),
+                    ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]  # fmt: skip
 
-        LD, JEQ, RET, ALLOW, ERRNO = 0x20, 0x15, 0x06, 0x7FFF0000, 0x00050000
-        code = [
-            (LD, 0, 0, 0),                                               # 0 seccomp_data.nr
-            (JEQ, 0, 3, 41),                                             # 1 socket? else 5
-            (LD, 0, 0, 16),                                              # 2 args[0]: family
-            (JEQ, 0, 8, 38),                                             # 3 AF_ALG? else 12
-            (RET, 0, 0, ERRNO | errno.EPERM if af_alg else ALLOW),       # 4
-            (JEQ, 0, 6, 54),                                             # 5 setsockopt? else 12
-            (LD, 0, 0, 24),                                              # 6 args[1]: level
-            (JEQ, 0, 4, 6),                                              # 7 SOL_TCP? else 12
-            (LD, 0, 0, 32),                                              # 8 args[2]: optname
-            (JEQ, 0, 2, 31),                                             # 9 TCP_ULP? else 12
-            (RET, 0, 0, ERRNO | errno.ENOENT if tls_ulp else ALLOW),     # 10
-            (RET, 0, 0, ALLOW),                                          # 11
-            (RET, 0, 0, ALLOW),                                          # 12
-        ]
-        program = (Insn * len(code))(*(Insn(*c) for c in code))
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        prog = Prog(len(code), program)
-        assert libc.prctl(38, 1, 0, 0, 0) == 0, "PR_SET_NO_NEW_PRIVS"
-        assert libc.prctl(22, 2, ctypes.byref(prog), 0, 0) == 0, "PR_SET_SECCOMP"
-    """
-)
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
 
-# The child: a server wrap()ping with the given mode, Python's ssl as the client in a thread.
-SERVE = textwrap.dedent(
-    """
-    import json, socket, ssl, sys, threading
-    import afalg
-    from afalg import tls
-    from test_tls_helpers import client_context, server_context, tcp_pair
+    LD, JEQ, RET, ALLOW, ERRNO = 0x20, 0x15, 0x06, 0x7FFF0000, 0x00050000
+    code = [
+        (LD, 0, 0, 0),                                               # 0 seccomp_data.nr
+        (JEQ, 0, 3, 41),                                             # 1 socket? else 5
+        (LD, 0, 0, 16),                                              # 2 args[0]: family
+        (JEQ, 0, 8, 38),                                             # 3 AF_ALG? else 12
+        (RET, 0, 0, ERRNO | errno.EPERM if af_alg else ALLOW),       # 4
+        (JEQ, 0, 6, 54),                                             # 5 setsockopt? else 12
+        (LD, 0, 0, 24),                                              # 6 args[1]: level
+        (JEQ, 0, 4, 6),                                              # 7 SOL_TCP? else 12
+        (LD, 0, 0, 32),                                              # 8 args[2]: optname
+        (JEQ, 0, 2, 31),                                             # 9 TCP_ULP? else 12
+        (RET, 0, 0, ERRNO | errno.ENOENT if tls_ulp else ALLOW),     # 10
+        (RET, 0, 0, ALLOW),                                          # 11
+        (RET, 0, 0, ALLOW),                                          # 12
+    ]  # fmt: skip
+    program = (Insn * len(code))(*(Insn(*c) for c in code))
+    prog = Prog(len(code), program)
+    _libc_ok(LIBC.prctl(38, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
+    _libc_ok(LIBC.prctl(22, 2, ctypes.byref(prog), 0, 0), "PR_SET_SECCOMP")
 
-    args = json.loads(sys.argv[1])
-    deny(args["deny_af_alg"], args["deny_tls_ulp"])
+
+def _serve(version: str, mode: str, backend: str, deny_af_alg: bool, deny_tls_ulp: bool) -> dict:
+    """The child: a server wrap()ping with the given mode, Python's ssl as the client in a
+    thread."""
+    deny(deny_af_alg, deny_tls_ulp)
     client, server = tcp_pair()
-    seen = {}
+    seen: dict[str, Any] = {}
 
-    def peer():
+    def peer() -> None:
         try:
-            with client_context(args["version"]).wrap_socket(
-                client, server_hostname="localhost"
-            ) as c:
+            with client_context(version).wrap_socket(client, server_hostname="localhost") as c:
                 seen["client"] = c.recv(100).decode()  # nothing sent: no RST on a refusal
         except ssl.SSLError as exc:
             seen["client"] = f"SSLError: {exc.reason}"
@@ -328,32 +401,22 @@ SERVE = textwrap.dedent(
     thread = threading.Thread(target=peer)
     thread.start()
     try:
-        conn = tls.wrap(server, server_context(args["version"]), server_side=True,
-                        mode=args["mode"], algif_backend=args["backend"])
+        conn = tls.wrap(server, server_context(version), server_side=True, mode=mode,
+                        algif_backend=backend)  # fmt: skip
     except OSError as exc:
         seen["server"] = {"error": type(exc).__name__, "message": str(exc),
-                          "af_alg_restrict": getattr(exc, "af_alg_restrict", None)}
+                          "af_alg_restrict": getattr(exc, "af_alg_restrict", None)}  # fmt: skip
     else:
         with conn:
             conn.sendall(b"ping")
             seen["server"] = {"mode": conn.mode, "backend": conn.backend}
     thread.join(60)
-    print(json.dumps(seen))
-    """
-)
+    return seen
 
 
 def serve(version: str = "TLSv1.3", *, mode: str = "auto", backend: str = "auto",
           deny_af_alg: bool = False, deny_tls_ulp: bool = False) -> dict:  # fmt: skip
-    args = {"version": version, "mode": mode, "backend": backend,
-            "deny_af_alg": deny_af_alg, "deny_tls_ulp": deny_tls_ulp}  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
-    result = subprocess.run(
-        [sys.executable, "-c", SECCOMP + SERVE, json.dumps(args)],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return in_child(lambda: _serve(version, mode, backend, deny_af_alg, deny_tls_ulp))
 
 
 seccomp_x86_64 = pytest.mark.skipif(
@@ -364,9 +427,6 @@ seccomp_x86_64 = pytest.mark.skipif(
 @pytest.mark.kernel
 @pytest.mark.restricted
 def test_wrap_auto_is_ktls_where_the_kernel_runs_the_suite(allowlist: int | None) -> None:
-    from afalg import tls
-    from afalg.keys import TLS_1_3_VERSION
-
     # kTLS does not use AF_ALG: the allowlist changes nothing
     assert tls.choose_mode(TLS_1_3_VERSION, CipherSuite.TLS_AES_128_GCM_SHA256) == (
         "ktls",
