@@ -57,4 +57,4 @@ CONFORMANCE_MODES = os.environ.get("AFALG_CONFORMANCE_MODES", "ktls,algif").spli
 
 # For property tests whose every example costs several kernel operations: fewer examples under
 # TCG than the VM profile's (conftest.py).
-FEW_EXAMPLES = settings(max_examples=scaled(5, 500)) if IN_VM else settings()
+FEW_EXAMPLES = settings(max_examples=scaled(5, 500), deadline=None) if IN_VM else settings()
