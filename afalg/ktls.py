@@ -10,10 +10,11 @@ layer protocol to the TCP socket and installs the keys of both directions::
 From then on ``send()`` writes application_data records and ``recv()`` returns the plaintext of
 application_data records. Every other record stops a read and comes back with a
 ``TLS_GET_RECORD_TYPE`` control message; :class:`KTLSSocket` always passes a control buffer to
-``recvmsg()`` (without one the kernel answers such a record with a bare EIO) and acts on them:
-close_notify is EOF, a fatal alert raises :class:`afalg.TLSAlertReceived`, a NewSessionTicket is
-consumed, a KeyUpdate installs the next receive keys where the kernel can rekey (Linux 6.14+)
-and otherwise raises :class:`afalg.errors.KeyUpdateUnsupported`. Control records are sent with
+``recvmsg()`` (without one the kernel answers such a record with a bare EIO) and gives them to
+its :class:`afalg.session.Session`, acting on the events: close_notify is EOF, a fatal alert
+raises :class:`afalg.TLSAlertReceived`, a NewSessionTicket is consumed, a KeyUpdate installs
+the next receive keys where the kernel can rekey (Linux 6.14+) and otherwise raises
+:class:`afalg.errors.KeyUpdateUnsupported`. Control records are sent with
 a ``TLS_SET_RECORD_TYPE`` control message (close_notify on close, fatal alerts on errors).
 
 Rekeying (TLS 1.3 KeyUpdate, Documentation/networking/tls.rst): the kernel pauses reading after a
