@@ -64,6 +64,7 @@ from afalg.keys import (
     suite_from_openssl_name,
     tls12_traffic_keys,
 )
+from afalg.session import HT_NEW_SESSION_TICKET, handshake_message
 
 __all__ = ["Handoff", "KeyLog", "TicketFeed", "handshake", "keylog_for"]
 
@@ -460,8 +461,6 @@ class TicketFeed:
         """Pass the body of one NewSessionTicket message to ssl."""
         if self._ssl is None:
             return
-        from afalg.ktls import HT_NEW_SESSION_TICKET, handshake_message
-
         message = handshake_message(HT_NEW_SESSION_TICKET, body)
         try:
             self._incoming.write(self._layer.seal(CT_HANDSHAKE, message))

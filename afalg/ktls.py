@@ -10,10 +10,11 @@ layer protocol to the TCP socket and installs the keys of both directions::
 From then on ``send()`` writes application_data records and ``recv()`` returns the plaintext of
 application_data records. Every other record stops a read and comes back with a
 ``TLS_GET_RECORD_TYPE`` control message; :class:`KTLSSocket` always passes a control buffer to
-``recvmsg()`` (without one the kernel answers such a record with a bare EIO) and acts on them:
-close_notify is EOF, a fatal alert raises :class:`afalg.TLSAlertReceived`, a NewSessionTicket is
-consumed, a KeyUpdate installs the next receive keys where the kernel can rekey (Linux 6.14+)
-and otherwise raises :class:`afalg.errors.KeyUpdateUnsupported`. Control records are sent with
+``recvmsg()`` (without one the kernel answers such a record with a bare EIO) and gives them to
+its :class:`afalg.session.Session`, acting on the events: close_notify is EOF, a fatal alert
+raises :class:`afalg.TLSAlertReceived`, a NewSessionTicket is consumed, a KeyUpdate installs
+the next receive keys where the kernel can rekey (Linux 6.14+) and otherwise raises
+:class:`afalg.errors.KeyUpdateUnsupported`. Control records are sent with
 a ``TLS_SET_RECORD_TYPE`` control message (close_notify on close, fatal alerts on errors).
 
 Rekeying (TLS 1.3 KeyUpdate, Documentation/networking/tls.rst): the kernel pauses reading after a
@@ -57,31 +58,52 @@ from afalg.errors import (
     AlertDescription,
     KeyUpdateUnsupported,
     KTLSError,
-    TLSAlertReceived,
     TLSProtocolError,
 )
 from afalg.keys import TLS_1_3_VERSION, TrafficKeys
+from afalg.session import (
+    ALERT_FATAL,
+    ALERT_WARNING,
+    CT_ALERT,
+    CT_APPLICATION_DATA,
+    CT_CHANGE_CIPHER_SPEC,
+    CT_HANDSHAKE,
+    HT_CERTIFICATE_REQUEST,
+    HT_HELLO_REQUEST,
+    HT_KEY_UPDATE,
+    HT_NEW_SESSION_TICKET,
+    MAX_POST_HANDSHAKE_MESSAGE,
+    CloseNotify,
+    Event,
+    KeyUpdate,
+    NewSessionTicket,
+    Session,
+    handshake_message,
+    key_update_message,
+)
 
 if TYPE_CHECKING:
     from afalg.handoff import TicketFeed
 
 __all__ = ["KTLSSocket", "TLSSocketBase", "enable", "supports", "supports_rekey", "tls_stats"]
-
-CT_CHANGE_CIPHER_SPEC = 20
-CT_ALERT = 21
-CT_HANDSHAKE = 22
-CT_APPLICATION_DATA = 23
-HT_HELLO_REQUEST = 0
-HT_NEW_SESSION_TICKET = 4
-HT_CERTIFICATE_REQUEST = 13
-HT_KEY_UPDATE = 24
-ALERT_WARNING = 1
-ALERT_FATAL = 2
+# The wire facts moved to afalg.session; these names stay importable from here.
+__all__ += [
+    "ALERT_FATAL",
+    "ALERT_WARNING",
+    "CT_ALERT",
+    "CT_APPLICATION_DATA",
+    "CT_CHANGE_CIPHER_SPEC",
+    "CT_HANDSHAKE",
+    "HT_CERTIFICATE_REQUEST",
+    "HT_HELLO_REQUEST",
+    "HT_KEY_UPDATE",
+    "HT_NEW_SESSION_TICKET",
+    "MAX_POST_HANDSHAKE_MESSAGE",
+    "handshake_message",
+    "key_update_message",
+]
 
 _ANCBUFSIZE = socket.CMSG_SPACE(1)
-# The longest post-handshake message accepted (OpenSSL's bound for a NewSessionTicket); a longer
-# announced length is refused at its header instead of being buffered.
-MAX_POST_HANDSHAKE_MESSAGE = 131338
 _RECORD_BUF = 2**14 + 1024  # one whole record's plaintext fits
 
 
@@ -252,8 +274,10 @@ def enable(sock: socket.socket, tx: TrafficKeys, rx: TrafficKeys) -> None:
 
 class TLSSocketBase:
     """What both afalg TLS sockets share: ownership of the TCP socket, timeouts, the ssl facts
-    of the handshake, makefile, sendall, context manager. Subclasses implement ``send``,
-    ``recv_into``, ``sendfile`` and ``_send_alert``."""
+    of the handshake, makefile, sendall, context manager, and driving the post-handshake
+    protocol (:class:`afalg.session.Session`): each opened record goes to the session, and the
+    socket acts on its events. Subclasses implement ``send``, ``recv_into``, ``sendfile``,
+    ``_send_alert`` and ``_key_update`` (install the peer's next receive keys)."""
 
     mode = "?"
 
@@ -261,21 +285,19 @@ class TLSSocketBase:
         self,
         sock: socket.socket,
         *,
+        version: int,
         ssl_object: ssl.SSLObject | None = None,
         suppress_ragged_eofs: bool = True,
         tickets: TicketFeed | None = None,
     ) -> None:
+        self._session = Session(version)  # the protocol state; poisoned by the first error
         self._sock = sock
         self._ssl = ssl_object
         self._tickets = tickets  # a TLS 1.3 client's NewSessionTickets go back to ssl
         self.suppress_ragged_eofs = suppress_ragged_eofs
         self._closed = False
         self._io_refs = 0
-        self._eof = False  # close_notify received (or TCP EOF, suppressed)
-        self._close_notify_sent = False
-        self._error: BaseException | None = None  # a fatal error poisons the connection
-        self._version = 0  # TLS_1_2_VERSION or TLS_1_3_VERSION, set by the subclass
-        self._hs_buf = bytearray()  # a post-handshake message spread over records
+        self._version = version  # TLS_1_2_VERSION or TLS_1_3_VERSION
 
     # -- facts from the handshake --
     @property
@@ -460,148 +482,80 @@ class TLSSocketBase:
 
     def _check_send(self) -> None:
         self._check_open()
-        if self._error is not None:
-            raise self._error
-        if self._close_notify_sent:
-            raise BrokenPipeError(errno.EPIPE, "close_notify already sent on this connection")
+        self._session.check_send()
+
+    # -- the session --
+    @property
+    def tls_session(self) -> Session:
+        """The post-handshake protocol state (:class:`afalg.session.Session`)."""
+        return self._session
+
+    def _receive(self, content_type: int, payload: Any) -> list[Event]:
+        """Give one opened record to the session; on a protocol error the peer gets the fatal
+        alert it is owed (best effort) before the error is raised."""
+        try:
+            return self._session.receive(content_type, payload)
+        except BaseException:
+            self._send_fatal_alert()
+            raise
+
+    def _act_on(self, events: list[Event]) -> bool:
+        """Act on the events of a record other than application data; True at close_notify."""
+        for event in events:
+            if isinstance(event, NewSessionTicket):
+                if self._tickets is not None:  # ssl stores the session (``self.session``)
+                    self._tickets.ticket(event.body)
+            elif isinstance(event, KeyUpdate):
+                self._key_update(update_requested=event.update_requested)
+            elif isinstance(event, CloseNotify):
+                return True
+        return False
+
+    def _control_record(self, content_type: int, payload: bytes) -> bool:
+        """Act on a non-application record; True when it was close_notify."""
+        return self._act_on(self._receive(content_type, payload))
+
+    def _send_fatal_alert(self) -> None:
+        """Send the fatal alert the session owes the peer, if any: best effort, never
+        waiting (another thread may be sending)."""
+        alert = self._session.fatal_alert()
+        if alert is not None and self._sock.fileno() >= 0:
+            with contextlib.suppress(OSError):
+                self._send_alert(alert[0], alert[1], wait=False)
 
     # -- ending --
     def _send_alert(self, level: int, description: int, *, wait: bool) -> None:
         raise NotImplementedError
 
     def _send_close_notify(self, *, wait: bool) -> None:
-        if self._close_notify_sent or self._error is not None or self._sock.fileno() < 0:
+        if self._sock.fileno() < 0:
             return
-        self._close_notify_sent = True
+        alert = self._session.close_notify()
+        if alert is None:
+            return
         try:
-            self._send_alert(ALERT_WARNING, AlertDescription.close_notify, wait=wait)
+            self._send_alert(alert[0], alert[1], wait=wait)
         except OSError:
             if wait:
                 raise
 
-    def _fatal(self, alert: int, exc: BaseException) -> BaseException:
-        """Poison the connection with ``exc`` after sending the fatal ``alert`` (best effort)."""
-        if self._error is None:
-            self._error = exc
-            if alert is not None and self._sock.fileno() >= 0:
-                with contextlib.suppress(OSError):
-                    self._send_alert(ALERT_FATAL, alert, wait=False)
-                self._close_notify_sent = True  # a fatal alert ends our side too
-        return exc
-
-    def _check_record_boundary(self, content_type: int) -> None:
-        """RFC 8446 5.1: no other record may come between the records of one handshake
-        message (unexpected_message)."""
-        if self._hs_buf and content_type != CT_HANDSHAKE:
-            raise self._protocol_error(
-                AlertDescription.unexpected_message,
-                f"record of content type {content_type} inside a fragmented handshake message",
-            )
-
-    def _control_record(self, content_type: int, payload: bytes) -> bool:
-        """Act on a non-application record; True when it was close_notify."""
-        self._check_record_boundary(content_type)
-        if content_type == CT_ALERT:
-            if len(payload) != 2:
-                raise self._protocol_error(
-                    AlertDescription.decode_error, "alert record of bad length"
-                )
-            level, description = payload
-            if description == AlertDescription.close_notify:
-                self._eof = True
-                return True
-            if description == AlertDescription.user_canceled or (
-                level == ALERT_WARNING and self._version != TLS_1_3_VERSION
-            ):
-                return False  # a warning: carry on (a close_notify follows user_canceled)
-            self._error = TLSAlertReceived(description, level)
-            self._close_notify_sent = True  # the connection is gone; send nothing more
-            raise self._error
-        if content_type == CT_HANDSHAKE:
-            self._handshake_record(payload)
-            return False
-        raise self._protocol_error(
-            AlertDescription.unexpected_message,
-            f"unexpected record of content type {content_type} after the handshake",
-        )
+    def _fatal(self, alert: int | None, exc: BaseException) -> BaseException:
+        """Poison the connection with ``exc`` (the first error stays, and is what this
+        returns) after sending the fatal ``alert`` (best effort)."""
+        error = self._session.fail(exc, alert)
+        self._send_fatal_alert()
+        return error
 
     def _protocol_error(self, alert: AlertDescription, message: str) -> BaseException:
         """:meth:`_fatal` with a :class:`TLSProtocolError` carrying ``alert``."""
         return self._fatal(alert, TLSProtocolError(alert, message))
 
-    def _handshake_record(self, payload: bytes) -> None:
-        """Take the complete post-handshake messages out of the buffered handshake bytes and
-        act on them. RFC 8446 5.1: no empty handshake record, and a KeyUpdate ends its record;
-        a message longer than MAX_POST_HANDSHAKE_MESSAGE is refused at its header."""
-        if not payload:
-            raise self._protocol_error(
-                AlertDescription.unexpected_message, "empty handshake record"
-            )
-        self._hs_buf += payload
-        messages = _handshake_messages(self._hs_buf)
-        if len(self._hs_buf) >= 4:
-            length = int.from_bytes(self._hs_buf[1:4], "big")
-            if (
-                self._hs_buf[0] == HT_KEY_UPDATE
-                and length != 1
-                and self._version == TLS_1_3_VERSION
-            ):
-                # Refused at its header: a kTLS kernel that rekeys reads nothing more until
-                # new keys are installed, so the rest of this message would never come.
-                raise self._protocol_error(
-                    AlertDescription.decode_error, f"KeyUpdate of {length} bytes (not 1)"
-                )
-            if length > MAX_POST_HANDSHAKE_MESSAGE:
-                raise self._protocol_error(
-                    AlertDescription.illegal_parameter,
-                    f"post-handshake message of {length} bytes is too long",
-                )
-        for i, (msg_type, body) in enumerate(messages):
-            if msg_type == HT_KEY_UPDATE and (i < len(messages) - 1 or self._hs_buf):
-                raise self._protocol_error(
-                    AlertDescription.unexpected_message, "data after a KeyUpdate in its record"
-                )
-            self._handshake_message(msg_type, body)
-
-    def _handshake_message(self, msg_type: int, body: bytes) -> None:
-        if msg_type == HT_NEW_SESSION_TICKET and self._version == TLS_1_3_VERSION:
-            if self._tickets is not None:  # ssl stores the session (``self.session``)
-                self._tickets.ticket(body)
-            return
-        if msg_type == HT_HELLO_REQUEST and self._version != TLS_1_3_VERSION:
-            return  # renegotiation is not offered; RFC 5246 7.4.1.1 lets us ignore it
-        if msg_type == HT_KEY_UPDATE and self._version == TLS_1_3_VERSION:
-            if len(body) != 1 or body[0] > 1:  # RFC 8446 4.6.3: update_not_requested(0) or 1
-                alert = (
-                    AlertDescription.decode_error
-                    if len(body) != 1
-                    else AlertDescription.illegal_parameter
-                )
-                raise self._protocol_error(alert, "malformed KeyUpdate")
-            self._key_update(update_requested=body[0] == 1)
-            return
-        if msg_type == HT_CERTIFICATE_REQUEST and self._version == TLS_1_3_VERSION:
-            raise self._protocol_error(
-                AlertDescription.unexpected_message,
-                "post-handshake client authentication (a CertificateRequest after the "
-                "handshake) cannot be answered once the keys left ssl; leave "
-                "post_handshake_auth off on the client context",
-            )
-        raise self._protocol_error(
-            AlertDescription.unexpected_message,
-            f"unexpected post-handshake message (HandshakeType {msg_type})",
-        )
-
     def _key_update(self, *, update_requested: bool) -> None:
         raise NotImplementedError
 
     def _ragged_eof(self) -> int:
-        self._eof = True
-        if self.suppress_ragged_eofs:
-            return 0
-        exc = ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "EOF occurred in violation of protocol")
-        self._error = exc
-        raise exc
+        self._session.receive_eof(suppress_ragged_eofs=self.suppress_ragged_eofs)
+        return 0
 
     def shutdown(self, how: int) -> None:
         """Send close_notify (for SHUT_WR and SHUT_RDWR), then shut the TCP socket down."""
@@ -626,9 +580,8 @@ class TLSSocketBase:
                 self._sock.close()
 
     def _release(self) -> None:
-        """Free per-connection resources: buffered plaintext and handshake bytes (and the
-        AF_ALG sockets in algif mode)."""
-        self._hs_buf.clear()
+        """Free per-connection resources: buffered plaintext (and the AF_ALG sockets in algif
+        mode)."""
         if self._tickets is not None:
             self._tickets.close()
 
@@ -636,29 +589,6 @@ class TLSSocketBase:
         raise io.UnsupportedOperation(
             f"{type(self).__name__} cannot give its socket back: the keys live in it"
         )
-
-
-def _handshake_messages(buffer: bytearray) -> list[tuple[int, bytes]]:
-    """Take the complete handshake messages out of ``buffer``: (msg_type, body)."""
-    out = []
-    while len(buffer) >= 4:
-        msg_type = buffer[0]
-        length = int.from_bytes(buffer[1:4], "big")
-        if len(buffer) < 4 + length:
-            break
-        out.append((msg_type, bytes(buffer[4 : 4 + length])))
-        del buffer[: 4 + length]
-    return out
-
-
-def handshake_message(msg_type: int, body: bytes) -> bytes:
-    """A handshake message: msg_type (1 byte), length (3 bytes, big-endian), body."""
-    return bytes([msg_type]) + len(body).to_bytes(3, "big") + body
-
-
-def key_update_message(update_requested: bool) -> bytes:
-    """A KeyUpdate handshake message (RFC 8446 section 4.6.3)."""
-    return handshake_message(HT_KEY_UPDATE, bytes([1 if update_requested else 0]))
 
 
 # --- kTLS ----------------------------------------------------------------------------------------
@@ -698,17 +628,16 @@ class KTLSSocket(TLSSocketBase):
     ) -> None:
         enable(sock, tx, rx)
         super().__init__(
-            sock, ssl_object=ssl_object, suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets
-        )
+            sock, version=tx.version, ssl_object=ssl_object,
+            suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets,
+        )  # fmt: skip
         self._tx_keys = tx.with_seq(0) if tx.secret is not None else None  # for KeyUpdate only
         self._rx_keys = rx.with_seq(0) if rx.secret is not None else None
-        self._version = tx.version
         self._rbuf = bytearray()  # plaintext read past a small caller buffer
         self._scratch: memoryview | None = None  # one record's room, for small reads
         # Sending a KeyUpdate and installing the next TX keys is one step: no application data
         # from another thread may come between them (it would go out under the old keys).
         self._tx_lock = threading.RLock()
-        self._update_due = False  # the peer asked for our KeyUpdate (update_requested)
         self._rx_paused = False  # EKEYEXPIRED seen and the current keys installed again
         self._reader: socket.socket | None = None  # a duplicate for reads with a timeout
 
@@ -756,9 +685,9 @@ class KTLSSocket(TLSSocketBase):
             view[:n] = self._rbuf[:n]
             del self._rbuf[:n]
             return n
-        if self._error is not None:
-            raise self._error
-        if self._eof or not view:
+        if self._session.error is not None:
+            raise self._session.error
+        if self._session.eof or not view:
             return 0
         while True:
             small = len(view) < _RECORD_BUF
@@ -781,8 +710,7 @@ class KTLSSocket(TLSSocketBase):
             if n == 0 and not ancdata:
                 return self._ragged_eof()
             if content_type == CT_APPLICATION_DATA:
-                self._check_record_boundary(content_type)
-                if n == 0:
+                if not self._receive(content_type, target[:n]):
                     continue  # an empty application_data record carries nothing
                 if small:
                     k = min(n, len(view))
@@ -844,8 +772,8 @@ class KTLSSocket(TLSSocketBase):
 
     def _key_update(self, *, update_requested: bool) -> None:
         """The peer moved to its next traffic secret: install the next receive keys at once (the
-        kernel reads nothing more until then). If it asked for ours, our KeyUpdate goes out
-        before our next application data (one for any number of requests meanwhile)."""
+        kernel reads nothing more until then). If it asked for ours, the session has our
+        KeyUpdate due before our next application data (one for any number of requests)."""
         if self._rx_keys is None:
             raise self._fatal(
                 AlertDescription.internal_error,
@@ -872,8 +800,6 @@ class KTLSSocket(TLSSocketBase):
                 ),
             ) from exc
         self._rx_keys = nxt
-        if update_requested and not self._close_notify_sent:
-            self._update_due = True
 
     def _follow_kernel_pause(self, before: TrafficKeys | None) -> None:
         """The kernel paused reading after this handshake record: it starts with the byte 24
@@ -897,7 +823,7 @@ class KTLSSocket(TLSSocketBase):
         KeyUpdate (a fragment), or a read failed with EKEYEXPIRED: install the current receive
         keys again at the kernel's next sequence number (``getsockopt(TLS_RX)``) so that reading
         goes on. False if that is not possible, or was just done (the error then stands)."""
-        if self._rx_paused or self._rx_keys is None or self._error is not None:
+        if self._rx_paused or self._rx_keys is None or self._session.error is not None:
             return False
         size = len(_crypto_info(self._rx_keys))
         try:
@@ -911,15 +837,16 @@ class KTLSSocket(TLSSocketBase):
 
     def _answer_key_update(self) -> None:
         """Send the KeyUpdate the peer asked for, if it is due (called with the TX lock)."""
-        if self._update_due:
+        if self._session.key_update_due:
             self._send_key_update(request_peer=False)  # clears it once sent
 
     def _send_key_update(self, *, request_peer: bool) -> None:
         assert self._tx_keys is not None
         nxt = self._tx_keys.next_generation()
         with self._tx_lock:
+            message = self._session.key_update(request_peer=request_peer)
             try:
-                self._send_record(CT_HANDSHAKE, key_update_message(request_peer))
+                self._send_record(CT_HANDSHAKE, message)
             except OSError as exc:
                 raise self._translate(exc) from exc
             try:
@@ -934,7 +861,7 @@ class KTLSSocket(TLSSocketBase):
                     ),
                 ) from exc
             self._tx_keys = nxt
-            self._update_due = False  # any KeyUpdate of ours answers a request
+            self._session.key_update_sent()  # any KeyUpdate of ours answers a request
 
     def key_update(self, *, request_peer: bool = False) -> None:
         """Send a TLS 1.3 KeyUpdate and move to the next send keys (Linux 6.14+);
@@ -955,8 +882,8 @@ class KTLSSocket(TLSSocketBase):
     def _translate(self, exc: OSError) -> BaseException:
         """Map a kernel TLS error to a TLS error (never a bare EIO), reading SO_ERROR so later
         sends work, and sending the matching alert."""
-        if self._error is not None:
-            return self._error
+        if self._session.error is not None:
+            return self._session.error
         if isinstance(exc, (TimeoutError, BlockingIOError, InterruptedError)):
             return exc
         if exc.errno not in _RECV_ERRORS:

@@ -55,14 +55,9 @@ from afalg.errors import (
     TLSProtocolError,
 )
 from afalg.keys import TLS_1_3_VERSION, CipherSuite, TrafficKeys
-from afalg.ktls import (
-    CT_APPLICATION_DATA,
-    KTLSSocket,
-    TLSSocketBase,
-    key_update_message,
-    tls_stats,
-)
+from afalg.ktls import KTLSSocket, TLSSocketBase, tls_stats
 from afalg.record import ContentType, RecordLayer
+from afalg.session import CT_APPLICATION_DATA
 
 __all__ = [
     "BACKENDS",
@@ -185,10 +180,10 @@ class AlgTLSSocket(TLSSocketBase):
     """TLS over a plain TCP socket: :class:`afalg.record.RecordLayer` frames the records, the
     kernel's AEAD (AF_ALG) seals and opens them, this object does the I/O.
 
-    A TLS 1.3 peer's KeyUpdate moves the receive keys (and, if it asks, ours: we answer with our
-    own KeyUpdate); :meth:`key_update` starts one, and sending does it by itself before the AEAD
-    usage limit of RFC 8446 section 5.5. Thread-safety as for ssl sockets: one thread may send
-    while another receives.
+    A TLS 1.3 peer's KeyUpdate moves the receive keys (and, if it asks, ours: our own KeyUpdate
+    goes out before our next application data); :meth:`key_update` starts one, and sending does
+    it by itself before the AEAD usage limit of RFC 8446 section 5.5. Thread-safety as for ssl
+    sockets: one thread may send while another receives.
     """
 
     mode = "algif"
@@ -208,9 +203,9 @@ class AlgTLSSocket(TLSSocketBase):
             raise TypeError("sock must be a connected SOCK_STREAM socket.socket")
         self._layer = RecordLayer(tx=tx, rx=rx, backend=backend)  # type: ignore[arg-type]
         super().__init__(
-            sock, ssl_object=ssl_object, suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets
-        )
-        self._version = tx.version
+            sock, version=tx.version, ssl_object=ssl_object,
+            suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets,
+        )  # fmt: skip
         self._plain = bytearray()  # opened application data not yet returned
         self._out = bytearray()  # sealed bytes the socket has not taken yet (non-blocking)
         self._tx_lock = threading.RLock()  # seal + write are one step (sequence order)
@@ -253,6 +248,8 @@ class AlgTLSSocket(TLSSocketBase):
         view = memoryview(data).cast("B")[:_SEND_CHUNK]
         with self._tx_lock:
             self._flush()
+            if self._session.key_update_due:  # the peer asked: ours before our next data
+                self._send_key_update(request_peer=False)
             try:
                 self._out += self._layer.seal(ContentType.application_data, view)
             except TLSProtocolError as exc:
@@ -270,8 +267,10 @@ class AlgTLSSocket(TLSSocketBase):
 
     def _send_key_update(self, *, request_peer: bool) -> None:
         with self._tx_lock:
-            self._out += self._layer.seal(ContentType.handshake, key_update_message(request_peer))
+            message = self._session.key_update(request_peer=request_peer)
+            self._out += self._layer.seal(ContentType.handshake, message)
             self._layer.rekey_tx()
+            self._session.key_update_sent()  # any KeyUpdate of ours answers a request
             with contextlib.suppress(BlockingIOError):
                 self._flush()
 
@@ -311,17 +310,17 @@ class AlgTLSSocket(TLSSocketBase):
         view = self._recv_view(buffer, nbytes, flags)
         with self._rx_lock:
             while not self._plain:
-                if self._error is not None:
-                    raise self._error
-                if self._eof or not view:
+                if self._session.error is not None:
+                    raise self._session.error
+                if self._session.eof or not view:
                     return 0
                 record = self._next_record()
                 if record is None:
                     return self._ragged_eof()
                 if record.content_type == CT_APPLICATION_DATA:
-                    self._check_record_boundary(record.content_type)
                     payload = record.payload
-                    if payload:  # straight into the caller's buffer; keep only the rest
+                    # straight into the caller's buffer; keep only the rest (empty: read on)
+                    if self._receive(record.content_type, payload):
                         n = min(len(view), len(payload))
                         data = memoryview(payload)
                         view[:n] = data[:n]
@@ -348,9 +347,10 @@ class AlgTLSSocket(TLSSocketBase):
             self._layer.feed(data)
 
     def _key_update(self, *, update_requested: bool) -> None:
+        """The peer's KeyUpdate: its next keys open what follows. Our answer to a request is
+        due before our next application data (:meth:`send`), one for any number of requests
+        (RFC 8446 4.6.3)."""
         self._layer.rekey_rx()
-        if update_requested and not self._close_notify_sent:
-            self._send_key_update(request_peer=False)
 
     def pending(self) -> int:
         """Opened application data waiting to be read."""

@@ -24,6 +24,7 @@ from test_tls_helpers import connect, recv_exactly
 import afalg
 from afalg.errors import AlertDescription as A
 from afalg.record import ContentType
+from afalg.session import MAX_WARNING_ALERTS, key_update_message
 
 HELLO = b"GET / HTTP/1.0\r\n\r\n"
 
@@ -164,26 +165,41 @@ def test_io_after_close_is_refused(mode: tuple[str, str], tmp_path) -> None:
 
 
 @pytest.mark.parametrize("mode", WRAP_MODES)  # refused before any rekeying, so kTLS < 6.14 too
-@pytest.mark.parametrize(
-    "after",
-    [b"\x04\x00", b"\x04\x00\x00\x00"],
-    ids=["partial-message", "whole-message"],
-)
-def test_key_update_must_end_its_record(mode: tuple[str, str], after: bytes) -> None:
-    """RFC 8446 5.1: a message preceding a key change must end at a record boundary."""
-    from afalg.ktls import key_update_message
-
+def test_key_update_must_end_its_record(mode: tuple[str, str]) -> None:
+    """RFC 8446 5.1: a message preceding a key change must end at a record boundary (every
+    variant of the rule: test_session.py); here, that it is refused before any data is read
+    under the next keys, and the peer hears it."""
     ours, theirs = connect(mode, "client", peer="afalg")
     with ours, theirs:
         layer = theirs.record_layer
-        wire = layer.seal(22, key_update_message(False) + after)
+        wire = layer.seal(22, key_update_message(False) + b"\x04\x00\x00\x00")
         layer.rekey_tx()
-        wire += layer.seal(22, b"\x00\x00") if len(after) == 2 else b""
         wire += layer.seal(23, b"after the key change")
         theirs._sock.sendall(wire)
         with pytest.raises(afalg.TLSProtocolError) as info:
             ours.recv(100)
         assert info.value.alert is A.unexpected_message
+        peer_gets_alert(theirs, A.unexpected_message)
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_warning_alerts_in_a_row_are_bounded(mode: tuple[str, str]) -> None:
+    """TLS 1.2 warning alerts: the connection goes on after MAX_WARNING_ALERTS - 1 in a row
+    (data starts a new run), and the MAX_WARNING_ALERTS-th ends it: unexpected_message, raised
+    and sent to the peer."""
+    ours, theirs = connect(mode, "client", peer="afalg", version="TLSv1.2")
+    with ours, theirs:
+        for _ in range(MAX_WARNING_ALERTS - 1):
+            theirs._send_alert(1, A.no_renegotiation_RESERVED, wait=True)
+        theirs.sendall(b"data")
+        assert recv_exactly(ours, 4) == b"data"
+        for _ in range(MAX_WARNING_ALERTS):
+            theirs._send_alert(1, A.no_renegotiation_RESERVED, wait=True)
+        with pytest.raises(afalg.TLSProtocolError) as info:
+            ours.recv(100)
+        assert info.value.alert is A.unexpected_message
+        assert_poisoned(ours)
+        peer_gets_alert(theirs, A.unexpected_message)
 
 
 @pytest.mark.parametrize("mode", WRAP_MODES)

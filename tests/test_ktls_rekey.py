@@ -149,7 +149,7 @@ def test_second_key_is_a_rekey_in_tls13_only() -> None:
 @REQUESTED
 def test_updates_both_ways_against_algif(role: str, requested: bool) -> None:
     """Rounds of: our KeyUpdate then data; the peer's KeyUpdate then data; each answered when
-    it asks (algif answers at once, kTLS before its next data)."""
+    it asks (both before their next data, one reply for any number of requests)."""
     can = can_rekey()
     ours, theirs = connect(("ktls", "kernel"), role, peer="afalg")
     with ours, theirs:

@@ -243,6 +243,27 @@ def test_peer_key_update(mode: tuple[str, str], requested: bool) -> None:
         assert recv_exactly(ours, 10) == b"theirs too"
 
 
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_one_key_update_answers_many_requests(mode: tuple[str, str]) -> None:
+    """Three update_requested KeyUpdates while we are silent: one KeyUpdate of ours answers
+    them, before our next data (RFC 8446 4.6.3; the rule itself: test_session.py)."""
+    ours, theirs = connect(mode, "client", peer="afalg")
+    with ours, theirs:
+        first_rx = theirs.record_layer.rx_keys
+        for _ in range(3):
+            theirs.key_update(request_peer=True)
+        theirs.sendall(b"new keys")
+        if mode[0] == "ktls" and not _kernel_can_rekey():
+            with pytest.raises(KeyUpdateUnsupported):
+                ours.recv(10)
+            return
+        assert recv_exactly(ours, 8) == b"new keys"
+        ours.sendall(b"reply")
+        assert recv_exactly(theirs, 5) == b"reply"
+        rx = theirs.record_layer.rx_keys
+        assert rx.secret == first_rx.next_generation().secret and rx.seq == 1
+
+
 def _kernel_can_rekey() -> bool:
     major, minor = os.uname().release.split("-")[0].split(".")[:2]
     return (int(major), int(minor)) >= (6, 14)
