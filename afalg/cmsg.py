@@ -41,6 +41,7 @@ __all__ = [
     "CryptoInfo",
     "af_alg_iv",
     "alg_cmsgs",
+    "as_bytes",
     "assoclen_cmsg",
     "cipher_layout",
     "iv_cmsg",
@@ -74,7 +75,7 @@ Cmsg = tuple[int, int, bytes]
 _U32 = struct.Struct("=I")
 
 
-def _buffer(name: str, value: object) -> bytes:
+def as_bytes(name: str, value: object) -> bytes:
     """``value`` as bytes if it is bytes-like; TypeError naming ``name`` if not (``bytes(16)``
     would be sixteen zero bytes: an int must never become an IV or a key)."""
     if isinstance(value, bytes):
@@ -137,13 +138,13 @@ class af_alg_iv(ctypes.Structure):  # the kernel's name
 
 def pack_af_alg_iv(iv: Buffer) -> bytes:
     """``struct af_alg_iv`` with its flexible array: ``u32 len(iv)`` then ``iv``."""
-    iv = _buffer("iv", iv)
+    iv = as_bytes("iv", iv)
     return bytes(af_alg_iv(len(iv))) + iv
 
 
 def unpack_af_alg_iv(data: Buffer) -> bytes:
     """The IV inside a ``struct af_alg_iv``; ValueError if ``ivlen`` disagrees with the size."""
-    data = _buffer("data", data)
+    data = as_bytes("data", data)
     if len(data) < ctypes.sizeof(af_alg_iv):
         raise ValueError(f"struct af_alg_iv needs at least 4 bytes, got {len(data)}")
     (ivlen,) = _U32.unpack_from(data)
@@ -196,7 +197,7 @@ def parse_alg_cmsgs(cmsgs: Iterable[tuple[int, int, Buffer]]) -> AlgCmsgs:
     """Inverse of :func:`alg_cmsgs`; ValueError on an unknown SOL_ALG type or a bad length."""
     op = iv = assoclen = None
     for level, kind, data in cmsgs:
-        data = _buffer("data", data)
+        data = as_bytes("data", data)
         if level != SOL_ALG:
             raise ValueError(f"not a SOL_ALG control message: level {level}")
         if kind in (ALG_SET_OP, ALG_SET_AEAD_ASSOCLEN):
@@ -229,7 +230,7 @@ def record_type_cmsg(content_type: int) -> Cmsg:
 
 def parse_record_type(cmsg_data: Buffer) -> int:
     """The ContentType in a ``TLS_GET_RECORD_TYPE`` control message's data (one byte)."""
-    data = _buffer("cmsg_data", cmsg_data)
+    data = as_bytes("cmsg_data", cmsg_data)
     if len(data) != 1:
         raise ValueError(f"TLS_GET_RECORD_TYPE data is 1 byte, got {len(data)}")
     return data[0]
@@ -341,7 +342,7 @@ def cipher_layout(cipher_type: int) -> CipherLayout:
 
 
 def _field(name: str, value: Buffer, size: int, cipher: TLSCipherType) -> bytes:
-    value = _buffer(name, value)
+    value = as_bytes(name, value)
     if len(value) != size:
         raise ValueError(f"{cipher.name}: {name} must be {size} bytes, got {len(value)}")
     return value
@@ -375,8 +376,8 @@ def tls_crypto_info(
     cls = tls_crypto_info_struct(cipher_type)
     cipher = TLSCipherType(cipher_type)
     layout = _LAYOUTS[cipher]
-    iv = _buffer("iv", iv)
-    key = _buffer("key", key)
+    iv = as_bytes("iv", iv)
+    key = as_bytes("key", key)
     if salt is None:
         if layout.salt and len(iv) == layout.salt + layout.iv:
             salt, iv = iv[: layout.salt], iv[layout.salt :]
@@ -421,7 +422,7 @@ class CryptoInfo(NamedTuple):
 
 def unpack_tls_crypto_info(data: Buffer) -> CryptoInfo:
     """Inverse of :func:`tls_crypto_info` (e.g. for ``getsockopt(SOL_TLS, TLS_TX, 56)``)."""
-    data = _buffer("data", data)
+    data = as_bytes("data", data)
     if len(data) < 4:
         raise ValueError(f"struct tls_crypto_info needs at least 4 bytes, got {len(data)}")
     header = tls_crypto_info_header.from_buffer_copy(data[:4])

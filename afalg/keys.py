@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import hmac as _hmac
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from afalg._uapi import TLS_1_2_VERSION, TLS_1_3_VERSION, TLSCipherType
+from afalg.cmsg import as_bytes
 
 __all__ = [
     "TLS_1_2_VERSION",
@@ -217,26 +218,11 @@ def _hash(algorithm: str | hashes.HashAlgorithm) -> hashes.HashAlgorithm:
     raise ValueError(f"unsupported hash {algorithm!r} (sha256 or sha384)")
 
 
-def _bytes(name: str, value: object) -> bytes:
-    """``value`` as bytes if it is bytes-like (any buffer); TypeError naming ``name`` if not.
-
-    ``bytes(16)`` is sixteen zero bytes: an int (or a str) where key material belongs must be
-    refused, never turned into zeros.
-    """
-    if isinstance(value, bytes):
-        return value
-    try:
-        with memoryview(value) as view:  # type: ignore[arg-type]
-            return view.tobytes()
-    except TypeError:
-        raise TypeError(f"{name} must be bytes-like, not {type(value).__name__}") from None
-
-
 def _label(value: object) -> bytes:
     """A label: a str (ASCII) or bytes-like."""
     if isinstance(value, str):
         return value.encode("ascii")
-    return _bytes("label", value)
+    return as_bytes("label", value)
 
 
 def _length(value: object) -> int:
@@ -254,8 +240,8 @@ def _length(value: object) -> int:
 def hkdf_extract(algorithm: str | hashes.HashAlgorithm, salt: bytes, ikm: bytes) -> bytes:
     """HKDF-Extract(salt, IKM) (RFC 5869): HMAC-Hash(salt, IKM); an empty salt is Hash.length
     zero bytes."""
-    salt = _bytes("salt", salt)
-    ikm = _bytes("ikm", ikm)
+    salt = as_bytes("salt", salt)
+    ikm = as_bytes("ikm", ikm)
     alg = _hash(algorithm)
     h = _hmac.HMAC(salt or bytes(alg.digest_size), alg)
     h.update(ikm)
@@ -273,9 +259,9 @@ def hkdf_expand_label(
 
     ``label`` is given without the ``"tls13 "`` prefix (``"key"``, ``"iv"``, ``"traffic upd"``).
     """
-    secret = _bytes("secret", secret)
+    secret = as_bytes("secret", secret)
     full_label = b"tls13 " + _label(label)
-    context = _bytes("context", context)
+    context = as_bytes("context", context)
     length = _length(length)
     if length > 0xFFFF:
         raise ValueError(f"length must be at most 65535, got {length}")
@@ -300,7 +286,7 @@ def derive_secret(
     """
     alg = _hash(algorithm)
     digest = hashes.Hash(alg)
-    digest.update(_bytes("messages", messages))
+    digest.update(as_bytes("messages", messages))
     return hkdf_expand_label(alg, secret, label, digest.finalize(), alg.digest_size)
 
 
@@ -316,8 +302,8 @@ def tls12_prf(
 ) -> bytes:
     """PRF(secret, label, seed) = P_<hash>(secret, label + seed), ``length`` bytes."""
     alg = _hash(algorithm)
-    secret = _bytes("secret", secret)
-    seed = _label(label) + _bytes("seed", seed)
+    secret = as_bytes("secret", secret)
+    seed = _label(label) + as_bytes("seed", seed)
     length = _length(length)
 
     def hmac(data: bytes) -> bytes:
@@ -344,9 +330,9 @@ def tls12_key_block(
     s = _suite(suite)
     if s.is_tls13:
         raise ValueError(f"{s.name} is a TLS 1.3 suite; it has no TLS 1.2 key block")
-    master_secret = _bytes("master_secret", master_secret)
-    client_random = _bytes("client_random", client_random)
-    server_random = _bytes("server_random", server_random)
+    master_secret = as_bytes("master_secret", master_secret)
+    client_random = as_bytes("client_random", client_random)
+    server_random = as_bytes("server_random", server_random)
     if len(master_secret) != 48:
         raise ValueError(f"master_secret must be 48 bytes, got {len(master_secret)}")
     if len(client_random) != 32 or len(server_random) != 32:
@@ -421,8 +407,8 @@ class TrafficKeys:
         object.__setattr__(self, "cipher_suite", suite)
         if suite.is_tls13 != (self.version == TLS_1_3_VERSION):
             raise ValueError(f"{suite.name} cannot be used with version 0x{self.version:04x}")
-        key = _bytes("key", self.key)
-        iv = _bytes("iv", self.iv)
+        key = as_bytes("key", self.key)
+        iv = as_bytes("iv", self.iv)
         if len(key) != suite.key_length:
             raise ValueError(f"{suite.name} needs a {suite.key_length}-byte key, got {len(key)}")
         want_iv = 4 if self.version == TLS_1_2_VERSION and not suite.is_chacha20 else 12
@@ -435,7 +421,7 @@ class TrafficKeys:
         object.__setattr__(self, "key", key)
         object.__setattr__(self, "iv", iv)
         if self.secret is not None:
-            secret = _bytes("secret", self.secret)
+            secret = as_bytes("secret", self.secret)
             if self.version != TLS_1_3_VERSION:
                 raise ValueError("secret is only meaningful for TLS 1.3")
             want = _hash(suite.hash_name).digest_size
@@ -457,7 +443,7 @@ class TrafficKeys:
         s = _suite(suite)
         if not s.is_tls13:
             raise ValueError(f"{s.name} is not a TLS 1.3 suite")
-        secret = _bytes("secret", secret)
+        secret = as_bytes("secret", secret)
         alg = _hash(s.hash_name)
         if len(secret) != alg.digest_size:
             raise ValueError(f"{s.name} traffic secret must be {alg.digest_size} bytes")

@@ -62,46 +62,20 @@ from afalg.errors import (
 )
 from afalg.keys import TLS_1_3_VERSION, TrafficKeys
 from afalg.session import (
-    ALERT_FATAL,
-    ALERT_WARNING,
     CT_ALERT,
     CT_APPLICATION_DATA,
-    CT_CHANGE_CIPHER_SPEC,
     CT_HANDSHAKE,
-    HT_CERTIFICATE_REQUEST,
-    HT_HELLO_REQUEST,
-    HT_KEY_UPDATE,
-    HT_NEW_SESSION_TICKET,
-    MAX_POST_HANDSHAKE_MESSAGE,
     CloseNotify,
     Event,
     KeyUpdate,
     NewSessionTicket,
     Session,
-    handshake_message,
-    key_update_message,
 )
 
 if TYPE_CHECKING:
     from afalg.handoff import TicketFeed
 
 __all__ = ["KTLSSocket", "TLSSocketBase", "enable", "supports", "supports_rekey", "tls_stats"]
-# The wire facts moved to afalg.session; these names stay importable from here.
-__all__ += [
-    "ALERT_FATAL",
-    "ALERT_WARNING",
-    "CT_ALERT",
-    "CT_APPLICATION_DATA",
-    "CT_CHANGE_CIPHER_SPEC",
-    "CT_HANDSHAKE",
-    "HT_CERTIFICATE_REQUEST",
-    "HT_HELLO_REQUEST",
-    "HT_KEY_UPDATE",
-    "HT_NEW_SESSION_TICKET",
-    "MAX_POST_HANDSHAKE_MESSAGE",
-    "handshake_message",
-    "key_update_message",
-]
 
 _ANCBUFSIZE = socket.CMSG_SPACE(1)
 _RECORD_BUF = 2**14 + 1024  # one whole record's plaintext fits

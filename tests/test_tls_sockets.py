@@ -27,7 +27,8 @@ from test_tls_helpers import (
 import afalg
 from afalg.errors import AlertDescription, KeyUpdateUnsupported
 from afalg.keys import TLS_1_3_VERSION
-from afalg.ktls import ALERT_FATAL, tls_stats
+from afalg.ktls import tls_stats
+from afalg.session import ALERT_FATAL
 
 BIG = 8 * 2**20
 
