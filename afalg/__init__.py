@@ -10,29 +10,41 @@ from __future__ import annotations
 
 from afalg.alg import new
 from afalg.errors import (
+    AfalgError,
     AlertDescription,
     AlgError,
     AlgorithmNotAvailable,
+    ClosedError,
+    HandoffError,
     InvalidTag,
+    KeyUpdateUnsupported,
+    KTLSError,
     PaddingError,
     TLSAlertReceived,
     TLSError,
     TLSProtocolError,
+    UnsupportedCipherSuite,
 )
 from afalg.probe import Capabilities, probe
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AfalgError",
     "AlertDescription",
     "AlgError",
     "AlgorithmNotAvailable",
     "Capabilities",
+    "ClosedError",
+    "HandoffError",
     "InvalidTag",
+    "KTLSError",
+    "KeyUpdateUnsupported",
     "PaddingError",
     "TLSAlertReceived",
     "TLSError",
     "TLSProtocolError",
+    "UnsupportedCipherSuite",
     "__version__",
     "new",
     "probe",

@@ -68,6 +68,17 @@ CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
 CAP_SYS_ADMIN = 21
 
+
+def has_capability(cap: int) -> bool:
+    """Whether this process has capability ``cap`` (``CAP_*``) in its effective set."""
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return bool(caps >> cap & 1)
+
+
 # --- include/uapi/linux/fcntl.h / splice ------------------------------------------------------
 SPLICE_F_MOVE = 1
 SPLICE_F_NONBLOCK = 2

@@ -1,20 +1,40 @@
-"""One exception tree for afalg.
+"""One exception tree for afalg: every afalg-specific error is an :class:`AfalgError`.
 
-``AlgError`` (an :class:`OSError`, errno kept) covers AF_ALG; ``TLSError`` (an
-:class:`ssl.SSLError`, itself an ``OSError``) covers the TLS layers and carries the alert that
-describes the failure.
+::
+
+    AfalgError
+    ├── AlgError (OSError, the kernel's errno)        AF_ALG refused or failed
+    │   ├── AlgorithmNotAvailable                        no such algorithm, or policy refuses it
+    │   ├── InvalidTag                                   authentication failed (EBADMSG)
+    │   └── PaddingError (also ValueError)               malformed PKCS#7 padding
+    ├── KTLSError (OSError, the kernel's errno)       kernel TLS could not be set up
+    ├── TLSError (ssl.SSLError)                       the TLS connection failed; ``alert``
+    │   ├── TLSProtocolError                             we detected it (the alert we send)
+    │   │   └── KeyUpdateUnsupported                     kTLS cannot rekey on this kernel
+    │   ├── TLSAlertReceived                             the peer's fatal alert
+    │   └── HandoffError                                 the keys could not leave ssl
+    ├── UnsupportedCipherSuite (also ValueError)      no kernel record protection for the suite
+    └── ClosedError (OSError EBADF, also ValueError)  any afalg object used after close()
+
+Argument errors stay :class:`TypeError`/:class:`ValueError`; I/O conditions stay the standard
+ones (:class:`TimeoutError`, :class:`BlockingIOError`, :class:`BrokenPipeError`, ...); ssl's own
+handshake exceptions (:class:`ssl.SSLCertVerificationError`, ...) pass through unwrapped.
 """
 
 from __future__ import annotations
 
 import errno
 import ssl
-from enum import IntEnum
+
+from afalg.wire import AlertDescription, alert_name
 
 __all__ = [
+    "AfalgError",
     "AlertDescription",
     "AlgError",
     "AlgorithmNotAvailable",
+    "ClosedError",
+    "HandoffError",
     "InvalidTag",
     "KTLSError",
     "KeyUpdateUnsupported",
@@ -22,10 +42,15 @@ __all__ = [
     "TLSAlertReceived",
     "TLSError",
     "TLSProtocolError",
+    "UnsupportedCipherSuite",
 ]
 
 
-class AlgError(OSError):
+class AfalgError(Exception):
+    """Base of every afalg-specific error."""
+
+
+class AlgError(AfalgError, OSError):
     """An AF_ALG operation failed; ``errno`` is the kernel's."""
 
 
@@ -58,57 +83,11 @@ class PaddingError(AlgError, ValueError):
         super().__init__(errno.EBADMSG, message)
 
 
-class AlertDescription(IntEnum):
-    """TLS AlertDescription (RFC 8446 section 6, RFC 5246 section 7.2)."""
-
-    close_notify = 0
-    unexpected_message = 10
-    bad_record_mac = 20
-    decryption_failed_RESERVED = 21
-    record_overflow = 22
-    decompression_failure_RESERVED = 30
-    handshake_failure = 40
-    no_certificate_RESERVED = 41
-    bad_certificate = 42
-    unsupported_certificate = 43
-    certificate_revoked = 44
-    certificate_expired = 45
-    certificate_unknown = 46
-    illegal_parameter = 47
-    unknown_ca = 48
-    access_denied = 49
-    decode_error = 50
-    decrypt_error = 51
-    export_restriction_RESERVED = 60
-    protocol_version = 70
-    insufficient_security = 71
-    internal_error = 80
-    inappropriate_fallback = 86
-    user_canceled = 90
-    no_renegotiation_RESERVED = 100
-    missing_extension = 109
-    unsupported_extension = 110
-    certificate_unobtainable_RESERVED = 111
-    unrecognized_name = 112
-    bad_certificate_status_response = 113
-    bad_certificate_hash_value_RESERVED = 114
-    unknown_psk_identity = 115
-    certificate_required = 116
-    no_application_protocol = 120
-
-
-def _alert(value: int) -> AlertDescription | int:
-    try:
-        return AlertDescription(value)
-    except ValueError:
-        return value
-
-
 class TLSError(ssl.SSLError):
     """Base of afalg's TLS errors. ``alert`` is the AlertDescription that describes it."""
 
     def __init__(self, alert: int, message: str) -> None:
-        self.alert = _alert(alert)
+        self.alert = alert_name(alert)
         name = getattr(self.alert, "name", str(int(alert)))
         super().__init__(errno.EPROTO, f"{message} ({name})")
         self.reason = name.upper()
@@ -127,7 +106,7 @@ class TLSAlertReceived(TLSError):
         super().__init__(alert, "peer sent alert")
 
 
-class KTLSError(OSError):
+class KTLSError(AfalgError, OSError):
     """Kernel TLS could not be set up on a socket (``TCP_ULP`` or ``TLS_TX``/``TLS_RX`` refused);
     ``errno`` is the kernel's and the message says what to do."""
 
@@ -135,3 +114,37 @@ class KTLSError(OSError):
 class KeyUpdateUnsupported(TLSProtocolError):
     """The peer sent a TLS 1.3 KeyUpdate but this kernel cannot install new kTLS keys on a live
     socket (rekeying came in Linux 6.14); the connection cannot continue in kTLS mode."""
+
+
+class HandoffError(TLSError):
+    """The handshake succeeded in ssl but its keys could not be handed off (a traffic secret
+    missing from the key log, no ServerHello seen); ``alert`` is internal_error."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(AlertDescription.internal_error, message)
+
+
+class UnsupportedCipherSuite(AfalgError, ValueError):
+    """The negotiated cipher suite is not one afalg runs (only AES-GCM and ChaCha20-Poly1305);
+    ``suite`` is the name or number given, and the message says how to restrict the context."""
+
+    def __init__(self, suite: object) -> None:
+        self.suite = suite
+        shown = f"0x{suite:04X}" if isinstance(suite, int) else repr(suite)
+        super().__init__(
+            f"cipher suite {shown} is not supported by afalg (AES-GCM and ChaCha20-Poly1305 "
+            "only); restrict the ssl context to AEAD suites, e.g. "
+            "ctx.set_ciphers('ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20') for TLS 1.2 "
+            "(TLS 1.3 offers only TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384 and "
+            "TLS_CHACHA20_POLY1305_SHA256 by default; keep CCM suites out of OpenSSL's "
+            "Ciphersuites)"
+        )
+
+
+class ClosedError(AfalgError, OSError, ValueError):
+    """An afalg object (socket, hash, cipher, record layer, key log) was used after
+    ``close()``: ``errno`` EBADF, as for a closed socket, and a :class:`ValueError`, as for a
+    closed file."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(errno.EBADF, f"{what} is closed")

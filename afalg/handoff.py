@@ -45,17 +45,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import errno
 import functools
 import os
 import socket
 import ssl
-import struct
 import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from afalg.errors import ClosedError, HandoffError, UnsupportedCipherSuite
 from afalg.keys import (
     TLS_1_2_VERSION,
     TLS_1_3_VERSION,
@@ -64,21 +63,19 @@ from afalg.keys import (
     suite_from_openssl_name,
     tls12_traffic_keys,
 )
-from afalg.session import HT_NEW_SESSION_TICKET, handshake_message
+from afalg.record import RecordLayer
+from afalg.wire import (
+    HEADER,
+    HEADER_SIZE,
+    MAX_CIPHERTEXT_TLS12,
+    ContentType,
+    HandshakeType,
+    handshake_message,
+)
 
 __all__ = ["Handoff", "KeyLog", "TicketFeed", "handshake", "keylog_for"]
 
-# TLS record framing (RFC 8446 section 5.1).
-_HEADER = struct.Struct("!BHH")
-HEADER_SIZE = 5
-MAX_CIPHERTEXT = 2**14 + 2048  # the TLS 1.2 bound; TLS 1.3 is tighter (2**14 + 256)
-CT_CHANGE_CIPHER_SPEC = 20
-CT_ALERT = 21
-CT_HANDSHAKE = 22
-CT_APPLICATION_DATA = 23
-HT_CLIENT_HELLO = 1
-HT_SERVER_HELLO = 2
-
+_CONTENT_TYPES = frozenset(ContentType)
 _VERSIONS = {"TLSv1.2": TLS_1_2_VERSION, "TLSv1.3": TLS_1_3_VERSION}
 
 
@@ -164,8 +161,7 @@ class KeyLog:
         with self._lock:
             self._check_open()
             if key in self._expected:
-                raise ssl.SSLError(
-                    errno.EPROTO,
+                raise HandoffError(
                     "afalg: duplicate ClientHello random (another handshake with this random "
                     "is in progress); refused",
                 )
@@ -187,7 +183,7 @@ class KeyLog:
 
     def _check_open(self) -> None:
         if self.closed:
-            raise ValueError("afalg: the key log is closed")
+            raise ClosedError("afalg key log")
 
     def collect_locked(self) -> None:
         """Parse the new whole lines into the pending entries and punch them out (lock held)."""
@@ -344,15 +340,15 @@ class _Direction:
     def add(self, data: bytes, call: int) -> None:
         self.pending += data
         while len(self.pending) >= HEADER_SIZE:
-            content_type, _version, length = _HEADER.unpack_from(self.pending)
+            content_type, _version, length = HEADER.unpack_from(self.pending)
             if len(self.pending) < HEADER_SIZE + length:
                 break
             payload = bytes(self.pending[HEADER_SIZE : HEADER_SIZE + length])
             del self.pending[: HEADER_SIZE + length]
             self.records.append((content_type, call))
-            if content_type in (CT_CHANGE_CIPHER_SPEC, CT_APPLICATION_DATA):
+            if content_type in (ContentType.change_cipher_spec, ContentType.application_data):
                 self.encrypted = True
-            elif content_type == CT_HANDSHAKE and not self.encrypted:
+            elif content_type == ContentType.handshake and not self.encrypted:
                 self.handshake += payload
 
     def first_message_random(self, msg_type: int) -> bytes | None:
@@ -366,7 +362,7 @@ class _Direction:
         """Records after the last ChangeCipherSpec (TLS 1.2: sealed under the new keys)."""
         count = 0
         for content_type, _call in self.records:
-            count = 0 if content_type == CT_CHANGE_CIPHER_SPEC else count + 1
+            count = 0 if content_type == ContentType.change_cipher_spec else count + 1
         return count
 
     def in_call(self, call: int) -> int:
@@ -385,18 +381,25 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return bytes(buf[:got])
 
 
+def record_length(header: bytes | bytearray) -> int | None:
+    """The body length announced by a 5-byte record header, or None if the header is not TLS:
+    a content type outside 20..23, a major version other than 3, or a length over
+    2^14 + 2048 (the TLS 1.2 bound, the largest either version allows)."""
+    content_type, version, length = HEADER.unpack_from(header)
+    if content_type not in _CONTENT_TYPES or version >> 8 != 3 or length > MAX_CIPHERTEXT_TLS12:
+        return None
+    return length
+
+
 def read_record(sock: socket.socket) -> tuple[bytes, bool]:
     """One TLS record from ``sock`` (header and body) and not a byte more, and whether it is
-    whole (False: EOF came first, or the header is not TLS: a content type outside 20..23, a
-    major version other than 3, or a length over 2^14 + 2048)."""
+    whole (False: EOF came first, or the header is not TLS, see :func:`record_length`)."""
     header = _recv_exactly(sock, HEADER_SIZE)
     if len(header) < HEADER_SIZE:
         return header, False
-    content_type, version, length = _HEADER.unpack(header)
-    if not CT_CHANGE_CIPHER_SPEC <= content_type <= CT_APPLICATION_DATA or version >> 8 != 3:
+    length = record_length(header)
+    if length is None:
         return header, False  # not TLS (a plain-text request?): ssl raises a clear error at once
-    if length > MAX_CIPHERTEXT:
-        return header, False
     body = _recv_exactly(sock, length)
     return header + body, len(body) == length
 
@@ -448,8 +451,6 @@ class TicketFeed:
     """
 
     def __init__(self, ssl_object: ssl.SSLObject, incoming: ssl.MemoryBIO, rx: TrafficKeys):
-        from afalg.record import RecordLayer
-
         self._ssl: ssl.SSLObject | None = ssl_object
         self._incoming = incoming
         self._layer = RecordLayer(tx=rx, backend="cryptography")
@@ -461,9 +462,9 @@ class TicketFeed:
         """Pass the body of one NewSessionTicket message to ssl."""
         if self._ssl is None:
             return
-        message = handshake_message(HT_NEW_SESSION_TICKET, body)
+        message = handshake_message(HandshakeType.new_session_ticket, body)
         try:
-            self._incoming.write(self._layer.seal(CT_HANDSHAKE, message))
+            self._incoming.write(self._layer.seal(ContentType.handshake, message))
             self._ssl.read(1)
         except ssl.SSLWantReadError:
             return  # processed; there is no application data behind it
@@ -476,6 +477,173 @@ class TicketFeed:
         self._layer.close()
 
 
+class Handshake:
+    """ssl's handshake over MemoryBIOs, without I/O: the caller moves the bytes, in any event
+    loop or blocking, and gets a :class:`Handoff` at the end.
+
+    ::
+
+        hs = Handshake(context, server_side=False, server_hostname="example.org")
+        while True:
+            transport.write(hs.data_to_send())     # ClientHello, Finished, alerts ...
+            if hs.done:
+                break
+            data = transport.read(hs.bytes_wanted())  # at most this many bytes
+            hs.receive(data) if data else hs.receive_eof()
+        handoff = hs.result()
+
+    :meth:`bytes_wanted` never asks past the record being read (first its 5-byte header, then
+    its body), so a transport read with that bound stops at the end of the last handshake
+    record: what follows is the kernel's (kTLS) or the record layer's to read. A handshake that
+    fails raises what ssl raises from :meth:`receive`/:meth:`receive_eof`, with the alert ssl
+    produced still in :meth:`data_to_send` (send it, best effort); one that is abandoned (a
+    timeout, a cancelled task) must be :meth:`close`-d, which forgets its secrets.
+    """
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> None:
+        if not isinstance(context, ssl.SSLContext):
+            raise TypeError(f"context must be an ssl.SSLContext, not {type(context).__name__}")
+        self._keylog = keylog_for(context)
+        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.ssl_object = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=server_side,
+            server_hostname=server_hostname, session=session,
+        )  # fmt: skip
+        self._server_side = server_side
+        self._sent, self._received = _Direction(), _Direction()
+        self._hello_side = self._received if server_side else self._sent  # the ClientHello's
+        self._client_random: bytes | None = None
+        self._calls = 0  # do_handshake calls so far
+        self._out = bytearray()  # to send
+        self._record = bytearray()  # the incoming record read so far
+        self._result: Handoff | None = None
+        self._failed = False
+        self._step()
+
+    def __repr__(self) -> str:
+        state = "done" if self.done else "failed" if self._failed else "running"
+        side = "server" if self._server_side else "client"
+        return f"<Handshake {side} {state}>"
+
+    @property
+    def done(self) -> bool:
+        """The handshake is complete and :meth:`result` is ready (send :meth:`data_to_send`
+        first: it may hold the last flight)."""
+        return self._result is not None
+
+    def data_to_send(self) -> bytes:
+        """The bytes to send to the peer now (and forget); may be empty."""
+        data = bytes(self._out)
+        self._out.clear()
+        return data
+
+    def bytes_wanted(self) -> int:
+        """How many bytes to read next at most: the rest of the 5-byte record header, then the
+        rest of the record body; 0 once done or failed."""
+        if self._result is not None or self._failed:
+            return 0
+        if len(self._record) < HEADER_SIZE:
+            return HEADER_SIZE - len(self._record)
+        length = record_length(self._record)
+        assert length is not None  # a bad header ended the handshake in receive()
+        return HEADER_SIZE + length - len(self._record)
+
+    def receive(self, data: bytes | bytearray | memoryview) -> None:
+        """Bytes read from the peer: at most :meth:`bytes_wanted` (more would be the kernel's
+        to read: ``ValueError``). Each completed record goes to ssl."""
+        if len(data) > self.bytes_wanted():
+            raise ValueError(
+                f"{len(data)} bytes given, {self.bytes_wanted()} wanted: the handshake reads "
+                "whole records and not a byte past them"
+            )
+        self._record += data
+        if len(self._record) < HEADER_SIZE:
+            return
+        length = record_length(self._record)
+        if length is None:  # not TLS (a plain-text request?): ssl raises a clear error at once
+            self.receive_eof()
+            return
+        if len(self._record) == HEADER_SIZE + length:
+            record = bytes(self._record)
+            self._record.clear()
+            self._received.add(record, self._calls)
+            self._incoming.write(record)
+            self._expect_client_random()  # before ssl logs the secrets of this ClientHello
+            self._step()
+
+    def receive_eof(self) -> None:
+        """The peer closed (or sent something that is not TLS): ssl raises the matching error."""
+        if self._result is not None or self._failed:
+            return
+        if self._record:
+            self._incoming.write(bytes(self._record))
+            self._record.clear()
+        self._incoming.write_eof()
+        self._step()
+
+    def result(self) -> Handoff:
+        """The keys and the ssl object, once :attr:`done`."""
+        if self._result is None:
+            raise ValueError("the handshake is not done")
+        return self._result
+
+    def close(self) -> None:
+        """Abandon an unfinished handshake: its secrets are forgotten. Idempotent."""
+        if self._result is None and not self._failed:
+            self._fail()
+
+    def _fail(self) -> None:
+        self._failed = True
+        if self._client_random is not None:  # only a random this handshake expect()-ed
+            self._keylog.discard(self._client_random, self._server_side)
+
+    def _expect_client_random(self) -> None:
+        """Register the ClientHello's random with the key log once it has gone by (the key log
+        refuses a random already pending: this handshake then must not discard it)."""
+        if self._client_random is None:
+            random = self._hello_side.first_message_random(HandshakeType.client_hello)
+            if random is not None:
+                self._keylog.expect(random, self._server_side)
+                self._client_random = random
+
+    def _step(self) -> None:
+        """One ``do_handshake`` call; its output is queued, and its end builds the result."""
+        self._calls += 1
+        try:
+            self.ssl_object.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            done = False
+        except BaseException:
+            self._out += self._outgoing.read()  # the alert ssl produced
+            self._fail()
+            raise
+        data = self._outgoing.read()
+        if data:
+            self._sent.add(data, self._calls)
+            self._out += data
+        self._expect_client_random()
+        if done:
+            assert self._client_random is not None
+            try:
+                self._result = _finish(
+                    self.ssl_object, self._incoming, self._keylog, self._client_random,
+                    self._sent, self._received, self._calls, self._server_side,
+                )  # fmt: skip
+            except BaseException:
+                self._failed = True
+                raise
+            finally:
+                self._keylog.discard(self._client_random, self._server_side)
+
+
 def handshake(
     sock: socket.socket,
     context: ssl.SSLContext,
@@ -484,12 +652,12 @@ def handshake(
     server_hostname: str | None = None,
     session: ssl.SSLSession | None = None,
 ) -> Handoff:
-    """Run ssl's handshake over MemoryBIOs on the connected TCP socket ``sock``.
+    """Run :class:`Handshake` on the connected TCP socket ``sock``, blocking.
 
     The socket's timeout applies to each read and write, as in :mod:`ssl`; a non-blocking
     socket (timeout 0) is refused, set it non-blocking after the hand-off. Raises what ssl
     raises (:class:`ssl.SSLError`, :class:`ssl.SSLCertVerificationError`, ...), ``TimeoutError``,
-    or :class:`afalg.keys.UnsupportedCipherSuite` when the negotiated suite is not AEAD.
+    or :class:`afalg.errors.UnsupportedCipherSuite` when the negotiated suite is not AEAD.
     Nothing is read from ``sock`` past the last handshake record.
     """
     if not isinstance(context, ssl.SSLContext):
@@ -501,64 +669,31 @@ def handshake(
             "the handshake needs a blocking socket or one with a timeout; "
             "make it non-blocking after wrap()"
         )
-    keylog = keylog_for(context)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = context.wrap_bio(
-        incoming, outgoing, server_side=server_side, server_hostname=server_hostname,
-        session=session,
-    )  # fmt: skip
-    sent, received = _Direction(), _Direction()
-    hello_side = received if server_side else sent  # where the ClientHello goes by
-    client_random: bytes | None = None
-    call = 0
+    hs = Handshake(
+        context, server_side=server_side, server_hostname=server_hostname, session=session
+    )
+    buf = bytearray(MAX_CIPHERTEXT_TLS12 + HEADER_SIZE)
     try:
         while True:
-            call += 1
-            try:
-                obj.do_handshake()
-                done = True
-            except ssl.SSLWantReadError:
-                done = False
-            except ssl.SSLError:
-                data = outgoing.read()  # the alert ssl produced, best effort
-                if data:
-                    with contextlib.suppress(OSError):
-                        sock.sendall(data)
-                raise
-            data = outgoing.read()
+            data = hs.data_to_send()
             if data:
-                sent.add(data, call)
-                if client_random is None:
-                    client_random = _client_random(hello_side, keylog, server_side)
                 sock.sendall(data)
-            if done:
-                break
-            record, whole = read_record(sock)
-            if record:
-                received.add(record, call)
-                incoming.write(record)
-                if client_random is None:
-                    client_random = _client_random(hello_side, keylog, server_side)
-            if not whole:
-                incoming.write_eof()  # EOF (or not TLS): ssl raises the matching error
-    except BaseException:
-        if client_random is not None:  # only a random this handshake expect()-ed
-            keylog.discard(client_random, server_side)
+            if hs.done:
+                return hs.result()
+            view = memoryview(buf)[: hs.bytes_wanted()]
+            n = sock.recv_into(view)
+            if n:
+                hs.receive(view[:n])
+            else:
+                hs.receive_eof()
+    except ssl.SSLError:
+        data = hs.data_to_send()  # the alert ssl produced, best effort
+        if data:
+            with contextlib.suppress(OSError):
+                sock.sendall(data)
         raise
-    assert client_random is not None
-    try:
-        return _finish(obj, incoming, keylog, client_random, sent, received, call, server_side)
     finally:
-        keylog.discard(client_random, server_side)
-
-
-def _client_random(hello_side: _Direction, keylog: KeyLog, server_side: bool) -> bytes | None:
-    """The ClientHello's random once it has gone by, registered with the key log (which
-    refuses a random already pending: the caller must then not discard it)."""
-    random = hello_side.first_message_random(HT_CLIENT_HELLO)
-    if random is not None:
-        keylog.expect(random, server_side)
-    return random
+        hs.close()
 
 
 def _finish(
@@ -574,13 +709,13 @@ def _finish(
     version_name = obj.version()
     cipher = obj.cipher()
     if version_name not in _VERSIONS or cipher is None:
-        from afalg.keys import UnsupportedCipherSuite
-
         raise UnsupportedCipherSuite(f"{version_name} {cipher and cipher[0]}")
     version = _VERSIONS[version_name]
     suite = suite_from_openssl_name(cipher[0])
     secrets = keylog.take(client_random, server_side)
-    server_hello = (sent if server_side else received).first_message_random(HT_SERVER_HELLO)
+    server_hello = (sent if server_side else received).first_message_random(
+        HandshakeType.server_hello
+    )
 
     if version == TLS_1_3_VERSION:
         # The peer's Finished was the last record ssl opened: nothing under the application
@@ -597,7 +732,7 @@ def _finish(
         tx_seq = sent.after_last_ccs()
         rx_seq = received.after_last_ccs()
         if server_hello is None:
-            raise ssl.SSLError(errno.EPROTO, "afalg: no ServerHello seen during the handshake")
+            raise HandoffError("afalg: no ServerHello seen during the handshake")
         client_keys, server_keys = tls12_traffic_keys(
             suite, _secret(secrets, "CLIENT_RANDOM"), client_random, server_hello
         )
@@ -620,8 +755,7 @@ def _secret(secrets: dict[str, bytes], label: str) -> bytes:
     try:
         return secrets[label]
     except KeyError:
-        raise ssl.SSLError(
-            errno.EPROTO,
+        raise HandoffError(
             f"afalg: OpenSSL did not log {label} for this connection (is another key log "
             "callback installed on the context?)",
         ) from None

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from afalg._uapi import TLS_1_2_VERSION, TLS_1_3_VERSION, TLSCipherType
 from afalg.cmsg import as_bytes
+from afalg.errors import UnsupportedCipherSuite
 
 __all__ = [
     "TLS_1_2_VERSION",
@@ -159,26 +160,6 @@ _OPENSSL_NAMES: dict[CipherSuite, str] = {
 }
 _BY_NAME: dict[str, CipherSuite] = {s.name: s for s in CipherSuite}
 _BY_NAME.update({name: s for s, name in _OPENSSL_NAMES.items()})
-
-# What to tell a caller whose ssl context negotiated something else.
-RESTRICT_HINT = (
-    "restrict the ssl context to AEAD suites, e.g. "
-    "ctx.set_ciphers('ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20') for TLS 1.2 "
-    "(TLS 1.3 offers only TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384 and "
-    "TLS_CHACHA20_POLY1305_SHA256 by default; keep CCM suites out of OpenSSL's Ciphersuites)"
-)
-
-
-class UnsupportedCipherSuite(ValueError):
-    """The negotiated cipher suite is not one afalg runs (only AES-GCM and ChaCha20-Poly1305)."""
-
-    def __init__(self, suite: object) -> None:
-        self.suite = suite
-        shown = f"0x{suite:04X}" if isinstance(suite, int) else repr(suite)
-        super().__init__(
-            f"cipher suite {shown} is not supported by afalg (AES-GCM and ChaCha20-Poly1305 "
-            f"only); {RESTRICT_HINT}"
-        )
 
 
 def suite_from_openssl_name(name: str) -> CipherSuite:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import io
 import os
 import select
 import socket
@@ -50,32 +49,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from afalg import _uapi
+from afalg._socket import TLSSocketBase
+from afalg._uapi import TLS_1_3_VERSION, has_capability
 from afalg.cmsg import parse_record_type, record_type_cmsg, tls_crypto_info
-from afalg.errors import (
-    AlertDescription,
-    KeyUpdateUnsupported,
-    KTLSError,
-    TLSProtocolError,
-)
-from afalg.keys import TLS_1_3_VERSION, TrafficKeys
-from afalg.session import (
-    CT_ALERT,
-    CT_APPLICATION_DATA,
-    CT_HANDSHAKE,
-    CloseNotify,
-    Event,
-    KeyUpdate,
-    NewSessionTicket,
-    Session,
-)
+from afalg.errors import KeyUpdateUnsupported, KTLSError
+from afalg.handoff import TicketFeed
+from afalg.keys import CipherSuite, TrafficKeys
+from afalg.wire import AlertDescription, ContentType
 
-if TYPE_CHECKING:
-    from afalg.handoff import TicketFeed
-
-__all__ = ["KTLSSocket", "TLSSocketBase", "enable", "supports", "supports_rekey", "tls_stats"]
+__all__ = ["KTLSSocket", "enable", "supports", "supports_rekey", "tls_stats"]
 
 _ANCBUFSIZE = socket.CMSG_SPACE(1)
 _RECORD_BUF = 2**14 + 1024  # one whole record's plaintext fits
@@ -122,8 +107,6 @@ def _check_tcp(sock: socket.socket) -> None:
 def missing_ulp_reason() -> str:
     """Why ``TCP_ULP "tls"`` gave ENOENT. The kernel loads the tls module on demand only for a
     process with CAP_NET_ADMIN (net/ipv4/tcp_ulp.c), so an unprivileged one needs it loaded."""
-    from afalg.probe import has_capability
-
     if os.path.exists("/sys/module/tls"):
         return "the kernel has no tls ULP although the tls module is loaded (ENOENT)"
     if not has_capability(_uapi.CAP_NET_ADMIN):
@@ -178,8 +161,6 @@ def install_keys(sock: socket.socket, direction: int, keys: TrafficKeys) -> None
 def supports(version: int, cipher_type: int) -> bool:
     """Whether this kernel runs kTLS for ``(version, cipher_type)`` both ways: tried once per
     process on a throwaway loopback connection (ULP, then TLS_TX and TLS_RX with zero keys)."""
-    from afalg.keys import CipherSuite
-
     suite = next(
         (s for s in CipherSuite
          if s.ktls_cipher_type == cipher_type and s.is_tls13 == (version == TLS_1_3_VERSION)),
@@ -197,8 +178,6 @@ def supports_rekey() -> bool:
     """Whether this kernel replaces the keys of a live kTLS socket (TLS 1.3 KeyUpdate; Linux
     6.14+): tried once per process, setting ``TLS_TX`` twice on a throwaway connection (older
     kernels answer EBUSY)."""
-    from afalg.keys import CipherSuite
-
     keys = TrafficKeys.tls13(CipherSuite.TLS_AES_128_GCM_SHA256, bytes(32))
 
     def rekey(sock: socket.socket) -> None:
@@ -241,328 +220,6 @@ def enable(sock: socket.socket, tx: TrafficKeys, rx: TrafficKeys) -> None:
     attach_ulp(sock)
     install_keys(sock, _uapi.TLS_TX, tx)
     install_keys(sock, _uapi.TLS_RX, rx)
-
-
-# --- the socket-like face shared by KTLSSocket and AlgTLSSocket ---------------------------------
-
-
-class TLSSocketBase:
-    """What both afalg TLS sockets share: ownership of the TCP socket, timeouts, the ssl facts
-    of the handshake, makefile, sendall, context manager, and driving the post-handshake
-    protocol (:class:`afalg.session.Session`): each opened record goes to the session, and the
-    socket acts on its events. Subclasses implement ``send``, ``recv_into``, ``sendfile``,
-    ``_send_alert`` and ``_key_update`` (install the peer's next receive keys)."""
-
-    mode = "?"
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        *,
-        version: int,
-        ssl_object: ssl.SSLObject | None = None,
-        suppress_ragged_eofs: bool = True,
-        tickets: TicketFeed | None = None,
-    ) -> None:
-        self._session = Session(version)  # the protocol state; poisoned by the first error
-        self._sock = sock
-        self._ssl = ssl_object
-        self._tickets = tickets  # a TLS 1.3 client's NewSessionTickets go back to ssl
-        self.suppress_ragged_eofs = suppress_ragged_eofs
-        self._closed = False
-        self._io_refs = 0
-        self._version = version  # TLS_1_2_VERSION or TLS_1_3_VERSION
-
-    # -- facts from the handshake --
-    @property
-    def ssl_object(self) -> ssl.SSLObject | None:
-        return self._ssl
-
-    @property
-    def context(self) -> ssl.SSLContext | None:
-        return self._ssl.context if self._ssl is not None else None
-
-    @property
-    def server_side(self) -> bool:
-        return bool(self._ssl and self._ssl.server_side)
-
-    @property
-    def server_hostname(self) -> str | None:
-        return self._ssl.server_hostname if self._ssl is not None else None
-
-    @property
-    def session(self) -> ssl.SSLSession | None:
-        return self._ssl.session if self._ssl is not None else None
-
-    @property
-    def session_reused(self) -> bool | None:
-        return self._ssl.session_reused if self._ssl is not None else None
-
-    def getpeercert(self, binary_form: bool = False) -> Any:
-        return self._ssl.getpeercert(binary_form) if self._ssl is not None else None
-
-    def version(self) -> str | None:
-        return self._ssl.version() if self._ssl is not None else None
-
-    def cipher(self) -> tuple[str, str, int] | None:
-        return self._ssl.cipher() if self._ssl is not None else None
-
-    def selected_alpn_protocol(self) -> str | None:
-        return self._ssl.selected_alpn_protocol() if self._ssl is not None else None
-
-    # -- the socket --
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    @property
-    def family(self) -> int:
-        return self._sock.family
-
-    @property
-    def type(self) -> int:
-        return self._sock.type
-
-    @property
-    def proto(self) -> int:
-        return self._sock.proto
-
-    def getpeername(self) -> Any:
-        return self._sock.getpeername()
-
-    def getsockname(self) -> Any:
-        return self._sock.getsockname()
-
-    def gettimeout(self) -> float | None:
-        return self._sock.gettimeout()
-
-    def settimeout(self, timeout: float | None) -> None:
-        self._sock.settimeout(timeout)
-
-    def setblocking(self, flag: bool) -> None:
-        self._sock.setblocking(flag)
-
-    def getblocking(self) -> bool:
-        return self._sock.getblocking()
-
-    def setsockopt(self, *args: Any) -> None:
-        self._sock.setsockopt(*args)
-
-    def getsockopt(self, *args: Any) -> Any:
-        return self._sock.getsockopt(*args)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else f"fd={self._sock.fileno()}"
-        cipher = self.cipher()
-        return (
-            f"<{type(self).__name__} {state} mode={self.mode} "
-            f"{self.version() or '?'} {cipher[0] if cipher else '?'}>"
-        )
-
-    def __enter__(self) -> TLSSocketBase:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    # -- data --
-    def send(self, data: Any, flags: int = 0) -> int:
-        raise NotImplementedError
-
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        raise NotImplementedError
-
-    def sendall(self, data: Any, flags: int = 0) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            n = self.send(view, flags)
-            view = view[n:]
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        if bufsize < 0:
-            raise ValueError("negative buffersize in recv")
-        buf = bytearray(bufsize)
-        n = self.recv_into(buf, bufsize, flags)
-        del buf[n:]
-        return bytes(buf)
-
-    def read(self, n: int = 1024) -> bytes:
-        return self.recv(n)
-
-    def write(self, data: Any) -> int:
-        return self.send(data)
-
-    def makefile(
-        self,
-        mode: str = "r",
-        buffering: int | None = None,
-        *,
-        encoding: str | None = None,
-        errors: str | None = None,
-        newline: str | None = None,
-    ) -> Any:
-        """A file object over the TLS connection, as :meth:`socket.socket.makefile`."""
-        if not set(mode) <= {"r", "w", "b"}:
-            raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
-        writing = "w" in mode
-        reading = "r" in mode or not writing
-        binary = "b" in mode
-        raw = socket.SocketIO(self, ("r" if reading else "") + ("w" if writing else ""))  # type: ignore[arg-type]
-        self._io_refs += 1
-        if buffering is None or buffering < 0:
-            buffering = io.DEFAULT_BUFFER_SIZE
-        if buffering == 0:
-            if not binary:
-                raise ValueError("unbuffered streams must be binary")
-            return raw
-        buffer: Any
-        if reading and writing:
-            buffer = io.BufferedRWPair(raw, raw, buffering)
-        elif reading:
-            buffer = io.BufferedReader(raw, buffering)
-        else:
-            buffer = io.BufferedWriter(raw, buffering)
-        if binary:
-            return buffer
-        text = io.TextIOWrapper(buffer, io.text_encoding(encoding), errors, newline)
-        text.mode = mode  # type: ignore[misc]
-        return text
-
-    def _decref_socketios(self) -> None:
-        if self._io_refs > 0:
-            self._io_refs -= 1
-        if self._closed:
-            self.close()
-
-    def _check_open(self) -> None:
-        """EBADF once closed (a file from :meth:`makefile` keeps the socket open)."""
-        if self._sock.fileno() < 0:
-            raise OSError(errno.EBADF, f"{type(self).__name__} is closed")
-
-    def _recv_view(self, buffer: Any, nbytes: int, flags: int) -> memoryview:
-        """The checks every ``recv_into`` starts with; the bytes of ``buffer`` to fill."""
-        self._check_open()
-        if flags:
-            raise ValueError(f"flags are not supported on {type(self).__name__}")
-        view = memoryview(buffer).cast("B")
-        if nbytes:
-            if nbytes < 0 or nbytes > len(view):
-                raise ValueError("nbytes out of range for the buffer")
-            view = view[:nbytes]
-        return view
-
-    def _check_send(self) -> None:
-        self._check_open()
-        self._session.check_send()
-
-    # -- the session --
-    @property
-    def tls_session(self) -> Session:
-        """The post-handshake protocol state (:class:`afalg.session.Session`)."""
-        return self._session
-
-    def _receive(self, content_type: int, payload: Any) -> list[Event]:
-        """Give one opened record to the session; on a protocol error the peer gets the fatal
-        alert it is owed (best effort) before the error is raised."""
-        try:
-            return self._session.receive(content_type, payload)
-        except BaseException:
-            self._send_fatal_alert()
-            raise
-
-    def _act_on(self, events: list[Event]) -> bool:
-        """Act on the events of a record other than application data; True at close_notify."""
-        for event in events:
-            if isinstance(event, NewSessionTicket):
-                if self._tickets is not None:  # ssl stores the session (``self.session``)
-                    self._tickets.ticket(event.body)
-            elif isinstance(event, KeyUpdate):
-                self._key_update(update_requested=event.update_requested)
-            elif isinstance(event, CloseNotify):
-                return True
-        return False
-
-    def _control_record(self, content_type: int, payload: bytes) -> bool:
-        """Act on a non-application record; True when it was close_notify."""
-        return self._act_on(self._receive(content_type, payload))
-
-    def _send_fatal_alert(self) -> None:
-        """Send the fatal alert the session owes the peer, if any: best effort, never
-        waiting (another thread may be sending)."""
-        alert = self._session.fatal_alert()
-        if alert is not None and self._sock.fileno() >= 0:
-            with contextlib.suppress(OSError):
-                self._send_alert(alert[0], alert[1], wait=False)
-
-    # -- ending --
-    def _send_alert(self, level: int, description: int, *, wait: bool) -> None:
-        raise NotImplementedError
-
-    def _send_close_notify(self, *, wait: bool) -> None:
-        if self._sock.fileno() < 0:
-            return
-        alert = self._session.close_notify()
-        if alert is None:
-            return
-        try:
-            self._send_alert(alert[0], alert[1], wait=wait)
-        except OSError:
-            if wait:
-                raise
-
-    def _fatal(self, alert: int | None, exc: BaseException) -> BaseException:
-        """Poison the connection with ``exc`` (the first error stays, and is what this
-        returns) after sending the fatal ``alert`` (best effort)."""
-        error = self._session.fail(exc, alert)
-        self._send_fatal_alert()
-        return error
-
-    def _protocol_error(self, alert: AlertDescription, message: str) -> BaseException:
-        """:meth:`_fatal` with a :class:`TLSProtocolError` carrying ``alert``."""
-        return self._fatal(alert, TLSProtocolError(alert, message))
-
-    def _key_update(self, *, update_requested: bool) -> None:
-        raise NotImplementedError
-
-    def _ragged_eof(self) -> int:
-        self._session.receive_eof(suppress_ragged_eofs=self.suppress_ragged_eofs)
-        return 0
-
-    def shutdown(self, how: int) -> None:
-        """Send close_notify (for SHUT_WR and SHUT_RDWR), then shut the TCP socket down."""
-        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
-            self._send_close_notify(wait=True)
-        self._sock.shutdown(how)
-
-    def close(self) -> None:
-        """Send close_notify (best effort, without blocking) and close the socket. Idempotent;
-        file objects from :meth:`makefile` keep the socket open until they are closed."""
-        self._closed = True
-        if self._io_refs > 0:
-            return
-        if self._sock.fileno() >= 0:
-            try:
-                # Blocking (or timeout) sockets wait for room for the alert, as sendall would.
-                self._send_close_notify(wait=self._sock.gettimeout() != 0.0)
-            except OSError:
-                pass
-            finally:
-                self._release()
-                self._sock.close()
-
-    def _release(self) -> None:
-        """Free per-connection resources: buffered plaintext (and the AF_ALG sockets in algif
-        mode)."""
-        if self._tickets is not None:
-            self._tickets.close()
-
-    def detach(self) -> int:
-        raise io.UnsupportedOperation(
-            f"{type(self).__name__} cannot give its socket back: the keys live in it"
-        )
 
 
 # --- kTLS ----------------------------------------------------------------------------------------
@@ -626,7 +283,7 @@ class KTLSSocket(TLSSocketBase):
                 raise self._translate(exc) from exc
 
     def _send_alert(self, level: int, description: int, *, wait: bool) -> None:
-        self._send_record(CT_ALERT, bytes([level, description]), wait=wait)
+        self._send_record(ContentType.alert, bytes([level, description]), wait=wait)
 
     def _send_record(self, content_type: int, payload: bytes, *, wait: bool = True) -> None:
         flags = 0 if wait else socket.MSG_DONTWAIT
@@ -677,13 +334,13 @@ class KTLSSocket(TLSSocketBase):
                     continue
                 raise self._translate(exc) from exc
             self._rx_paused = False
-            content_type = CT_APPLICATION_DATA
+            content_type: int = ContentType.application_data
             for level, kind, data in ancdata:
                 if level == _uapi.SOL_TLS and kind == _uapi.TLS_GET_RECORD_TYPE:
                     content_type = parse_record_type(data)
             if n == 0 and not ancdata:
                 return self._ragged_eof()
-            if content_type == CT_APPLICATION_DATA:
+            if content_type == ContentType.application_data:
                 if not self._receive(content_type, target[:n]):
                     continue  # an empty application_data record carries nothing
                 if small:
@@ -696,7 +353,7 @@ class KTLSSocket(TLSSocketBase):
             rx_generation = self._rx_keys
             if self._control_record(content_type, payload):
                 return 0  # close_notify
-            if content_type == CT_HANDSHAKE and payload[:1] == b"\x18":
+            if content_type == ContentType.handshake and payload[:1] == b"\x18":
                 self._follow_kernel_pause(rx_generation)
 
     def _recvmsg(self, target: memoryview) -> tuple[int, list[tuple[int, int, bytes]]]:
@@ -820,7 +477,7 @@ class KTLSSocket(TLSSocketBase):
         with self._tx_lock:
             message = self._session.key_update(request_peer=request_peer)
             try:
-                self._send_record(CT_HANDSHAKE, message)
+                self._send_record(ContentType.handshake, message)
             except OSError as exc:
                 raise self._translate(exc) from exc
             try:

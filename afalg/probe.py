@@ -15,6 +15,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 
 from afalg import _uapi
+from afalg._uapi import has_capability
 
 __all__ = ["Capabilities", "has_capability", "probe"]
 
@@ -118,16 +119,6 @@ def _probe_af_alg() -> tuple[bool, str | None, list[AlgStatus]]:
                 else:
                     found.append(AlgStatus(kind, name, True))
     return True, None, found
-
-
-def has_capability(cap: int) -> bool:
-    """Whether this process has capability ``cap`` (``_uapi.CAP_*``) in its effective set."""
-    try:
-        with open("/proc/self/status") as f:
-            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
-    except (OSError, StopIteration, ValueError):
-        return False
-    return bool(caps >> cap & 1)
 
 
 def _probe_tls() -> tuple[bool, str | None, dict[str, list[str]]]:

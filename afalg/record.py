@@ -40,13 +40,21 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from enum import IntEnum
 from typing import NamedTuple
 
 from afalg.aead_backend import TAG_SIZE, Backend, RecordAEAD, new_record_aead
 from afalg.cmsg import Buffer
-from afalg.errors import AlertDescription, InvalidTag, TLSProtocolError
+from afalg.errors import ClosedError, InvalidTag, TLSProtocolError
 from afalg.keys import MAX_SEQ, TLS_1_2_VERSION, TLS_1_3_VERSION, TrafficKeys
+from afalg.wire import (
+    HEADER,
+    HEADER_SIZE,
+    MAX_CIPHERTEXT_TLS12,
+    MAX_CIPHERTEXT_TLS13,
+    MAX_PLAINTEXT,
+    AlertDescription,
+    ContentType,
+)
 
 __all__ = [
     "MAX_CIPHERTEXT_TLS12",
@@ -58,13 +66,6 @@ __all__ = [
     "RecordLayer",
 ]
 
-MAX_PLAINTEXT = 2**14
-"""Largest plaintext fragment of one record (RFC 8446 5.1, RFC 5246 6.2.1)."""
-MAX_CIPHERTEXT_TLS13 = 2**14 + 256
-"""Largest TLSCiphertext.length in TLS 1.3 (RFC 8446 5.2)."""
-MAX_CIPHERTEXT_TLS12 = 2**14 + 2048
-"""Largest TLSCiphertext.length in TLS 1.2 (RFC 5246 6.2.3)."""
-HEADER_SIZE = 5
 EXPLICIT_NONCE_SIZE = 8
 
 # RFC 8446 5.5: AES-GCM keys must be updated before 2**24.5 full-size records; ChaCha20-Poly1305
@@ -72,17 +73,7 @@ EXPLICIT_NONCE_SIZE = 8
 AES_GCM_RECORD_LIMIT = 2**24
 CHACHA20_RECORD_LIMIT = 2**62
 
-_HDR = struct.Struct(">BHH")
 _AAD12 = struct.Struct(">QBHH")
-
-
-class ContentType(IntEnum):
-    """TLS ContentType (RFC 8446 section 5.1)."""
-
-    change_cipher_spec = 20
-    alert = 21
-    handshake = 22
-    application_data = 23
 
 
 class Record(NamedTuple):
@@ -295,7 +286,7 @@ class RecordLayer:
 
     def _check_usable(self) -> None:
         if self._closed:
-            raise ValueError("record layer is closed")
+            raise ClosedError("record layer")
         if self._error is not None:
             raise TLSProtocolError(
                 self._error.alert, f"record layer unusable after an earlier error: {self._error}"
@@ -315,7 +306,7 @@ class RecordLayer:
         zero-length record; empty handshake, alert and change_cipher_spec payloads are refused
         (RFC 5246 6.2.1, RFC 8446 5.1)."""
         if self._closed:
-            raise ValueError("record layer is closed")
+            raise ClosedError("record layer")
         try:
             ctype = _CT[content_type]
         except (KeyError, TypeError):
@@ -335,7 +326,7 @@ class RecordLayer:
             raise ValueError("change_cipher_spec is never sent under record protection")
         if tx is None:
             return b"".join(
-                _HDR.pack(ctype, TLS_1_2_VERSION, len(view[i : i + MAX_PLAINTEXT]))
+                HEADER.pack(ctype, TLS_1_2_VERSION, len(view[i : i + MAX_PLAINTEXT]))
                 + bytes(view[i : i + MAX_PLAINTEXT])
                 for i in range(0, max(n, 1), MAX_PLAINTEXT)
             )
@@ -373,9 +364,9 @@ class RecordLayer:
         if pad is None:
             pad = self._pad(ctype, len(content))
         inner = b"".join((content, _TYPE_BYTE[ctype], bytes(pad)))
-        header = _HDR.pack(23, TLS_1_2_VERSION, len(inner) + TAG_SIZE)
+        header = HEADER.pack(23, TLS_1_2_VERSION, len(inner) + TAG_SIZE)
         seq = tx.seq
-        out = self._encrypt(tx, (tx.iv_int ^ seq).to_bytes(12, "big"), inner, header)
+        out = self._encrypt(tx, tx.nonce(seq), inner, header)
         tx.seq = seq + 1
         return header + out
 
@@ -387,10 +378,10 @@ class RecordLayer:
             explicit = aad[:8]  # the explicit nonce is the sequence number
             out = self._encrypt(tx, tx.salt + explicit, content, aad)
             tx.seq = seq + 1
-            return _HDR.pack(ctype, TLS_1_2_VERSION, len(out) + 8) + explicit + out
-        out = self._encrypt(tx, (tx.iv_int ^ seq).to_bytes(12, "big"), content, aad)
+            return HEADER.pack(ctype, TLS_1_2_VERSION, len(out) + 8) + explicit + out
+        out = self._encrypt(tx, tx.nonce(seq), content, aad)
         tx.seq = seq + 1
-        return _HDR.pack(ctype, TLS_1_2_VERSION, len(out)) + out
+        return HEADER.pack(ctype, TLS_1_2_VERSION, len(out)) + out
 
     def _encrypt(
         self, tx: _Direction, nonce: bytes, content: Buffer, aad: bytes
@@ -421,7 +412,7 @@ class RecordLayer:
             buf, pos = self._buf, self._pos
             if len(buf) - pos < HEADER_SIZE:
                 return None
-            ctype_int, version, length = _HDR.unpack_from(buf, pos)
+            ctype_int, version, length = HEADER.unpack_from(buf, pos)
             rx = self._rx
             ctype = _CT.get(ctype_int)
             if ctype is None:
@@ -492,7 +483,7 @@ class RecordLayer:
         self._check_rx_seq(rx)
         if len(body) < TAG_SIZE:
             raise self._fail(_A.bad_record_mac, "record shorter than the tag")
-        inner = self._decrypt(rx, (rx.iv_int ^ rx.seq).to_bytes(12, "big"), body, header)
+        inner = self._decrypt(rx, rx.nonce(rx.seq), body, header)
         if len(inner) > MAX_PLAINTEXT + 1:
             raise self._fail(_A.record_overflow, f"TLSInnerPlaintext of {len(inner)} bytes")
         if inner and inner[-1]:
@@ -516,7 +507,7 @@ class RecordLayer:
         else:
             if len(body) < TAG_SIZE:
                 raise self._fail(_A.bad_record_mac, "record shorter than the tag")
-            nonce = (rx.iv_int ^ rx.seq).to_bytes(12, "big")
+            nonce = rx.nonce(rx.seq)
             data = body
         aad = _AAD12.pack(rx.seq, ctype, TLS_1_2_VERSION, len(data) - TAG_SIZE)
         plaintext = self._decrypt(rx, nonce, data, aad)

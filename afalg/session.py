@@ -56,20 +56,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from afalg.errors import AlertDescription, TLSAlertReceived, TLSError, TLSProtocolError
-from afalg.keys import TLS_1_3_VERSION
+from afalg._uapi import TLS_1_3_VERSION
+from afalg.errors import TLSAlertReceived, TLSError, TLSProtocolError
+from afalg.wire import (
+    AlertDescription,
+    AlertLevel,
+    ContentType,
+    HandshakeType,
+    key_update_message,
+)
 
 __all__ = [
-    "ALERT_FATAL",
-    "ALERT_WARNING",
-    "CT_ALERT",
-    "CT_APPLICATION_DATA",
-    "CT_CHANGE_CIPHER_SPEC",
-    "CT_HANDSHAKE",
-    "HT_CERTIFICATE_REQUEST",
-    "HT_HELLO_REQUEST",
-    "HT_KEY_UPDATE",
-    "HT_NEW_SESSION_TICKET",
     "MAX_POST_HANDSHAKE_MESSAGE",
     "MAX_WARNING_ALERTS",
     "AlertReceived",
@@ -80,21 +77,7 @@ __all__ = [
     "KeyUpdate",
     "NewSessionTicket",
     "Session",
-    "handshake_message",
-    "key_update_message",
 ]
-
-# ContentType (RFC 8446 section 5.1), HandshakeType (section 4), AlertLevel (section 6).
-CT_CHANGE_CIPHER_SPEC = 20
-CT_ALERT = 21
-CT_HANDSHAKE = 22
-CT_APPLICATION_DATA = 23
-HT_HELLO_REQUEST = 0
-HT_NEW_SESSION_TICKET = 4
-HT_CERTIFICATE_REQUEST = 13
-HT_KEY_UPDATE = 24
-ALERT_WARNING = 1
-ALERT_FATAL = 2
 
 # The longest post-handshake message accepted (OpenSSL's bound for a NewSessionTicket); a longer
 # announced length is refused at its header instead of being buffered.
@@ -102,16 +85,6 @@ MAX_POST_HANDSHAKE_MESSAGE = 131338
 # Warning alerts in a row that end the connection (OpenSSL's MAX_WARN_ALERT_COUNT): the
 # MAX_WARNING_ALERTS-th consecutive one is refused with unexpected_message.
 MAX_WARNING_ALERTS = 5
-
-
-def handshake_message(msg_type: int, body: bytes) -> bytes:
-    """A handshake message: msg_type (1 byte), length (3 bytes, big-endian), body."""
-    return bytes([msg_type]) + len(body).to_bytes(3, "big") + body
-
-
-def key_update_message(update_requested: bool) -> bytes:
-    """A KeyUpdate handshake message (RFC 8446 section 4.6.3)."""
-    return handshake_message(HT_KEY_UPDATE, bytes([1 if update_requested else 0]))
 
 
 # --- events ---------------------------------------------------------------------------------------
@@ -252,18 +225,18 @@ class Session:
         """The events of one opened record. Raises :class:`TLSProtocolError` (the session is
         then poisoned and :meth:`fatal_alert` says what to send) or :class:`TLSAlertReceived`
         (the peer's fatal alert)."""
-        if content_type != CT_ALERT and len(payload):
+        if content_type != ContentType.alert and len(payload):
             self._warnings = 0  # a non-empty record of another type: a new run of warnings
-        if self._hs_buf and content_type != CT_HANDSHAKE:
+        if self._hs_buf and content_type != ContentType.handshake:
             raise TLSProtocolError(
                 AlertDescription.unexpected_message,
                 f"record of content type {content_type} inside a fragmented handshake message",
             )
-        if content_type == CT_APPLICATION_DATA:
+        if content_type == ContentType.application_data:
             return [ApplicationData(payload)] if len(payload) else []
-        if content_type == CT_ALERT:
+        if content_type == ContentType.alert:
             return self._alert(bytes(payload))
-        if content_type == CT_HANDSHAKE:
+        if content_type == ContentType.handshake:
             return self._handshake_record(bytes(payload))
         raise TLSProtocolError(
             AlertDescription.unexpected_message,
@@ -286,7 +259,7 @@ class Session:
             self._eof = True
             return [CloseNotify()]
         if description == AlertDescription.user_canceled or (
-            level == ALERT_WARNING and not self._tls13
+            level == AlertLevel.warning and not self._tls13
         ):
             self._warnings += 1  # a warning: carry on (a close_notify follows user_canceled)
             if self._warnings >= MAX_WARNING_ALERTS:
@@ -305,7 +278,7 @@ class Session:
         messages = _take_messages(self._hs_buf)
         if len(self._hs_buf) >= 4:
             length = int.from_bytes(self._hs_buf[1:4], "big")
-            if self._hs_buf[0] == HT_KEY_UPDATE and length != 1 and self._tls13:
+            if self._hs_buf[0] == HandshakeType.key_update and length != 1 and self._tls13:
                 raise TLSProtocolError(
                     AlertDescription.decode_error, f"KeyUpdate of {length} bytes (not 1)"
                 )
@@ -316,7 +289,7 @@ class Session:
                 )
         events: list[Event] = []
         for i, (msg_type, body) in enumerate(messages):
-            if msg_type == HT_KEY_UPDATE and (i < len(messages) - 1 or self._hs_buf):
+            if msg_type == HandshakeType.key_update and (i < len(messages) - 1 or self._hs_buf):
                 raise TLSProtocolError(
                     AlertDescription.unexpected_message, "data after a KeyUpdate in its record"
                 )
@@ -324,11 +297,11 @@ class Session:
         return events
 
     def _handshake_message(self, msg_type: int, body: bytes) -> Event:
-        if msg_type == HT_NEW_SESSION_TICKET and self._tls13:
+        if msg_type == HandshakeType.new_session_ticket and self._tls13:
             return NewSessionTicket(body)
-        if msg_type == HT_HELLO_REQUEST and not self._tls13:
+        if msg_type == HandshakeType.hello_request and not self._tls13:
             return HelloRequest()
-        if msg_type == HT_KEY_UPDATE and self._tls13:
+        if msg_type == HandshakeType.key_update and self._tls13:
             if len(body) != 1 or body[0] > 1:  # RFC 8446 4.6.3: update_not_requested(0) or 1
                 alert = (
                     AlertDescription.decode_error
@@ -340,7 +313,7 @@ class Session:
             if requested and not self.sending_closed:
                 self._key_update_due = True
             return KeyUpdate(requested)
-        if msg_type == HT_CERTIFICATE_REQUEST and self._tls13:
+        if msg_type == HandshakeType.certificate_request and self._tls13:
             raise TLSProtocolError(
                 AlertDescription.unexpected_message,
                 "post-handshake client authentication (a CertificateRequest after the "
@@ -380,7 +353,7 @@ class Session:
         if self._sending_closed or self._error is not None:
             return None
         self._sending_closed = True
-        return bytes([ALERT_WARNING, AlertDescription.close_notify])
+        return bytes([AlertLevel.warning, AlertDescription.close_notify])
 
     # -- errors --
     def fail(self, exc: BaseException, alert: int | None = None) -> BaseException:
@@ -400,7 +373,7 @@ class Session:
     def fatal_alert(self) -> bytes | None:
         """The fatal alert the peer is owed (its two bytes), once; None if there is none."""
         alert, self._alert_owed = self._alert_owed, None
-        return None if alert is None else bytes([ALERT_FATAL, alert])
+        return None if alert is None else bytes([AlertLevel.fatal, alert])
 
 
 def _description(value: int) -> AlertDescription | int:

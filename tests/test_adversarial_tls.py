@@ -23,8 +23,8 @@ from test_tls_helpers import connect, recv_exactly
 
 import afalg
 from afalg.errors import AlertDescription as A
-from afalg.record import ContentType
-from afalg.session import MAX_WARNING_ALERTS, key_update_message
+from afalg.session import MAX_WARNING_ALERTS
+from afalg.wire import ContentType, key_update_message
 
 HELLO = b"GET / HTTP/1.0\r\n\r\n"
 

@@ -27,9 +27,8 @@ from afalg.session import (
     KeyUpdate,
     NewSessionTicket,
     Session,
-    handshake_message,
-    key_update_message,
 )
+from afalg.wire import handshake_message, key_update_message
 
 TLS12, TLS13 = 0x0303, 0x0304
 CT_CCS, CT_ALERT, CT_HANDSHAKE, CT_APPDATA = 20, 21, 22, 23

@@ -28,7 +28,7 @@ import afalg
 from afalg.errors import AlertDescription, KeyUpdateUnsupported
 from afalg.keys import TLS_1_3_VERSION
 from afalg.ktls import tls_stats
-from afalg.session import ALERT_FATAL
+from afalg.wire import AlertLevel
 
 BIG = 8 * 2**20
 
@@ -180,7 +180,7 @@ def test_peer_alert(mode: tuple[str, str]) -> None:
     ours, theirs = connect(mode, "client", peer="afalg")
     with ours, theirs:
         theirs.sendall(b"before")
-        theirs._send_alert(ALERT_FATAL, AlertDescription.handshake_failure, wait=True)
+        theirs._send_alert(AlertLevel.fatal, AlertDescription.handshake_failure, wait=True)
         assert recv_exactly(ours, 6) == b"before"
         with pytest.raises(afalg.TLSAlertReceived, match="handshake_failure") as info:
             ours.recv(10)
