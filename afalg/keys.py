@@ -86,7 +86,7 @@ class CipherSuite(IntEnum):
     @property
     def params(self) -> SuiteParameters:
         """Key sizes, hash, AEAD names (kernel and kTLS) of this suite."""
-        return _PARAMS[self]
+        return _SUITES[self][0]
 
     @property
     def is_tls13(self) -> bool:
@@ -116,7 +116,8 @@ class CipherSuite(IntEnum):
 
     @property
     def openssl_name(self) -> str:
-        return _OPENSSL_NAMES.get(self, self.name)
+        """OpenSSL's name, as ``ssl.SSLSocket.cipher()[0]`` reports it."""
+        return _SUITES[self][1]
 
 
 class SuiteParameters(NamedTuple):
@@ -134,32 +135,28 @@ _CHACHA = SuiteParameters(
     TLSCipherType.CHACHA20_POLY1305,
 )  # fmt: skip
 
-_PARAMS: dict[CipherSuite, SuiteParameters] = {}
-for _s in CipherSuite:
-    if "CHACHA20" in _s.name:
-        _PARAMS[_s] = _CHACHA
-    elif "AES_128_GCM" in _s.name:
-        _PARAMS[_s] = _GCM128
-    else:
-        _PARAMS[_s] = _GCM256
-del _s
-
-# OpenSSL's names, as ssl.SSLSocket.cipher()[0] reports them. TLS 1.3 names are the IANA ones.
-_OPENSSL_NAMES: dict[CipherSuite, str] = {
-    CipherSuite.TLS_RSA_WITH_AES_128_GCM_SHA256: "AES128-GCM-SHA256",
-    CipherSuite.TLS_RSA_WITH_AES_256_GCM_SHA384: "AES256-GCM-SHA384",
-    CipherSuite.TLS_DHE_RSA_WITH_AES_128_GCM_SHA256: "DHE-RSA-AES128-GCM-SHA256",
-    CipherSuite.TLS_DHE_RSA_WITH_AES_256_GCM_SHA384: "DHE-RSA-AES256-GCM-SHA384",
-    CipherSuite.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256: "ECDHE-ECDSA-AES128-GCM-SHA256",
-    CipherSuite.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384: "ECDHE-ECDSA-AES256-GCM-SHA384",
-    CipherSuite.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256: "ECDHE-RSA-AES128-GCM-SHA256",
-    CipherSuite.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384: "ECDHE-RSA-AES256-GCM-SHA384",
-    CipherSuite.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256: "ECDHE-RSA-CHACHA20-POLY1305",
-    CipherSuite.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256: "ECDHE-ECDSA-CHACHA20-POLY1305",
-    CipherSuite.TLS_DHE_RSA_WITH_CHACHA20_POLY1305_SHA256: "DHE-RSA-CHACHA20-POLY1305",
+_S = CipherSuite
+# The suite table: each suite's parameters and OpenSSL's name for it (as
+# ssl.SSLSocket.cipher()[0] reports it; TLS 1.3's are the IANA names).
+_SUITES: dict[CipherSuite, tuple[SuiteParameters, str]] = {
+    _S.TLS_AES_128_GCM_SHA256: (_GCM128, "TLS_AES_128_GCM_SHA256"),
+    _S.TLS_AES_256_GCM_SHA384: (_GCM256, "TLS_AES_256_GCM_SHA384"),
+    _S.TLS_CHACHA20_POLY1305_SHA256: (_CHACHA, "TLS_CHACHA20_POLY1305_SHA256"),
+    _S.TLS_RSA_WITH_AES_128_GCM_SHA256: (_GCM128, "AES128-GCM-SHA256"),
+    _S.TLS_RSA_WITH_AES_256_GCM_SHA384: (_GCM256, "AES256-GCM-SHA384"),
+    _S.TLS_DHE_RSA_WITH_AES_128_GCM_SHA256: (_GCM128, "DHE-RSA-AES128-GCM-SHA256"),
+    _S.TLS_DHE_RSA_WITH_AES_256_GCM_SHA384: (_GCM256, "DHE-RSA-AES256-GCM-SHA384"),
+    _S.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256: (_GCM128, "ECDHE-ECDSA-AES128-GCM-SHA256"),
+    _S.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384: (_GCM256, "ECDHE-ECDSA-AES256-GCM-SHA384"),
+    _S.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256: (_GCM128, "ECDHE-RSA-AES128-GCM-SHA256"),
+    _S.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384: (_GCM256, "ECDHE-RSA-AES256-GCM-SHA384"),
+    _S.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256: (_CHACHA, "ECDHE-RSA-CHACHA20-POLY1305"),
+    _S.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256: (_CHACHA, "ECDHE-ECDSA-CHACHA20-POLY1305"),
+    _S.TLS_DHE_RSA_WITH_CHACHA20_POLY1305_SHA256: (_CHACHA, "DHE-RSA-CHACHA20-POLY1305"),
 }
+assert set(_SUITES) == set(CipherSuite), "every suite has a row"
 _BY_NAME: dict[str, CipherSuite] = {s.name: s for s in CipherSuite}
-_BY_NAME.update({name: s for s, name in _OPENSSL_NAMES.items()})
+_BY_NAME.update({openssl: s for s, (_params, openssl) in _SUITES.items()})
 
 
 def suite_from_openssl_name(name: str) -> CipherSuite:
