@@ -27,7 +27,7 @@ from afalg.errors import (
 )
 from afalg.probe import Capabilities, probe
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version source: setup.cfg reads it (attr:)
 
 __all__ = [
     "AfalgError",

@@ -1,4 +1,4 @@
-"""TLS sockets whose record crypto runs in the kernel: the public face of afalg's TLS.
+"""TLS sockets whose record crypto runs in the kernel: the public face of afalg's TLS::
 
     import socket, ssl
     from afalg import tls

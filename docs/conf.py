@@ -1,0 +1,141 @@
+"""Sphinx configuration for afalg's documentation (``make docs``; the tests build it with -W)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from sphinx.application import Sphinx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import afalg  # noqa: E402
+
+# The public modules the API reference documents, in its order: adding a module is one line here
+# (tests/test_docs.py fails while a public module of afalg/ is in neither list).
+API_MODULES = [
+    "afalg",
+    "afalg.errors",
+    "afalg.alg",
+    "afalg.netlink",
+    "afalg.probe",
+    "afalg.keys",
+    "afalg.record",
+    "afalg.aead_backend",
+    "afalg.cmsg",
+    "afalg.handoff",
+    "afalg.session",
+    "afalg.tls",
+    "afalg.ktls",
+    "afalg.serving",
+    "afalg.vm",
+    "afalg.cli",
+]
+# Modules without an underscore that are not API: the CLI's own pieces (docs/cli.rst documents
+# the command itself, from its argparse parser).
+NOT_API = ["afalg.cli_crypto", "afalg.__main__"]
+
+project = "afalg"
+author = "the afalg authors"
+copyright = "the afalg authors"
+release = afalg.__version__
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.viewcode",
+    "myst_parser",
+    "sphinxarg.ext",
+]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+exclude_patterns = ["_build"]
+myst_heading_anchors = 3
+
+# Every name of a module's __all__, with a docstring or not.
+autodoc_default_options = {"members": True, "undoc-members": True, "show-inheritance": True}
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_typehints_format = "short"
+autoclass_content = "both"
+
+# Every reference to an afalg name must resolve (-n with -W: a broken one fails the build).
+# Without a network there is no intersphinx: other projects' names (the standard library's,
+# cryptography's, pyroute2's) and afalg's private ones render as plain text.
+nitpicky = True
+# A builtin in a signature (``type[ctypes.Structure]``) also matches attributes named ``type``:
+# Sphinx warns that the reference is ambiguous and links the first; not a broken reference.
+suppress_warnings = ["ref.python"]
+nitpick_ignore_regex = [("py:.*", r"(?!afalg\.).*|.*\._.*")]
+
+html_theme = "alabaster"
+html_title = f"afalg {release}"
+html_theme_options = {"description": "The Linux kernel crypto API and kernel TLS from Python"}
+
+
+def _api_page(app: Sphinx, docname: str, source: list[str]) -> None:
+    """docs/api.rst ends with one section per module of API_MODULES."""
+    if docname != "api":
+        return
+    parts = []
+    for name in API_MODULES:
+        # The package's names are re-exports, documented in their home modules (afalg.probe is
+        # both a module and, in the package, a function: documenting both would clash).
+        options = "   :no-members:\n" if name == "afalg" else ""
+        parts.append(f"\n``{name}``\n{'-' * (len(name) + 4)}\n\n.. automodule:: {name}\n{options}")
+    source[0] += "".join(parts)
+
+
+def _home(obj: object) -> str | None:
+    """The documented name of an afalg object: where it is defined, not where it is re-exported."""
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if isinstance(module, str) and module.startswith("afalg") and isinstance(qualname, str):
+        return f"{module}.{qualname}"
+    return None
+
+
+def _lookup(target: str, context: str | None) -> str | None:
+    """``afalg.InvalidTag`` -> ``afalg.errors.InvalidTag``; ``InvalidTag`` seen from a module
+    that imports it -> its home; ``SKCipher.encryptor`` seen from afalg.alg ->
+    ``afalg.alg.SKCipher.encryptor``."""
+    import importlib
+
+    candidates = [target] + ([f"{context}.{target}"] if context else [])
+    for name in candidates:
+        parts = name.split(".")
+        for split in range(len(parts) - 1, 0, -1):
+            try:
+                obj: object = importlib.import_module(".".join(parts[:split]))
+            except ImportError:
+                continue
+            try:
+                for attr in parts[split:]:
+                    obj = getattr(obj, attr)
+            except AttributeError:
+                break
+            return _home(obj)
+    return None
+
+
+def _resolve_reexport(app: Sphinx, env: object, node: object, contnode: object) -> object:
+    """Resolve a reference to a re-exported or imported afalg name to the object's home."""
+    if node.get("refdomain") != "py":  # type: ignore[attr-defined]
+        return None
+    home = _lookup(node["reftarget"], node.get("py:module"))  # type: ignore[index,attr-defined]
+    if home is None:
+        return None  # no such afalg name: the build fails
+    if home == node["reftarget"]:  # type: ignore[index]
+        # It exists but its module's __all__ does not name it (so it has no entry): plain text.
+        return contnode
+    domain = env.get_domain("py")  # type: ignore[attr-defined]
+    builder = app.builder
+    for role in ("class", "func", "meth", "data", "attr", "exc", "obj"):
+        found = domain.resolve_xref(env, node["refdoc"], builder, role, home, node, contnode)  # type: ignore[index]
+        if found is not None:
+            return found
+    return None
+
+
+def setup(app: Sphinx) -> None:
+    app.connect("source-read", _api_page)
+    app.connect("missing-reference", _resolve_reexport)

@@ -1,0 +1,166 @@
+"""The package as a user gets it: ``python -m build`` makes an sdist and a wheel (the wheel built
+from the sdist, so the sdist is complete enough to build), the wheel installs into a fresh
+virtualenv (not editable, no checkout on ``sys.path``), and there ``afalg info``, ``afalg
+--version`` and an import of every public module work. The sdist carries the tests, their
+vectors, certificates and data, the examples, the docs and the CHANGELOG; the version has one
+source (``afalg.__version__``, which setup.cfg reads).
+
+One build and one install for the whole module (about 15 s on a quiet machine, most of it pip
+installing cryptography and pyroute2 from its cache or the registry).
+"""
+
+from __future__ import annotations
+
+import ast
+import configparser
+import json
+import subprocess
+import sys
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import afalg
+
+ROOT = Path(__file__).resolve().parent.parent
+# Every module of the package, by its file in the checkout (afalg/__main__.py runs the CLI).
+SOURCE_MODULES = sorted(
+    "afalg" if p.stem == "__init__" else f"afalg.{p.stem}"
+    for p in (ROOT / "afalg").glob("*.py")
+    if p.stem != "__main__"
+)
+
+
+def api_modules() -> list[str]:
+    """docs/conf.py's API_MODULES, read without importing Sphinx."""
+    tree = ast.parse((ROOT / "docs" / "conf.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "API_MODULES":
+            return list(ast.literal_eval(node.value))
+    raise AssertionError("docs/conf.py has no API_MODULES")
+
+
+@dataclass
+class Built:
+    sdist: Path
+    wheel: Path
+    python: Path  # the fresh virtualenv's interpreter
+    bindir: Path
+
+
+def run(cmd: list[str | Path], cwd: Path, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=300, **kw
+    )  # type: ignore[call-overload]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
+    tmp = tmp_path_factory.mktemp("packaging")
+    dist = tmp / "dist"
+    done = run([sys.executable, "-m", "build", "--outdir", dist, ROOT], cwd=tmp)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (sdist,) = dist.glob("afalg-*.tar.gz")
+    (wheel,) = dist.glob("afalg-*.whl")
+
+    venv = tmp / "venv"
+    done = run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp)
+    assert done.returncode == 0, done.stderr
+    python = venv / "bin" / "python"
+    # This interpreter's pip installs into the new environment (--python): no ensurepip.
+    done = run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "-q",
+         "--disable-pip-version-check", wheel],
+        cwd=tmp,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    yield Built(sdist, wheel, python, venv / "bin")
+
+
+def test_one_version_source() -> None:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    assert cfg["metadata"]["version"] == "attr: afalg.__version__"
+    found = [
+        line
+        for path in [*(ROOT / "afalg").glob("*.py"), ROOT / "setup.cfg", ROOT / "pyproject.toml"]
+        for line in path.read_text().splitlines()
+        if afalg.__version__ in line and "version" in line.lower()
+    ]
+    assert len(found) == 1, found  # afalg/__init__.py's __version__ only
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert f"## [{afalg.__version__}]" in changelog, "CHANGELOG.md has no entry for the version"
+
+
+def test_artifacts_carry_the_version(built: Built) -> None:
+    assert built.sdist.name == f"afalg-{afalg.__version__}.tar.gz"
+    assert built.wheel.name == f"afalg-{afalg.__version__}-py3-none-any.whl"
+
+
+def test_sdist_has_tests_vectors_examples_docs(built: Built) -> None:
+    with tarfile.open(built.sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    expected = {
+        "CHANGELOG.md", "README.md", "LICENSE", "Makefile", "setup.cfg", "pyproject.toml",
+        "tests/run.py", "tests/conftest.py", "tests/test_packaging.py", "tests/test_docs.py",
+        "tests/vectors/rfc8448_records.json", "tests/certs/server.pem", "tests/certs/ca.pem",
+        "tests/data/debian12-fresh-packages.txt", "examples/tls_echo_server.py",
+        "docs/conf.py", "docs/index.md", "docs/api.rst",
+    }  # fmt: skip
+    assert not expected - names, sorted(expected - names)
+    assert any(n.startswith("tests/vectors/wycheproof/") and n.endswith(".json") for n in names)
+    # Every file git tracks under tests/, examples/ and docs/ is in it.
+    tracked = run(["git", "ls-files", "tests", "examples", "docs"], cwd=ROOT)
+    if tracked.returncode == 0:
+        missing = set(tracked.stdout.split()) - names
+        assert not missing, sorted(missing)
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+
+
+def test_wheel_has_every_module_and_no_tests(built: Built) -> None:
+    with zipfile.ZipFile(built.wheel) as whl:
+        names = set(whl.namelist())
+    modules = {
+        "afalg" if n == "afalg/__init__.py" else n[:-3].replace("/", ".")
+        for n in names
+        if n.startswith("afalg/") and n.endswith(".py") and n != "afalg/__main__.py"
+    }
+    assert modules == set(SOURCE_MODULES)
+    assert "afalg/py.typed" in names
+    assert not [n for n in names if n.startswith(("tests/", "examples/", "docs/"))]
+
+
+def test_installed_wheel_imports_every_public_module(built: Built, tmp_path: Path) -> None:
+    public = [m for m in SOURCE_MODULES if not m.rsplit(".", 1)[-1].startswith("_")]
+    assert set(api_modules()) <= set(public)
+    script = (
+        "import importlib, json, sys\n"
+        "mods = {m: importlib.import_module(m).__file__ for m in sys.argv[1:]}\n"
+        "import afalg\n"
+        "print(json.dumps({'version': afalg.__version__, 'files': mods}))\n"
+    )
+    done = run([built.python, "-I", "-c", script, *public], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["version"] == afalg.__version__
+    site = built.python.parent.parent / "lib"
+    for module, file in report["files"].items():
+        assert Path(file).is_relative_to(site), f"{module} imported from {file}, not the wheel"
+
+
+def test_installed_command_runs(built: Built, tmp_path: Path) -> None:
+    done = run([built.bindir / "afalg", "--version"], cwd=tmp_path)
+    assert (done.returncode, done.stdout.strip()) == (0, f"afalg {afalg.__version__}")
+    done = run([built.bindir / "afalg", "info"], cwd=tmp_path)
+    assert done.stdout.startswith("kernel: "), done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    if done.returncode:  # no AF_ALG here (the host stage): one line saying why
+        assert done.returncode == 1
+        assert done.stderr.startswith("afalg: AF_ALG is not usable here: "), done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    done = run([built.python, "-I", "-m", "afalg", "--version"], cwd=tmp_path)
+    assert (done.returncode, done.stdout.strip()) == (0, f"afalg {afalg.__version__}")
