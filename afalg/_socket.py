@@ -50,6 +50,7 @@ class TLSSocketBase:
         self.suppress_ragged_eofs = suppress_ragged_eofs
         self._closed = False
         self._io_refs = 0
+        self._plain = bytearray()  # opened application data not yet returned
         self._version = version  # TLS_1_2_VERSION or TLS_1_3_VERSION
 
     # -- facts from the handshake --
@@ -276,7 +277,6 @@ class TLSSocketBase:
             with contextlib.suppress(OSError):
                 self._send_alert(alert[0], alert[1], wait=False)
 
-    # -- ending --
     def _send_alert(self, level: int, description: int, *, wait: bool) -> None:
         raise NotImplementedError
 
@@ -310,31 +310,67 @@ class TLSSocketBase:
         self._session.receive_eof(suppress_ragged_eofs=self.suppress_ragged_eofs)
         return 0
 
+    # -- buffers --
+    def pending(self) -> int:
+        """Bytes of application data readable now without the socket: opened already (in algif
+        mode, every complete record received is opened before ``recv`` returns), so a select
+        loop reads on while this is non-zero, as with :meth:`ssl.SSLSocket.pending`."""
+        return len(self._plain)
+
+    def pending_output(self) -> int:
+        """Bytes sealed but not yet written to the socket (algif mode; under kTLS the kernel
+        holds them and this is 0). :meth:`flush` writes them."""
+        return 0
+
+    def flush(self) -> None:
+        """Write out what :meth:`pending_output` counts, within the socket's timeout."""
+        self._check_open()
+
+    # -- ending --
     def shutdown(self, how: int) -> None:
-        """Send close_notify (for SHUT_WR and SHUT_RDWR), then shut the TCP socket down."""
+        """For SHUT_WR and SHUT_RDWR: write out what is queued and send close_notify, within
+        the socket's timeout (raising, with the connection still open, if they could not go
+        out); then shut the TCP socket down."""
         if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+            self.flush()
             self._send_close_notify(wait=True)
         self._sock.shutdown(how)
 
     def close(self) -> None:
-        """Send close_notify (best effort, without blocking) and close the socket. Idempotent;
-        file objects from :meth:`makefile` keep the socket open until they are closed."""
+        """Write out what is queued and send close_notify (within the socket's timeout; without
+        waiting on a non-blocking socket), then close the socket. Idempotent; file objects from
+        :meth:`makefile` keep the socket open until they are closed. If queued application
+        data could not be written, the socket is closed all the same and the error
+        (:class:`TimeoutError`, :class:`~afalg.errors.WantWrite`, ...) is raised: that data
+        was lost."""
         self._closed = True
         if self._io_refs > 0:
             return
-        if self._sock.fileno() >= 0:
-            try:
+        if self._sock.fileno() < 0:
+            return
+        lost: TimeoutError | BlockingIOError | None = None
+        try:
+            if self._session.error is None:
+                self.flush()
+        except (TimeoutError, BlockingIOError) as exc:
+            lost = exc  # queued application data did not go out in time: no close_notify
+        except OSError:
+            pass  # the connection is gone (the failing send reported it): close quietly
+        try:
+            if lost is None:
                 # Blocking (or timeout) sockets wait for room for the alert, as sendall would.
-                self._send_close_notify(wait=self._sock.gettimeout() != 0.0)
-            except OSError:
-                pass
-            finally:
-                self._release()
-                self._sock.close()
+                with contextlib.suppress(OSError):
+                    self._send_close_notify(wait=self._sock.gettimeout() != 0.0)
+        finally:
+            self._release()
+            self._sock.close()
+        if lost is not None:
+            raise lost
 
     def _release(self) -> None:
         """Free per-connection resources: buffered plaintext (and the AF_ALG sockets in algif
         mode)."""
+        self._plain.clear()
         if self._tickets is not None:
             self._tickets.close()
 

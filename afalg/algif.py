@@ -9,14 +9,18 @@ it. :class:`AlgTLSSocket` does the I/O; the protocol is the session's
 from __future__ import annotations
 
 import contextlib
+import errno
+import math
+import select
 import socket
 import ssl
 import threading
+import time
 from typing import Any
 
 from afalg._socket import TLSSocketBase
 from afalg._uapi import TLS_1_3_VERSION
-from afalg.errors import TLSProtocolError
+from afalg.errors import TLSProtocolError, WantRead, WantWrite
 from afalg.handoff import TicketFeed
 from afalg.keys import TrafficKeys
 from afalg.record import Record, RecordLayer
@@ -58,7 +62,6 @@ class AlgTLSSocket(TLSSocketBase):
             sock, version=tx.version, ssl_object=ssl_object,
             suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets,
         )  # fmt: skip
-        self._plain = bytearray()  # opened application data not yet returned
         self._out = bytearray()  # sealed bytes the socket has not taken yet (non-blocking)
         self._tx_lock = threading.RLock()  # seal + write are one step (sequence order)
         self._rx_lock = threading.RLock()
@@ -76,55 +79,90 @@ class AlgTLSSocket(TLSSocketBase):
         return self._layer
 
     # -- sending --
-    def _flush(self, *, wait: bool = True) -> None:
-        """Write out sealed bytes; with ``wait=False`` only what the socket takes now."""
+    def _write_out(self, deadline: float | None) -> bool:
+        """Write sealed bytes until none are left or ``deadline`` (``time.monotonic()``; None:
+        none) passes; a deadline in the past writes only what the socket takes now. True when
+        all are out. Called with the TX lock."""
+        # A socket with a timeout polls before each send, for as long as its timeout, even
+        # with MSG_DONTWAIT: poll here first, with what is left of the deadline.
+        timed = self._sock.gettimeout() not in (None, 0.0)
         while self._out:
+            if timed and not _wait_writable(self._sock, deadline):
+                return False
             try:
-                if wait:
-                    n = self._sock.send(self._out)
-                else:
-                    n = self._sock.send(self._out, socket.MSG_DONTWAIT)
+                n = self._sock.send(self._out, 0 if timed else socket.MSG_DONTWAIT)
             except BlockingIOError:
-                if wait:
-                    raise
-                return
+                if not _wait_writable(self._sock, deadline):
+                    return False
+                continue
             del self._out[:n]
+        return True
+
+    def _deadline(self) -> float | None:
+        """When a write started now must give up: the socket's timeout from now (None:
+        blocking; now: non-blocking)."""
+        timeout = self._sock.gettimeout()
+        return None if timeout is None else time.monotonic() + timeout
+
+    def _unsent(self) -> OSError:
+        """The error for sealed records the socket did not take in time."""
+        if self._sock.gettimeout() == 0.0:
+            return WantWrite(errno.EAGAIN, "the socket takes no more now: wait until writable")
+        return TimeoutError("timed out")
 
     def send(self, data: Any, flags: int = 0) -> int:
-        """Seal up to 64 KiB of ``data`` and write it; returns how much was taken. On a
-        non-blocking socket the sealed bytes the socket could not take yet go out first on the
-        next call (BlockingIOError while they are still pending)."""
+        """Seal up to 64 KiB of ``data`` and write it; returns how much was taken.
+
+        Sealed records the socket does not take within the timeout (at once, non-blocking) stay
+        queued: they go out first on the next ``send``, ``recv``, :meth:`flush` or ``close``.
+        ``send`` raises (:class:`~afalg.errors.WantWrite`, :class:`TimeoutError`) only while
+        earlier records are still queued, and then has taken nothing of ``data``: a retry never
+        duplicates."""
         if flags:
             raise ValueError("flags are not supported on an afalg TLS socket")
         self._check_send()
         view = memoryview(data).cast("B")[:_SEND_CHUNK]
         with self._tx_lock:
-            self._flush()
+            deadline = self._deadline()
+            if not self._write_out(deadline):
+                raise self._unsent()  # nothing of data taken
             if self._session.key_update_due:  # the peer asked: ours before our next data
-                self._send_key_update(request_peer=False)
+                self._seal_key_update(request_peer=False)
             try:
                 self._out += self._layer.seal(ContentType.application_data, view)
             except TLSProtocolError as exc:
                 raise self._fatal(exc.alert, exc) from exc
-            with contextlib.suppress(BlockingIOError):
-                self._flush()  # taken: what the socket refuses now goes out on the next call
             if self._version == TLS_1_3_VERSION and self._layer.tx_rekey_due:
-                self._send_key_update(request_peer=False)
+                self._seal_key_update(request_peer=False)
+            self._write_out(deadline)  # taken: the rest goes out on the next call
         return len(view)
+
+    def flush(self) -> None:
+        """Write out the sealed records the socket has not taken yet, within the socket's
+        timeout: :class:`TimeoutError`, or :class:`~afalg.errors.WantWrite` on a non-blocking
+        socket, if some remain (call again when writable)."""
+        self._check_open()
+        with self._tx_lock:
+            if not self._write_out(self._deadline()):
+                raise self._unsent()
+
+    def pending_output(self) -> int:
+        """Bytes of sealed records not yet written to the socket (:meth:`flush` writes them)."""
+        return len(self._out)
 
     def _send_alert(self, level: int, description: int, *, wait: bool) -> None:
         with self._tx_lock:
             self._out += self._layer.seal(ContentType.alert, bytes([level, description]))
-            self._flush(wait=wait)
+            if not self._write_out(self._deadline() if wait else time.monotonic()) and wait:
+                raise self._unsent()
 
-    def _send_key_update(self, *, request_peer: bool) -> None:
+    def _seal_key_update(self, *, request_peer: bool) -> None:
+        """Queue our KeyUpdate, sealed under the current keys, and move to the next ones."""
         with self._tx_lock:
             message = self._session.key_update(request_peer=request_peer)
             self._out += self._layer.seal(ContentType.handshake, message)
             self._layer.rekey_tx()
             self._session.key_update_sent()  # any KeyUpdate of ours answers a request
-            with contextlib.suppress(BlockingIOError):
-                self._flush()
 
     def key_update(self, *, request_peer: bool = False) -> None:
         """Send a TLS 1.3 KeyUpdate and move to the next send keys; ``request_peer`` asks the
@@ -132,7 +170,9 @@ class AlgTLSSocket(TLSSocketBase):
         self._check_send()
         if self._version != TLS_1_3_VERSION:
             raise ValueError("KeyUpdate exists in TLS 1.3 only")
-        self._send_key_update(request_peer=request_peer)
+        with self._tx_lock:
+            self._seal_key_update(request_peer=request_peer)
+            self._write_out(self._deadline())  # within the timeout; the rest stays queued
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
         """Send a file: read it in chunks, seal, write (the kernel AEAD encrypts each record).
@@ -159,7 +199,12 @@ class AlgTLSSocket(TLSSocketBase):
 
     # -- receiving --
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        """Read application data into ``buffer``, as :meth:`socket.socket.recv_into`. Before
+        returning, every complete record already received is opened, so :meth:`pending` counts
+        all the plaintext readable without the socket (a select loop can rely on it). Raises
+        :class:`~afalg.errors.WantRead` on a non-blocking socket with no whole record yet."""
         view = self._recv_view(buffer, nbytes, flags)
+        self._flush_nowait()
         with self._rx_lock:
             while not self._plain:
                 if self._session.error is not None:
@@ -170,22 +215,28 @@ class AlgTLSSocket(TLSSocketBase):
                 if record is None:
                     return self._ragged_eof()
                 if record.content_type == ContentType.application_data:
-                    payload = record.payload
-                    # straight into the caller's buffer; keep only the rest (empty: read on)
-                    if self._receive(record.content_type, payload):
-                        n = min(len(view), len(payload))
-                        data = memoryview(payload)
-                        view[:n] = data[:n]
-                        self._plain += data[n:]
-                        return n
+                    if self._receive(record.content_type, record.payload):
+                        self._plain += record.payload  # empty: read on
                 elif self._control_record(record.content_type, record.payload):
                     return 0  # close_notify
             n = min(len(view), len(self._plain))
             view[:n] = self._plain[:n]
             del self._plain[:n]
+            self._open_buffered()
             return n
 
+    def _flush_nowait(self) -> None:
+        """Sealed records still queued go out with any I/O call: what the socket takes now,
+        never waiting (nor behind a sending thread)."""
+        if self._out and self._tx_lock.acquire(blocking=False):
+            try:
+                with contextlib.suppress(OSError):  # the next send or flush reports it
+                    self._write_out(time.monotonic())
+            finally:
+                self._tx_lock.release()
+
     def _next_record(self) -> Record | None:
+        """The next opened record, reading the socket as needed; None at EOF."""
         while True:
             try:
                 record = self._layer.next_record()
@@ -193,10 +244,33 @@ class AlgTLSSocket(TLSSocketBase):
                 raise self._fatal(exc.alert, exc) from exc
             if record is not None:
                 return record
-            data = self._sock.recv(_RECV_CHUNK)
+            try:
+                data = self._sock.recv(_RECV_CHUNK)
+            except BlockingIOError:
+                raise WantRead(errno.EAGAIN, "no whole record yet: wait until readable") from None
             if not data:
                 return None
             self._layer.feed(data)
+
+    def _open_buffered(self) -> None:
+        """Open the complete records already received, without reading the socket, and act on
+        them (their plaintext joins :meth:`pending`). An error here poisons the session and is
+        raised by the next call: the plaintext returned now was authenticated before it."""
+        while self._session.error is None and not self._session.eof:
+            try:
+                record = self._layer.next_record()
+                if record is None:
+                    return
+                if record.content_type == ContentType.application_data:
+                    if self._receive(record.content_type, record.payload):
+                        self._plain += record.payload
+                else:
+                    self._control_record(record.content_type, record.payload)
+            except TLSProtocolError as exc:
+                self._fatal(exc.alert, exc)
+            except Exception:
+                if self._session.error is None:  # not the session's: a bug, show it now
+                    raise
 
     def _key_update(self, *, update_requested: bool) -> None:
         """The peer's KeyUpdate: its next keys open what follows. Our answer to a request is
@@ -204,12 +278,20 @@ class AlgTLSSocket(TLSSocketBase):
         (RFC 8446 4.6.3)."""
         self._layer.rekey_rx()
 
-    def pending(self) -> int:
-        """Opened application data waiting to be read."""
-        return len(self._plain)
-
     def _release(self) -> None:
         super()._release()
-        self._plain.clear()
         self._out.clear()
         self._layer.close()
+
+
+def _wait_writable(sock: socket.socket, deadline: float | None) -> bool:
+    """Wait until ``sock`` is writable or ``deadline`` passes (None: no limit; past: just look);
+    False if it is not writable by then."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    while True:
+        left = None if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1e3))
+        if poller.poll(left):
+            return True
+        if left == 0:
+            return False

@@ -13,6 +13,8 @@
     │   │   └── KeyUpdateUnsupported                     kTLS cannot rekey on this kernel
     │   ├── TLSAlertReceived                             the peer's fatal alert
     │   └── HandoffError                                 the keys could not leave ssl
+    ├── WantRead, WantWrite (ssl.SSLWantReadError/SSLWantWriteError and BlockingIOError)
+    │                                                  a non-blocking socket must wait
     ├── UnsupportedCipherSuite (also ValueError)      no kernel record protection for the suite
     └── ClosedError (OSError EBADF, also ValueError)  any afalg object used after close()
 
@@ -43,6 +45,8 @@ __all__ = [
     "TLSError",
     "TLSProtocolError",
     "UnsupportedCipherSuite",
+    "WantRead",
+    "WantWrite",
 ]
 
 
@@ -148,3 +152,15 @@ class ClosedError(AfalgError, OSError, ValueError):
 
     def __init__(self, what: str) -> None:
         super().__init__(errno.EBADF, f"{what} is closed")
+
+
+class WantRead(AfalgError, ssl.SSLWantReadError, BlockingIOError):
+    """A non-blocking afalg TLS socket has no whole record to read yet: wait until the socket
+    is readable and call again. Both an :class:`ssl.SSLWantReadError` (code written for ssl
+    catches it) and a :class:`BlockingIOError` (code written for plain sockets does)."""
+
+
+class WantWrite(AfalgError, ssl.SSLWantWriteError, BlockingIOError):
+    """A non-blocking afalg TLS socket cannot take more now (earlier records are still
+    queued; nothing of this call's data was taken): wait until writable and call again. Both an
+    :class:`ssl.SSLWantWriteError` and a :class:`BlockingIOError`."""

@@ -55,7 +55,7 @@ from afalg import _uapi
 from afalg._socket import TLSSocketBase
 from afalg._uapi import TLS_1_3_VERSION, has_capability
 from afalg.cmsg import parse_record_type, record_type_cmsg, tls_crypto_info
-from afalg.errors import KeyUpdateUnsupported, KTLSError
+from afalg.errors import KeyUpdateUnsupported, KTLSError, WantRead, WantWrite
 from afalg.handoff import TicketFeed
 from afalg.keys import CipherSuite, TrafficKeys
 from afalg.wire import AlertDescription, ContentType
@@ -264,7 +264,6 @@ class KTLSSocket(TLSSocketBase):
         )  # fmt: skip
         self._tx_keys = tx.with_seq(0) if tx.secret is not None else None  # for KeyUpdate only
         self._rx_keys = rx.with_seq(0) if rx.secret is not None else None
-        self._rbuf = bytearray()  # plaintext read past a small caller buffer
         self._scratch: memoryview | None = None  # one record's room, for small reads
         # Sending a KeyUpdate and installing the next TX keys is one step: no application data
         # from another thread may come between them (it would go out under the old keys).
@@ -276,9 +275,11 @@ class KTLSSocket(TLSSocketBase):
     def send(self, data: Any, flags: int = 0) -> int:
         self._check_send()
         with self._tx_lock:
-            self._answer_key_update()
             try:
+                self._answer_key_update()
                 return self._sock.send(data, flags)
+            except BlockingIOError:
+                raise WantWrite(errno.EAGAIN, "the socket takes no more now") from None
             except OSError as exc:
                 raise self._translate(exc) from exc
 
@@ -311,10 +312,10 @@ class KTLSSocket(TLSSocketBase):
     # -- receiving --
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         view = self._recv_view(buffer, nbytes, flags)
-        if self._rbuf:
-            n = min(len(view), len(self._rbuf))
-            view[:n] = self._rbuf[:n]
-            del self._rbuf[:n]
+        if self._plain:
+            n = min(len(view), len(self._plain))
+            view[:n] = self._plain[:n]
+            del self._plain[:n]
             return n
         if self._session.error is not None:
             raise self._session.error
@@ -329,6 +330,8 @@ class KTLSSocket(TLSSocketBase):
                 target = self._scratch
             try:
                 n, ancdata = self._recvmsg(target)
+            except BlockingIOError:
+                raise WantRead(errno.EAGAIN, "no whole record yet: wait until readable") from None
             except OSError as exc:
                 if exc.errno == errno.EKEYEXPIRED and self._resume_rx():
                     continue
@@ -346,7 +349,7 @@ class KTLSSocket(TLSSocketBase):
                 if small:
                     k = min(n, len(view))
                     view[:k] = target[:k]
-                    self._rbuf += target[k:n]
+                    self._plain += target[k:n]
                     return k
                 return n
             payload = bytes(target[:n])
@@ -388,7 +391,6 @@ class KTLSSocket(TLSSocketBase):
 
     def _release(self) -> None:
         super()._release()
-        self._rbuf.clear()
         self._scratch = None
         if self._reader is not None:
             self._reader.close()
