@@ -20,10 +20,10 @@ from typing import Any
 
 from afalg._socket import TLSSocketBase
 from afalg._uapi import TLS_1_3_VERSION
-from afalg.errors import TLSProtocolError, WantRead, WantWrite
+from afalg.errors import KeyLimitReached, TLSProtocolError, WantRead, WantWrite
 from afalg.handoff import TicketFeed
 from afalg.keys import TrafficKeys
-from afalg.record import Record, RecordLayer
+from afalg.record import Record, RecordLayer, default_records_per_key
 from afalg.wire import MAX_PLAINTEXT, ContentType
 
 __all__ = ["AlgTLSSocket"]
@@ -38,8 +38,9 @@ class AlgTLSSocket(TLSSocketBase):
 
     A TLS 1.3 peer's KeyUpdate moves the receive keys (and, if it asks, ours: our own KeyUpdate
     goes out before our next application data); :meth:`key_update` starts one, and sending does
-    it by itself before the AEAD usage limit of RFC 8446 section 5.5. Thread-safety as for ssl
-    sockets: one thread may send while another receives.
+    it by itself before a key seals more than ``records_per_key`` records (by default the AEAD
+    usage limit of RFC 8446 section 5.5: 2**24 for AES-GCM), the last of them the KeyUpdate.
+    Thread-safety as for ssl sockets: one thread may send while another receives.
     """
 
     mode = "algif"
@@ -54,10 +55,14 @@ class AlgTLSSocket(TLSSocketBase):
         suppress_ragged_eofs: bool = True,
         backend: str = "kernel",
         tickets: TicketFeed | None = None,
+        records_per_key: int | None = None,
     ) -> None:
         if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
             raise TypeError("sock must be a connected SOCK_STREAM socket.socket")
-        self._layer = RecordLayer(tx=tx, rx=rx, backend=backend)  # type: ignore[arg-type]
+        self._layer = RecordLayer(
+            tx=tx, rx=rx, backend=backend,  # type: ignore[arg-type]
+            records_per_key=records_per_key or default_records_per_key(tx.cipher_suite),
+        )  # fmt: skip
         super().__init__(
             sock, version=tx.version, ssl_object=ssl_object,
             suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets,
@@ -128,14 +133,29 @@ class AlgTLSSocket(TLSSocketBase):
                 raise self._unsent()  # nothing of data taken
             if self._session.key_update_due:  # the peer asked: ours before our next data
                 self._seal_key_update(request_peer=False)
+            view = view[: self._data_room() * MAX_PLAINTEXT]
             try:
                 self._out += self._layer.seal(ContentType.application_data, view)
             except TLSProtocolError as exc:
                 raise self._fatal(exc.alert, exc) from exc
-            if self._version == TLS_1_3_VERSION and self._layer.tx_rekey_due:
-                self._seal_key_update(request_peer=False)
             self._write_out(deadline)  # taken: the rest goes out on the next call
         return len(view)
+
+    def _data_room(self) -> int:
+        """Application data records the sending key may still seal: its last record is kept
+        for a KeyUpdate (TLS 1.3), sealed here when nothing else is left, or for an alert (TLS
+        1.2, which has no KeyUpdate: :class:`~afalg.errors.KeyLimitReached` then)."""
+        left = self._layer.tx_records_left
+        if left <= 1:
+            if self._version != TLS_1_3_VERSION:
+                raise KeyLimitReached(
+                    f"the TLS 1.2 send key may seal {self._layer.records_per_key} records and "
+                    "has one left, kept for close_notify; TLS 1.2 cannot update keys: nothing "
+                    "was sent, close this connection and open a new one"
+                )
+            self._seal_key_update(request_peer=False)
+            left = self._layer.tx_records_left
+        return left - 1
 
     def flush(self) -> None:
         """Write out the sealed records the socket has not taken yet, within the socket's

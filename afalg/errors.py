@@ -12,6 +12,7 @@
     │   ├── TLSProtocolError                             we detected it (the alert we send)
     │   │   └── KeyUpdateUnsupported                     kTLS cannot rekey on this kernel
     │   ├── TLSAlertReceived                             the peer's fatal alert
+    │   ├── KeyLimitReached                              a key sealed all the records it may
     │   └── HandoffError                                 the keys could not leave ssl
     ├── WantRead, WantWrite (ssl.SSLWantReadError/SSLWantWriteError and BlockingIOError)
     │                                                  a non-blocking socket must wait
@@ -39,6 +40,7 @@ __all__ = [
     "HandoffError",
     "InvalidTag",
     "KTLSError",
+    "KeyLimitReached",
     "KeyUpdateUnsupported",
     "PaddingError",
     "TLSAlertReceived",
@@ -164,3 +166,13 @@ class WantWrite(AfalgError, ssl.SSLWantWriteError, BlockingIOError):
     """A non-blocking afalg TLS socket cannot take more now (earlier records are still
     queued; nothing of this call's data was taken): wait until writable and call again. Both an
     :class:`ssl.SSLWantWriteError` and a :class:`BlockingIOError`."""
+
+
+class KeyLimitReached(TLSError):
+    """The sending key has sealed the most records it may (``records_per_key``; by default the
+    AEAD usage limit of RFC 8446 section 5.5) and cannot be updated here: TLS 1.2 has no
+    KeyUpdate, and kTLS before Linux 6.14 cannot install new keys. Nothing of the data was sent;
+    the connection can still receive and close. ``alert`` is internal_error."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(AlertDescription.internal_error, message)

@@ -39,6 +39,7 @@ The kernel's TLS counters (``/proc/net/tls_stat``) are :func:`tls_stats`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import functools
 import os
@@ -54,15 +55,28 @@ from typing import Any
 from afalg import _uapi
 from afalg._socket import TLSSocketBase
 from afalg._uapi import TLS_1_3_VERSION, has_capability
-from afalg.cmsg import parse_record_type, record_type_cmsg, tls_crypto_info
-from afalg.errors import KeyUpdateUnsupported, KTLSError, WantRead, WantWrite
+from afalg.cmsg import (
+    parse_record_type,
+    record_type_cmsg,
+    tls_crypto_info,
+    tls_crypto_info_struct,
+)
+from afalg.errors import (
+    KeyLimitReached,
+    KeyUpdateUnsupported,
+    KTLSError,
+    WantRead,
+    WantWrite,
+)
 from afalg.handoff import TicketFeed
 from afalg.keys import CipherSuite, TrafficKeys
-from afalg.wire import AlertDescription, ContentType
+from afalg.record import default_records_per_key
+from afalg.wire import MAX_PLAINTEXT, AlertDescription, ContentType
 
-__all__ = ["KTLSSocket", "enable", "supports", "supports_rekey", "tls_stats"]
+__all__ = ["KTLSSocket", "enable", "record_sequence", "supports", "supports_rekey", "tls_stats"]
 
 _ANCBUFSIZE = socket.CMSG_SPACE(1)
+_SENDFILE_CHUNK = 2**24  # bytes per os.sendfile loop (checked against the key usage limit)
 _RECORD_BUF = 2**14 + 1024  # one whole record's plaintext fits
 
 
@@ -155,6 +169,28 @@ def install_keys(sock: socket.socket, direction: int, keys: TrafficKeys) -> None
         else:
             msg = f"setsockopt(SOL_TLS, {name}) for {what} failed: {exc.strerror}"
         raise KTLSError(code, msg) from exc
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def record_sequence(sock: socket.socket, direction: int, cipher_type: int) -> int:
+    """The kernel's next record sequence number for ``direction`` (``TLS_TX``/``TLS_RX``) of a
+    kTLS socket whose keys are of ``cipher_type``. ``getsockopt(SOL_TLS, ...)`` returns the
+    whole ``struct tls12_crypto_info_*``, key included: it is read into a buffer that is zeroed
+    right after ``rec_seq`` (its last 8 bytes, big-endian) is taken."""
+    info = tls_crypto_info_struct(cipher_type)()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    try:
+        rc = _libc.getsockopt(
+            sock.fileno(), _uapi.SOL_TLS, direction, ctypes.byref(info), ctypes.byref(size)
+        )
+        if rc != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"getsockopt(SOL_TLS, {direction}): {os.strerror(code)}")
+        return int.from_bytes(bytes(info.rec_seq), "big")
+    finally:
+        ctypes.memset(ctypes.byref(info), 0, ctypes.sizeof(info))
 
 
 @functools.cache
@@ -256,7 +292,10 @@ class KTLSSocket(TLSSocketBase):
         ssl_object: ssl.SSLObject | None = None,
         suppress_ragged_eofs: bool = True,
         tickets: TicketFeed | None = None,
+        records_per_key: int | None = None,
     ) -> None:
+        if records_per_key is not None and records_per_key < 3:
+            raise ValueError("records_per_key must be at least 3 under kTLS")
         enable(sock, tx, rx)
         super().__init__(
             sock, version=tx.version, ssl_object=ssl_object,
@@ -270,6 +309,9 @@ class KTLSSocket(TLSSocketBase):
         self._tx_lock = threading.RLock()
         self._rx_paused = False  # EKEYEXPIRED seen and the current keys installed again
         self._reader: socket.socket | None = None  # a duplicate for reads with a timeout
+        self._cipher_type = tx.cipher_suite.ktls_cipher_type
+        self._records_per_key = records_per_key or default_records_per_key(tx.cipher_suite)
+        self._tx_budget = 0  # records surely left to the send key (re-read from the kernel)
 
     # -- sending --
     def send(self, data: Any, flags: int = 0) -> int:
@@ -277,7 +319,8 @@ class KTLSSocket(TLSSocketBase):
         with self._tx_lock:
             try:
                 self._answer_key_update()
-                return self._sock.send(data, flags)
+                view = memoryview(data).cast("B")
+                return self._sock.send(view[: self._tx_allowance(len(view))], flags)
             except BlockingIOError:
                 raise WantWrite(errno.EAGAIN, "the socket takes no more now") from None
             except OSError as exc:
@@ -302,12 +345,20 @@ class KTLSSocket(TLSSocketBase):
         :meth:`socket.socket.sendfile`: honours the timeout, falls back to ``send`` for what
         is not a regular file; the file position ends after the last byte sent."""
         self._check_send()
+        total = 0
         with self._tx_lock:
             self._answer_key_update()
             try:
-                return self._sock.sendfile(file, offset, count)
+                while count is None or total < count:
+                    want = _SENDFILE_CHUNK if count is None else min(_SENDFILE_CHUNK, count - total)
+                    want = self._tx_allowance(want)
+                    sent = self._sock.sendfile(file, offset + total, want)
+                    total += sent
+                    if sent < want:
+                        break  # end of file
             except OSError as exc:
                 raise self._translate(exc) from exc
+        return total
 
     # -- receiving --
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
@@ -458,15 +509,47 @@ class KTLSSocket(TLSSocketBase):
         goes on. False if that is not possible, or was just done (the error then stands)."""
         if self._rx_paused or self._rx_keys is None or self._session.error is not None:
             return False
-        size = len(_crypto_info(self._rx_keys))
         try:
-            current = self._sock.getsockopt(_uapi.SOL_TLS, _uapi.TLS_RX, size)
-            seq = int.from_bytes(current[-8:], "big")  # rec_seq ends every crypto_info struct
+            seq = record_sequence(self._sock, _uapi.TLS_RX, self._cipher_type)
             install_keys(self._sock, _uapi.TLS_RX, self._rx_keys.with_seq(seq))
         except (OSError, ValueError):
             return False
         self._rx_paused = True  # a second EKEYEXPIRED before any record read is an error
         return True
+
+    def _tx_allowance(self, nbytes: int) -> int:
+        """How much of ``nbytes`` one send may take without the send key sealing more than
+        ``records_per_key`` records, counted from the kernel's TX sequence number. A send of n
+        bytes closes at most ceil(n / 2**14) + 1 records (one may be open from before); the
+        key's last record is kept for the KeyUpdate, which goes first when nothing else fits
+        (:class:`~afalg.errors.KeyLimitReached` where it cannot: TLS 1.2, or a kernel without
+        kTLS rekeying). Called with the TX lock."""
+        cost = -(-nbytes // MAX_PLAINTEXT) + 1
+        if cost > self._tx_budget:
+            self._tx_budget = self._tx_left() - 1
+            if self._tx_budget < 2:
+                if self._version != TLS_1_3_VERSION or self._tx_keys is None:
+                    raise KeyLimitReached(
+                        f"the kTLS send key may seal {self._records_per_key} records and has "
+                        f"{self._tx_budget + 1} left, kept for close_notify; TLS 1.2 cannot "
+                        "update keys: nothing was sent, open a new connection"
+                    )
+                if not supports_rekey():
+                    raise KeyLimitReached(self._cannot_rekey(
+                        f"the kTLS send key has sealed its {self._records_per_key} records"
+                    ) + "; nothing was sent")  # fmt: skip
+                self._send_key_update(request_peer=False)
+                self._tx_budget = self._tx_left() - 1
+            nbytes = min(nbytes, (self._tx_budget - 1) * MAX_PLAINTEXT)
+            cost = -(-nbytes // MAX_PLAINTEXT) + 1
+        self._tx_budget -= cost
+        return nbytes
+
+    def _tx_left(self) -> int:
+        """Records the send key may still seal, from the kernel's TX sequence number (TLS 1.3
+        keys start at 0; the first TLS 1.2 record, the Finished, was ssl's)."""
+        seq = record_sequence(self._sock, _uapi.TLS_TX, self._cipher_type)
+        return max(0, self._records_per_key - seq)
 
     def _answer_key_update(self) -> None:
         """Send the KeyUpdate the peer asked for, if it is due (called with the TX lock)."""

@@ -44,8 +44,8 @@ from typing import NamedTuple
 
 from afalg.aead_backend import TAG_SIZE, Backend, RecordAEAD, new_record_aead
 from afalg.cmsg import Buffer
-from afalg.errors import ClosedError, InvalidTag, TLSProtocolError
-from afalg.keys import MAX_SEQ, TLS_1_2_VERSION, TLS_1_3_VERSION, TrafficKeys
+from afalg.errors import ClosedError, InvalidTag, KeyLimitReached, TLSProtocolError
+from afalg.keys import MAX_SEQ, TLS_1_2_VERSION, TLS_1_3_VERSION, CipherSuite, TrafficKeys
 from afalg.wire import (
     HEADER,
     HEADER_SIZE,
@@ -64,14 +64,22 @@ __all__ = [
     "PaddingPolicy",
     "Record",
     "RecordLayer",
+    "default_records_per_key",
 ]
 
 EXPLICIT_NONCE_SIZE = 8
 
-# RFC 8446 5.5: AES-GCM keys must be updated before 2**24.5 full-size records; ChaCha20-Poly1305
-# has no practical limit. The socket wrapper reads tx_rekey_due and calls rekey_tx().
 AES_GCM_RECORD_LIMIT = 2**24
-CHACHA20_RECORD_LIMIT = 2**62
+"""Records one AES-GCM key may seal (RFC 8446 section 5.5: up to 2**24.5 full-size records keep
+the AE safety margin at about 2**-57; afalg stops at 2**24)."""
+CHACHA20_RECORD_LIMIT = 2**64
+"""ChaCha20-Poly1305: no limit before the sequence number runs out (RFC 8446 section 5.5)."""
+
+
+def default_records_per_key(suite: CipherSuite) -> int:
+    """The most records one key of ``suite`` may seal by default (RFC 8446 section 5.5)."""
+    return CHACHA20_RECORD_LIMIT if suite.is_chacha20 else AES_GCM_RECORD_LIMIT
+
 
 _AAD12 = struct.Struct(">QBHH")
 
@@ -161,7 +169,14 @@ class RecordLayer:
         backend: Backend = "auto",
         padding: PaddingPolicy | int | None = None,
         accept_ccs: bool = False,
+        records_per_key: int | None = None,
     ) -> None:
+        if records_per_key is not None and (
+            not isinstance(records_per_key, int) or isinstance(records_per_key, bool)
+        ):
+            raise TypeError("records_per_key must be an int or None")
+        if records_per_key is not None and records_per_key < 2:
+            raise ValueError("records_per_key must be at least 2 (data, then a KeyUpdate)")
         if backend not in ("auto", "kernel", "cryptography"):
             raise ValueError(f"backend must be 'auto', 'kernel' or 'cryptography': {backend!r}")
         if isinstance(padding, int) and not isinstance(padding, bool):
@@ -171,6 +186,7 @@ class RecordLayer:
         self._backend: Backend = backend
         self._padding: PaddingPolicy | None = padding
         self._accept_ccs = bool(accept_ccs)
+        self._records_per_key = records_per_key
         self._tx: _Direction | None = None
         self._rx: _Direction | None = None
         self._buf = bytearray()
@@ -207,13 +223,22 @@ class RecordLayer:
         return "none" if d is None else getattr(d.aead, "backend", type(d.aead).__name__)
 
     @property
-    def tx_rekey_due(self) -> bool:
-        """True once the sending key is near the AEAD usage limit of RFC 8446 5.5 (TLS 1.3:
-        call :meth:`rekey_tx` after sending a KeyUpdate)."""
+    def records_per_key(self) -> int | None:
+        """The most records one sending key may seal, as given (None: no limit but the
+        sequence number space; afalg's TLS sockets give :func:`default_records_per_key`)."""
+        return self._records_per_key
+
+    @property
+    def tx_records_left(self) -> int:
+        """Records the current sending key may still seal: :attr:`records_per_key` (or 2**64)
+        minus those it sealed (its sequence number: TLS 1.3 keys start at 0, and TLS 1.2's
+        first record, the Finished, was ssl's). :meth:`seal` refuses more
+        (:class:`afalg.errors.KeyLimitReached`); a TLS 1.3 sender seals a KeyUpdate and calls
+        :meth:`rekey_tx` before."""
         if self._tx is None:
-            return False
-        chacha = self._tx.keys.cipher_suite.is_chacha20
-        return self._tx.seq >= (CHACHA20_RECORD_LIMIT if chacha else AES_GCM_RECORD_LIMIT)
+            return 0
+        limit = MAX_SEQ + 1 if self._records_per_key is None else self._records_per_key
+        return max(0, limit - self._tx.seq)
 
     @property
     def error(self) -> TLSProtocolError | None:
@@ -335,6 +360,12 @@ class RecordLayer:
             raise TLSProtocolError(
                 _A.internal_error,
                 "sequence number would pass 2**64-1: update the keys or close the connection",
+            )
+        if count > self.tx_records_left:
+            raise KeyLimitReached(
+                f"sealing {count} more records would take this key past its limit of "
+                f"{self.records_per_key} records ({self.tx_records_left} left): update the keys "
+                "first (TLS 1.3 KeyUpdate) or end the connection"
             )
         fragments = [view] if count == 1 else [
             view[i : i + MAX_PLAINTEXT] for i in range(0, n, MAX_PLAINTEXT)

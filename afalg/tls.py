@@ -129,6 +129,7 @@ def wrap(
     suppress_ragged_eofs: bool = True,
     session: ssl.SSLSession | None = None,
     algif_backend: str = "auto",
+    records_per_key: int | None = None,
 ) -> KTLSSocket | AlgTLSSocket:
     """Handshake on the connected TCP socket ``sock`` with ``context`` and return a TLS socket
     whose records the kernel protects. The result owns ``sock`` (it is closed on failure too).
@@ -136,6 +137,11 @@ def wrap(
     ``mode`` is ``"ktls"``, ``"algif"`` or ``"auto"`` and ``algif_backend`` the AEAD of algif
     mode (``"auto"``, ``"kernel"``, ``"cryptography"``), chosen by :func:`choose_mode`; the
     result's ``.mode`` and ``.backend`` say which ran. The handshake honours ``sock``'s timeout.
+    ``records_per_key`` caps the records one send key seals (default: the AEAD usage limit of
+    RFC 8446 section 5.5, 2**24 for AES-GCM, none for ChaCha20-Poly1305); writes and
+    ``sendfile`` are split there and a TLS 1.3 KeyUpdate goes first (under kTLS the count is the
+    kernel's sequence number, and rekeying needs Linux 6.14); TLS 1.2 cannot update keys, so
+    a send at the limit raises :class:`afalg.errors.KeyLimitReached` having sent nothing.
     Raises what ssl raises for a failed handshake, :class:`afalg.keys.UnsupportedCipherSuite`
     for a non-AEAD suite; when the mode asked for cannot run (:class:`afalg.errors.KTLSError`,
     :class:`afalg.AlgorithmNotAvailable`) the peer first gets a fatal ``internal_error`` alert.
@@ -146,6 +152,11 @@ def wrap(
         raise ValueError(f"algif_backend must be one of {BACKENDS}, not {algif_backend!r}")
     if not isinstance(sock, socket.socket):
         raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
+    if records_per_key is not None:
+        if not isinstance(records_per_key, int) or isinstance(records_per_key, bool):
+            raise TypeError("records_per_key must be an int or None")
+        if records_per_key < 3:
+            raise ValueError("records_per_key must be at least 3 (data, an open record, KeyUpdate)")
     try:
         h = handoff.handshake(
             sock, context, server_side=server_side, server_hostname=server_hostname,
@@ -155,6 +166,7 @@ def wrap(
             "ssl_object": h.ssl_object,
             "suppress_ragged_eofs": suppress_ragged_eofs,
             "tickets": h.ticket_feed(),
+            "records_per_key": records_per_key,
         }
         try:
             chosen, backend = choose_mode(h.version, h.cipher_suite, mode, algif_backend)

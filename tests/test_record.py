@@ -24,12 +24,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from afalg import AlertDescription, AlgorithmNotAvailable, TLSProtocolError
+from afalg.errors import KeyLimitReached
 from afalg.keys import CipherSuite, TrafficKeys
 from afalg.record import (
     MAX_PLAINTEXT,
     ContentType,
     Record,
     RecordLayer,
+    default_records_per_key,
 )
 
 CRYPTO = "cryptography"
@@ -263,15 +265,38 @@ def test_rekey_tls12_refused() -> None:
         RecordLayer(backend=CRYPTO).rekey_tx()
 
 
-def test_tx_rekey_due() -> None:
-    gcm = RecordLayer(tx=make_keys(CipherSuite.TLS_AES_128_GCM_SHA256, 2**24 - 1), backend=CRYPTO)
-    assert not gcm.tx_rekey_due
-    gcm.seal(APP, b"")
-    assert gcm.tx_rekey_due
-    chacha = RecordLayer(
-        tx=make_keys(CipherSuite.TLS_CHACHA20_POLY1305_SHA256, 2**24), backend=CRYPTO
+def test_records_per_key() -> None:
+    """No key seals more records than its limit (AES-GCM's default for the sockets is 2**24,
+    RFC 8446 5.5; ChaCha20's the sequence space; a bare layer has none but the sequence space);
+    a limit given is kept exactly, and a refused seal uses no sequence number."""
+    suite = CipherSuite.TLS_AES_128_GCM_SHA256
+    limit = default_records_per_key(suite)
+    assert (
+        limit == 2**24
+        and default_records_per_key(CipherSuite.TLS_CHACHA20_POLY1305_SHA256) == 2**64
     )
-    assert not chacha.tx_rekey_due
+    gcm = RecordLayer(tx=make_keys(suite, 2**24 - 1), backend=CRYPTO, records_per_key=limit)
+    assert gcm.records_per_key == 2**24 and gcm.tx_records_left == 1
+    gcm.seal(APP, b"")
+    assert gcm.tx_records_left == 0
+    with pytest.raises(KeyLimitReached, match="limit of 16777216"):
+        gcm.seal(ContentType.alert, b"\x01\x00")
+    unlimited = RecordLayer(tx=make_keys(suite, 2**24), backend=CRYPTO)
+    assert unlimited.records_per_key is None and unlimited.tx_records_left == 2**64 - 2**24
+    layer = RecordLayer(
+        tx=make_keys(CipherSuite.TLS_AES_256_GCM_SHA384, 0), backend=CRYPTO, records_per_key=5
+    )
+    with pytest.raises(KeyLimitReached):
+        layer.seal(APP, bytes(6 * 2**14))  # six records: refused whole
+    assert layer.tx_keys is not None and layer.tx_keys.seq == 0
+    layer.seal(APP, bytes(4 * 2**14))
+    assert layer.tx_records_left == 1
+    layer.seal(ContentType.handshake, b"\x18\x00\x00\x01\x00")  # the last one: a KeyUpdate
+    layer.rekey_tx()
+    assert layer.tx_records_left == 5
+    for bad, error in ((1, ValueError), (True, TypeError), (2.0, TypeError)):
+        with pytest.raises(error):
+            RecordLayer(backend=CRYPTO, records_per_key=bad)  # type: ignore[arg-type]
 
 
 # --- TLS 1.3 inner plaintext, padding, zero-length records ----------------------------------
