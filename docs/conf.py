@@ -1,4 +1,14 @@
-"""Sphinx configuration for afalg's documentation (``make docs``; the tests build it with -W)."""
+"""Sphinx configuration for afalg's documentation.
+
+Build: ``.venv/bin/python -m sphinx -W -n -b html docs docs/_build/html`` (tests/test_docs.py
+runs that build, warnings as errors, in the test command).
+
+Sphinx rather than MkDocs: afalg's docstrings are reStructuredText with Sphinx's roles
+(``:class:``, ``:func:``, ``:mod:``, literal blocks), which autodoc reads as written, and
+``-n`` turns a reference to an afalg name that does not exist into a failed build; the
+``afalg`` command's page is generated from its argparse parser (sphinx-argparse); MyST lets the
+guides be Markdown, which reads the same on GitHub and is what the tests extract code from.
+"""
 
 from __future__ import annotations
 

@@ -145,3 +145,23 @@ def test_kernel_guide_runs(name: str, tmp_path: Path, monkeypatch: pytest.Monkey
 @pytest.mark.parametrize("name", HOST_GUIDES)
 def test_host_guide_runs(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_guide(name, tmp_path, monkeypatch)
+
+
+def test_a_broken_reference_fails_the_build(tmp_path: Path) -> None:
+    """docs/conf.py's resolver: a re-exported name finds its home, a name that exists but is
+    not in its module's __all__ is plain text, and a name that does not exist fails -W -n."""
+
+    def build(text: str) -> subprocess.CompletedProcess[str]:
+        src = tmp_path / f"src{len(list(tmp_path.iterdir()))}"
+        src.mkdir()
+        (src / "index.rst").write_text(f"Test\n====\n\n.. automodule:: afalg.errors\n\n{text}\n")
+        return subprocess.run(
+            [sys.executable, "-m", "sphinx", "-W", "-n", "-q", "-b", "html", "-c", str(DOCS),
+             str(src), str(src / "_out")],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    good = build(":class:`afalg.InvalidTag` :class:`InvalidTag` :class:`afalg.probe.AlgStatus`")
+    assert good.returncode == 0, good.stderr
+    bad = build(":class:`afalg.NoSuchError`")
+    assert bad.returncode != 0 and "afalg.NoSuchError" in bad.stderr, bad.stderr
