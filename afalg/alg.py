@@ -36,7 +36,6 @@ from afalg import cmsg
 from afalg._uapi import (
     AF_ALG,
     ALG_SET_AEAD_AUTHSIZE,
-    ALG_SET_IV,
     ALG_SET_KEY,
     SOL_ALG,
     SPLICE_F_MORE,
@@ -63,9 +62,8 @@ __all__ = [
 ]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-_ENCRYPT, _DECRYPT = AlgOp.ENCRYPT, AlgOp.DECRYPT  # module globals: no enum lookup per call
-# The two ALG_SET_OP control messages, built once (an IntEnum as a dict key would hash in Python).
-_ENC_CMSG, _DEC_CMSG = cmsg.op_cmsg(AlgOp.ENCRYPT), cmsg.op_cmsg(AlgOp.DECRYPT)
+# plain ints for the hot paths (module globals: no enum attribute lookup per call)
+_ENCRYPT, _DECRYPT = int(AlgOp.ENCRYPT), int(AlgOp.DECRYPT)
 _SCRATCH_MAX = 256 * 1024  # an object keeps an output buffer up to this size for reuse
 _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -584,16 +582,10 @@ class AEAD(_AlgSocket):
             raise ValueError(f"{name}: tag_size {tag_size} is out of range")
         self.tag_size = tag_size
         self.key_size = len(key)
-        # Prebuilt per key: the IV header for the common IV size (the kernel's IV for ccm),
-        # the AAD-length message for the last AAD length (a record layer uses one).
-        self._fastiv = -1  # the IV size of a plain AEAD; others go through _prepare
-        self._ivlen = -1  # the size of the IV the kernel sees (and its prebuilt header)
-        if spec is not None:
-            self._ivlen = 16 if spec.kind == "ccm" else spec.ivs[0]
-            if spec.kind == "plain" and len(spec.ivs) == 1:
-                self._fastiv = spec.ivs[0]
-        self._ivhdr = cmsg.iv_header(max(self._ivlen, 0))
-        self._last_assoclen = (0, cmsg.assoclen_cmsg(0))
+        # the IV size of a plain AEAD (gcm, chacha20-poly1305), whose calls skip _prepare
+        self._fastiv = -1
+        if spec is not None and spec.kind == "plain" and len(spec.ivs) == 1:
+            self._fastiv = spec.ivs[0]
         self._open(key)
         try:
             self._tfm.setsockopt(SOL_ALG, ALG_SET_AEAD_AUTHSIZE, None, tag_size)  # type: ignore[union-attr]
@@ -639,7 +631,7 @@ class AEAD(_AlgSocket):
         else:
             kiv, assoc = self._prepare(iv, aad)
         data = plaintext if type(plaintext) is bytes else _view(plaintext, "plaintext")
-        return self._crypt(_ENC_CMSG, kiv, assoc, data, len(data) + self.tag_size, None)  # type: ignore[return-value]
+        return self._crypt(_ENCRYPT, kiv, assoc, data, len(data) + self.tag_size, None)  # type: ignore[return-value]
 
     def decrypt(self, iv: Buffer, ciphertext_and_tag: Buffer, aad: Buffer = b"") -> bytes:
         """The plaintext, or :class:`afalg.InvalidTag` if the tag does not verify (or the input
@@ -649,7 +641,7 @@ class AEAD(_AlgSocket):
         else:
             kiv, assoc = self._prepare(iv, aad)
         data = self._ciphertext(ciphertext_and_tag)
-        return self._crypt(_DEC_CMSG, kiv, assoc, data, len(data) - self.tag_size, None)  # type: ignore[return-value]
+        return self._crypt(_DECRYPT, kiv, assoc, data, len(data) - self.tag_size, None)  # type: ignore[return-value]
 
     def encrypt_into(self, out: Buffer, iv: Buffer, plaintext: Buffer, aad: Buffer = b"") -> int:
         """Encrypt into ``out`` as the kernel writes its output: ``aad || ciphertext || tag``
@@ -662,11 +654,15 @@ class AEAD(_AlgSocket):
         header, as in TLS 1.3 (the 5-byte record header), ``out`` then holds the whole record.
         For ``rfc4106``/``rfc4309`` the kernel's AAD is ``aad || iv``: ``len(aad) + 8`` bytes
         precede the ciphertext."""
-        kiv, assoc = self._prepare(iv, aad)
+        if type(iv) is bytes and type(aad) is bytes and len(iv) == self._fastiv:
+            kiv, assoc = iv, aad
+        else:
+            kiv, assoc = self._prepare(iv, aad)
         data = plaintext if type(plaintext) is bytes else _view(plaintext, "plaintext")
         size = len(data) + self.tag_size
-        into = _writable(out, len(assoc) + size)
-        return self._crypt(_ENC_CMSG, kiv, assoc, data, size, into)  # type: ignore[return-value]
+        if type(out) is not bytearray or len(out) < len(assoc) + size:
+            out = _writable(out, len(assoc) + size)
+        return self._crypt(_ENCRYPT, kiv, assoc, data, size, out)  # type: ignore[return-value]
 
     def decrypt_into(
         self, out: Buffer, iv: Buffer, ciphertext_and_tag: Buffer, aad: Buffer = b""
@@ -675,11 +671,15 @@ class AEAD(_AlgSocket):
         least ``len(aad) + len(ciphertext_and_tag) - tag_size`` bytes); returns that length.
         If the tag does not verify, :class:`afalg.InvalidTag` is raised and those bytes of
         ``out`` are zeroed: the kernel decrypts into ``out`` before it checks the tag."""
-        kiv, assoc = self._prepare(iv, aad)
+        if type(iv) is bytes and type(aad) is bytes and len(iv) == self._fastiv:
+            kiv, assoc = iv, aad
+        else:
+            kiv, assoc = self._prepare(iv, aad)
         data = self._ciphertext(ciphertext_and_tag)
         size = len(data) - self.tag_size
-        into = _writable(out, len(assoc) + size)
-        return self._crypt(_DEC_CMSG, kiv, assoc, data, size, into)  # type: ignore[return-value]
+        if type(out) is not bytearray or len(out) < len(assoc) + size:
+            out = _writable(out, len(assoc) + size)
+        return self._crypt(_DECRYPT, kiv, assoc, data, size, out)  # type: ignore[return-value]
 
     def _ciphertext(self, value: Any) -> bytes | memoryview:
         data = value if type(value) is bytes else _view(value, "ciphertext_and_tag")
@@ -692,38 +692,35 @@ class AEAD(_AlgSocket):
 
     def _crypt(
         self,
-        opmsg: cmsg.Cmsg,
+        op: int,
         iv: bytes,
         assoc: bytes,
         data: bytes | memoryview,
         size: int,
         into: bytearray | memoryview | None,
     ) -> bytes | int:
-        """Send ``assoc || data`` with the operation, IV and AAD length (control messages
-        prebuilt but for the IV's), then read the kernel's ``assoc || output`` (``size`` bytes
-        of output): into ``into`` (its length returned), or as the output's bytes.
+        """Send ``assoc || data`` with the operation, IV and AAD length, then read the kernel's
+        ``assoc || output`` (``size`` bytes of output): into ``into`` (its length returned), or
+        as the output's bytes.
 
-        The hot path of every AEAD call and of the record layer's kernel backend: two system
-        calls, and the checks that rarely fail done once. Without AAD the result is the bytes
-        object recv() fills (no copy); with AAD the output is copied out of this object's
-        reused buffer (the kernel writes the AAD back first)."""
+        The hot path of every AEAD call and of the record layer's kernel backend: the same two
+        system calls as a bare loop (``socket.sendmsg_afalg``, whose control messages CPython
+        builds in C, and ``recv_into``), with the checks that rarely fail done once around
+        them. Without AAD the result is the bytes object recv() fills (no copy); with AAD the
+        output is copied out of this object's reused buffer (the kernel writes the AAD back
+        first; :meth:`encrypt_into` avoids that copy)."""
         skip = len(assoc)
-        last = self._last_assoclen  # one attribute: threads may race to replace it
-        if last[0] != skip:
-            last = self._last_assoclen = (skip, cmsg.assoclen_cmsg(skip))
-        ivhdr = self._ivhdr if len(iv) == self._ivlen else cmsg.iv_header(len(iv))
-        cmsgs = (opmsg, (SOL_ALG, ALG_SET_IV, ivhdr + iv), last[1])
         sending = skip + len(data)
         total = skip + size
         with self._lock:
             sock = self._op
             if sock is None or sending > self._sndbuf or total > self._rcvbuf or not total:
-                return self._crypt_slow(cmsgs, iv, assoc, data, size, into)
+                return self._crypt_slow(op, iv, assoc, data, size, into)
             out = into
             try:
-                sent = sock.sendmsg((assoc, data), cmsgs)
+                sent = sock.sendmsg_afalg((assoc, data), op=op, iv=iv, assoclen=skip)
                 if sent != sending:
-                    raise self._short_send(opmsg is _ENC_CMSG, sent, sending)
+                    raise self._short_send(op, sent, sending)
                 if into is not None:
                     n = sock.recv_into(into, total)
                 elif not skip:
@@ -736,9 +733,9 @@ class AEAD(_AlgSocket):
                     out = scratch
                     n = sock.recv_into(scratch, total)
                 if n != total:
-                    raise self._short_read(opmsg is _ENC_CMSG, n, total)
+                    raise self._short_read(op, n, total)
             except BaseException as exc:
-                raise self._crypt_failed(exc, opmsg, out, total, sending) from None
+                raise self._crypt_failed(exc, op, out, total, sending) from None
             if into is not None:
                 return total
             return result if not skip else scratch[skip:total].tobytes()  # type: ignore[index]
@@ -746,12 +743,11 @@ class AEAD(_AlgSocket):
     def _crypt_failed(
         self,
         exc: BaseException,
-        opmsg: cmsg.Cmsg,
+        op: int,
         out: bytearray | memoryview | None,
         written: int,
         sending: int,
     ) -> BaseException:
-        op = _ENCRYPT if opmsg is _ENC_CMSG else _DECRYPT
         error = self._operation_failed(exc, op, out, written)
         nomem = isinstance(error, AlgError) and error.errno == errno.ENOMEM
         if nomem and "optmem_max" not in str(error):
@@ -760,7 +756,7 @@ class AEAD(_AlgSocket):
 
     def _crypt_slow(
         self,
-        cmsgs: tuple[cmsg.Cmsg, ...],
+        op: int,
         iv: bytes,
         assoc: bytes,
         data: bytes | memoryview,
@@ -770,7 +766,6 @@ class AEAD(_AlgSocket):
         """:meth:`_crypt` when the object is closed, the operation socket is not there or its
         buffers are too small, or there is nothing to read back (lock held)."""
         skip = len(assoc)
-        op = _ENCRYPT if cmsgs[0] is _ENC_CMSG else _DECRYPT
         if self._tfm is None:
             self._check_open()
         if not (skip or size):
@@ -778,14 +773,15 @@ class AEAD(_AlgSocket):
             self._fit(len(data), 0)
             sock = self._op_socket()
             try:
-                if sock.sendmsg((data,), cmsgs) != len(data):
-                    raise self._short_send(op, 0, len(data))
+                sent = sock.sendmsg_afalg((data,), op=op, iv=iv, assoclen=0)
+                if sent != len(data):
+                    raise self._short_send(op, sent, len(data))
                 sock.recv(1)
             except BaseException as exc:
                 raise self._operation_failed(exc, op, None, 0) from None
             return b"" if into is None else 0
         self._fit(skip + len(data), skip + size)
-        return self._crypt(cmsgs[0], iv, assoc, data, size, into)  # the fast path, fitted
+        return self._crypt(op, iv, assoc, data, size, into)  # the fast path, fitted
 
 
 def _writable(out: Any, size: int) -> bytearray | memoryview:
@@ -1325,7 +1321,6 @@ class SKCipher(_AlgSocket):
         # for the fast path of encrypt()/decrypt(): no padding, an IV of the right size
         self._ivsize = -1 if padding else spec.iv
         self._block, self._min_len = spec.block, spec.min_len
-        self._ivhdr = cmsg.iv_header(spec.iv)
 
     @property
     def block_size(self) -> int:
@@ -1346,16 +1341,16 @@ class SKCipher(_AlgSocket):
         if type(data) is bytes and type(iv) is bytes and len(iv) == self._ivsize:
             n = len(data)  # the common case, checked here once: no padding, whole blocks
             if n <= _STREAM_CHUNK and not n % self._block and n >= self._min_len:
-                return self._crypt(_ENC_CMSG, iv, data)
-        return self._one_shot(_ENCRYPT, iv, data)
+                return self._crypt(_ENCRYPT, iv, data)
+        return self._one_shot(AlgOp.ENCRYPT, iv, data)
 
     def decrypt(self, iv: Buffer | None, data: Buffer) -> bytes:
         """Decrypt ``data`` in one go (and strip its padding when ``padding="pkcs7"``)."""
         if type(data) is bytes and type(iv) is bytes and len(iv) == self._ivsize:
             n = len(data)
             if n <= _STREAM_CHUNK and not n % self._block and n >= self._min_len:
-                return self._crypt(_DEC_CMSG, iv, data)
-        return self._one_shot(_DECRYPT, iv, data)
+                return self._crypt(_DECRYPT, iv, data)
+        return self._one_shot(AlgOp.DECRYPT, iv, data)
 
     def encryptor(self, iv: Buffer | None) -> CipherStream:
         return CipherStream(self, AlgOp.ENCRYPT, self._check_iv(iv))
@@ -1377,17 +1372,16 @@ class SKCipher(_AlgSocket):
         if padding and op == _ENCRYPT:
             data = _pkcs7_pad(data, self._spec.block)
         self._check_length(op, len(data))
-        out = self._crypt(_ENC_CMSG if op == _ENCRYPT else _DEC_CMSG, iv, data)
+        out = self._crypt(int(op), iv, data)
         if padding and op == _DECRYPT:
             out = _pkcs7_unpad(out, self._spec.block)
         return out
 
-    def _crypt(self, opmsg: cmsg.Cmsg, iv: bytes, data: bytes) -> bytes:
-        """One complete operation (no MSG_MORE) on the reused operation socket: one sendmsg()
-        with the operation and IV, one recv() of the output (the bytes object it fills is the
-        result: no copy). ``data`` is checked and at most _STREAM_CHUNK bytes."""
+    def _crypt(self, op: int, iv: bytes, data: bytes) -> bytes:
+        """One complete operation (no MSG_MORE) on the reused operation socket: one
+        ``sendmsg_afalg()`` with the operation and IV, one ``recv()`` of the output (the bytes
+        object it fills is the result: no copy). ``data`` is checked, at most _STREAM_CHUNK."""
         n = len(data)
-        cmsgs = (opmsg, (SOL_ALG, ALG_SET_IV, self._ivhdr + iv)) if iv else (opmsg,)
         with self._lock:
             sock = self._op
             if sock is None or n > self._sndbuf or n > self._rcvbuf or not n:
@@ -1396,16 +1390,19 @@ class SKCipher(_AlgSocket):
                 self._fit(n, n)
                 sock = self._op_socket()
             try:
-                sent = sock.sendmsg((data,), cmsgs)
+                if iv:
+                    sent = sock.sendmsg_afalg((data,), op=op, iv=iv)
+                else:
+                    sent = sock.sendmsg_afalg((data,), op=op)
                 if sent != n:
-                    raise self._short_send(opmsg is _ENC_CMSG, sent, n)
+                    raise self._short_send(op, sent, n)
                 if not n:
                     return b""
                 out = sock.recv(n)
                 if len(out) != n:  # not seen: the kernel returns a whole operation at once
-                    out += _recv_exact(sock, n - len(out), self._what(opmsg is _ENC_CMSG))
+                    out += _recv_exact(sock, n - len(out), self._what(op))
             except BaseException as exc:
-                raise self._operation_failed(exc, opmsg is _ENC_CMSG, None, 0) from None
+                raise self._operation_failed(exc, op, None, 0) from None
         return out
 
     def _check_length(self, op: AlgOp, n: int) -> None:
