@@ -74,7 +74,9 @@ def test_docs_build_with_warnings_as_errors(tmp_path: Path) -> None:
         assert (out / f"{page}.html").is_file(), page
     api = (out / "api.html").read_text()
     for module in conf_list("API_MODULES"):
-        assert f'id="module-{module}"' in api, f"{module} is not in the API reference"
+        page = (out / "api" / f"{module}.html").read_text()
+        assert f'id="module-{module}"' in page, f"{module} is not in the API reference"
+        assert f'href="api/{module}.html"' in api, f"api.html does not link {module}"
     cli = (out / "cli.html").read_text()
     for command in ("info", "vm", "list", "hash", "hmac", "enc", "aead-dec", "rng"):
         assert f'id="afalg-{command}"' in cli, command
