@@ -93,7 +93,7 @@ class KernelAEAD:
         self._aead = AEAD(self.name, key, tag_size=TAG_SIZE)
 
     def encrypt(self, nonce: bytes, plaintext: Buffer, aad: bytes) -> bytes | bytearray:
-        return self._aead._encrypt(nonce, plaintext, aad)  # no copy of the output
+        return self._aead.encrypt(nonce, plaintext, aad)
 
     def decrypt(self, nonce: bytes, ciphertext_and_tag: Buffer, aad: bytes) -> bytes:
         if len(ciphertext_and_tag) < TAG_SIZE:

@@ -53,11 +53,18 @@ __all__ = [
     "Hash",
     "SKCipher",
     "algorithms",
+    "bind",
     "file_digest",
     "new",
+    "not_available",
+    "privileged",
+    "socket_error",
 ]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+# plain ints for the hot paths (module globals: no enum attribute lookup per call)
+_ENCRYPT, _DECRYPT = int(AlgOp.ENCRYPT), int(AlgOp.DECRYPT)
+_SCRATCH_MAX = 256 * 1024  # an object keeps an output buffer up to this size for reuse
 _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -133,7 +140,9 @@ def af_alg_restrict() -> int | None:
         return None
 
 
-def _privileged() -> bool:
+def privileged() -> bool:
+    """True if this process holds CAP_SYS_ADMIN or CAP_NET_ADMIN (the longer allowlist of
+    ``crypto.af_alg_restrict=1``, and ``SO_SNDBUFFORCE``)."""
     from afalg._uapi import CAP_NET_ADMIN, CAP_SYS_ADMIN
     from afalg.probe import has_capability
 
@@ -183,9 +192,10 @@ def _in_proc_crypto(name: str) -> bool:
     return any(name in (info.name, info.driver) for info in algorithms())
 
 
-def _not_available(kind: str, name: str) -> AlgorithmNotAvailable:
-    """The error for a ``bind()`` refused with ENOENT: the kernel lacks the algorithm, or
-    ``crypto.af_alg_restrict`` refuses it (saying which, and what to do)."""
+def not_available(kind: str, name: str) -> AlgorithmNotAvailable:
+    """The error (returned, not raised) for a ``bind((kind, name))`` refused with ENOENT: the
+    kernel lacks the algorithm, or ``crypto.af_alg_restrict`` refuses it (saying which, and
+    what to do)."""
     restrict = af_alg_restrict()
     lacks = kernel_lacks(name)
     if lacks is not None or not restrict:
@@ -200,7 +210,7 @@ def _not_available(kind: str, name: str) -> AlgorithmNotAvailable:
             message += f"; AF_ALG is also restricted here (crypto.af_alg_restrict={restrict})"
         return AlgorithmNotAvailable(errno.ENOENT, message)
     who = "the allowlist"
-    if not _privileged():
+    if not privileged():
         who = "the shorter allowlist of a process without CAP_SYS_ADMIN or CAP_NET_ADMIN (this one)"
     has = " (the kernel has it: /proc/crypto lists it)" if _in_proc_crypto(name) else ""
     return AlgorithmNotAvailable(
@@ -211,8 +221,10 @@ def _not_available(kind: str, name: str) -> AlgorithmNotAvailable:
     )
 
 
-def _socket_error(exc: OSError) -> AlgError:
-    """The error for a refused ``socket(AF_ALG)``."""
+def socket_error(exc: OSError) -> AlgError:
+    """The error (returned, not raised) for ``exc`` from a refused ``socket(AF_ALG)``:
+    :class:`afalg.AlgorithmNotAvailable` saying why (no AF_ALG, ``crypto.af_alg_restrict=2``,
+    a seccomp filter or security module), else :class:`afalg.AlgError` with its errno."""
     code = exc.errno or 0
     if code in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT):
         restrict = af_alg_restrict()
@@ -238,8 +250,11 @@ def _socket_error(exc: OSError) -> AlgError:
     return _alg_error(exc, "socket(AF_ALG)")
 
 
-def _bind(kind: str, name: str) -> socket.socket:
-    """A transform socket bound to ``(kind, name)``."""
+def bind(kind: str, name: str) -> socket.socket:
+    """A new transform socket bound to ``(kind, name)`` (e.g. ``("aead", "gcm(aes)")``), the
+    caller's to close. Errors as for the classes here: :class:`afalg.AlgorithmNotAvailable`
+    when AF_ALG or the algorithm is missing or refused (see :func:`not_available`),
+    :class:`afalg.AlgError` otherwise; TypeError/ValueError for a bad name before any socket."""
     if not isinstance(name, str):
         raise TypeError(f"algorithm name must be str, not {type(name).__name__}")
     if not 0 < len(name.encode()) < cmsg.SALG_NAME_MAX:
@@ -247,13 +262,13 @@ def _bind(kind: str, name: str) -> socket.socket:
     try:
         sock = socket.socket(AF_ALG, socket.SOCK_SEQPACKET, 0)
     except OSError as exc:
-        raise _socket_error(exc) from None
+        raise socket_error(exc) from None
     try:
         sock.bind((kind, name))
     except OSError as exc:
         sock.close()
         if exc.errno == errno.ENOENT:
-            raise _not_available(kind, name) from None
+            raise not_available(kind, name) from None
         raise _alg_error(exc, f"bind({kind!r}, {name!r})") from None
     return sock
 
@@ -309,10 +324,11 @@ class _AlgSocket:
             raise ValueError(f"name must be 1 to {cmsg.SALG_NAME_MAX - 1} bytes: {name!r}")
         self._sndbuf = 0
         self._rcvbuf = 0
+        self._scratch: memoryview | None = None  # reused output buffer (see _output)
         self.name = name
 
     def _open(self, key: bytes | None = None) -> None:
-        self._tfm = _bind(self._kind, self.name)
+        self._tfm = bind(self._kind, self.name)
         if key is not None:
             try:
                 self._tfm.setsockopt(SOL_ALG, ALG_SET_KEY, key)
@@ -354,6 +370,41 @@ class _AlgSocket:
         if recv > self._rcvbuf:
             self._rcvbuf = _fit_buffer(op, recv, send=False)
 
+    def _output(self, need: int) -> memoryview:
+        """A buffer of at least ``need`` bytes for the kernel to write into: this object's
+        reused one (held under the lock, never handed out), or a fresh one beyond
+        _SCRATCH_MAX (so one large operation does not pin its size)."""
+        view = self._scratch
+        if view is None or len(view) < need:
+            if need > _SCRATCH_MAX:
+                return memoryview(bytearray(need))
+            view = self._scratch = memoryview(bytearray(max(need, 4096)))
+        return view
+
+    def _short_read(self, op: int, n: int, total: int) -> AlgError:
+        return AlgError(errno.EIO, f"{self._what(op)}: the kernel returned {n} of {total} bytes")
+
+    def _short_send(self, op: int, sent: int, sending: int) -> AlgError:
+        # af_alg_sendmsg() returns what it copied when it stops short; with the buffers fitted
+        # that is a failed sock_kmalloc() of its scatterlist tables, charged to optmem_max
+        # (Linux 7.3 with 16 MiB: 16515072 bytes taken)
+        return _no_socket_memory(self._what(op), sending, f": it took {sent} of {sending} bytes")
+
+    def _operation_failed(
+        self, exc: BaseException, op: int, out: bytearray | memoryview | None, written: int
+    ) -> BaseException:
+        """After a failed operation: drop the operation socket, wipe what the kernel may have
+        written, and return the error to raise (an OSError as afalg's)."""
+        self._drop_op()
+        if out is not None and written:
+            out[:written] = bytes(written)
+        if isinstance(exc, OSError) and not isinstance(exc, AlgError):
+            return _alg_error(exc, self._what(op))
+        return exc
+
+    def _what(self, op: int) -> str:
+        return f"{self.name} {AlgOp(op).name.lower()}"
+
     @property
     def closed(self) -> bool:
         return self._tfm is None
@@ -375,6 +426,7 @@ class _AlgSocket:
         """Close both sockets; calling it again does nothing."""
         with self._lock:
             self._drop_op()
+            self._scratch = None
             if self._tfm is not None:
                 self._tfm.close()
                 self._tfm = None
@@ -422,20 +474,6 @@ def _recv_exact(op: socket.socket, size: int, what: str) -> bytes:
             raise AlgError(errno.EIO, f"{what}: the kernel returned {got} of {size} bytes")
         got += n
     return bytes(buf)
-
-
-def _recv_output(op: socket.socket, skip: int, size: int, what: str) -> bytearray:
-    """One AEAD result: the kernel writes ``skip`` bytes of AAD back, then ``size`` bytes of
-    output, in one recvmsg. The AAD lands in a scratch buffer, the output is returned."""
-    result = bytearray(size)
-    buffers = [bytearray(skip), result] if skip else [result]
-    try:
-        n = op.recvmsg_into(buffers)[0]
-    except OSError as exc:
-        raise _alg_error(exc, what) from None
-    if n != skip + size:
-        raise AlgError(errno.EIO, f"{what}: the kernel returned {n} of {skip + size} bytes")
-    return result
 
 
 def _sendmsg(op: socket.socket, parts: list[Buffer], cmsgs: list, flags: int, what: str) -> None:
@@ -544,6 +582,10 @@ class AEAD(_AlgSocket):
             raise ValueError(f"{name}: tag_size {tag_size} is out of range")
         self.tag_size = tag_size
         self.key_size = len(key)
+        # the IV size of a plain AEAD (gcm, chacha20-poly1305), whose calls skip _prepare
+        self._fastiv = -1
+        if spec is not None and spec.kind == "plain" and len(spec.ivs) == 1:
+            self._fastiv = spec.ivs[0]
         self._open(key)
         try:
             self._tfm.setsockopt(SOL_ALG, ALG_SET_AEAD_AUTHSIZE, None, tag_size)  # type: ignore[union-attr]
@@ -560,86 +602,207 @@ class AEAD(_AlgSocket):
 
     def _prepare(self, iv: Any, aad: Any) -> tuple[bytes, bytes]:
         """(kernel IV, the associated data as the kernel sees it)."""
-        iv = _bytes(iv, "iv")
-        aad = _bytes(aad, "aad")
+        if type(iv) is not bytes:
+            iv = _bytes(iv, "iv")
+        if type(aad) is not bytes:
+            aad = _bytes(aad, "aad")
         spec = self._spec
         if spec is None:
             return iv, aad
         if len(iv) not in spec.ivs:
             what = "nonce" if spec.kind == "ccm" else "iv"
             raise ValueError(f"{self.name}: {what} must be {_sizes(spec.ivs)} bytes, got {len(iv)}")
-        if spec.kind == "ccm":
+        kind = spec.kind
+        if kind == "plain":
+            return iv, aad
+        if kind == "ccm":
             # RFC 3610 counter block A_0: flags = L' = L - 1 = 14 - len(nonce), nonce, counter 0
             return bytes([14 - len(iv)]) + iv + bytes(15 - len(iv)), aad
-        if spec.kind == "rfc4106":
-            if len(aad) not in spec.assoclens:  # type: ignore[operator]
-                raise ValueError(
-                    f"{self.name}: aad must be 8 or 12 bytes (SPI || seq, or with ESN), "
-                    f"got {len(aad)}"
-                )
-            return iv, aad + iv
-        return iv, aad
+        if len(aad) not in spec.assoclens:  # type: ignore[operator]  # rfc4106, rfc4309
+            raise ValueError(
+                f"{self.name}: aad must be 8 or 12 bytes (SPI || seq, or with ESN), got {len(aad)}"
+            )
+        return iv, aad + iv
 
     def encrypt(self, iv: Buffer, plaintext: Buffer, aad: Buffer = b"") -> bytes:
         """``ciphertext || tag`` of ``plaintext`` (``tag_size`` bytes longer)."""
-        return bytes(self._encrypt(iv, plaintext, aad))
+        if type(iv) is bytes and type(aad) is bytes and len(iv) == self._fastiv:
+            kiv, assoc = iv, aad  # the common case, checked: plain AEAD, bytes, right IV size
+        else:
+            kiv, assoc = self._prepare(iv, aad)
+        data = plaintext if type(plaintext) is bytes else _view(plaintext, "plaintext")
+        return self._crypt(_ENCRYPT, kiv, assoc, data, len(data) + self.tag_size, None)  # type: ignore[return-value]
 
     def decrypt(self, iv: Buffer, ciphertext_and_tag: Buffer, aad: Buffer = b"") -> bytes:
         """The plaintext, or :class:`afalg.InvalidTag` if the tag does not verify (or the input
         is shorter than the tag). Unauthenticated plaintext is never returned."""
-        return bytes(self._decrypt(iv, ciphertext_and_tag, aad))
+        if type(iv) is bytes and type(aad) is bytes and len(iv) == self._fastiv:
+            kiv, assoc = iv, aad
+        else:
+            kiv, assoc = self._prepare(iv, aad)
+        data = self._ciphertext(ciphertext_and_tag)
+        return self._crypt(_DECRYPT, kiv, assoc, data, len(data) - self.tag_size, None)  # type: ignore[return-value]
 
-    def _encrypt(self, iv: Buffer, plaintext: Buffer, aad: Buffer = b"") -> bytearray:
-        """:meth:`encrypt` returning the ``bytearray`` the kernel wrote into (no copy; the
-        record layer's kernel backend uses it)."""
-        kiv, assoc = self._prepare(iv, aad)
-        data = _view(plaintext, "plaintext")
-        return self._crypt(AlgOp.ENCRYPT, kiv, assoc, data, len(data) + self.tag_size)
+    def encrypt_into(self, out: Buffer, iv: Buffer, plaintext: Buffer, aad: Buffer = b"") -> int:
+        """Encrypt into ``out`` as the kernel writes its output: ``aad || ciphertext || tag``
+        at the start of ``out`` (a writable bytes-like object of at least ``len(aad) +
+        len(plaintext) + tag_size`` bytes); returns that length, as
+        :meth:`socket.socket.recv_into` returns a count. Nothing is allocated or copied: the
+        kernel writes into ``out``, and the call is the two system calls and little more.
 
-    def _decrypt(self, iv: Buffer, ciphertext_and_tag: Buffer, aad: Buffer = b"") -> bytearray:
-        kiv, assoc = self._prepare(iv, aad)
-        data = _view(ciphertext_and_tag, "ciphertext_and_tag")
-        self._check_open()
+        The AAD comes first because AF_ALG copies it through to the output; where the AAD is a
+        header, as in TLS 1.3 (the 5-byte record header), ``out`` then holds the whole record.
+        For ``rfc4106``/``rfc4309`` the kernel's AAD is ``aad || iv``: ``len(aad) + 8`` bytes
+        precede the ciphertext."""
+        if type(iv) is bytes and type(aad) is bytes and len(iv) == self._fastiv:
+            kiv, assoc = iv, aad
+        else:
+            kiv, assoc = self._prepare(iv, aad)
+        data = plaintext if type(plaintext) is bytes else _view(plaintext, "plaintext")
+        size = len(data) + self.tag_size
+        if type(out) is not bytearray or len(out) < len(assoc) + size:
+            out = _writable(out, len(assoc) + size)
+        return self._crypt(_ENCRYPT, kiv, assoc, data, size, out)  # type: ignore[return-value]
+
+    def decrypt_into(
+        self, out: Buffer, iv: Buffer, ciphertext_and_tag: Buffer, aad: Buffer = b""
+    ) -> int:
+        """Decrypt into ``out``, laid out as :meth:`encrypt_into`'s: ``aad || plaintext`` (at
+        least ``len(aad) + len(ciphertext_and_tag) - tag_size`` bytes); returns that length.
+        If the tag does not verify, :class:`afalg.InvalidTag` is raised and those bytes of
+        ``out`` are zeroed: the kernel decrypts into ``out`` before it checks the tag."""
+        if type(iv) is bytes and type(aad) is bytes and len(iv) == self._fastiv:
+            kiv, assoc = iv, aad
+        else:
+            kiv, assoc = self._prepare(iv, aad)
+        data = self._ciphertext(ciphertext_and_tag)
+        size = len(data) - self.tag_size
+        if type(out) is not bytearray or len(out) < len(assoc) + size:
+            out = _writable(out, len(assoc) + size)
+        return self._crypt(_DECRYPT, kiv, assoc, data, size, out)  # type: ignore[return-value]
+
+    def _ciphertext(self, value: Any) -> bytes | memoryview:
+        data = value if type(value) is bytes else _view(value, "ciphertext_and_tag")
         if len(data) < self.tag_size:
+            self._check_open()
             raise InvalidTag(
                 f"input of {len(data)} bytes is shorter than the {self.tag_size}-byte tag"
             )
-        return self._crypt(AlgOp.DECRYPT, kiv, assoc, data, len(data) - self.tag_size)
+        return data
 
     def _crypt(
-        self, op: AlgOp, iv: bytes, assoc: bytes, data: bytes | memoryview, size: int
-    ) -> bytearray:
-        """Send ``assoc || data`` with the operation and IV; return the ``size`` output bytes
-        that follow the AAD the kernel writes back."""
-        what = f"{self.name} {op.name.lower()}"
+        self,
+        op: int,
+        iv: bytes,
+        assoc: bytes,
+        data: bytes | memoryview,
+        size: int,
+        into: bytearray | memoryview | None,
+    ) -> bytes | int:
+        """Send ``assoc || data`` with the operation, IV and AAD length, then read the kernel's
+        ``assoc || output`` (``size`` bytes of output): into ``into`` (its length returned), or
+        as the output's bytes.
+
+        The hot path of every AEAD call and of the record layer's kernel backend: the same two
+        system calls as a bare loop (``socket.sendmsg_afalg``, whose control messages CPython
+        builds in C, and ``recv_into``), with the checks that rarely fail done once around
+        them. Without AAD the result is the bytes object recv() fills (no copy); with AAD the
+        output is copied out of this object's reused buffer (the kernel writes the AAD back
+        first; :meth:`encrypt_into` avoids that copy)."""
+        skip = len(assoc)
+        sending = skip + len(data)
+        total = skip + size
         with self._lock:
+            sock = self._op
+            if sock is None or sending > self._sndbuf or total > self._rcvbuf or not total:
+                return self._crypt_slow(op, iv, assoc, data, size, into)
+            out = into
+            try:
+                sent = sock.sendmsg_afalg((assoc, data), op=op, iv=iv, assoclen=skip)
+                if sent != sending:
+                    raise self._short_send(op, sent, sending)
+                if into is not None:
+                    n = sock.recv_into(into, total)
+                elif not skip:
+                    result = sock.recv(total)
+                    n = len(result)
+                else:
+                    scratch = self._scratch
+                    if scratch is None or len(scratch) < total:
+                        scratch = self._output(total)
+                    out = scratch
+                    n = sock.recv_into(scratch, total)
+                if n != total:
+                    raise self._short_read(op, n, total)
+            except BaseException as exc:
+                raise self._crypt_failed(exc, op, out, total, sending) from None
+            if into is not None:
+                return total
+            return result if not skip else scratch[skip:total].tobytes()  # type: ignore[index]
+
+    def _crypt_failed(
+        self,
+        exc: BaseException,
+        op: int,
+        out: bytearray | memoryview | None,
+        written: int,
+        sending: int,
+    ) -> BaseException:
+        error = self._operation_failed(exc, op, out, written)
+        nomem = isinstance(error, AlgError) and error.errno == errno.ENOMEM
+        if nomem and "optmem_max" not in str(error):
+            error = _no_socket_memory(self._what(op), sending)
+        return error
+
+    def _crypt_slow(
+        self,
+        op: int,
+        iv: bytes,
+        assoc: bytes,
+        data: bytes | memoryview,
+        size: int,
+        into: bytearray | memoryview | None,
+    ) -> bytes | int:
+        """:meth:`_crypt` when the object is closed, the operation socket is not there or its
+        buffers are too small, or there is nothing to read back (lock held)."""
+        skip = len(assoc)
+        if self._tfm is None:
             self._check_open()
-            self._fit(len(assoc) + len(data), len(assoc) + size)
+        if not (skip or size):
+            # no AAD and no output (decrypting a bare tag): the kernel checks the tag on a read
+            self._fit(len(data), 0)
             sock = self._op_socket()
             try:
-                _sendmsg(sock, [assoc, data], cmsg.alg_cmsgs(op, iv, len(assoc)), 0, what)
-                if assoc or size:
-                    result = _recv_output(sock, len(assoc), size, what)
-                else:
-                    result = self._recv_empty(sock, what)
-            except AlgError as exc:
-                self._drop_op()
-                if exc.errno == errno.ENOMEM and "optmem_max" not in str(exc):
-                    raise _no_socket_memory(what, len(assoc) + len(data)) from None
-                raise
-            except BaseException:
-                self._drop_op()
-                raise
-        return result
+                sent = sock.sendmsg_afalg((data,), op=op, iv=iv, assoclen=0)
+                if sent != len(data):
+                    raise self._short_send(op, sent, len(data))
+                sock.recv(1)
+            except BaseException as exc:
+                raise self._operation_failed(exc, op, None, 0) from None
+            return b"" if into is None else 0
+        self._fit(skip + len(data), skip + size)
+        return self._crypt(op, iv, assoc, data, size, into)  # the fast path, fitted
 
-    @staticmethod
-    def _recv_empty(sock: socket.socket, what: str) -> bytearray:
-        # decrypting an empty message with no AAD: the kernel still checks the tag
+
+def _writable(out: Any, size: int) -> bytearray | memoryview:
+    """``out`` as a writable buffer of at least ``size`` bytes (a bytearray as it is)."""
+    if type(out) is not bytearray:
         try:
-            sock.recv(1)
-        except OSError as exc:
-            raise _alg_error(exc, what) from None
-        return bytearray()
+            view = memoryview(out)
+        except TypeError:
+            raise TypeError(
+                f"out must be a writable bytes-like object, not {type(out).__name__}"
+            ) from None
+        if view.readonly:
+            raise TypeError(f"out must be writable, not a read-only {type(out).__name__}")
+        if view.format != "B" or view.ndim != 1:
+            if not view.c_contiguous:
+                raise ValueError("out must be C-contiguous")
+            view = view.cast("B")
+        out = view
+    if len(out) < size:
+        raise ValueError(f"out holds {len(out)} bytes, the output is {size}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -820,18 +983,24 @@ class Hash(_AlgSocket):
 
     def update(self, data: Buffer) -> None:
         """Hash ``data`` (any bytes-like)."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
+        if type(data) is bytes:
+            size = len(data)
+        elif isinstance(data, (bytearray, memoryview)):
+            size = memoryview(data).nbytes
+        else:
             raise TypeError(f"data must be bytes-like, not {type(data).__name__}")
         with self._lock:
-            self._check_state()
-            if not memoryview(data).nbytes:
+            if self._tfm is None or self._failed:
+                self._check_state()
+            if not size:
                 return
-            op = self._op_socket()
-            view = memoryview(data).cast("B")
+            op = self._op or self._op_socket()
             try:
-                while view:
-                    n = op.send(view, socket.MSG_MORE)
-                    view = view[n:]
+                sent = op.send(data, socket.MSG_MORE)
+                if sent < size:
+                    view = memoryview(data).cast("B")[sent:]
+                    while view:
+                        view = view[op.send(view, socket.MSG_MORE) :]
             except OSError as exc:
                 self._drop_op()
                 self._more = False
@@ -976,17 +1145,19 @@ class Hash(_AlgSocket):
     def digest(self) -> bytes:
         """The digest of everything hashed so far; hashing may continue afterwards."""
         with self._lock:
-            self._check_state()
-            op = self._op_socket()
+            if self._tfm is None or self._failed:
+                self._check_state()
+            op = self._op or self._op_socket()
             try:
-                clone, _ = op.accept()
+                clone = op.accept()[0]
             except OSError as exc:
                 raise _alg_error(exc, f"{self.name} digest") from None
-            with clone:
-                try:
-                    return clone.recv(self.digest_size)  # type: ignore[arg-type]
-                except OSError as exc:
-                    raise _alg_error(exc, f"{self.name} digest") from None
+            try:
+                return clone.recv(self.digest_size)  # type: ignore[arg-type]
+            except OSError as exc:
+                raise _alg_error(exc, f"{self.name} digest") from None
+            finally:
+                clone.close()
 
     def hexdigest(self) -> str:
         return self.digest().hex()
@@ -1147,6 +1318,9 @@ class SKCipher(_AlgSocket):
             raise ValueError(f"{name} is not a block mode: PKCS#7 padding does not apply")
         self.padding = padding
         self.key_size = len(key)
+        # for the fast path of encrypt()/decrypt(): no padding, an IV of the right size
+        self._ivsize = -1 if padding else spec.iv
+        self._block, self._min_len = spec.block, spec.min_len
 
     @property
     def block_size(self) -> int:
@@ -1164,10 +1338,18 @@ class SKCipher(_AlgSocket):
 
     def encrypt(self, iv: Buffer | None, data: Buffer) -> bytes:
         """Encrypt ``data`` in one go (padded first when ``padding="pkcs7"``)."""
+        if type(data) is bytes and type(iv) is bytes and len(iv) == self._ivsize:
+            n = len(data)  # the common case, checked here once: no padding, whole blocks
+            if n <= _STREAM_CHUNK and not n % self._block and n >= self._min_len:
+                return self._crypt(_ENCRYPT, iv, data)
         return self._one_shot(AlgOp.ENCRYPT, iv, data)
 
     def decrypt(self, iv: Buffer | None, data: Buffer) -> bytes:
         """Decrypt ``data`` in one go (and strip its padding when ``padding="pkcs7"``)."""
+        if type(data) is bytes and type(iv) is bytes and len(iv) == self._ivsize:
+            n = len(data)
+            if n <= _STREAM_CHUNK and not n % self._block and n >= self._min_len:
+                return self._crypt(_DECRYPT, iv, data)
         return self._one_shot(AlgOp.DECRYPT, iv, data)
 
     def encryptor(self, iv: Buffer | None) -> CipherStream:
@@ -1178,20 +1360,50 @@ class SKCipher(_AlgSocket):
 
     def _one_shot(self, op: AlgOp, iv: Any, data: Any) -> bytes:
         iv = self._check_iv(iv)
-        data = _bytes(data, "data")
-        with self._lock:
+        if type(data) is not bytes:
+            data = _bytes(data, "data")
+        if self._tfm is None:
             self._check_open()
-            if len(data) <= _STREAM_CHUNK:
-                if self.padding and op == AlgOp.ENCRYPT:
-                    data = _pkcs7_pad(data, self._spec.block)
-                self._check_length(op, len(data))
-                out = self._crypt_once(self._op_socket(), op, iv, data, owned=False)
-                if self.padding and op == AlgOp.DECRYPT:
-                    out = _pkcs7_unpad(out, self._spec.block)
-                return out
-        stream = CipherStream(self, op, iv)
-        with stream:
-            return stream.update(data) + stream.finalize()
+        if len(data) > _STREAM_CHUNK:
+            stream = CipherStream(self, op, iv)
+            with stream:
+                return stream.update(data) + stream.finalize()
+        padding = self.padding
+        if padding and op == _ENCRYPT:
+            data = _pkcs7_pad(data, self._spec.block)
+        self._check_length(op, len(data))
+        out = self._crypt(int(op), iv, data)
+        if padding and op == _DECRYPT:
+            out = _pkcs7_unpad(out, self._spec.block)
+        return out
+
+    def _crypt(self, op: int, iv: bytes, data: bytes) -> bytes:
+        """One complete operation (no MSG_MORE) on the reused operation socket: one
+        ``sendmsg_afalg()`` with the operation and IV, one ``recv()`` of the output (the bytes
+        object it fills is the result: no copy). ``data`` is checked, at most _STREAM_CHUNK."""
+        n = len(data)
+        with self._lock:
+            sock = self._op
+            if sock is None or n > self._sndbuf or n > self._rcvbuf or not n:
+                if self._tfm is None:
+                    self._check_open()
+                self._fit(n, n)
+                sock = self._op_socket()
+            try:
+                if iv:
+                    sent = sock.sendmsg_afalg((data,), op=op, iv=iv)
+                else:
+                    sent = sock.sendmsg_afalg((data,), op=op)
+                if sent != n:
+                    raise self._short_send(op, sent, n)
+                if not n:
+                    return b""
+                out = sock.recv(n)
+                if len(out) != n:  # not seen: the kernel returns a whole operation at once
+                    out += _recv_exact(sock, n - len(out), self._what(op))
+            except BaseException as exc:
+                raise self._operation_failed(exc, op, None, 0) from None
+        return out
 
     def _check_length(self, op: AlgOp, n: int) -> None:
         spec = self._spec
@@ -1207,23 +1419,15 @@ class SKCipher(_AlgSocket):
         if n < spec.min_len and n:
             raise ValueError(f"{self.name}: data must be at least {spec.min_len} bytes, got {n}")
 
-    def _crypt_once(
-        self, sock: socket.socket, op: AlgOp, iv: bytes, data: Buffer, *, owned: bool
-    ) -> bytes:
-        """One complete operation (no MSG_MORE) on ``sock``."""
-        what = f"{self.name} {op.name.lower()}"
-        try:
-            if not owned:
-                self._fit(len(data), len(data))
-            else:
-                _fit_buffer(sock, len(data), send=True)
-                _fit_buffer(sock, len(data), send=False)
-            _sendmsg(sock, [data], cmsg.alg_cmsgs(op, iv or None), 0, what)
-            return _recv_exact(sock, len(data), what) if data else b""
-        except BaseException:
-            if not owned:
-                self._drop_op()
-            raise
+
+def _crypt_once(sock: socket.socket, name: str, op: AlgOp, iv: bytes, data: Buffer) -> bytes:
+    """One complete skcipher operation (no MSG_MORE) on a stream's own operation socket ``sock``,
+    its buffers fitted here; the output."""
+    what = f"{name} {op.name.lower()}"
+    _fit_buffer(sock, len(data), send=True)
+    _fit_buffer(sock, len(data), send=False)
+    _sendmsg(sock, [data], cmsg.alg_cmsgs(op, iv or None), 0, what)
+    return _recv_exact(sock, len(data), what) if data else b""
 
 
 class CipherStream:
@@ -1293,9 +1497,7 @@ class CipherStream:
             while len(self._buffer) >= chunk:
                 n = min(len(self._buffer) - len(self._buffer) % chunk, _STREAM_CHUNK)
                 with memoryview(self._buffer)[:n] as piece:  # released before the del below
-                    out.append(
-                        self._cipher._crypt_once(sock, self._op, self._iv, piece, owned=True)
-                    )
+                    out.append(_crypt_once(sock, self._cipher.name, self._op, self._iv, piece))
                 del self._buffer[:n]
                 self._iv = advance(self._iv, n)
         except BaseException:
@@ -1324,9 +1526,7 @@ class CipherStream:
                 self._total += len(tail)
             cipher._check_length(self._op, self._total)
             if not self._spec.chains:
-                out = cipher._crypt_once(
-                    sock, self._op, self._iv, bytes(self._buffer) + tail, owned=True
-                )
+                out = _crypt_once(sock, cipher.name, self._op, self._iv, bytes(self._buffer) + tail)
             else:
                 cmsgs = [] if self._started else cmsg.alg_cmsgs(self._op, self._iv or None)
                 _sendmsg(sock, [tail], cmsgs, 0, what)

@@ -45,6 +45,7 @@ __all__ = [
     "assoclen_cmsg",
     "cipher_layout",
     "iv_cmsg",
+    "iv_header",
     "op_cmsg",
     "pack_af_alg_iv",
     "parse_alg_cmsgs",
@@ -139,7 +140,23 @@ class af_alg_iv(ctypes.Structure):  # the kernel's name
 def pack_af_alg_iv(iv: Buffer) -> bytes:
     """``struct af_alg_iv`` with its flexible array: ``u32 len(iv)`` then ``iv``."""
     iv = as_bytes("iv", iv)
-    return bytes(af_alg_iv(len(iv))) + iv
+    return iv_header(len(iv)) + iv
+
+
+def iv_header(ivlen: int) -> bytes:
+    """The 4-byte ``struct af_alg_iv`` header for an IV of ``ivlen`` bytes (``u32 ivlen``);
+    cached per length, since it is the same for every operation of a key."""
+    header = _IV_HEADERS.get(ivlen)
+    if header is None:
+        if not 0 <= ivlen < 2**32:
+            raise ValueError(f"ivlen must fit in a u32, got {ivlen}")
+        header = bytes(af_alg_iv(ivlen))  # the C layout, from the struct itself
+        if len(_IV_HEADERS) < 256:
+            _IV_HEADERS[ivlen] = header
+    return header
+
+
+_IV_HEADERS: dict[int, bytes] = {}
 
 
 def unpack_af_alg_iv(data: Buffer) -> bytes:
@@ -153,9 +170,19 @@ def unpack_af_alg_iv(data: Buffer) -> bytes:
     return data[4:]
 
 
+# The two ALG_SET_OP messages, built once: they are the same for every operation.
+_OP_CMSGS: dict[int, Cmsg] = {
+    int(op): (SOL_ALG, ALG_SET_OP, _U32.pack(op)) for op in (AlgOp.DECRYPT, AlgOp.ENCRYPT)
+}
+
+
 def op_cmsg(op: int) -> Cmsg:
-    """``ALG_SET_OP``: ``AlgOp.ENCRYPT`` (1) or ``AlgOp.DECRYPT`` (0)."""
-    return (SOL_ALG, ALG_SET_OP, _U32.pack(AlgOp(op)))
+    """``ALG_SET_OP``: ``AlgOp.ENCRYPT`` (1) or ``AlgOp.DECRYPT`` (0). The same (prebuilt)
+    tuple is returned on every call."""
+    try:
+        return _OP_CMSGS[op]
+    except (KeyError, TypeError):
+        return (SOL_ALG, ALG_SET_OP, _U32.pack(AlgOp(op)))  # AlgOp(op) raises ValueError
 
 
 def iv_cmsg(iv: Buffer) -> Cmsg:
@@ -164,10 +191,19 @@ def iv_cmsg(iv: Buffer) -> Cmsg:
 
 
 def assoclen_cmsg(assoclen: int) -> Cmsg:
-    """``ALG_SET_AEAD_ASSOCLEN``: how many leading bytes of the input are associated data."""
-    if not 0 <= assoclen < 2**32:
-        raise ValueError(f"assoclen must fit in a u32, got {assoclen}")
-    return (SOL_ALG, ALG_SET_AEAD_ASSOCLEN, _U32.pack(assoclen))
+    """``ALG_SET_AEAD_ASSOCLEN``: how many leading bytes of the input are associated data.
+    Cached per length (a record layer uses one or two)."""
+    msg = _ASSOCLEN_CMSGS.get(assoclen)
+    if msg is None:
+        if not 0 <= assoclen < 2**32:
+            raise ValueError(f"assoclen must fit in a u32, got {assoclen}")
+        msg = (SOL_ALG, ALG_SET_AEAD_ASSOCLEN, _U32.pack(assoclen))
+        if len(_ASSOCLEN_CMSGS) < 256:
+            _ASSOCLEN_CMSGS[assoclen] = msg
+    return msg
+
+
+_ASSOCLEN_CMSGS: dict[int, Cmsg] = {}
 
 
 def alg_cmsgs(
@@ -223,9 +259,18 @@ def parse_alg_cmsgs(cmsgs: Iterable[tuple[int, int, Buffer]]) -> AlgCmsgs:
 def record_type_cmsg(content_type: int) -> Cmsg:
     """``TLS_SET_RECORD_TYPE`` for ``sendmsg()`` on a kTLS socket: the record's ContentType
     (one byte; 23 = application_data is the default when no cmsg is given)."""
+    msg = _RECORD_TYPE_CMSGS.get(content_type)
+    if msg is not None:
+        return msg
     if not 0 <= content_type <= 255:
         raise ValueError(f"TLS content type is one byte, got {content_type}")
     return (SOL_TLS, TLS_SET_RECORD_TYPE, bytes([content_type]))
+
+
+# Built once: a kTLS sendmsg() of a control record passes one of these.
+_RECORD_TYPE_CMSGS: dict[int, Cmsg] = {
+    t: (SOL_TLS, TLS_SET_RECORD_TYPE, bytes([t])) for t in range(256)
+}
 
 
 def parse_record_type(cmsg_data: Buffer) -> int:

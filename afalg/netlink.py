@@ -215,9 +215,9 @@ def query(name: str, driver: str = "", *, instantiate: str | None = None) -> Cry
     """
     holder = None
     if instantiate:
-        from afalg.alg import _bind  # the netlink query does not need AF_ALG otherwise
+        from afalg.alg import bind  # the netlink query does not need AF_ALG otherwise
 
-        holder = _bind(instantiate, name)
+        holder = bind(instantiate, name)
     try:
         return _query(name, driver)
     finally:

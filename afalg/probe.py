@@ -86,14 +86,14 @@ def _reason(exc: OSError) -> str:
 
 
 def _probe_af_alg() -> tuple[bool, str | None, list[AlgStatus]]:
-    from afalg.alg import _not_available, _socket_error
+    from afalg.alg import not_available, socket_error
 
     try:
         sock = socket.socket(_uapi.AF_ALG, socket.SOCK_SEQPACKET, 0)
     except OSError as exc:
         if exc.errno in (errno.EPERM, errno.EACCES):
             return False, f"socket(AF_ALG) denied by policy (seccomp or LSM): {_reason(exc)}", []
-        error = _socket_error(exc)
+        error = socket_error(exc)
         if getattr(error, "af_alg_restrict", None):
             return False, f"{error.strerror} [{_reason(exc)}]", []
         return False, f"socket(AF_ALG) failed: {_reason(exc)}", []
@@ -108,7 +108,7 @@ def _probe_af_alg() -> tuple[bool, str | None, list[AlgStatus]]:
                     if exc.errno != errno.ENOENT:
                         found.append(AlgStatus(kind, name, False, _reason(exc)))
                         continue
-                    error = _not_available(kind, name)
+                    error = not_available(kind, name)
                     restricted = error.af_alg_restrict is not None
                     reason = (
                         f"refused by crypto.af_alg_restrict={error.af_alg_restrict}"
@@ -141,7 +141,7 @@ def probe() -> Capabilities:
     """Probe the running kernel. Never raises for a missing capability; it reports it."""
     af_alg, af_reason, found = _probe_af_alg()
     tls_ulp, tls_reason, ciphers = _probe_tls()
-    from afalg.alg import _privileged, af_alg_restrict
+    from afalg.alg import af_alg_restrict, privileged
     from afalg.ktls import supports_rekey
 
     types = {kind: any(a.available for a in found if a.type == kind) for kind in USED_ALGORITHMS}
@@ -152,7 +152,7 @@ def probe() -> Capabilities:
         af_alg_reason=af_reason,
         alg_types=types if af_alg else {},
         af_alg_restrict=af_alg_restrict(),
-        privileged=_privileged(),
+        privileged=privileged(),
         algorithms=found,
         tls_ulp=tls_ulp,
         tls_ulp_reason=tls_reason,

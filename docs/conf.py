@@ -1,4 +1,14 @@
-"""Sphinx configuration for afalg's documentation (``make docs``; the tests build it with -W)."""
+"""Sphinx configuration for afalg's documentation.
+
+Build: ``.venv/bin/python -m sphinx -W -n -b html docs docs/_build/html`` (tests/test_docs.py
+runs that build, warnings as errors, in the test command).
+
+Sphinx rather than MkDocs: afalg's docstrings are reStructuredText with Sphinx's roles
+(``:class:``, ``:func:``, ``:mod:``, literal blocks), which autodoc reads as written, and
+``-n`` turns a reference to an afalg name that does not exist into a failed build; the
+``afalg`` command's page is generated from its argparse parser (sphinx-argparse); MyST lets the
+guides be Markdown, which reads the same on GitHub and is what the tests extract code from.
+"""
 
 from __future__ import annotations
 
@@ -75,17 +85,36 @@ html_title = f"afalg {release}"
 html_theme_options = {"description": "The Linux kernel crypto API and kernel TLS from Python"}
 
 
+API_DIR = Path(__file__).resolve().parent / "api"
+
+
+def _module_page(name: str) -> str:
+    title = f"``{name}``"
+    # The package's names are re-exports, documented in their home modules (afalg.probe is
+    # both a module and, in the package, a function: documenting both would clash).
+    options = "   :no-members:\n" if name == "afalg" else ""
+    return f"{title}\n{'=' * len(title)}\n\n.. automodule:: {name}\n{options}"
+
+
+def _write_api_pages(app: Sphinx, config: object) -> None:
+    """docs/api/MODULE.rst for each of API_MODULES: generated at each build, not tracked
+    (docs/.gitignore), rewritten only when they change; pages of modules no longer listed go."""
+    API_DIR.mkdir(exist_ok=True)
+    wanted = {f"{name}.rst": _module_page(name) for name in API_MODULES}
+    for path in API_DIR.glob("*.rst"):
+        if path.name not in wanted:
+            path.unlink()
+    for filename, text in wanted.items():
+        path = API_DIR / filename
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+
+
 def _api_page(app: Sphinx, docname: str, source: list[str]) -> None:
-    """docs/api.rst ends with one section per module of API_MODULES."""
-    if docname != "api":
-        return
-    parts = []
-    for name in API_MODULES:
-        # The package's names are re-exports, documented in their home modules (afalg.probe is
-        # both a module and, in the package, a function: documenting both would clash).
-        options = "   :no-members:\n" if name == "afalg" else ""
-        parts.append(f"\n``{name}``\n{'-' * (len(name) + 4)}\n\n.. automodule:: {name}\n{options}")
-    source[0] += "".join(parts)
+    """docs/api.rst ends with a table of contents of API_MODULES' pages, in that order."""
+    if docname == "api":
+        source[0] += "\n.. toctree::\n   :maxdepth: 1\n\n"
+        source[0] += "".join(f"   api/{name}\n" for name in API_MODULES)
 
 
 def _home(obj: object) -> str | None:
@@ -139,5 +168,6 @@ def _resolve_reexport(app: Sphinx, env: object, node: object, contnode: object) 
 
 
 def setup(app: Sphinx) -> None:
+    app.connect("config-inited", _write_api_pages)
     app.connect("source-read", _api_page)
     app.connect("missing-reference", _resolve_reexport)

@@ -240,3 +240,31 @@ def test_unprivileged_oversized_operation_is_refused() -> None:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("aad", [b"", b"\x17\x03\x03\x00\x21", os.urandom(13)])
+def test_encrypt_into_writes_the_kernels_layout(aad: bytes) -> None:
+    """encrypt_into/decrypt_into: ``aad || output`` in the caller's buffer (a TLS 1.3 header
+    as AAD gives the whole record), the same bytes as encrypt()/decrypt(); any writable
+    bytes-like; a short or read-only buffer refused before any system call."""
+    key, iv, pt = os.urandom(16), os.urandom(12), os.urandom(17)
+    with AEAD(GCM, key) as aead:
+        sealed = aead.encrypt(iv, pt, aad)
+        out = bytearray(len(aad) + len(sealed) + 3)
+        assert aead.encrypt_into(out, iv, pt, aad) == len(aad) + len(sealed)
+        assert bytes(out) == aad + sealed + bytes(3)
+        view = memoryview(bytearray(len(aad) + len(pt)))
+        assert aead.decrypt_into(view, iv, sealed, aad) == len(aad) + len(pt)
+        assert view.tobytes() == aad + pt
+        with pytest.raises(ValueError, match="holds"):
+            aead.encrypt_into(bytearray(len(aad) + len(sealed) - 1), iv, pt, aad)
+        with pytest.raises(TypeError, match="writable"):
+            aead.encrypt_into(bytes(64), iv, pt, aad)
+        # a failed tag: InvalidTag, and no plaintext left in the caller's buffer
+        spoiled = bytearray(sealed)
+        spoiled[-1] ^= 1
+        out = bytearray(b"\xaa" * (len(aad) + len(pt)))
+        with pytest.raises(afalg.InvalidTag):
+            aead.decrypt_into(out, iv, bytes(spoiled), aad)
+        assert out == bytes(len(out))
+        assert aead.decrypt(iv, sealed, aad) == pt  # still usable

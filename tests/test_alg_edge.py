@@ -1,6 +1,6 @@
 """Arguments are checked at the edge (STYLE 8): a wrong type or an impossible combination raises
 TypeError or ValueError naming the argument before any AF_ALG socket is opened. Host tests: a
-socket would fail the test (``_bind`` is replaced by one that records the attempt)."""
+socket would fail the test (``bind`` is replaced by one that records the attempt)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def no_socket(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
         opened.append((kind, name))
         raise AssertionError(f"a socket was opened for {kind} {name!r} before the check")
 
-    monkeypatch.setattr(alg, "_bind", refuse)
+    monkeypatch.setattr(alg, "bind", refuse)
     return opened
 
 

@@ -93,7 +93,7 @@ def test_one_version_source() -> None:
     ]
     assert len(found) == 1, found  # afalg/__init__.py's __version__ only
     changelog = (ROOT / "CHANGELOG.md").read_text()
-    assert f"## [{afalg.__version__}]" in changelog, "CHANGELOG.md has no entry for the version"
+    assert f"\n## {afalg.__version__} - " in changelog, "CHANGELOG.md has no entry for the version"
 
 
 def test_artifacts_carry_the_version(built: Built) -> None:
