@@ -127,6 +127,7 @@ def test_pending_counts_every_buffered_record(mode: tuple[str, str]) -> None:
             finally:
                 probe.close()
         ours.setblocking(False)
+        assert select.select([ours], [], [], 60)[0]
         got = bytearray(ours.recv(1000))
         assert got == b"A" * 1000
         if mode[0] == "algif":
