@@ -105,7 +105,8 @@ def test_sdist_has_tests_vectors_examples_docs(built: Built) -> None:
     with tarfile.open(built.sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     expected = {
-        "CHANGELOG.md", "README.md", "LICENSE", "Makefile", "setup.cfg", "pyproject.toml",
+        "CHANGELOG.md", "SECURITY.md", "README.md", "LICENSE", "Makefile", "setup.cfg",
+        "pyproject.toml",
         "tests/run.py", "tests/conftest.py", "tests/test_packaging.py", "tests/test_docs.py",
         "tests/vectors/rfc8448_records.json", "tests/certs/server.pem", "tests/certs/ca.pem",
         "tests/data/debian12-fresh-packages.txt", "examples/tls_echo_server.py",
