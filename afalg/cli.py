@@ -1,7 +1,9 @@
 """The ``afalg`` command (also ``python -m afalg``).
 
-``afalg info`` reports what the kernel offers, ``afalg vm`` runs a command under a Debian kernel,
-and the crypto subcommands (``hash``, ``enc``, ``rng``, ...) script AF_ALG like libkcapi's tools.
+``afalg info`` reports what the kernel offers, ``afalg stat`` prints the kernel's TLS counters
+(``/proc/net/tls_stat``, with deltas over an interval), ``afalg vm`` runs a command under a
+Debian kernel, and the crypto subcommands (``hash``, ``enc``, ``rng``, ...) script AF_ALG like
+libkcapi's tools.
 Errors are one line on stderr and a non-zero exit status, never a traceback.
 """
 
@@ -10,9 +12,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 
 from afalg import __version__
@@ -33,6 +37,53 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if not caps.af_alg:
         print(f"afalg: AF_ALG is not usable here: {caps.af_alg_reason}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _stat_block(now: dict[str, int], before: dict[str, int] | None, interval: float) -> str:
+    """One sample: a header line (``counter total``, then ``+Ss`` with deltas), then ``NAME
+    TOTAL`` per counter in the kernel's order (``NAME TOTAL +DELTA`` with a previous sample;
+    the current counters such as ``TlsCurrTxSw`` may go down: ``-1``)."""
+    width = max(len(name) for name in now) if now else 7
+    if before is None:
+        lines = [f"{'counter':<{width}} {'total':>12}"]
+        lines += [f"{name:<{width}} {value:>12}" for name, value in now.items()]
+    else:
+        lines = [f"{'counter':<{width}} {'total':>12} {f'+{interval:g}s':>12}"]
+        lines += [
+            f"{name:<{width}} {value:>12} {value - before.get(name, 0):>+12}"
+            for name, value in now.items()
+        ]
+    return "\n".join(lines)
+
+
+def _cmd_stat(args: argparse.Namespace) -> int:
+    from afalg import _uapi
+    from afalg.ktls import tls_stats
+
+    if args.interval is not None and not args.interval > 0:
+        print("afalg stat: --interval must be a positive number of seconds", file=sys.stderr)
+        return 2
+    if args.count is not None and (args.interval is None or args.count < 1):
+        print("afalg stat: --count N needs --interval S and N >= 1", file=sys.stderr)
+        return 2
+    if not os.path.exists(_uapi.TLS_STAT_PATH):
+        print(
+            f"afalg stat: {_uapi.TLS_STAT_PATH} does not exist: the kernel's tls module is not "
+            "loaded (run 'modprobe tls' as root; the kernel needs CONFIG_TLS)",
+            file=sys.stderr,
+        )
+        return 1
+    # Each block ends with a blank line, so a reader knows when one is complete.
+    before = tls_stats()
+    print(_stat_block(before, None, 0.0) + "\n", flush=True)
+    done = 0
+    while args.interval is not None and (args.count is None or done < args.count):
+        time.sleep(args.interval)
+        now = tls_stats()
+        print(_stat_block(now, before, args.interval) + "\n", flush=True)
+        before = now
+        done += 1
     return 0
 
 
@@ -82,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="what this kernel offers (AF_ALG types, kTLS ciphers)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_cmd_info)
+
+    stat = sub.add_parser(
+        "stat",
+        help="the kernel's TLS counters (/proc/net/tls_stat), with deltas over an interval",
+        description="Print /proc/net/tls_stat (this network namespace's kTLS counters). With "
+        "--interval S, print them again every S seconds with the change since the previous "
+        "sample (+DELTA), --count N times (default: until interrupted).",
+    )
+    stat.add_argument("--interval", type=float, default=None, metavar="S", help="seconds")
+    stat.add_argument(
+        "--count", type=int, default=None, metavar="N", help="samples after the first"
+    )
+    stat.set_defaults(func=_cmd_stat)
 
     vmp = sub.add_parser(
         "vm",

@@ -39,6 +39,7 @@ __all__ = [
     "CipherLayout",
     "Cmsg",
     "CryptoInfo",
+    "CryptoInfoPublic",
     "af_alg_iv",
     "alg_cmsgs",
     "as_bytes",
@@ -50,6 +51,7 @@ __all__ = [
     "pack_af_alg_iv",
     "parse_alg_cmsgs",
     "parse_record_type",
+    "peek_tls_crypto_info",
     "record_type_cmsg",
     "sockaddr_alg",
     "tls12_crypto_info_aes_ccm_128",
@@ -483,3 +485,39 @@ def unpack_tls_crypto_info(data: Buffer) -> CryptoInfo:
         bytes(obj.salt),
         bytes(obj.rec_seq),
     )
+
+
+class CryptoInfoPublic(NamedTuple):
+    """The fields of a ``struct tls12_crypto_info_*`` that are not secret."""
+
+    version: int
+    """``TLS_1_2_VERSION`` (0x0303) or ``TLS_1_3_VERSION`` (0x0304)."""
+    cipher_type: TLSCipherType
+    rec_seq: int | None
+    """The next record's sequence number (None for the bare 4-byte header)."""
+
+
+def peek_tls_crypto_info(data: Buffer) -> CryptoInfoPublic:
+    """``version``, ``cipher_type`` and ``rec_seq`` of a ``struct tls12_crypto_info_*`` (what
+    ``getsockopt(SOL_TLS, TLS_TX or TLS_RX)`` writes), reading no other byte.
+
+    ``data`` is either the bare ``struct tls_crypto_info`` (4 bytes: ``u16 version | u16
+    cipher_type``, native endianness; ``rec_seq`` is then None) or the whole struct of its
+    ``cipher_type`` (``... | iv | key | salt | rec_seq``, ``rec_seq`` the last 8 bytes,
+    big-endian). The iv, key and salt in between are never copied: the caller can zero its
+    buffer afterwards and no copy of the key is left in Python objects (unlike
+    :func:`unpack_tls_crypto_info`). ValueError for a size that fits neither or an unknown
+    ``cipher_type``.
+    """
+    view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+    if len(view) < ctypes.sizeof(tls_crypto_info_header):
+        raise ValueError(f"struct tls_crypto_info needs at least 4 bytes, got {len(view)}")
+    version, cipher_type = struct.unpack_from("=HH", view)
+    cls = tls_crypto_info_struct(cipher_type)
+    if len(view) == ctypes.sizeof(tls_crypto_info_header):
+        return CryptoInfoPublic(version, TLSCipherType(cipher_type), None)
+    if len(view) != ctypes.sizeof(cls):
+        raise ValueError(f"{cls.__name__} is {ctypes.sizeof(cls)} bytes, got {len(view)}")
+    offset = cls.rec_seq.offset
+    (seq,) = struct.unpack_from(">Q", view, offset)
+    return CryptoInfoPublic(version, TLSCipherType(cipher_type), seq)

@@ -286,3 +286,67 @@ def test_any_bytes_like_iv_and_key() -> None:
     assert cmsg.iv_cmsg(array.array("B", range(16)))[2] == cmsg.iv_cmsg(bytes(range(16)))[2]
     info = cmsg.tls_crypto_info(0x0304, 51, key=bytearray(16), iv=memoryview(bytes(12)))
     assert info == cmsg.tls_crypto_info(0x0304, 51, key=bytes(16), iv=bytes(12))
+
+
+_C_CIPHER = {
+    "tls12_crypto_info_aes_gcm_128": "TLS_CIPHER_AES_GCM_128",
+    "tls12_crypto_info_aes_gcm_256": "TLS_CIPHER_AES_GCM_256",
+    "tls12_crypto_info_aes_ccm_128": "TLS_CIPHER_AES_CCM_128",
+    "tls12_crypto_info_chacha20_poly1305": "TLS_CIPHER_CHACHA20_POLY1305",
+    "tls12_crypto_info_sm4_gcm": "TLS_CIPHER_SM4_GCM",
+    "tls12_crypto_info_sm4_ccm": "TLS_CIPHER_SM4_CCM",
+    "tls12_crypto_info_aria_gcm_128": "TLS_CIPHER_ARIA_GCM_128",
+    "tls12_crypto_info_aria_gcm_256": "TLS_CIPHER_ARIA_GCM_256",
+}
+
+
+@pytest.mark.skipif(
+    not (shutil.which("cc") and Path("/usr/include/linux/tls.h").exists()),
+    reason="needs a C compiler and the kernel UAPI headers (linux-libc-dev)",
+)
+def test_peek_tls_crypto_info_against_c(tmp_path: Path) -> None:
+    """Structs filled by C (iv/key/salt 0xAB, rec_seq 01..08): peek_tls_crypto_info reads the
+    header and rec_seq where C put them, and nothing of the rest."""
+    lines = ["#include <stdio.h>", "#include <string.h>", "#include <linux/tls.h>"]
+    lines += ["int main(void) { unsigned char *p; size_t i;"]
+    for name, macro in _C_CIPHER.items():
+        lines.append(f"{{ struct {name} s; memset(&s, 0xAB, sizeof s);")
+        lines.append("s.info.version = TLS_1_3_VERSION;")
+        lines.append(f"s.info.cipher_type = {macro};")
+        lines.append("for (i = 0; i < sizeof s.rec_seq; i++) s.rec_seq[i] = i + 1;")
+        lines.append(f'printf("{name} "); p = (unsigned char *)&s;')
+        lines.append('for (i = 0; i < sizeof s; i++) printf("%02x", p[i]); printf("\\n"); }')
+    lines.append("return 0; }")
+    src = tmp_path / "peek.c"
+    src.write_text("\n".join(lines))
+    exe = tmp_path / "peek"
+    subprocess.run(["cc", "-o", str(exe), str(src)], check=True, capture_output=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    seen = set()
+    for line in out.splitlines():
+        name, hexdata = line.split()
+        raw = bytearray.fromhex(hexdata)
+        cipher = getattr(TLSCipherType, _C_CIPHER[name].removeprefix("TLS_CIPHER_"))
+        info = cmsg.peek_tls_crypto_info(raw)
+        assert info == (TLS_1_3_VERSION, cipher, 0x0102030405060708), name
+        assert "171" not in repr(info) and "0xab" not in repr(info).lower()
+        assert cmsg.peek_tls_crypto_info(raw[:4]) == (TLS_1_3_VERSION, cipher, None)
+        seen.add(name)
+    assert seen == set(_C_CIPHER)
+
+
+def test_peek_tls_crypto_info_matches_unpack() -> None:
+    raw = cmsg.tls_crypto_info(
+        TLS_1_2_VERSION, TLSCipherType.AES_GCM_256, key=bytes(range(32)), iv=b"i" * 8,
+        salt=b"salt", rec_seq=2**64 - 2,
+    )  # fmt: skip
+    full = cmsg.unpack_tls_crypto_info(raw)
+    peek = cmsg.peek_tls_crypto_info(memoryview(bytearray(raw)))
+    assert (peek.version, peek.cipher_type) == (full.version, full.cipher_type)
+    assert peek.rec_seq == int.from_bytes(full.rec_seq, "big") == 2**64 - 2
+    with pytest.raises(ValueError, match="56 bytes, got 55"):
+        cmsg.peek_tls_crypto_info(raw[:-1])
+    with pytest.raises(ValueError, match="at least 4"):
+        cmsg.peek_tls_crypto_info(raw[:3])
+    with pytest.raises(ValueError, match="unknown TLS cipher_type 99"):
+        cmsg.peek_tls_crypto_info(b"\x04\x03\x63\x00")
