@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import itertools
 import os
 import struct
 import subprocess
@@ -373,7 +374,7 @@ def test_stat_deltas_after_traffic() -> None:
         finally:
             proc.kill()
             proc.communicate(timeout=60 * SLOW)
-    for prev, block in zip(blocks, blocks[1:]):
+    for prev, block in itertools.pairwise(blocks):
         for name, (total, delta) in block.items():
             assert total == prev[name][0] + (delta or 0), name
     for name in ("TlsTxSw", "TlsRxSw", "TlsCurrTxSw", "TlsCurrRxSw"):
