@@ -1403,6 +1403,36 @@ class SKCipher(_AlgSocket):
                 return self._crypt(_DECRYPT, iv, data)
         return self._one_shot(AlgOp.DECRYPT, iv, data)
 
+    def encrypt_into(self, out: Buffer, iv: Buffer | None, data: Buffer) -> int:
+        """:meth:`encrypt` writing the ciphertext into the start of ``out`` (writable, at least
+        ``len(data)`` bytes): the kernel writes there, nothing is allocated or copied (up to
+        64 KiB; longer data is copied in from :meth:`encrypt`). Returns ``len(data)``. Not
+        with ``padding="pkcs7"`` (the output length would differ from the input's)."""
+        return self._crypt_into(_ENCRYPT, out, iv, data)
+
+    def decrypt_into(self, out: Buffer, iv: Buffer | None, data: Buffer) -> int:
+        """:meth:`decrypt` writing the plaintext into ``out``, as :meth:`encrypt_into`."""
+        return self._crypt_into(_DECRYPT, out, iv, data)
+
+    def _crypt_into(self, op: int, out: Any, iv: Any, data: Any) -> int:
+        if self.padding:
+            raise ValueError(f"{self.name}: *_into() is for unpadded data (padding='pkcs7')")
+        if type(data) is not bytes:
+            data = _view(data, "data")
+        n = len(data)
+        if type(out) is not bytearray or len(out) < n:
+            out = _writable(out, n)
+        if not (type(iv) is bytes and len(iv) == self._ivsize):
+            iv = self._check_iv(iv)
+        if n > _STREAM_CHUNK:
+            out[:n] = self._one_shot(AlgOp(op), iv, data)
+            return n
+        if n % self._block or n < self._min_len:
+            self._check_open()
+            self._check_length(AlgOp(op), n)
+        self._crypt(op, iv, data, out)
+        return n
+
     def encryptor(self, iv: Buffer | None) -> CipherStream:
         return CipherStream(self, AlgOp.ENCRYPT, self._check_iv(iv))
 
@@ -1428,10 +1458,17 @@ class SKCipher(_AlgSocket):
             out = _pkcs7_unpad(out, self._spec.block)
         return out
 
-    def _crypt(self, op: int, iv: bytes, data: bytes) -> bytes:
-        """One complete operation (no MSG_MORE) on the reused operation socket: one
+    def _crypt(
+        self,
+        op: int,
+        iv: bytes,
+        data: bytes | memoryview,
+        into: bytearray | memoryview | None = None,
+    ) -> bytes:
+        """One complete operation (no MSG_MORE) on an idle operation socket: one
         ``sendmsg_afalg()`` with the operation and IV, one ``recv()`` of the output (the bytes
-        object it fills is the result: no copy). ``data`` is checked, at most _STREAM_CHUNK."""
+        object it fills is the result: no copy), or ``recv_into(into)`` (then b"" is returned).
+        ``data`` is checked, at most _STREAM_CHUNK bytes."""
         n = len(data)
         try:
             entry = self._idle.pop()
@@ -1447,9 +1484,15 @@ class SKCipher(_AlgSocket):
                 sent = sock.sendmsg_afalg((data,), op=op)
             if sent != n:
                 raise self._short_send(op, sent, n)
-            out = sock.recv(n) if n else b""
-            if len(out) != n:  # not seen: the kernel returns a whole operation at once
-                out += _recv_exact(sock, n - len(out), self._what(op))
+            if into is not None:
+                got = sock.recv_into(into, n) if n else 0
+                if got != n:
+                    raise self._short_read(op, got, n)
+                out = b""
+            else:
+                out = sock.recv(n) if n else b""
+                if len(out) != n:  # not seen: the kernel returns a whole operation at once
+                    out += _recv_exact(sock, n - len(out), self._what(op))
         except BaseException as exc:
             raise self._operation_failed(exc, op, sock, None, 0) from None
         self._idle.append(entry)
