@@ -309,22 +309,31 @@ def _fit_buffer(sock: socket.socket, need: int, *, send: bool) -> int:
     )
 
 
+# An idle operation socket of a one-shot object (AEAD, SKCipher): the socket, the bytes its
+# send and receive buffers hold, and its reused output buffer (or None).
+_Op = tuple[socket.socket, int, int, memoryview | None]
+
+
 class _AlgSocket:
-    """The transform socket, the reused operation socket, and their lifetime."""
+    """The transform socket, the reused operation socket(s), and their lifetime.
+
+    Hash and RNG keep one operation socket (``_op``, under the lock: a hash's running state
+    lives there). AEAD and SKCipher operations are complete in one sendmsg + recv, so their
+    operation sockets wait in ``_idle`` between calls: a call takes one with ``list.pop()``
+    and gives it back with ``append()`` (each atomic: no lock on the hot path), and threads
+    calling at once each get their own (accepted when none is idle)."""
 
     _kind: ClassVar[str] = ""
 
     def __init__(self, name: str) -> None:
         self._tfm: socket.socket | None = None
         self._op: socket.socket | None = None
+        self._idle: list[_Op] = []
         self._lock = threading.RLock()
         if not isinstance(name, str):  # before any regex or socket sees it
             raise TypeError(f"name must be str, not {type(name).__name__}")
         if not 0 < len(name.encode()) < cmsg.SALG_NAME_MAX:
             raise ValueError(f"name must be 1 to {cmsg.SALG_NAME_MAX - 1} bytes: {name!r}")
-        self._sndbuf = 0
-        self._rcvbuf = 0
-        self._scratch: memoryview | None = None  # reused output buffer (see _output)
         self.name = name
 
     def _open(self, key: bytes | None = None) -> None:
@@ -354,7 +363,6 @@ class _AlgSocket:
                 self._op, _ = tfm.accept()
             except OSError as exc:
                 raise _alg_error(exc, f"{self.name}: accept()") from None
-            self._sndbuf = self._rcvbuf = 0
         return self._op
 
     def _drop_op(self) -> None:
@@ -363,23 +371,42 @@ class _AlgSocket:
             self._op.close()
             self._op = None
 
-    def _fit(self, send: int, recv: int) -> None:
-        op = self._op_socket()
-        if send > self._sndbuf:
-            self._sndbuf = _fit_buffer(op, send, send=True)
-        if recv > self._rcvbuf:
-            self._rcvbuf = _fit_buffer(op, recv, send=False)
+    def _claim(self, sending: int, receiving: int, entry: _Op | None = None) -> _Op:
+        """An operation socket whose buffers hold ``sending`` and ``receiving`` bytes: ``entry``
+        refitted, or a new one (the hot paths' slow path, when none is idle)."""
+        if entry is None:
+            with self._lock:
+                tfm = self._check_open()
+                try:
+                    sock = tfm.accept()[0]
+                except OSError as exc:
+                    raise _alg_error(exc, f"{self.name}: accept()") from None
+            entry = (sock, 0, 0, None)
+        sock, snd, rcv, scratch = entry
+        try:
+            if sending > snd:
+                snd = _fit_buffer(sock, sending, send=True)
+            if receiving > rcv:
+                rcv = _fit_buffer(sock, receiving, send=False)
+        except BaseException:
+            self._give_back(entry)  # still good: only its buffers were too small
+            raise
+        return (sock, snd, rcv, scratch)
 
-    def _output(self, need: int) -> memoryview:
-        """A buffer of at least ``need`` bytes for the kernel to write into: this object's
-        reused one (held under the lock, never handed out), or a fresh one beyond
-        _SCRATCH_MAX (so one large operation does not pin its size)."""
-        view = self._scratch
-        if view is None or len(view) < need:
-            if need > _SCRATCH_MAX:
-                return memoryview(bytearray(need))
-            view = self._scratch = memoryview(bytearray(max(need, 4096)))
-        return view
+    def _give_back(self, entry: _Op) -> None:
+        """Return an operation socket to the idle list (closed if this object was closed
+        meanwhile: close() may have run while the operation was under way)."""
+        self._idle.append(entry)
+        if self._tfm is None:
+            self._close_idle()
+
+    def _close_idle(self) -> None:
+        while True:
+            try:
+                entry = self._idle.pop()
+            except IndexError:
+                return
+            entry[0].close()
 
     def _short_read(self, op: int, n: int, total: int) -> AlgError:
         return AlgError(errno.EIO, f"{self._what(op)}: the kernel returned {n} of {total} bytes")
@@ -391,11 +418,17 @@ class _AlgSocket:
         return _no_socket_memory(self._what(op), sending, f": it took {sent} of {sending} bytes")
 
     def _operation_failed(
-        self, exc: BaseException, op: int, out: bytearray | memoryview | None, written: int
+        self,
+        exc: BaseException,
+        op: int,
+        sock: socket.socket,
+        out: bytearray | memoryview | None,
+        written: int,
     ) -> BaseException:
-        """After a failed operation: drop the operation socket, wipe what the kernel may have
-        written, and return the error to raise (an OSError as afalg's)."""
-        self._drop_op()
+        """After a failed operation: close its operation socket (its kernel state is
+        unknown), wipe what the kernel may have written, and return the error to raise (an
+        OSError as afalg's)."""
+        sock.close()
         if out is not None and written:
             out[:written] = bytes(written)
         if isinstance(exc, OSError) and not isinstance(exc, AlgError):
@@ -420,16 +453,17 @@ class _AlgSocket:
             tfm = self._check_open()
             self._drop_op()
             self._tfm = None
+            self._close_idle()
             return tfm.detach()
 
     def close(self) -> None:
         """Close both sockets; calling it again does nothing."""
         with self._lock:
             self._drop_op()
-            self._scratch = None
             if self._tfm is not None:
                 self._tfm.close()
                 self._tfm = None
+            self._close_idle()
 
     def __enter__(self) -> Self:
         return self
@@ -444,7 +478,8 @@ class _AlgSocket:
     def __repr__(self) -> str:
         if self._tfm is None:
             return f"<afalg.{type(self).__name__} {self.name!r} closed>"
-        op = -1 if self._op is None else self._op.fileno()
+        ops = [self._op] if self._op is not None else [entry[0] for entry in list(self._idle)]
+        op = ops[0].fileno() if ops else -1
         return f"<afalg.{type(self).__name__} {self.name!r} fd={self.fileno()} op_fd={op}>"
 
     def __getstate__(self) -> None:
@@ -458,6 +493,12 @@ def _no_socket_memory(what: str, size: int, detail: str = "") -> AlgError:
         f"{what} of {size} bytes: the kernel refused the socket memory for its scatterlists"
         f"{detail} (net.core.optmem_max={limit}); split the data or raise net.core.optmem_max",
     )
+
+
+def _output(need: int) -> memoryview:
+    """A new buffer for the kernel to write at least ``need`` bytes into (kept with its
+    operation socket for reuse up to _SCRATCH_MAX bytes)."""
+    return memoryview(bytearray(max(need, 4096)))
 
 
 def _recv_exact(op: socket.socket, size: int, what: str) -> bytes:
@@ -712,43 +753,53 @@ class AEAD(_AlgSocket):
         skip = len(assoc)
         sending = skip + len(data)
         total = skip + size
-        with self._lock:
-            sock = self._op
-            if sock is None or sending > self._sndbuf or total > self._rcvbuf or not total:
-                return self._crypt_slow(op, iv, assoc, data, size, into)
-            out = into
-            try:
-                sent = sock.sendmsg_afalg((assoc, data), op=op, iv=iv, assoclen=skip)
-                if sent != sending:
-                    raise self._short_send(op, sent, sending)
-                if into is not None:
-                    n = sock.recv_into(into, total)
-                elif not skip:
-                    result = sock.recv(total)
-                    n = len(result)
-                else:
-                    scratch = self._scratch
-                    if scratch is None or len(scratch) < total:
-                        scratch = self._output(total)
-                    out = scratch
-                    n = sock.recv_into(scratch, total)
-                if n != total:
-                    raise self._short_read(op, n, total)
-            except BaseException as exc:
-                raise self._crypt_failed(exc, op, out, total, sending) from None
+        try:
+            entry = self._idle.pop()
+        except IndexError:
+            entry = self._claim(sending, total)
+        sock, snd, rcv, scratch = entry
+        if sending > snd or total > rcv or not total:
+            return self._crypt_slow(entry, op, iv, assoc, data, size, into)
+        out = into
+        try:
+            sent = sock.sendmsg_afalg((assoc, data), op=op, iv=iv, assoclen=skip)
+            if sent != sending:
+                raise self._short_send(op, sent, sending)
             if into is not None:
-                return total
-            return result if not skip else scratch[skip:total].tobytes()  # type: ignore[index]
+                n = sock.recv_into(into, total)
+            elif not skip:
+                result = sock.recv(total)
+                n = len(result)
+            else:
+                if scratch is None or len(scratch) < total:
+                    out = _output(total)
+                    if total <= _SCRATCH_MAX:
+                        scratch = out
+                        entry = (sock, snd, rcv, scratch)
+                else:
+                    out = scratch
+                n = sock.recv_into(out, total)
+            if n != total:
+                raise self._short_read(op, n, total)
+        except BaseException as exc:
+            raise self._crypt_failed(exc, op, sock, out, total, sending) from None
+        self._idle.append(entry)
+        if self._tfm is None:  # closed while this ran
+            self._close_idle()
+        if into is not None:
+            return total
+        return result if not skip else out[skip:total].tobytes()  # type: ignore[index,union-attr]
 
     def _crypt_failed(
         self,
         exc: BaseException,
         op: int,
+        sock: socket.socket,
         out: bytearray | memoryview | None,
         written: int,
         sending: int,
     ) -> BaseException:
-        error = self._operation_failed(exc, op, out, written)
+        error = self._operation_failed(exc, op, sock, out, written)
         nomem = isinstance(error, AlgError) and error.errno == errno.ENOMEM
         if nomem and "optmem_max" not in str(error):
             error = _no_socket_memory(self._what(op), sending)
@@ -756,6 +807,7 @@ class AEAD(_AlgSocket):
 
     def _crypt_slow(
         self,
+        entry: _Op,
         op: int,
         iv: bytes,
         assoc: bytes,
@@ -763,24 +815,23 @@ class AEAD(_AlgSocket):
         size: int,
         into: bytearray | memoryview | None,
     ) -> bytes | int:
-        """:meth:`_crypt` when the object is closed, the operation socket is not there or its
-        buffers are too small, or there is nothing to read back (lock held)."""
+        """:meth:`_crypt` when the operation socket's buffers are too small, or there is
+        nothing to read back."""
         skip = len(assoc)
-        if self._tfm is None:
-            self._check_open()
         if not (skip or size):
             # no AAD and no output (decrypting a bare tag): the kernel checks the tag on a read
-            self._fit(len(data), 0)
-            sock = self._op_socket()
+            entry = self._claim(len(data), 0, entry)
+            sock = entry[0]
             try:
                 sent = sock.sendmsg_afalg((data,), op=op, iv=iv, assoclen=0)
                 if sent != len(data):
                     raise self._short_send(op, sent, len(data))
                 sock.recv(1)
             except BaseException as exc:
-                raise self._operation_failed(exc, op, None, 0) from None
+                raise self._operation_failed(exc, op, sock, None, 0) from None
+            self._give_back(entry)
             return b"" if into is None else 0
-        self._fit(skip + len(data), skip + size)
+        self._give_back(self._claim(skip + len(data), skip + size, entry))
         return self._crypt(op, iv, assoc, data, size, into)  # the fast path, fitted
 
 
@@ -1352,6 +1403,36 @@ class SKCipher(_AlgSocket):
                 return self._crypt(_DECRYPT, iv, data)
         return self._one_shot(AlgOp.DECRYPT, iv, data)
 
+    def encrypt_into(self, out: Buffer, iv: Buffer | None, data: Buffer) -> int:
+        """:meth:`encrypt` writing the ciphertext into the start of ``out`` (writable, at least
+        ``len(data)`` bytes): the kernel writes there, nothing is allocated or copied (up to
+        64 KiB; longer data is copied in from :meth:`encrypt`). Returns ``len(data)``. Not
+        with ``padding="pkcs7"`` (the output length would differ from the input's)."""
+        return self._crypt_into(_ENCRYPT, out, iv, data)
+
+    def decrypt_into(self, out: Buffer, iv: Buffer | None, data: Buffer) -> int:
+        """:meth:`decrypt` writing the plaintext into ``out``, as :meth:`encrypt_into`."""
+        return self._crypt_into(_DECRYPT, out, iv, data)
+
+    def _crypt_into(self, op: int, out: Any, iv: Any, data: Any) -> int:
+        if self.padding:
+            raise ValueError(f"{self.name}: *_into() is for unpadded data (padding='pkcs7')")
+        if type(data) is not bytes:
+            data = _view(data, "data")
+        n = len(data)
+        if type(out) is not bytearray or len(out) < n:
+            out = _writable(out, n)
+        if not (type(iv) is bytes and len(iv) == self._ivsize):
+            iv = self._check_iv(iv)
+        if n > _STREAM_CHUNK:
+            out[:n] = self._one_shot(AlgOp(op), iv, data)
+            return n
+        if n % self._block or n < self._min_len:
+            self._check_open()
+            self._check_length(AlgOp(op), n)
+        self._crypt(op, iv, data, out)
+        return n
+
     def encryptor(self, iv: Buffer | None) -> CipherStream:
         return CipherStream(self, AlgOp.ENCRYPT, self._check_iv(iv))
 
@@ -1377,32 +1458,46 @@ class SKCipher(_AlgSocket):
             out = _pkcs7_unpad(out, self._spec.block)
         return out
 
-    def _crypt(self, op: int, iv: bytes, data: bytes) -> bytes:
-        """One complete operation (no MSG_MORE) on the reused operation socket: one
+    def _crypt(
+        self,
+        op: int,
+        iv: bytes,
+        data: bytes | memoryview,
+        into: bytearray | memoryview | None = None,
+    ) -> bytes:
+        """One complete operation (no MSG_MORE) on an idle operation socket: one
         ``sendmsg_afalg()`` with the operation and IV, one ``recv()`` of the output (the bytes
-        object it fills is the result: no copy). ``data`` is checked, at most _STREAM_CHUNK."""
+        object it fills is the result: no copy), or ``recv_into(into)`` (then b"" is returned).
+        ``data`` is checked, at most _STREAM_CHUNK bytes."""
         n = len(data)
-        with self._lock:
-            sock = self._op
-            if sock is None or n > self._sndbuf or n > self._rcvbuf or not n:
-                if self._tfm is None:
-                    self._check_open()
-                self._fit(n, n)
-                sock = self._op_socket()
-            try:
-                if iv:
-                    sent = sock.sendmsg_afalg((data,), op=op, iv=iv)
-                else:
-                    sent = sock.sendmsg_afalg((data,), op=op)
-                if sent != n:
-                    raise self._short_send(op, sent, n)
-                if not n:
-                    return b""
-                out = sock.recv(n)
+        try:
+            entry = self._idle.pop()
+        except IndexError:
+            entry = self._claim(n, n)
+        sock = entry[0]
+        if n > entry[1] or n > entry[2]:
+            entry = self._claim(n, n, entry)
+        try:
+            if iv:
+                sent = sock.sendmsg_afalg((data,), op=op, iv=iv)
+            else:
+                sent = sock.sendmsg_afalg((data,), op=op)
+            if sent != n:
+                raise self._short_send(op, sent, n)
+            if into is not None:
+                got = sock.recv_into(into, n) if n else 0
+                if got != n:
+                    raise self._short_read(op, got, n)
+                out = b""
+            else:
+                out = sock.recv(n) if n else b""
                 if len(out) != n:  # not seen: the kernel returns a whole operation at once
                     out += _recv_exact(sock, n - len(out), self._what(op))
-            except BaseException as exc:
-                raise self._operation_failed(exc, op, None, 0) from None
+        except BaseException as exc:
+            raise self._operation_failed(exc, op, sock, None, 0) from None
+        self._idle.append(entry)
+        if self._tfm is None:  # closed while this ran
+            self._close_idle()
         return out
 
     def _check_length(self, op: AlgOp, n: int) -> None:

@@ -165,3 +165,24 @@ def test_errors() -> None:
     c.close()
     with pytest.raises(afalg.AlgError):
         c.encrypt(bytes(16), bytes(16))
+
+
+def test_encrypt_into_and_decrypt_into() -> None:
+    """The no-allocation variants give encrypt()/decrypt()'s bytes in the caller's buffer (any
+    writable bytes-like; longer than one 64 KiB operation too); refused with padding."""
+    key, iv = os.urandom(16), os.urandom(16)
+    with SKCipher("cbc(aes)", key) as cipher:
+        for n in (0, 16, 4096, 200_000):
+            data = os.urandom(n)
+            out = bytearray(n + 5)
+            assert cipher.encrypt_into(out, iv, data) == n
+            assert bytes(out[:n]) == cipher.encrypt(iv, data) and out[n:] == bytes(5)
+            back = memoryview(bytearray(n))
+            assert cipher.decrypt_into(back, iv, bytes(out[:n])) == n
+            assert back.tobytes() == data
+        with pytest.raises(ValueError, match="multiple of 16"):
+            cipher.encrypt_into(bytearray(32), iv, bytes(17))
+        with pytest.raises(ValueError, match="holds"):
+            cipher.encrypt_into(bytearray(15), iv, bytes(16))
+    with SKCipher("cbc(aes)", key, padding="pkcs7") as padded, pytest.raises(ValueError):
+        padded.encrypt_into(bytearray(32), iv, bytes(16))
