@@ -15,15 +15,12 @@ import contextlib
 import io
 import socket
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from afalg.errors import ClosedError, TLSProtocolError
 from afalg.handoff import TicketFeed
 from afalg.session import CloseNotify, Event, KeyUpdate, NewSessionTicket, Session
 from afalg.wire import AlertDescription
-
-if TYPE_CHECKING:
-    from afalg.ktls import KernelTLSState
 
 __all__ = ["TLSSocketBase"]
 
@@ -150,17 +147,6 @@ class TLSSocketBase:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def kernel_state(self) -> KernelTLSState:
-        """What the kernel holds for this connection, read from the kernel now
-        (:func:`afalg.ktls.kernel_state`): under kTLS the ULP, version, cipher, TX/RX set up,
-        record sequence numbers and the zero-copy/no-pad flags; in algif mode
-        ``ulp=None`` (the kernel holds no TLS state). Never a key.
-        Raises :class:`afalg.errors.ClosedError` once closed."""
-        self._check_open()
-        from afalg.ktls import kernel_state  # ktls builds on this module
-
-        return kernel_state(self._sock)
 
     # -- data --
     def send(self, data: Any, flags: int = 0) -> int:

@@ -19,6 +19,7 @@ from typing import Literal, Protocol
 from cryptography.exceptions import InvalidTag as _CryptographyInvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+from afalg.alg import AEAD
 from afalg.cmsg import Buffer
 from afalg.errors import AlgorithmNotAvailable, InvalidTag
 from afalg.keys import CipherSuite
@@ -87,8 +88,6 @@ class KernelAEAD:
     backend = "kernel"
 
     def __init__(self, suite: CipherSuite, key: bytes) -> None:
-        from afalg.alg import AEAD  # the alg module is optional on hosts without AF_ALG
-
         self.name = suite.kernel_aead
         self._aead = AEAD(self.name, key, tag_size=TAG_SIZE)
 

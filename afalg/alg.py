@@ -37,9 +37,12 @@ from afalg._uapi import (
     AF_ALG,
     ALG_SET_AEAD_AUTHSIZE,
     ALG_SET_KEY,
+    CAP_NET_ADMIN,
+    CAP_SYS_ADMIN,
     SOL_ALG,
     SPLICE_F_MORE,
     AlgOp,
+    has_capability,
 )
 from afalg.cmsg import Buffer
 from afalg.errors import AlgError, AlgorithmNotAvailable, InvalidTag, PaddingError
@@ -143,9 +146,6 @@ def af_alg_restrict() -> int | None:
 def privileged() -> bool:
     """True if this process holds CAP_SYS_ADMIN or CAP_NET_ADMIN (the longer allowlist of
     ``crypto.af_alg_restrict=1``, and ``SO_SNDBUFFORCE``)."""
-    from afalg._uapi import CAP_NET_ADMIN, CAP_SYS_ADMIN
-    from afalg.probe import has_capability
-
     return has_capability(CAP_SYS_ADMIN) or has_capability(CAP_NET_ADMIN)
 
 

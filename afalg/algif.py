@@ -23,6 +23,7 @@ from afalg._uapi import TLS_1_3_VERSION
 from afalg.errors import KeyLimitReached, TLSProtocolError, WantRead, WantWrite
 from afalg.handoff import TicketFeed
 from afalg.keys import TrafficKeys
+from afalg.ktls import KernelTLSState, kernel_state
 from afalg.record import Record, RecordLayer, default_records_per_key
 from afalg.wire import MAX_PLAINTEXT, ContentType
 
@@ -82,6 +83,15 @@ class AlgTLSSocket(TLSSocketBase):
     @property
     def record_layer(self) -> RecordLayer:
         return self._layer
+
+    def kernel_state(self) -> KernelTLSState:
+        """What the kernel holds for this connection, read from the kernel now
+        (:func:`afalg.ktls.kernel_state`): under kTLS the ULP, version, cipher, TX/RX set up,
+        record sequence numbers and the zero-copy/no-pad flags; in algif mode
+        ``ulp=None`` (the kernel holds no TLS state). Never a key.
+        Raises :class:`afalg.errors.ClosedError` once closed."""
+        self._check_open()
+        return kernel_state(self._sock)
 
     # -- sending --
     def _write_out(self, deadline: float | None) -> bool:

@@ -491,6 +491,15 @@ class KTLSSocket(TLSSocketBase):
         self._records_per_key = records_per_key or default_records_per_key(tx.cipher_suite)
         self._tx_budget = 0  # records surely left to the send key (re-read from the kernel)
 
+    def kernel_state(self) -> KernelTLSState:
+        """What the kernel holds for this connection, read from the kernel now
+        (:func:`afalg.ktls.kernel_state`): under kTLS the ULP, version, cipher, TX/RX set up,
+        record sequence numbers and the zero-copy/no-pad flags; in algif mode
+        ``ulp=None`` (the kernel holds no TLS state). Never a key.
+        Raises :class:`afalg.errors.ClosedError` once closed."""
+        self._check_open()
+        return kernel_state(self._sock)
+
     # -- sending --
     def send(self, data: Any, flags: int = 0) -> int:
         self._check_send()

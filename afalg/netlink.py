@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 from pyroute2.netlink import NLM_F_REQUEST, NLMSG_ERROR, nla, nlmsg
 
+from afalg._uapi import CAP_NET_ADMIN, has_capability
+from afalg.alg import bind
 from afalg.errors import AlgError, AlgorithmNotAvailable
 
 __all__ = [
@@ -222,8 +224,6 @@ def query(name: str, driver: str = "", *, instantiate: str | None = None) -> Cry
     """
     holder = None
     if instantiate:
-        from afalg.alg import bind  # the netlink query does not need AF_ALG otherwise
-
         holder = bind(instantiate, name)
     try:
         return _query(name, driver)
@@ -447,8 +447,6 @@ def tls_ulp_info(sock: socket.socket) -> TLSDiagInfo | None:
     (it does only to CAP_NET_ADMIN) or has no ``inet_diag``/``tcp_diag``; a socket with no ULP
     gives ``TLSDiagInfo(ulp=None)`` only with CAP_NET_ADMIN, since without it the two look
     alike."""
-    from afalg._uapi import CAP_NET_ADMIN, has_capability
-
     if not has_capability(CAP_NET_ADMIN):
         return None
     inode = os.fstat(sock.fileno()).st_ino

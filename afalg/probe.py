@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 from afalg import _uapi
 from afalg._uapi import has_capability
+from afalg.alg import af_alg_restrict, not_available, privileged, socket_error
+from afalg.ktls import loopback, missing_ulp_reason, supports, supports_rekey
 
 __all__ = ["Capabilities", "has_capability", "probe"]
 
@@ -86,7 +88,6 @@ def _reason(exc: OSError) -> str:
 
 
 def _probe_af_alg() -> tuple[bool, str | None, list[AlgStatus]]:
-    from afalg.alg import not_available, socket_error
 
     try:
         sock = socket.socket(_uapi.AF_ALG, socket.SOCK_SEQPACKET, 0)
@@ -122,7 +123,6 @@ def _probe_af_alg() -> tuple[bool, str | None, list[AlgStatus]]:
 
 
 def _probe_tls() -> tuple[bool, str | None, dict[str, list[str]]]:
-    from afalg.ktls import loopback, missing_ulp_reason, supports
 
     try:
         with loopback() as sock:
@@ -141,8 +141,6 @@ def probe() -> Capabilities:
     """Probe the running kernel. Never raises for a missing capability; it reports it."""
     af_alg, af_reason, found = _probe_af_alg()
     tls_ulp, tls_reason, ciphers = _probe_tls()
-    from afalg.alg import af_alg_restrict, privileged
-    from afalg.ktls import supports_rekey
 
     types = {kind: any(a.available for a in found if a.type == kind) for kind in USED_ALGORITHMS}
 
