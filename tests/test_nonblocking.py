@@ -7,6 +7,7 @@ host, against a Python ssl peer in a thread, byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import select
@@ -46,6 +47,56 @@ def pair(mode: tuple[str, str], *, bufsize: int | None = None) -> tuple[Any, ssl
     theirs = bg.result(60)
     theirs.settimeout(60)
     return ours, theirs
+
+
+def relayed_pair(mode: tuple[str, str], pieces: list[int]) -> tuple[Any, ssl.SSLSocket, Bg]:
+    """:func:`pair` through a relay thread that forwards the server's bytes to ours in pieces
+    of the sizes ``pieces`` (cycled; TCP_NODELAY, so record headers and bodies arrive split
+    anywhere, or coalesced when ours reads late) and ours to the server as they come. The
+    relay ends when both sides have closed; its Bg returns the bytes it moved."""
+    ours_sock, relay_a = tcp_pair()
+    relay_b, theirs_sock = tcp_pair()
+    relay_a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def relay() -> int:
+        moved = 0
+        turn = 0
+        open_ends = {relay_a: relay_b, relay_b: relay_a}
+        while open_ends:
+            readable, _, _ = select.select(list(open_ends), [], [], 60)
+            assert readable, "relay idle for 60 s"
+            for src in readable:
+                data = src.recv(2**16)
+                dst = open_ends[src]
+                if not data:
+                    del open_ends[src]
+                    with contextlib.suppress(OSError):
+                        dst.shutdown(socket.SHUT_WR)
+                    continue
+                if src is relay_b:  # the server's bytes: in pieces
+                    view = memoryview(data)
+                    while view:
+                        size = pieces[turn % len(pieces)]
+                        turn += 1
+                        dst.sendall(view[:size])
+                        view = view[size:]
+                else:
+                    dst.sendall(data)
+                moved += len(data)
+        relay_a.close()
+        relay_b.close()
+        return moved
+
+    mover = Bg(relay)
+    sctx = server_context("TLSv1.3", None)
+    bg = Bg(lambda: sctx.wrap_socket(theirs_sock, server_side=True))
+    ours = tls.wrap(
+        ours_sock, client_context("TLSv1.3", None), server_hostname="localhost",
+        mode=mode[0], algif_backend=mode[1],
+    )  # fmt: skip
+    theirs = bg.result(60)
+    theirs.settimeout(60)
+    return ours, theirs, mover
 
 
 def fill(ours: Any, data: memoryview) -> int:
@@ -216,6 +267,28 @@ def test_selectors_echo_any_records(chunks: list[int]) -> None:
     ours, theirs = pair(("algif", "cryptography"), bufsize=SMALL)
     with ours, theirs:
         selectors_echo(ours, theirs, chunks)
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_selectors_echo_through_a_splitting_relay(mode: tuple[str, str]) -> None:
+    chunks = [3, 16_384, 20_000, 1, 50_000]
+    ours, theirs, mover = relayed_pair(mode, [1, 4, 5, 3, 700, 16_000, 2])
+    with ours, theirs:
+        selectors_echo(ours, theirs, chunks)
+    assert mover.result() > 2 * sum(chunks)  # both ways went through the relay
+
+
+@settings(max_examples=scaled(10, 200), deadline=None)
+@given(
+    pieces=st.lists(st.integers(1, 20_000), min_size=1, max_size=8),
+    chunks=st.lists(st.integers(1, 40_000), min_size=1, max_size=6),
+)
+def test_selectors_echo_any_split(pieces: list[int], chunks: list[int]) -> None:
+    """Records split and coalesced anywhere on the way in (host: algif on cryptography)."""
+    ours, theirs, mover = relayed_pair(("algif", "cryptography"), pieces)
+    with ours, theirs:
+        selectors_echo(ours, theirs, chunks)
+    mover.result()
 
 
 @pytest.mark.parametrize("mode", WRAP_MODES)
