@@ -17,6 +17,7 @@ from afalg.errors import (
     ClosedError,
     HandoffError,
     InvalidTag,
+    KeyLimitReached,
     KeyUpdateUnsupported,
     KTLSError,
     PaddingError,
@@ -24,6 +25,8 @@ from afalg.errors import (
     TLSError,
     TLSProtocolError,
     UnsupportedCipherSuite,
+    WantRead,
+    WantWrite,
 )
 from afalg.probe import Capabilities, probe
 
@@ -39,12 +42,15 @@ __all__ = [
     "HandoffError",
     "InvalidTag",
     "KTLSError",
+    "KeyLimitReached",
     "KeyUpdateUnsupported",
     "PaddingError",
     "TLSAlertReceived",
     "TLSError",
     "TLSProtocolError",
     "UnsupportedCipherSuite",
+    "WantRead",
+    "WantWrite",
     "__version__",
     "new",
     "probe",

@@ -89,7 +89,7 @@ class PaddingError(AlgError, ValueError):
         super().__init__(errno.EBADMSG, message)
 
 
-class TLSError(ssl.SSLError):
+class TLSError(AfalgError, ssl.SSLError):
     """Base of afalg's TLS errors. ``alert`` is the AlertDescription that describes it."""
 
     def __init__(self, alert: int, message: str) -> None:
