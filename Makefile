@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-quick stress fuzz lint clean bench
+.PHONY: demo test test-quick stress fuzz lint docs clean bench
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,13 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check afalg tests examples bench
 	$(VENV)/bin/mypy
 
+# The documentation (API reference, the afalg command, the guides) into docs/_build/html, warnings
+# as errors, as tests/test_docs.py builds it.
+docs: $(VENV)/.installed
+	$(PY) -m sphinx -W -n --keep-going -q -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) .vmtmp .pytest_cache build *.egg-info
+	rm -rf $(VENV) .vmtmp .pytest_cache build *.egg-info docs/_build
 
 # Benchmarks (bench/run.py): on each kernel of make test in the VM (7.3 with
 # crypto.af_alg_restrict=0), ~40 min; writes bench/RESULTS.md and bench/results.png. Needs the

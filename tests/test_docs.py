@@ -35,6 +35,8 @@ WHERE = {
     "modes.md": "restricted",
     "conformance.md": "kernel",
     "vm.md": "host",
+    "tls-sockets.md": "kernel",
+    "testing.md": "host",
 }
 FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```", re.S | re.M)
 
