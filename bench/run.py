@@ -1076,6 +1076,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--report", nargs="*", help="only write the report from these JSONs")
     parser.add_argument("--command", help="with --report: the command that measured them")
+    parser.add_argument("--note", action="append", default=[], help="a line for the report")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
 
@@ -1127,7 +1128,7 @@ def report(paths: list[Path], args: argparse.Namespace, command: str) -> int:
     runs = [json.loads(p.read_text()) for p in paths]
     for run in runs:
         run["rows"] = [Row(**r) for r in run["rows"]]
-    write_markdown(runs, Path(args.out), command)
+    write_markdown(runs, Path(args.out), command, args.note)
     try:
         write_chart(runs, Path(args.chart))
     except ImportError:
@@ -1136,7 +1137,12 @@ def report(paths: list[Path], args: argparse.Namespace, command: str) -> int:
     return 0
 
 
-def write_markdown(runs: list[dict[str, Any]], out: Path, command: str) -> None:
+def write_markdown(
+    runs: list[dict[str, Any]],
+    out: Path,
+    command: str,
+    notes: tuple[str, ...] | list[str] = (),
+) -> None:
     lines = ["# Benchmark results", ""]
     releases = [r["machine"]["kernel"].split("-")[0].split(".") for r in runs]
     kernels = " ".join(f"--kernel {'.'.join(v[:2])}" for v in releases)
@@ -1154,6 +1160,7 @@ def write_markdown(runs: list[dict[str, Any]], out: Path, command: str) -> None:
         "ratios are this machine's; the same command runs natively on a kernel with AF_ALG and",
         "kTLS (`python bench/run.py --native`).",
         "",
+        *[f"**{note}**\n" for note in notes],
     ]
     for run in runs:
         m = run["machine"]
