@@ -993,20 +993,28 @@ def run_here(args: argparse.Namespace) -> dict[str, Any]:
         with open(path, "rb") as g:  # in the page cache before any timing
             while g.read(1 << 20):
                 pass
-        sections = set(args.sections)
-        if "3" in sections:
-            rows += bench_overhead(path, args.rounds, args.seconds)
-        if "6" in sections:
-            rows += bench_primitives(path, args.rounds, args.seconds)
-        if "1" in sections:
-            versions = ("1.3", "1.2")
-            rows += bench_transfers(path, args.transfer_rounds, versions)
-        if "4" in sections:
-            result["notes"].append(check_aio_matches())
-            result["syscalls"] = bench_syscalls(args.records)
-        if "5" in sections:
-            counts = (1, 10) if args.quick else (1, 10, 100)
-            rows += bench_servers(args.server_rounds, args.server_seconds, counts)
+
+        def save() -> None:  # after every section: a VM timeout keeps what was measured
+            result["rows"] = [asdict(r) for r in rows]
+            result["seconds"] = round(time.time() - started)
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=1))
+
+        # the cheap and the headline sections first: a VM timeout cuts the last ones
+        for section in sorted(args.sections, key="31465".index):
+            if section == "3":
+                rows += bench_overhead(path, args.rounds, args.seconds)
+            elif section == "6":
+                rows += bench_primitives(path, args.rounds, args.seconds)
+            elif section == "1":
+                rows += bench_transfers(path, args.transfer_rounds, ("1.3", "1.2"))
+            elif section == "4":
+                result["notes"].append(check_aio_matches())
+                result["syscalls"] = bench_syscalls(args.records)
+            elif section == "5":
+                counts = (1, 10) if args.quick else (1, 10, 100)
+                rows += bench_servers(args.server_rounds, args.server_seconds, counts)
+            save()
         assert size
     result["rows"] = [asdict(r) for r in rows]
     result["seconds"] = round(time.time() - started)
@@ -1056,11 +1064,11 @@ def main() -> int:
     parser.add_argument("--server-seconds", type=float, default=2.5, help="load per window")
     parser.add_argument("--server-rounds", type=int, default=2, help="rounds of section 5")
     parser.add_argument("--records", type=int, default=64, help="records per strace run")
-    parser.add_argument("--sections", nargs="+", default=["3", "6", "1", "4", "5"],
+    parser.add_argument("--sections", nargs="+", default=["3", "1", "4", "5", "6"],
                         choices=["1", "3", "4", "5", "6"], help="2 runs with 1")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="1 and 10 clients only")
     parser.add_argument("--cpus", type=int, default=2, help="VM vCPUs")
-    parser.add_argument("--timeout", type=int, default=1500, help="per VM run (s)")
+    parser.add_argument("--timeout", type=int, default=2400, help="per VM run (s)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     parser.add_argument("--chart", default=str(ROOT / "bench" / "results.png"))
     parser.add_argument("--here", action="store_true", help=argparse.SUPPRESS)
@@ -1068,6 +1076,8 @@ def main() -> int:
     parser.add_argument("--strace-job", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--report", nargs="*", help="only write the report from these JSONs")
+    parser.add_argument("--command", help="with --report: the command that measured them")
+    parser.add_argument("--note", action="append", default=[], help="a line for the report")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
 
@@ -1075,12 +1085,11 @@ def main() -> int:
         strace_job(args.strace_job, args.records, args.port)
         return 0
     if args.here:
-        result = run_here(args)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        run_here(args)
         return 0
     command = "python bench/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.report is not None:
-        return report([Path(p) for p in args.report], args, command)
+        return report([Path(p) for p in args.report], args, args.command or command)
 
     ensure_tools()
     OUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -1089,7 +1098,8 @@ def main() -> int:
     caps = probe()
     if args.native or (caps.af_alg and caps.ktls and not args.kernel):
         out = OUT_DIR / "native.json"
-        out.write_text(json.dumps(run_here(args), indent=1))
+        args.json = str(out)
+        run_here(args)
         return report([out], args, command)
     from afalg import vm
 
@@ -1116,10 +1126,19 @@ def main() -> int:
 
 
 def report(paths: list[Path], args: argparse.Namespace, command: str) -> int:
-    runs = [json.loads(p.read_text()) for p in paths]
-    for run in runs:
+    runs: list[dict[str, Any]] = []
+    for p in paths:  # runs of the same kernel (one cut short, one for the rest) are merged
+        run = json.loads(p.read_text())
         run["rows"] = [Row(**r) for r in run["rows"]]
-    write_markdown(runs, Path(args.out), command)
+        same = [r for r in runs if r["machine"]["kernel"] == run["machine"]["kernel"]]
+        if not same:
+            runs.append(run)
+            continue
+        same[0]["rows"] += run["rows"]
+        same[0]["syscalls"] += run["syscalls"]
+        same[0]["notes"] += run["notes"]
+        same[0]["seconds"] += run["seconds"]
+    write_markdown(runs, Path(args.out), command, args.note)
     try:
         write_chart(runs, Path(args.chart))
     except ImportError:
@@ -1128,7 +1147,12 @@ def report(paths: list[Path], args: argparse.Namespace, command: str) -> int:
     return 0
 
 
-def write_markdown(runs: list[dict[str, Any]], out: Path, command: str) -> None:
+def write_markdown(
+    runs: list[dict[str, Any]],
+    out: Path,
+    command: str,
+    notes: tuple[str, ...] | list[str] = (),
+) -> None:
     lines = ["# Benchmark results", ""]
     releases = [r["machine"]["kernel"].split("-")[0].split(".") for r in runs]
     kernels = " ".join(f"--kernel {'.'.join(v[:2])}" for v in releases)
@@ -1146,6 +1170,7 @@ def write_markdown(runs: list[dict[str, Any]], out: Path, command: str) -> None:
         "ratios are this machine's; the same command runs natively on a kernel with AF_ALG and",
         "kTLS (`python bench/run.py --native`).",
         "",
+        *[f"**{note}**\n" for note in notes],
     ]
     for run in runs:
         m = run["machine"]
