@@ -181,17 +181,24 @@ def encode_request(name: str, driver: str = "", *, seq: int = 1) -> bytes:
     return bytes(msg.data)
 
 
-def decode_reply(data: bytes) -> CryptoAlg:
-    """Parse the kernel's reply (a ``crypto_user_alg`` message, or NLMSG_ERROR)."""
+def _reply(data: bytes, expected: int, error: type[OSError]) -> bytes:
+    """The netlink message at the start of ``data`` if its type is ``expected`` (its own
+    length's worth): NLMSG_ERROR raises OSError with the kernel's errno; a short reply or a
+    message of another type raises ``error`` (EPROTO)."""
     if len(data) < 16:
-        raise AlgError(errno.EPROTO, f"short netlink reply ({len(data)} bytes)")
+        raise error(errno.EPROTO, f"short netlink reply ({len(data)} bytes)")
     length, mtype = struct.unpack_from("=IH", data)
     if mtype == NLMSG_ERROR:
         (err,) = struct.unpack_from("=i", data, 16)
         raise OSError(-err, os.strerror(-err))
-    if mtype != CRYPTO_MSG_GETALG:
-        raise AlgError(errno.EPROTO, f"unexpected netlink message type {mtype:#x}")
-    msg = crypto_user_alg(data[:length])
+    if mtype != expected:
+        raise error(errno.EPROTO, f"unexpected netlink message type {mtype:#x}")
+    return data[:length]
+
+
+def decode_reply(data: bytes) -> CryptoAlg:
+    """Parse the kernel's reply (a ``crypto_user_alg`` message, or NLMSG_ERROR)."""
+    msg = crypto_user_alg(_reply(data, CRYPTO_MSG_GETALG, AlgError))
     msg.decode()
     flags = msg["cru_flags"]
     report: dict[str, int | str] = {}
@@ -410,15 +417,7 @@ def encode_diag_request(sock: socket.socket, *, seq: int = 1) -> bytes:
 def decode_diag_reply(data: bytes, inode: int) -> TLSDiagInfo:
     """Parse the kernel's ``inet_diag_msg`` reply for the socket with ``inode`` (OSError for
     NLMSG_ERROR, EPROTO for another socket's reply)."""
-    if len(data) < 16:
-        raise OSError(errno.EPROTO, f"short netlink reply ({len(data)} bytes)")
-    length, mtype = struct.unpack_from("=IH", data)
-    if mtype == NLMSG_ERROR:
-        (err,) = struct.unpack_from("=i", data, 16)
-        raise OSError(-err, os.strerror(-err))
-    if mtype != SOCK_DIAG_BY_FAMILY:
-        raise OSError(errno.EPROTO, f"unexpected netlink message type {mtype:#x}")
-    msg = inet_diag_msg(data[:length])
+    msg = inet_diag_msg(_reply(data, SOCK_DIAG_BY_FAMILY, OSError))
     msg.decode()
     if msg["idiag_inode"] != inode:
         raise OSError(errno.EPROTO, f"inet_diag answered for inode {msg['idiag_inode']}")

@@ -38,6 +38,14 @@ def pair(mode: tuple[str, str], *, bufsize: int | None = None) -> tuple[Any, ssl
     if bufsize:
         for s in (csock, ssock):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
+    return handshake(mode, csock, ssock)
+
+
+def handshake(
+    mode: tuple[str, str], csock: socket.socket, ssock: socket.socket
+) -> tuple[Any, ssl.SSLSocket]:
+    """(ours, theirs): afalg's client on ``csock`` in ``mode``, Python ssl's server on
+    ``ssock``, TLS 1.3."""
     sctx = server_context("TLSv1.3", None)
     bg = Bg(lambda: sctx.wrap_socket(ssock, server_side=True))
     ours = tls.wrap(
@@ -88,14 +96,7 @@ def relayed_pair(mode: tuple[str, str], pieces: list[int]) -> tuple[Any, ssl.SSL
         return moved
 
     mover = Bg(relay)
-    sctx = server_context("TLSv1.3", None)
-    bg = Bg(lambda: sctx.wrap_socket(theirs_sock, server_side=True))
-    ours = tls.wrap(
-        ours_sock, client_context("TLSv1.3", None), server_hostname="localhost",
-        mode=mode[0], algif_backend=mode[1],
-    )  # fmt: skip
-    theirs = bg.result(60)
-    theirs.settimeout(60)
+    ours, theirs = handshake(mode, ours_sock, theirs_sock)
     return ours, theirs, mover
 
 
