@@ -23,7 +23,7 @@ test-quick: $(VENV)/.installed
 
 # Load, soak and fuzzing at full size, outside `make test` (which runs a smoke size of each):
 # `make stress` runs the tests marked stress, `make fuzz` the hypothesis tests (thousands of
-# examples; AFALG_FUZZ_EXAMPLES=N changes the count), on the host then in the VM on each kernel of
+# examples, 100,000 per target of tests/test_fuzz.py; AFALG_FUZZ_EXAMPLES=N sets every count), on the host then in the VM on each kernel of
 # K (7.3 with crypto.af_alg_restrict=0, and at its default). E.g. make stress K="6.1 6.12 7.3"
 stress: $(VENV)/.installed
 	$(PY) tests/run.py --scale full --select stress $(foreach k,$(K),--kernel $(k))

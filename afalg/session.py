@@ -32,8 +32,8 @@ carrying the alert to send):
 - TLS 1.3: NewSessionTicket and KeyUpdate (request_update 0 or 1, else illegal_parameter; a body
   of another length, decode_error) are taken; a CertificateRequest (post-handshake client
   authentication) cannot be answered once the keys left ssl (unexpected_message). TLS 1.2: a
-  HelloRequest is ignored (RFC 5246 7.4.1.1). Any other message or content type:
-  unexpected_message.
+  HelloRequest is ignored (RFC 5246 7.4.1.1; one with a body is a decode_error). Any other
+  message or content type: unexpected_message.
 - Alerts: close_notify is end of file; a TLS 1.2 warning or a user_canceled is reported and
   the connection goes on, but at most :data:`MAX_WARNING_ALERTS` - 1 of them in a row: the
   :data:`MAX_WARNING_ALERTS`-th is refused (unexpected_message), as OpenSSL does
@@ -300,6 +300,8 @@ class Session:
         if msg_type == HandshakeType.new_session_ticket and self._tls13:
             return NewSessionTicket(body)
         if msg_type == HandshakeType.hello_request and not self._tls13:
+            if body:  # struct {} HelloRequest (RFC 5246 7.4.1.1); OpenSSL: LENGTH_MISMATCH
+                raise TLSProtocolError(AlertDescription.decode_error, "HelloRequest with a body")
             return HelloRequest()
         if msg_type == HandshakeType.key_update and self._tls13:
             if len(body) != 1 or body[0] > 1:  # RFC 8446 4.6.3: update_not_requested(0) or 1
