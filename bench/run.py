@@ -1185,7 +1185,7 @@ def write_markdown(
                 lines.append(f"- **{row.verdict}** {row.mine} vs {row.peer}, {row.job} "
                              f"({row.unit}): {row.ratio:.2f}x, target {row.target:g}x")  # fmt: skip
         section = None
-        for row in run["rows"]:
+        for row in sorted(run["rows"], key=lambda r: r.section[:1]):  # stable: runs' order
             if row.section != section:
                 section = row.section
                 lines += ["", f"### {section}", "",
@@ -1231,7 +1231,7 @@ def write_chart(runs: list[dict[str, Any]], out: Path) -> None:
             wanted = not row.section.startswith("6.") or "16 KiB" in row.job or "MiB" in row.job
             if label not in labels and "ms" not in row.unit and wanted:
                 labels.append(label)
-    fig, ax = plt.subplots(figsize=(11, 0.28 * len(labels) + 2))
+    fig, ax = plt.subplots(figsize=(13, 0.28 * len(labels) + 2))
     height = 0.8 / max(1, len(runs))
     for k, run in enumerate(runs):
         by_label = {f"{r.job}: {r.mine} ({r.unit})": r for r in run["rows"]}
