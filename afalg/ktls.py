@@ -547,6 +547,22 @@ class KTLSSocket(TLSSocketBase):
                 raise self._translate(exc) from exc
         return total
 
+    def sendfile_nowait(self, fd: int, offset: int, count: int) -> int:
+        """One non-blocking ``os.sendfile`` step from the file descriptor ``fd`` (at ``offset``,
+        at most ``count`` bytes; the file position is not used): the kernel encrypts the pages
+        it reads. Returns the bytes sent (0 at the end of the file), or raises
+        :class:`~afalg.errors.WantWrite` having sent nothing. A KeyUpdate the peer asked for
+        goes out first, as with :meth:`send`. For event loops (:func:`afalg.aio.sendfile`)."""
+        self._check_send()
+        with self._tx_lock:
+            try:
+                self._answer_key_update()
+                return os.sendfile(self._sock.fileno(), fd, offset, count)
+            except BlockingIOError:
+                raise WantWrite(errno.EAGAIN, "the socket takes no more now") from None
+            except OSError as exc:
+                raise self._translate(exc) from exc
+
     # -- receiving --
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         view = self._recv_view(buffer, nbytes, flags)

@@ -61,6 +61,7 @@ __all__ = [
     "KTLSSocket",
     "TLSAlertReceived",
     "choose_mode",
+    "hand_off",
     "tls_stats",
     "wrap",
 ]
@@ -119,6 +120,69 @@ def _refuse(sock: socket.socket, tx: TrafficKeys) -> None:
         sock.shutdown(socket.SHUT_WR)
 
 
+def _check_records_per_key(records_per_key: int | None) -> None:
+    if records_per_key is None:
+        return
+    if not isinstance(records_per_key, int) or isinstance(records_per_key, bool):
+        raise TypeError("records_per_key must be an int or None")
+    if records_per_key < 3:
+        raise ValueError("records_per_key must be at least 3 (data, an open record, KeyUpdate)")
+
+
+def hand_off(
+    sock: socket.socket,
+    handoff: handoff.Handoff,
+    *,
+    mode: str = "auto",
+    algif_backend: str = "auto",
+    suppress_ragged_eofs: bool = True,
+    records_per_key: int | None = None,
+) -> KTLSSocket | AlgTLSSocket:
+    """The part of :func:`wrap` after the handshake: choose where the records of ``handoff``
+    (a finished :class:`afalg.handoff.Handshake`'s result) are protected (:func:`choose_mode`)
+    and return the TLS socket over ``sock``, which then owns it. For drivers of the sans-I/O
+    handshake (:mod:`afalg.aio`). When the mode asked for cannot run, the peer gets a fatal
+    ``internal_error`` alert and the error is raised; ``sock`` is left to the caller then.
+    kTLS attaches to established connections only: with ``mode="auto"``, a peer that
+    half-closed before the hand-off (sent its data and FIN at once) gets algif mode instead."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if algif_backend not in BACKENDS:
+        raise ValueError(f"algif_backend must be one of {BACKENDS}, not {algif_backend!r}")
+    _check_records_per_key(records_per_key)
+    h = handoff
+    common: dict[str, Any] = {
+        "ssl_object": h.ssl_object,
+        "suppress_ragged_eofs": suppress_ragged_eofs,
+        "tickets": h.ticket_feed(),
+        "records_per_key": records_per_key,
+    }
+    try:
+        chosen, backend = choose_mode(h.version, h.cipher_suite, mode, algif_backend)
+        if chosen == "algif":
+            return AlgTLSSocket(sock, h.tx, h.rx, backend=backend, **common)
+    except (AlgError, KTLSError):
+        _refuse(sock, h.tx)  # nothing was installed on sock: the peer hears why, in TLS
+        raise
+    try:
+        return KTLSSocket(sock, h.tx, h.rx, **common)
+    except KTLSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        # The tls ULP attaches to established connections only: the peer half-closed (its
+        # data and FIN are queued) before the hand-off. Nothing was installed; "auto" goes on
+        # in algif mode, "ktls" tells the peer it cannot.
+        if mode != "auto":
+            _refuse(sock, h.tx)
+            raise
+    try:
+        _, backend = choose_mode(h.version, h.cipher_suite, "algif", algif_backend)
+        return AlgTLSSocket(sock, h.tx, h.rx, backend=backend, **common)
+    except (AlgError, KTLSError):
+        _refuse(sock, h.tx)
+        raise
+
+
 def wrap(
     sock: socket.socket,
     context: ssl.SSLContext,
@@ -152,30 +216,16 @@ def wrap(
         raise ValueError(f"algif_backend must be one of {BACKENDS}, not {algif_backend!r}")
     if not isinstance(sock, socket.socket):
         raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
-    if records_per_key is not None:
-        if not isinstance(records_per_key, int) or isinstance(records_per_key, bool):
-            raise TypeError("records_per_key must be an int or None")
-        if records_per_key < 3:
-            raise ValueError("records_per_key must be at least 3 (data, an open record, KeyUpdate)")
+    _check_records_per_key(records_per_key)
     try:
         h = handoff.handshake(
             sock, context, server_side=server_side, server_hostname=server_hostname,
             session=session,
         )  # fmt: skip
-        common: dict[str, Any] = {
-            "ssl_object": h.ssl_object,
-            "suppress_ragged_eofs": suppress_ragged_eofs,
-            "tickets": h.ticket_feed(),
-            "records_per_key": records_per_key,
-        }
-        try:
-            chosen, backend = choose_mode(h.version, h.cipher_suite, mode, algif_backend)
-            if chosen == "algif":
-                return AlgTLSSocket(sock, h.tx, h.rx, backend=backend, **common)
-        except (AlgError, KTLSError):
-            _refuse(sock, h.tx)  # nothing was installed on sock: the peer hears why, in TLS
-            raise
-        return KTLSSocket(sock, h.tx, h.rx, **common)
+        return hand_off(
+            sock, h, mode=mode, algif_backend=algif_backend,
+            suppress_ragged_eofs=suppress_ragged_eofs, records_per_key=records_per_key,
+        )  # fmt: skip
     except BaseException:
         sock.close()
         raise

@@ -40,6 +40,7 @@ API_MODULES = [
     "afalg.tls",
     "afalg.ktls",
     "afalg.algif",
+    "afalg.aio",
     "afalg.serving",
     "afalg.vm",
     "afalg.cli",

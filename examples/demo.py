@@ -82,8 +82,35 @@ def echo_demo() -> int:
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=30)
+        title = "asyncio: GET /blob.bin from examples/aio_file_server.py (aio.sendfile, kTLS)"
+        print(f"\n--- {title}", flush=True)
+        runs.append((title, []))
+        failed += aio_demo(served, hashlib.sha256(blob).hexdigest(), Path(tmp, "aio-ready")) != 0
     print(f"\ndemo: {len(runs) - failed} of {len(runs)} client runs succeeded")
     return 1 if failed else 0
+
+
+def aio_demo(served: Path, digest: str, ready: Path) -> int:
+    """The asyncio file server (afalg.aio) in kTLS mode and one client fetching a file."""
+    server = subprocess.Popen([
+        sys.executable, str(HERE / "aio_file_server.py"), "--mode", "ktls", "--port", "0",
+        "--serve-dir", str(served), "--ready-file", str(ready),
+    ])  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() or not ready.read_text().strip():
+            if server.poll() is not None or time.monotonic() > deadline:
+                print("demo: the asyncio file server did not start", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        port = ready.read_text().split()[1]
+        return subprocess.run([
+            sys.executable, str(HERE / "tls_echo_client.py"), "--port", port, "--mode", "ktls",
+            "--get", "/blob.bin", "--sha256", digest,
+        ]).returncode  # fmt: skip
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def main() -> int:

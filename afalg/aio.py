@@ -1,0 +1,828 @@
+"""asyncio streams over afalg's TLS: the records are sealed and opened in the kernel (kTLS, or
+the kernel's AEAD in algif mode), the handshake is Python's ssl, driven by the event loop.
+
+Switching from asyncio's own TLS streams is one line::
+
+    reader, writer = await asyncio.open_connection(host, 443, ssl=ctx)      # before
+    reader, writer = await afalg.aio.open_connection(host, 443, ssl=ctx)    # after
+
+    server = await afalg.aio.start_server(handle, "0.0.0.0", 8443, ssl=server_ctx)
+    async with server:
+        await server.serve_forever()
+
+:func:`open_connection` and :func:`start_server` take what their asyncio namesakes take (the
+rest of the keyword arguments go to :meth:`loop.create_connection` /
+:meth:`loop.create_server`), plus ``mode`` and ``algif_backend`` as for
+:func:`afalg.tls.wrap`. They return asyncio's own :class:`asyncio.StreamReader`,
+:class:`asyncio.StreamWriter` and :class:`asyncio.Server`; the transport is a
+:class:`TLSTransport`.
+
+- The handshake (:class:`afalg.handoff.Handshake`, sans-I/O) runs on the loop: reads and writes
+  never block it, and ``ssl_handshake_timeout`` (60 s by default) bounds it. A client whose
+  handshake fails or times out costs the server only that connection.
+- Then the keys go to the kernel (:func:`afalg.tls.hand_off`). Records other than application
+  data go to the socket's session core: alerts, close_notify (end of file), NewSessionTickets
+  (``writer.get_extra_info("ssl_object").session`` resumes, pass it as ``session=``), KeyUpdate
+  (answered before our next data).
+- Flow control as in asyncio: ``await writer.drain()`` waits while more than the high water mark
+  (64 KiB by default, :meth:`~asyncio.WriteTransport.set_write_buffer_limits`) is queued,
+  counting sealed records not yet written (algif); the reader pauses the transport when its
+  buffer passes twice its ``limit``.
+- :func:`sendfile` sends a file with the kernel's ``sendfile`` under kTLS (the page cache is
+  encrypted in the kernel; Python never reads the file), and in sealed chunks in algif mode.
+  ``loop.sendfile(writer.transport, file)`` works too, through asyncio's fallback (the file is
+  read into Python, also under kTLS).
+- ``writer.get_extra_info()`` answers ``"ssl_object"``, ``"sslcontext"``, ``"peercert"``,
+  ``"cipher"``, ``"compression"``, ``"peername"``, ``"sockname"``, ``"socket"`` (the afalg TLS
+  socket: :class:`afalg.ktls.KTLSSocket` or :class:`afalg.algif.AlgTLSSocket`, e.g. for
+  ``key_update()``; do not read or write it behind the transport's back), ``"mode"`` and
+  ``"backend"``.
+- Ending: ``writer.close()`` writes out what is queued, then close_notify, then closes the
+  socket; ``transport.abort()`` closes at once, without close_notify (the peer sees a truncated
+  stream, not a clean end). ``writer.can_write_eof()`` is True in TLS 1.3: ``write_eof()`` sends
+  close_notify and half-closes TCP, and reading goes on (RFC 8446 section 6.1 lets each side close
+  its own direction). TLS 1.2 promises no half-close: ``can_write_eof()`` is False and
+  ``write_eof()`` raises :class:`NotImplementedError`, as for asyncio's TLS. In TLS 1.3 a peer's
+  close_notify leaves the writer open (as a TCP FIN does for plain streams; close it when done); in
+  TLS 1.2 it closes the connection, as asyncio's TLS does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import io
+import logging
+import os
+import select
+import socket
+import ssl as _ssl
+import stat
+from asyncio import constants as _constants
+from asyncio import transports as _transports
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from afalg import handoff as _handoff
+from afalg import tls
+from afalg.algif import AlgTLSSocket
+from afalg.ktls import KTLSSocket
+from afalg.wire import HEADER_SIZE, MAX_CIPHERTEXT_TLS12
+
+__all__ = ["TLSTransport", "open_connection", "sendfile", "start_server"]
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_LIMIT = 2**16  # asyncio.streams' default StreamReader limit
+_HANDSHAKE_TIMEOUT = 60.0  # asyncio's default ssl_handshake_timeout
+_READ_SIZE = 256 * 1024  # one recv_into: several records
+_READS_PER_CALL = 16  # then other callbacks get a turn
+_FILE_CHUNK = 256 * 1024  # sealed sendfile: what is read from the file at a time
+_SENDFILE_MAX = 0x7FFFF000  # the most one sendfile(2) moves
+
+ClientConnectedCallback = Callable[
+    [asyncio.StreamReader, asyncio.StreamWriter], "Awaitable[None] | None"
+]
+
+
+# --- the handshake -------------------------------------------------------------------------------
+
+
+async def _handshake(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    context: _ssl.SSLContext,
+    *,
+    server_side: bool,
+    server_hostname: str | None,
+    session: _ssl.SSLSession | None,
+) -> _handoff.Handoff:
+    """Drive :class:`afalg.handoff.Handshake` over the non-blocking ``sock`` with the loop's
+    socket operations; never reads past the last handshake record."""
+    hs = _handoff.Handshake(
+        context, server_side=server_side, server_hostname=server_hostname, session=session
+    )
+    buf = bytearray(MAX_CIPHERTEXT_TLS12 + HEADER_SIZE)
+    try:
+        while True:
+            data = hs.data_to_send()
+            if data:
+                await loop.sock_sendall(sock, data)
+            if hs.done:
+                return hs.result()
+            view = memoryview(buf)[: hs.bytes_wanted()]
+            n = await loop.sock_recv_into(sock, view)
+            if n:
+                hs.receive(view[:n])
+            else:
+                hs.receive_eof()
+    except _ssl.SSLError:
+        data = hs.data_to_send()  # the alert ssl produced: best effort, without waiting
+        if data:
+            with contextlib.suppress(OSError):
+                sock.send(data)
+        raise
+    finally:
+        hs.close()
+
+
+async def _secure(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    context: _ssl.SSLContext,
+    *,
+    server_side: bool,
+    server_hostname: str | None,
+    session: _ssl.SSLSession | None,
+    mode: str,
+    algif_backend: str,
+    suppress_ragged_eofs: bool,
+    timeout: float | None,
+) -> KTLSSocket | AlgTLSSocket:
+    """Handshake (within ``timeout``) and hand off; the result owns ``sock``, which is closed
+    on any failure (a timeout, a cancelled task, a refused mode)."""
+    try:
+        h = await asyncio.wait_for(
+            _handshake(
+                loop, sock, context, server_side=server_side,
+                server_hostname=server_hostname, session=session,
+            ),
+            timeout,
+        )  # fmt: skip
+        return tls.hand_off(
+            sock, h, mode=mode, algif_backend=algif_backend,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+        )  # fmt: skip
+    except BaseException:
+        sock.close()
+        raise
+
+
+class _Adopt(asyncio.Protocol):
+    """Takes the connected socket from the transport asyncio made for it, before that
+    transport reads a byte: a duplicate descriptor (non-blocking) for afalg, and asyncio's
+    transport is closed (the connection lives on in the duplicate)."""
+
+    def __init__(self, then: Callable[[socket.socket], None] | None = None) -> None:
+        self.sock: socket.socket | None = None
+        self._then = then
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # asyncio's transport starts reading only after this
+        try:
+            raw = transport.get_extra_info("socket")
+            sock = socket.socket(fileno=os.dup(raw.fileno()))
+            sock.setblocking(False)
+        finally:
+            transport.abort()  # closes asyncio's descriptor; the duplicate stays
+        self.sock = sock
+        if self._then is not None:
+            self._then(sock)
+
+
+def _validate(context: Any, mode: str, algif_backend: str) -> _ssl.SSLContext:
+    if mode not in tls.MODES:
+        raise ValueError(f"mode must be one of {tls.MODES}, not {mode!r}")
+    if algif_backend not in tls.BACKENDS:
+        raise ValueError(f"algif_backend must be one of {tls.BACKENDS}, not {algif_backend!r}")
+    if context is True:
+        return _ssl.create_default_context()
+    if not isinstance(context, _ssl.SSLContext):
+        raise TypeError(f"ssl must be an ssl.SSLContext (or True), not {type(context).__name__}")
+    return context
+
+
+# --- the transport -------------------------------------------------------------------------------
+
+
+class TLSTransport(_transports._FlowControlMixin):
+    """An :class:`asyncio.Transport` over an afalg TLS socket (non-blocking), driven by the
+    loop's readiness callbacks. Made by :func:`open_connection` and :func:`start_server`.
+
+    Reading: each readable event reads until the socket has no whole record left
+    (:class:`~afalg.errors.WantRead`), so plaintext that ``pending()``
+    counts is delivered without waiting for the socket again. Writing: what the socket does not
+    take is queued (bytes, and sealed records in algif mode) and written when writable; the
+    write buffer size counts both, for ``drain()`` and the protocol's pause/resume_writing.
+    """
+
+    # asyncio's loop.sendfile() works through its fallback (reads the file, calls write());
+    # afalg.aio.sendfile() is the native path under kTLS.
+    _sendfile_compatible = _constants._SendfileMode.FALLBACK
+
+    # Set by asyncio's flow-control base class (typeshed does not declare them).
+    _loop: asyncio.AbstractEventLoop
+    _extra: dict[str, Any]
+    _low_water: int
+    _high_water: int
+    _protocol_paused: bool
+    _maybe_pause_protocol: Callable[[], None]
+    _maybe_resume_protocol: Callable[[], None]
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        tls_sock: KTLSSocket | AlgTLSSocket,
+        protocol: asyncio.BaseProtocol,
+        extra: dict[str, Any] | None = None,
+        waiter: asyncio.Future[None] | None = None,
+    ) -> None:
+        super().__init__(extra, loop)
+        self._tls = tls_sock
+        self._fd = tls_sock.fileno()
+        self._protocol = protocol
+        self._buffer: collections.deque[memoryview] = collections.deque()
+        self._buffer_size = 0
+        self._read_buf = bytearray(_READ_SIZE)
+        self._closing = False  # close() called, or the connection failed
+        self._conn_lost = 0
+        self._paused = False  # reading paused by the protocol
+        self._eof = False  # the peer's close_notify (or the TCP end) seen: reading is over
+        self._eof_requested = False  # write_eof() called
+        self._eof_sent = False
+        self._reading = False  # a reader is registered with the loop
+        self._writing = False  # a writer is registered with the loop
+        self._sendfile_active = False
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []  # (buffer size, future)
+        self._extra.update(
+            sslcontext=tls_sock.context,
+            ssl_object=tls_sock.ssl_object,
+            peercert=tls_sock.getpeercert(),
+            cipher=tls_sock.cipher(),
+            compression=None,
+            socket=tls_sock,
+            mode=tls_sock.mode,
+            backend=tls_sock.backend,
+        )
+        for key, get in (("peername", tls_sock.getpeername), ("sockname", tls_sock.getsockname)):
+            try:
+                self._extra[key] = get()
+            except OSError:
+                self._extra[key] = None
+        loop.call_soon(self._protocol.connection_made, self)
+        loop.call_soon(self._start_reading)
+        if waiter is not None:
+            loop.call_soon(_set_result_unless_cancelled, waiter)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn_lost else "closing" if self._closing else "open"
+        return f"<TLSTransport fd={self._fd} mode={self._tls.mode} {state}>"
+
+    # -- protocol --
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+    # -- reading --
+    def is_reading(self) -> bool:
+        return not self._paused and not self._closing and not self._eof
+
+    def pause_reading(self) -> None:
+        if not self.is_reading():
+            return
+        self._paused = True
+        self._remove_reader()
+
+    def resume_reading(self) -> None:
+        if not self._paused or self._closing:
+            return
+        self._paused = False
+        self._start_reading()
+
+    def _start_reading(self) -> None:
+        """Register the reader and read what is buffered already (the socket may hold
+        plaintext that no readable event announces)."""
+        if not self.is_reading() or self._conn_lost:
+            return
+        if not self._reading:
+            self._loop.add_reader(self._fd, self._read_ready)
+            self._reading = True
+        self._loop.call_soon(self._read_ready)
+
+    def _remove_reader(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+
+    def _read_ready(self) -> None:
+        for _ in range(_READS_PER_CALL):
+            if not self.is_reading() or self._conn_lost:
+                return
+            try:
+                n = self._tls.recv_into(self._read_buf)
+            except (BlockingIOError, InterruptedError):
+                return  # WantRead: no whole record yet
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "fatal read error on the TLS connection")
+                return
+            if n == 0:
+                self._read_eof()
+                return
+            try:
+                self._protocol.data_received(bytes(self._read_buf[:n]))  # type: ignore[attr-defined]
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "protocol.data_received() failed")
+                return
+        self._loop.call_soon(self._read_ready)  # more may be there: after the others' turn
+
+    def _read_eof(self) -> None:
+        self._eof = True
+        self._remove_reader()
+        try:
+            keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "protocol.eof_received() failed")
+            return
+        if not keep_open:
+            self.close()
+
+    # -- writing --
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__}")
+        if self._eof_requested:
+            raise RuntimeError("cannot call write() after write_eof()")
+        if self._sendfile_active:
+            raise RuntimeError("unable to write; sendfile is in progress")
+        self._write(data)
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if self._conn_lost:
+            if self._conn_lost >= _constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES:
+                logger.warning("afalg TLS transport: write() on a lost connection")
+            self._conn_lost += 1
+            return
+        self._buffer.append(memoryview(bytes(data)).cast("B"))
+        self._buffer_size += len(data)
+        if not self._writing:
+            self._write_out()  # at once, as asyncio's transports try
+            if self._conn_lost:
+                return
+            if self._has_output():
+                self._loop.add_writer(self._fd, self._write_ready)
+                self._writing = True
+        self._maybe_pause_protocol()
+
+    def _has_output(self) -> bool:
+        return bool(self._buffer) or self._tls.pending_output() > 0
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes queued: not yet taken by the socket, plus (algif) sealed records not yet
+        written to TCP."""
+        if self._conn_lost:
+            return 0
+        return self._buffer_size + self._tls.pending_output()
+
+    def _write_out(self) -> None:
+        """Write what the socket takes now; a failure is fatal to the connection."""
+        try:
+            if self._tls.pending_output():
+                self._tls.flush()
+            while self._buffer:
+                head = self._buffer[0]
+                n = self._tls.send(head)
+                self._buffer_size -= n
+                if n == len(head):
+                    self._buffer.popleft()
+                else:
+                    self._buffer[0] = head[n:]
+            if self._tls.pending_output():
+                self._tls.flush()
+        except (BlockingIOError, InterruptedError):
+            pass  # WantWrite: nothing was taken of what raised
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "fatal write error on the TLS connection")
+
+    def _write_ready(self) -> None:
+        if self._conn_lost:
+            return
+        self._write_out()
+        if self._conn_lost:
+            return
+        self._maybe_resume_protocol()
+        self._wake_waiters()
+        if self._has_output():
+            return
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+        if self._sendfile_active:
+            return
+        if self._closing:
+            self._close_when_writable()
+        elif self._eof_requested and not self._eof_sent:
+            self._write_eof_now()
+
+    def _wake_waiters(self) -> None:
+        size = self.get_write_buffer_size()
+        for item in list(self._waiters):
+            limit, fut = item
+            if size <= limit or self._conn_lost:
+                self._waiters.remove(item)
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def _wait_buffer(self, limit: int) -> None:
+        """Until no more than ``limit`` bytes are queued (or the connection is lost)."""
+        if self.get_write_buffer_size() <= limit or self._conn_lost:
+            return
+        fut = self._loop.create_future()
+        self._waiters.append((limit, fut))
+        try:
+            await fut
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove((limit, fut))
+
+    def can_write_eof(self) -> bool:
+        """True in TLS 1.3 (close_notify, then a TCP half-close, and reading goes on); False in
+        TLS 1.2, which promises no half-close."""
+        return self._tls.version() == "TLSv1.3"
+
+    def write_eof(self) -> None:
+        """TLS 1.3: send close_notify once what is queued is out, then shut down TCP's sending
+        side; the peer may go on sending. TLS 1.2: :class:`NotImplementedError`."""
+        if not self.can_write_eof():
+            raise NotImplementedError("TLS 1.2 promises no half-close: close the writer instead")
+        if self._closing or self._eof_requested:
+            return
+        self._eof_requested = True
+        if not self._has_output() and not self._sendfile_active:
+            self._write_eof_now()
+
+    def _ensure_writer(self) -> None:
+        if not self._writing:
+            self._loop.add_writer(self._fd, self._write_ready)
+            self._writing = True
+
+    def _close_when_writable(self) -> None:
+        """Close now if close_notify fits in the socket, else once it is writable."""
+        if self._socket_writable():
+            self._lose(None)
+        else:
+            self._ensure_writer()  # _write_ready comes back here
+
+    def _socket_writable(self) -> bool:
+        """Room in the socket now: close_notify must not be dropped (kTLS sends it with
+        MSG_DONTWAIT on close, and a refused alert may not be retried)."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT)
+        return bool(poller.poll(0))
+
+    def _write_eof_now(self) -> None:
+        if not self._socket_writable():
+            self._ensure_writer()  # _write_ready comes back here
+            return
+        try:
+            self._tls.shutdown(socket.SHUT_WR)  # close_notify, then TCP's FIN
+        except (BlockingIOError, InterruptedError):
+            # algif: the close_notify is sealed and queued; shutdown() again once it is out
+            self._ensure_writer()
+            return
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "write_eof failed")
+            return
+        self._eof_sent = True
+
+    # -- ending --
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Write out what is queued, send close_notify and close the socket; the protocol's
+        ``connection_lost(None)`` follows."""
+        if self._closing:
+            return
+        self._closing = True
+        self._remove_reader()
+        if not self._has_output() and not self._sendfile_active:
+            self._close_when_writable()
+
+    def abort(self) -> None:
+        """Close at once: queued data is dropped and no close_notify is sent (the peer sees the
+        stream end without it: a truncation, not a clean end)."""
+        self._force_close(None)
+
+    def _fatal_error(self, exc: BaseException, message: str) -> None:
+        if isinstance(exc, OSError):  # TLS errors are ssl.SSLErrors: OSErrors
+            if self._loop.get_debug():
+                logger.debug("%r: %s", self, message, exc_info=True)
+        else:
+            self._loop.call_exception_handler(
+                {"message": message, "exception": exc, "transport": self,
+                 "protocol": self._protocol}
+            )  # fmt: skip
+        self._force_close(exc)
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        if self._conn_lost:
+            return
+        session = self._tls.tls_session
+        if session.error is None:  # no close_notify, nothing queued goes out
+            session.fail(exc or ConnectionAbortedError("the transport was aborted"))
+        self._buffer.clear()
+        self._buffer_size = 0
+        self._closing = True
+        self._lose(exc)
+
+    def _lose(self, exc: BaseException | None) -> None:
+        """Close the socket now (close_notify unless the session failed) and tell the
+        protocol soon."""
+        if self._conn_lost:
+            return
+        self._conn_lost += 1
+        self._remove_reader()
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+        with contextlib.suppress(OSError):  # queued data that could not go out: the peer sees it
+            self._tls.close()  # non-blocking: close_notify if the socket takes it now
+        for _, fut in self._waiters:  # drain(), sendfile: they see the loss themselves
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters.clear()
+        if self._sendfile_active:
+            with contextlib.suppress(Exception):
+                self._loop.remove_writer(self._fd)
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        protocol = self._protocol
+        try:
+            protocol.connection_lost(exc)  # type: ignore[arg-type]
+        finally:
+            self._read_buf = bytearray()
+
+    # -- sendfile --
+    async def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        """See :func:`sendfile`."""
+        if not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be a non-negative integer (got {offset!r})")
+        if count is not None and (not isinstance(count, int) or count <= 0):
+            raise ValueError(f"count must be a positive integer (got {count!r})")
+        if "b" not in getattr(file, "mode", "b"):
+            raise ValueError("file should be opened in binary mode")
+        if self._closing:
+            raise ConnectionError("the transport is closing")
+        if self._sendfile_active:
+            raise RuntimeError("sendfile is in progress already")
+        if self._eof_requested:
+            raise RuntimeError("cannot sendfile after write_eof()")
+        self._sendfile_active = True
+        total = 0
+        try:
+            fd = _regular_fileno(file) if isinstance(self._tls, KTLSSocket) else None
+            if fd is not None:
+                await self._wait_buffer(0)  # what was written before goes first
+                sent = self._sendfile_native(fd, offset, count)
+            else:
+                sent = self._sendfile_sealed(file, offset, count)
+            async for n in sent:
+                total += n
+            return total
+        finally:
+            self._sendfile_active = False
+            with contextlib.suppress(OSError, ValueError):
+                file.seek(offset + total)  # as loop.sendfile: the position follows what was sent
+            if not self._conn_lost:
+                if self._has_output():
+                    self._ensure_writer()
+                elif self._closing:
+                    self._close_when_writable()
+                elif self._eof_requested and not self._eof_sent:
+                    self._write_eof_now()
+
+    async def _sendfile_native(self, fd: int, offset: int, count: int | None) -> Any:
+        """kTLS: non-blocking sendfile(2) steps; the kernel reads and encrypts the pages."""
+        assert isinstance(self._tls, KTLSSocket)
+        if count is None:
+            count = max(0, os.fstat(fd).st_size - offset)
+        done = 0
+        while done < count:
+            self._check_sendfile()
+            try:
+                n = self._tls.sendfile_nowait(fd, offset + done, min(count - done, _SENDFILE_MAX))
+            except (BlockingIOError, InterruptedError):
+                await self._writable()
+                continue
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "sendfile failed")
+                raise
+            if n == 0:
+                return  # the file ended early
+            done += n
+            yield n
+
+    async def _sendfile_sealed(self, file: Any, offset: int, count: int | None) -> Any:
+        """algif (or a file without a descriptor): read chunks, queue them, wait for room."""
+        file.seek(offset)
+        done = 0
+        while count is None or done < count:
+            self._check_sendfile()
+            want = _FILE_CHUNK if count is None else min(_FILE_CHUNK, count - done)
+            data = await self._loop.run_in_executor(None, file.read, want)
+            if not data:
+                return
+            self._write(data)
+            done += len(data)
+            yield len(data)
+            await self._wait_buffer(self._low_water)
+        self._check_sendfile()
+
+    def _check_sendfile(self) -> None:
+        if self._conn_lost or self._closing:
+            raise ConnectionError("the connection was closed during sendfile")
+
+    async def _writable(self) -> None:
+        """Until the socket is writable (sendfile's wait; the transport's own writer is not
+        registered while sendfile runs, as its buffer is empty)."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._loop.add_writer(self._fd, _set_result_unless_cancelled, fut)
+        self._waiters.append((-1, fut))  # woken (never by size) when the connection is lost
+        try:
+            await fut
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove((-1, fut))
+            if not self._conn_lost:
+                self._loop.remove_writer(self._fd)
+
+
+def _set_result_unless_cancelled(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _regular_fileno(file: Any) -> int | None:
+    """The descriptor of a regular file (what sendfile(2) reads), else None."""
+    try:
+        fd = file.fileno()
+    except (AttributeError, io.UnsupportedOperation, OSError):
+        return None
+    try:
+        return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except OSError:
+        return None
+
+
+# --- streams -------------------------------------------------------------------------------------
+
+
+class _StreamProtocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol, with end of file as TLS allows it: in TLS 1.3 a peer's
+    close_notify ends only its direction (the writer stays open); in TLS 1.2 it ends the
+    connection."""
+
+    def __init__(self, *args: Any, half_close: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._half_close = half_close
+
+    def eof_received(self) -> bool:
+        super().eof_received()
+        return self._half_close
+
+
+def _streams(
+    loop: asyncio.AbstractEventLoop,
+    tls_sock: KTLSSocket | AlgTLSSocket,
+    limit: int,
+    client_connected_cb: ClientConnectedCallback | None = None,
+) -> tuple[asyncio.StreamReader, _StreamProtocol, TLSTransport, asyncio.Future[None]]:
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    protocol = _StreamProtocol(
+        reader, client_connected_cb, loop=loop, half_close=tls_sock.version() == "TLSv1.3"
+    )
+    waiter: asyncio.Future[None] = loop.create_future()
+    transport = TLSTransport(loop, tls_sock, protocol, waiter=waiter)
+    return reader, protocol, transport, waiter
+
+
+async def open_connection(
+    host: str | None = None,
+    port: int | str | None = None,
+    *,
+    ssl: _ssl.SSLContext | bool,
+    server_hostname: str | None = None,
+    mode: str = "auto",
+    algif_backend: str = "auto",
+    limit: int = _DEFAULT_LIMIT,
+    ssl_handshake_timeout: float | None = _HANDSHAKE_TIMEOUT,
+    suppress_ragged_eofs: bool = True,
+    session: _ssl.SSLSession | None = None,
+    **kwds: Any,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to ``host``:``port``, handshake with ``ssl`` (an :class:`ssl.SSLContext`, or
+    True for :func:`ssl.create_default_context`), hand the keys to the kernel and return
+    asyncio's ``(StreamReader, StreamWriter)``, as :func:`asyncio.open_connection`.
+
+    ``server_hostname`` defaults to ``host``. ``mode`` and ``algif_backend`` choose where the
+    records are protected, as for :func:`afalg.tls.wrap` (``writer.get_extra_info("mode")``
+    says which ran); ``session`` resumes a session. The handshake runs on the loop within
+    ``ssl_handshake_timeout`` seconds (:class:`TimeoutError`). Other keyword arguments (``sock``,
+    ``family``, ``local_addr``, ``happy_eyeballs_delay``, ...) go to
+    :meth:`loop.create_connection`. Raises what ssl raises for a failed handshake and what
+    :func:`afalg.tls.hand_off` raises when the mode cannot run; nothing is left open then.
+    """
+    context = _validate(ssl, mode, algif_backend)
+    loop = asyncio.get_running_loop()
+    if server_hostname is None and kwds.get("sock") is None:
+        server_hostname = host
+    _, adopt = await loop.create_connection(_Adopt, host, port, **kwds)  # type: ignore[arg-type]
+    assert isinstance(adopt, _Adopt) and adopt.sock is not None
+    tls_sock = await _secure(
+        loop, adopt.sock, context, server_side=False, server_hostname=server_hostname,
+        session=session, mode=mode, algif_backend=algif_backend,
+        suppress_ragged_eofs=suppress_ragged_eofs, timeout=ssl_handshake_timeout,
+    )  # fmt: skip
+    reader, protocol, transport, waiter = _streams(loop, tls_sock, limit)
+    try:
+        await waiter
+    except BaseException:
+        transport.abort()
+        raise
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+async def start_server(
+    client_connected_cb: ClientConnectedCallback,
+    host: str | list[str] | None = None,
+    port: int | str | None = None,
+    *,
+    ssl: _ssl.SSLContext,
+    mode: str = "auto",
+    algif_backend: str = "auto",
+    limit: int = _DEFAULT_LIMIT,
+    ssl_handshake_timeout: float | None = _HANDSHAKE_TIMEOUT,
+    suppress_ragged_eofs: bool = True,
+    **kwds: Any,
+) -> asyncio.Server:
+    """Serve TLS on ``host``:``port`` as :func:`asyncio.start_server`: for each client whose
+    handshake succeeds within ``ssl_handshake_timeout``, ``client_connected_cb(reader, writer)``
+    is called (a coroutine becomes a task). Returns the :class:`asyncio.Server` (``async with``,
+    ``serve_forever()``, ``sockets``). ``mode`` and ``algif_backend`` as for
+    :func:`afalg.tls.wrap`; other keyword arguments (``backlog``, ``reuse_port``, ``sock``,
+    ...) go to :meth:`loop.create_server`.
+
+    A client that fails its handshake (garbage, a timeout, a refused certificate) loses only
+    its connection; the failure is logged at debug level on the ``afalg.aio`` logger.
+    """
+    context = _validate(ssl, mode, algif_backend)
+    if not isinstance(context, _ssl.SSLContext):
+        raise TypeError("start_server needs an ssl.SSLContext")
+    loop = asyncio.get_running_loop()
+    handshakes: set[asyncio.Task[None]] = set()  # strong references while they run
+
+    async def serve(sock: socket.socket) -> None:
+        try:
+            tls_sock = await _secure(
+                loop, sock, context, server_side=True, server_hostname=None, session=None,
+                mode=mode, algif_backend=algif_backend,
+                suppress_ragged_eofs=suppress_ragged_eofs, timeout=ssl_handshake_timeout,
+            )  # fmt: skip
+        except Exception as exc:  # that client's loss only
+            logger.debug("afalg.aio: a client's handshake failed: %r", exc)
+            return
+        _streams(loop, tls_sock, limit, client_connected_cb)
+
+    def accepted(sock: socket.socket) -> None:
+        task = loop.create_task(serve(sock))
+        handshakes.add(task)
+        task.add_done_callback(handshakes.discard)
+
+    return await loop.create_server(lambda: _Adopt(accepted), host, port, **kwds)  # type: ignore[arg-type]
+
+
+async def sendfile(
+    writer: asyncio.StreamWriter, file: Any, offset: int = 0, count: int | None = None
+) -> int:
+    """Send ``count`` bytes (None: to the end) of the binary ``file`` from ``offset`` over the
+    afalg stream ``writer``; returns the bytes sent, and the file's position ends after them
+    (as :meth:`loop.sendfile`). What was written before goes first; ``write()`` raises while
+    this runs.
+
+    Under kTLS, with a regular file, this is the kernel's ``sendfile(2)``: the kernel reads
+    the pages and encrypts them; the file object's ``read`` is never called. In algif mode (or
+    for a file without a descriptor) the file is read in chunks and sealed, with flow control.
+    """
+    transport = writer.transport
+    if not isinstance(transport, TLSTransport):
+        raise TypeError("sendfile needs a writer from afalg.aio (open_connection, start_server)")
+    return await transport.sendfile(file, offset, count)
