@@ -1183,7 +1183,7 @@ def write_markdown(
             lines += ["Targets:", ""]
             for row in targets:
                 lines.append(f"- **{row.verdict}** {row.mine} vs {row.peer}, {row.job} "
-                             f"({row.unit}): {row.ratio:.2f}x, target {row.target:g}x")  # fmt: skip
+                             f"({row.unit}): {row.ratio:.3f}x, target {row.target:g}x")  # fmt: skip
         section = None
         for row in sorted(run["rows"], key=lambda r: r.section[:1]):  # stable: runs' order
             if row.section != section:
