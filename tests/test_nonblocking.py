@@ -179,15 +179,18 @@ def test_pending_counts_every_buffered_record(mode: tuple[str, str]) -> None:
             finally:
                 probe.close()
         ours.setblocking(False)
-        assert select.select([ours], [], [], 60)[0]
-        got = bytearray(ours.recv(1000))
-        assert got == b"A" * 1000
-        if mode[0] == "algif":
-            assert ours.pending() == 3000  # opened already: select would say not readable
+        got = bytearray()
         while len(got) < 4000:
             if not ours.pending():
                 assert select.select([ours], [], [], 60)[0], "readable data never reported"
-            got += ours.recv(1000)
+            try:
+                data = ours.recv(1000)
+            except WantRead:
+                continue  # readable for a record that was not data (the server's tickets)
+            if not got and mode[0] == "algif":
+                assert data == b"A" * 1000
+                assert ours.pending() == 3000  # opened already: select would say not readable
+            got += data
         assert got == b"".join(bytes([65 + i]) * 1000 for i in range(4))
         assert ours.pending() == 0
         with pytest.raises(WantRead):
