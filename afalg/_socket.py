@@ -161,6 +161,28 @@ class TLSSocketBase:
             n = self.send(view, flags)
             view = view[n:]
 
+    def _sendfile_by_send(self, file: Any, offset: int, count: int | None, chunk: int) -> int:
+        """Send a file by reading ``chunk`` bytes at a time into one buffer and ``sendall``-ing
+        them (each chunk sealed into whole records); the file position ends after the last byte
+        sent, as with :meth:`socket.socket.sendfile`."""
+        if self._sock.gettimeout() == 0.0:
+            raise ValueError("non-blocking sockets are not supported")
+        if offset:
+            file.seek(offset)
+        total = 0
+        buf = memoryview(bytearray(chunk))
+        try:
+            while count is None or total < count:
+                n = file.readinto(buf[: chunk if count is None else min(chunk, count - total)])
+                if not n:
+                    break
+                self.sendall(buf[:n])
+                total += n
+        finally:
+            if total > 0 and hasattr(file, "seek"):
+                file.seek(offset + total)
+        return total
+
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if bufsize < 0:
             raise ValueError("negative buffersize in recv")

@@ -208,24 +208,7 @@ class AlgTLSSocket(TLSSocketBase):
         """Send a file: read it in chunks, seal, write (the kernel AEAD encrypts each record).
         Honours the socket's timeout; the file position ends after the last byte sent."""
         self._check_send()
-        if self._sock.gettimeout() == 0.0:
-            raise ValueError("non-blocking sockets are not supported")
-        if offset:
-            file.seek(offset)
-        total = 0
-        buf = bytearray(_SEND_CHUNK)
-        try:
-            while count is None or total < count:
-                want = _SEND_CHUNK if count is None else min(_SEND_CHUNK, count - total)
-                n = file.readinto(memoryview(buf)[:want])
-                if not n:
-                    break
-                self.sendall(memoryview(buf)[:n])
-                total += n
-        finally:
-            if total > 0 and hasattr(file, "seek"):
-                file.seek(offset + total)
-        return total
+        return self._sendfile_by_send(file, offset, count, _SEND_CHUNK)
 
     # -- receiving --
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:

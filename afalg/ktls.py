@@ -46,10 +46,12 @@ import ctypes
 import dataclasses
 import errno
 import functools
+import io
 import os
 import select
 import socket
 import ssl
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -450,6 +452,14 @@ _RECV_ERRORS = {
 }
 
 
+def _wait_writable(fd: int, timeout: float | None) -> None:
+    """Wait until ``fd`` takes more, at most ``timeout`` seconds (TimeoutError after)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not poller.poll(None if timeout is None else timeout * 1000):
+        raise TimeoutError("timed out")
+
+
 class KTLSSocket(TLSSocketBase):
     """A TCP socket whose records the kernel seals and opens (kernel TLS).
 
@@ -529,22 +539,40 @@ class KTLSSocket(TLSSocketBase):
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
         """Send a file with ``os.sendfile`` (the kernel encrypts the pages it reads), as
-        :meth:`socket.socket.sendfile`: honours the timeout, falls back to ``send`` for what
-        is not a regular file; the file position ends after the last byte sent."""
+        :meth:`socket.socket.sendfile`: honours the timeout (per wait), sends what is not a
+        regular file through :meth:`send`; the file position ends after the last byte sent.
+        One ``os.sendfile`` per chunk of up to 16 MiB, and nothing else per call."""
         self._check_send()
+        timeout = self._sock.gettimeout()
+        if timeout == 0.0:
+            raise ValueError("non-blocking sockets are not supported: use sendfile_nowait()")
+        try:
+            fd = file.fileno()
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except (AttributeError, io.UnsupportedOperation, OSError):
+            regular = False
+        if not regular:
+            return self._sendfile_by_send(file, offset, count, _SENDFILE_CHUNK)
+        sock_fd = self._sock.fileno()
         total = 0
         with self._tx_lock:
-            self._answer_key_update()
             try:
+                self._answer_key_update()
                 while count is None or total < count:
                     want = _SENDFILE_CHUNK if count is None else min(_SENDFILE_CHUNK, count - total)
-                    want = self._tx_allowance(want)
-                    sent = self._sock.sendfile(file, offset + total, want)
-                    total += sent
-                    if sent < want:
+                    try:
+                        sent = os.sendfile(sock_fd, fd, offset + total, self._tx_allowance(want))
+                    except BlockingIOError:  # a socket with a timeout is non-blocking inside
+                        _wait_writable(sock_fd, timeout)
+                        continue
+                    if not sent:
                         break  # end of file
+                    total += sent
             except OSError as exc:
                 raise self._translate(exc) from exc
+            finally:
+                if total and hasattr(file, "seek"):
+                    file.seek(offset + total)
         return total
 
     def sendfile_nowait(self, fd: int, offset: int, count: int) -> int:
