@@ -17,6 +17,10 @@ bytes).
   ``O_NONBLOCK`` (a FIFO swapped in does not block the server), and it must be a regular file
   *after* opening. Refusals carry an HTTP status: 404 (missing, not a regular file, outside),
   403 (not readable), 500 (any other error).
+- **Requests**: :class:`FileRequest` collects one request from bytes as they arrive (``GET
+  /path``, or ``GET /path HTTP/1.x`` and headers up to an empty line, so ``curl`` works), and
+  :func:`response_head` writes the ``HTTP/1.0`` head of the answer; a blocking server and an
+  asyncio one share both.
 """
 
 from __future__ import annotations
@@ -30,7 +34,17 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import BinaryIO
 
-__all__ = ["ConnectionLimits", "RequestRefused", "ServeDir", "ServerLimits"]
+__all__ = [
+    "MAX_REQUEST",
+    "ConnectionLimits",
+    "FileRequest",
+    "RequestRefused",
+    "ServeDir",
+    "ServerLimits",
+    "response_head",
+]
+
+MAX_REQUEST = 8192  # bytes: a request line and its headers
 
 
 @dataclass(frozen=True)
@@ -121,6 +135,49 @@ class RequestRefused(Exception):
         super().__init__(f"{status} {reason}" + (f": {detail}" if detail else ""))
         self.status = status
         self.reason = reason
+
+
+class FileRequest:
+    """One file request, read from bytes as they come (no I/O): ``GET /path\\n``, or ``GET
+    /path HTTP/1.x\\r\\n`` then header lines up to an empty one (ignored). Feed what the peer
+    sends until :meth:`feed` returns True; :attr:`target` is then the path asked for. Bytes
+    after the request are ignored (the response closes the connection)."""
+
+    def __init__(self, max_size: int = MAX_REQUEST) -> None:
+        self.max_size = max_size
+        self.target: str | None = None
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> bool:
+        """Add ``data``; True once the request is whole. :class:`RequestRefused` (400) for a
+        request that is not ``GET`` with a target, or that has no end within ``max_size``."""
+        if self.target is not None:
+            return True
+        self._buf += data
+        line, newline, rest = bytes(self._buf).partition(b"\n")
+        if newline:
+            parts = line.split()
+            if len(parts) not in (2, 3) or parts[0] != b"GET":
+                raise RequestRefused(400, "Bad Request", "not GET /path [HTTP/1.x]")
+            if len(parts) == 2 or rest[:1] == b"\n" or rest[:2] == b"\r\n" or _blank_line(rest):
+                self.target = parts[1].decode("latin-1")
+                return True
+        if len(self._buf) >= self.max_size:
+            raise RequestRefused(400, "Bad Request", f"no end within {self.max_size} bytes")
+        return False
+
+
+def _blank_line(headers: bytes) -> bool:
+    return b"\n\n" in headers or b"\n\r\n" in headers
+
+
+def response_head(status: int, reason: str, length: int = 0) -> bytes:
+    """The head of an ``HTTP/1.0`` response with ``length`` body bytes; the connection closes
+    after it (a 200 carries ``application/octet-stream``)."""
+    kind = "Content-Type: application/octet-stream\r\n" if status == 200 else ""
+    return (
+        f"HTTP/1.0 {status} {reason}\r\nContent-Length: {length}\r\n{kind}Connection: close\r\n\r\n"
+    ).encode()
 
 
 _NOT_FOUND = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.EISDIR)

@@ -26,10 +26,18 @@ import ssl
 import sys
 from pathlib import Path
 
-from tls_echo_server import MAX_REQUEST, server_context
+from tls_echo_server import server_context
 
 from afalg import aio
-from afalg.serving import ConnectionLimits, RequestRefused, ServeDir, ServerLimits
+from afalg.serving import (
+    MAX_REQUEST,
+    ConnectionLimits,
+    FileRequest,
+    RequestRefused,
+    ServeDir,
+    ServerLimits,
+    response_head,
+)
 
 log = logging.getLogger("aio_file_server")
 
@@ -69,37 +77,28 @@ class FileServer:
             await writer.wait_closed()
 
     async def _request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+        request = FileRequest()
         try:
-            line = await reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError:
-            return await self._respond(writer, 400, "Bad Request")
-        except asyncio.IncompleteReadError:
-            return "eof"
-        parts = line.strip().split()
-        if len(parts) not in (2, 3) or parts[0] != b"GET":
-            return await self._respond(writer, 400, "Bad Request")
-        if len(parts) == 3:  # HTTP/1.x: headers until an empty line
-            while (await reader.readline()).strip():
-                pass
-        try:
-            f = self.files.open(parts[1].decode("latin-1"))
+            while True:
+                data = await reader.read(MAX_REQUEST)
+                if not data:
+                    return "eof"
+                if request.feed(data):
+                    break
+            assert request.target is not None
+            f = self.files.open(request.target)
         except RequestRefused as exc:
             return await self._respond(writer, exc.status, exc.reason)
         with f:
             size = os.fstat(f.fileno()).st_size
-            writer.write(
-                f"HTTP/1.0 200 OK\r\nContent-Length: {size}\r\n"
-                "Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n".encode()
-            )
+            writer.write(response_head(200, "OK", size))
             sent = await aio.sendfile(writer, f) if size else 0
         await writer.drain()
         self.served += 1
         return "served" if sent == size else f"error:sendfile-short:{sent}/{size}"
 
     async def _respond(self, writer: asyncio.StreamWriter, status: int, reason: str) -> str:
-        writer.write(
-            f"HTTP/1.0 {status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
-        )
+        writer.write(response_head(status, reason))
         await writer.drain()
         return f"http-{status}"
 

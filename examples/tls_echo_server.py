@@ -64,11 +64,18 @@ from pathlib import Path
 from typing import Any
 
 from afalg.ktls import tls_stats
-from afalg.serving import ConnectionLimits, RequestRefused, ServeDir, ServerLimits
+from afalg.serving import (
+    MAX_REQUEST,
+    ConnectionLimits,
+    FileRequest,
+    RequestRefused,
+    ServeDir,
+    ServerLimits,
+    response_head,
+)
 
 MODES = ("ktls", "algif", "auto", "userspace")
 MAX_RECORD = 2**14  # TLS plaintext limit: one read, one record
-MAX_REQUEST = 8192
 # The kernel can carry these (AES-GCM, ChaCha20-Poly1305); TLS 1.3 suites are all of that kind.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
 
@@ -459,38 +466,22 @@ class EchoServer:
             conn.bytes_out += len(data)
 
     def _serve_file(self, conn: Connection, tls: Any, data: bytes) -> str:
-        request = bytearray(data)
-        while b"\n" not in request and len(request) < MAX_REQUEST:
-            more = tls.recv(MAX_REQUEST)
-            if not more:
-                return "eof"
-            conn.bytes_in += len(more)
-            request += more
-        line, _, rest = bytes(request).partition(b"\n")
-        parts = line.strip().split()
-        if len(parts) not in (2, 3) or b"\n" not in request:
-            return self._respond(conn, tls, 400, "Bad Request")
-        if len(parts) == 3:  # HTTP/1.x: headers follow until an empty line
-            while b"\r\n\r\n" not in rest and b"\n\n" not in rest and len(rest) < MAX_REQUEST:
-                more = tls.recv(MAX_REQUEST)
-                if not more:
-                    return "eof"
-                conn.bytes_in += len(more)
-                rest += more
         assert self.files is not None
+        request = FileRequest()
         try:
-            f = self.files.open(parts[1].decode("latin-1"))
+            while not request.feed(data):
+                data = tls.recv(MAX_REQUEST)
+                if not data:
+                    return "eof"
+                conn.bytes_in += len(data)
+            assert request.target is not None
+            f = self.files.open(request.target)
         except RequestRefused as exc:
-            log.debug("GET %r from %s: %s", parts[1], conn.peer, exc)
-            return self._respond(conn, tls, exc.status, exc.reason)
+            log.debug("GET %r from %s: %s", request.target, conn.peer, exc)
+            return self._send_head(conn, tls, exc.status, exc.reason)
         with f:
             size = os.fstat(f.fileno()).st_size
-            head = (
-                f"HTTP/1.0 200 OK\r\nContent-Length: {size}\r\n"
-                "Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
-            )
-            tls.sendall(head.encode())
-            conn.bytes_out += len(head)
+            self._send_head(conn, tls, 200, "OK", size)
             if size:
                 sent = tls.sendfile(f)
                 conn.bytes_out += sent
@@ -498,9 +489,11 @@ class EchoServer:
                     return f"error:sendfile-short:{sent}/{size}"
         return "served"
 
-    def _respond(self, conn: Connection, tls: Any, status: int, reason: str) -> str:
-        head = f"HTTP/1.0 {status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        tls.sendall(head.encode())
+    def _send_head(
+        self, conn: Connection, tls: Any, status: int, reason: str, size: int = 0
+    ) -> str:
+        head = response_head(status, reason, size)
+        tls.sendall(head)
         conn.bytes_out += len(head)
         return f"http-{status}"
 

@@ -8,7 +8,14 @@ import threading
 
 import pytest
 
-from afalg.serving import ConnectionLimits, RequestRefused, ServeDir, ServerLimits
+from afalg.serving import (
+    ConnectionLimits,
+    FileRequest,
+    RequestRefused,
+    ServeDir,
+    ServerLimits,
+    response_head,
+)
 
 
 @pytest.fixture
@@ -148,3 +155,44 @@ def test_connection_limits():
 def test_server_limits_checked(kwargs, error):
     with pytest.raises(error):
         ServerLimits(**kwargs)
+
+
+REQUESTS = [
+    (b"GET /a/b?x=1\n", "/a/b?x=1"),
+    (b"GET /f HTTP/1.0\r\n\r\n", "/f"),
+    (b"GET /f HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\ntrailing", "/f"),
+    (b"GET /f HTTP/1.0\nHost: x\n\n", "/f"),
+]
+
+
+@pytest.mark.parametrize(("raw", "target"), REQUESTS)
+def test_file_request_in_any_pieces(raw, target):
+    """The request is whole exactly when its last needed byte arrives, however it is split."""
+    end = len(raw) - (len(b"trailing") if raw.endswith(b"trailing") else 0)
+    for cut in range(1, len(raw)):
+        request = FileRequest()
+        assert request.feed(raw[:cut]) is (cut >= end), cut
+        assert request.feed(raw[cut:]) is True
+        assert request.target == target
+
+
+@pytest.mark.parametrize(
+    "raw", [b"POST /f\n", b"GET\n", b"GET /a b c\n", b"GET /f HTTP/1.0\r\n" + b"H: v\r\n" * 20]
+)
+def test_file_request_refused_with_400(raw):
+    request = FileRequest(max_size=64)
+    with pytest.raises(RequestRefused) as info:
+        for i in range(0, len(raw), 7):
+            request.feed(raw[i : i + 7])
+    assert info.value.status == 400
+    assert request.target is None
+
+
+def test_response_head():
+    assert response_head(200, "OK", 5) == (
+        b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\nContent-Type: application/octet-stream\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    assert response_head(404, "Not Found") == (
+        b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
