@@ -6,6 +6,7 @@ kernel booted with ``afalg vm`` (installing the VM first when run as root).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -43,74 +45,75 @@ def in_kernel() -> int:
 
 
 def echo_demo() -> int:
-    """The TLS echo/file server in kTLS mode, clients in kTLS and algif modes. The client and
-    the server each print a summary with the kernel's TLS counters."""
+    """The threaded TLS echo/file server and the asyncio file server, both in kTLS mode, with
+    clients in kTLS and algif modes. Clients and servers print summaries with the kernel's TLS
+    counters."""
     with tempfile.TemporaryDirectory() as tmp:
         served = Path(tmp, "www")
         served.mkdir()
         blob = os.urandom(4 << 20)
         Path(served, "blob.bin").write_bytes(blob)
-        ready = Path(tmp, "ready")
-        server = subprocess.Popen([
-            sys.executable, str(HERE / "tls_echo_server.py"), "--mode", "ktls", "--port", "0",
-            "--serve-dir", str(served), "--ready-file", str(ready),
-        ])  # fmt: skip
-        try:
-            deadline = time.monotonic() + 60
-            while not ready.exists() or not ready.read_text().strip():
-                if server.poll() is not None or time.monotonic() > deadline:
-                    print("demo: the echo server did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.2)
-            port = ready.read_text().split()[1]
-            client = [sys.executable, str(HERE / "tls_echo_client.py"), "--port", port]
-            runs = [
+        get_blob = [
+            "--mode",
+            "ktls",
+            "--get",
+            "/blob.bin",
+            "--sha256",
+            hashlib.sha256(blob).hexdigest(),
+        ]
+        runs = {
+            "tls_echo_server.py": [
                 ("TLS 1.3 echo, client in kTLS", ["--mode", "ktls", "--send", "1M"]),
                 ("TLS 1.2 ChaCha20-Poly1305 echo, client on the algif record layer",
                  ["--mode", "algif", "--tls", "1.2", "--ciphers", "ECDHE+CHACHA20",
                   "--send", "256k"]),
                 ("4 concurrent kTLS clients", ["--mode", "ktls", "--connections", "4",
                                                "--send", "256k"]),
-                ("sendfile: GET /blob.bin (4 MiB) from the kTLS server",
-                 ["--mode", "ktls", "--get", "/blob.bin",
-                  "--sha256", hashlib.sha256(blob).hexdigest()]),
-            ]  # fmt: skip
-            failed = 0
-            for title, extra in runs:
-                print(f"\n--- {title}", flush=True)
-                failed += subprocess.run([*client, *extra]).returncode != 0
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=30)
-        title = "asyncio: GET /blob.bin from examples/aio_file_server.py (aio.sendfile, kTLS)"
-        print(f"\n--- {title}", flush=True)
-        runs.append((title, []))
-        failed += aio_demo(served, hashlib.sha256(blob).hexdigest(), Path(tmp, "aio-ready")) != 0
-    print(f"\ndemo: {len(runs) - failed} of {len(runs)} client runs succeeded")
+                ("sendfile: GET /blob.bin (4 MiB) from the kTLS server", get_blob),
+            ],
+            "aio_file_server.py": [
+                ("asyncio: GET /blob.bin from examples/aio_file_server.py (aio.sendfile, kTLS)",
+                 get_blob),
+            ],
+        }  # fmt: skip
+        total = sum(len(clients) for clients in runs.values())
+        failed = 0
+        for script, clients in runs.items():
+            try:
+                with server(script, served, Path(tmp, f"{script}.ready")) as port:
+                    for title, extra in clients:
+                        print(f"\n--- {title}", flush=True)
+                        failed += client(port, extra) != 0
+            except RuntimeError as exc:
+                print(f"demo: {exc}", file=sys.stderr)
+                failed += len(clients)
+    print(f"\ndemo: {total - failed} of {total} client runs succeeded")
     return 1 if failed else 0
 
 
-def aio_demo(served: Path, digest: str, ready: Path) -> int:
-    """The asyncio file server (afalg.aio) in kTLS mode and one client fetching a file."""
-    server = subprocess.Popen([
-        sys.executable, str(HERE / "aio_file_server.py"), "--mode", "ktls", "--port", "0",
+@contextlib.contextmanager
+def server(script: str, served: Path, ready: Path) -> Iterator[str]:
+    """``examples/<script>`` in kTLS mode serving ``served``: its port while it runs."""
+    proc = subprocess.Popen([
+        sys.executable, str(HERE / script), "--mode", "ktls", "--port", "0",
         "--serve-dir", str(served), "--ready-file", str(ready),
     ])  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while not ready.exists() or not ready.read_text().strip():
-            if server.poll() is not None or time.monotonic() > deadline:
-                print("demo: the asyncio file server did not start", file=sys.stderr)
-                return 1
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{script} did not start")
             time.sleep(0.2)
-        port = ready.read_text().split()[1]
-        return subprocess.run([
-            sys.executable, str(HERE / "tls_echo_client.py"), "--port", port, "--mode", "ktls",
-            "--get", "/blob.bin", "--sha256", digest,
-        ]).returncode  # fmt: skip
+        yield ready.read_text().split()[1]
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def client(port: str, args: list[str]) -> int:
+    """``examples/tls_echo_client.py`` against ``port``: its exit status."""
+    command = [sys.executable, str(HERE / "tls_echo_client.py"), "--port", port, *args]
+    return subprocess.run(command).returncode
 
 
 def main() -> int:
