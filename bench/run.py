@@ -914,12 +914,17 @@ def load(port: int, clients: int, seconds: float, version: str, size: int) -> di
 
 def bench_servers(rounds: int, seconds: float, counts: tuple[int, ...]) -> list[Row]:
     """Every server of ``SERVERS`` in each of its modes, loaded in turns by ``load()`` (1 KiB
-    requests, TLS 1.3) with each count of clients; rows per server, mode against its peer."""
+    requests, TLS 1.3) with each count of clients, after a warm-up; rows per server, mode
+    against its peer."""
     version = "1.3"
     servers = [(server, mode) for server, modes in SERVERS.items() for mode in modes]
     rows: dict[str, list[Row]] = {server: [] for server in SERVERS}
     with contextlib.ExitStack() as stack:
         ports = {s: stack.enter_context(echo_server(*s, version)) for s in servers}
+        # a warm-up, not counted: a server's first connection pays one-time costs (the threaded
+        # one imports afalg.tls then, seconds under a loaded TCG: one request in the window)
+        for s in servers:
+            load(ports[s], 1, 0.5, version, 1024)
         for clients in counts:
             res: dict[tuple[str, str], list[dict[str, float]]] = {s: [] for s in servers}
             for _ in range(rounds):
