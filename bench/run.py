@@ -1335,7 +1335,7 @@ def write_chart(runs: list[dict[str, Any]], out: Path) -> None:
     ax.set_title("afalg vs its peers, round-robin in one run per kernel (QEMU TCG)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")  # the long labels whole
 
 
 if __name__ == "__main__":
