@@ -17,7 +17,8 @@ with its range over the rounds. The sections (issue 14):
 2. the receive side: the same file received by kTLS ``recv_into``, algif ``recv_into`` and ssl;
 3. afalg's own overhead: each afalg call against a bare loop of the same system calls;
 4. system calls per 16 KiB record on every path (``strace -c -f``), and an io_submit batch;
-5. the threaded echo server (examples/tls_echo_server.py) with 1, 10, 100 clients per mode;
+5. echo servers with 1, 10, 100 clients per mode: the threaded one (examples/tls_echo_server.py)
+   against itself on Python ssl, and one on ``afalg.aio.start_server`` against asyncio's TLS;
 6. AF_ALG hash, skcipher and AEAD against hashlib and cryptography; file hashing by splice.
 
 Speed targets live here (PASS/MISS per row), never in timed tests. Where this kernel lacks
@@ -28,6 +29,7 @@ AF_ALG or kTLS the script re-runs itself under ``afalg vm`` once per ``--kernel`
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ctypes
 import datetime
@@ -765,27 +767,45 @@ def check_aio_matches() -> str:
 
 
 # ==============================================================================================
-# 5. The threaded echo server under load
+# 5. The echo servers under load: the threaded example server, and an asyncio one
 # ==============================================================================================
 
-SERVER_MODES = ("ktls", "algif", "userspace")
+# The servers of section 5, each in its modes; the last mode of each is the peer of the others:
+# examples/tls_echo_server.py in each --mode ("userspace" is Python ssl), and aio_echo() on
+# afalg.aio.start_server ("ssl": the same server on asyncio.start_server(ssl=ctx)).
+SERVERS = {"threaded": ("ktls", "algif", "userspace"), "asyncio": ("ktls", "algif", "ssl")}
+SERVER_LABELS = {
+    "threaded": ("server --mode {mode}", "server --mode userspace (ssl)"),
+    "asyncio": ("afalg.aio.start_server mode={mode}", "asyncio.start_server(ssl=ctx)"),
+}
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child Python: afalg imported from this tree (the venv may hold an
+    editable install of another checkout)."""
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{path}" if path else str(ROOT))
 
 
 @contextlib.contextmanager
-def echo_server(mode: str, version: str) -> Iterator[int]:
+def echo_server(server: str, mode: str, version: str) -> Iterator[int]:
+    """Runs one echo server of ``SERVERS`` in its own process; yields its port."""
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    ready = OUT_DIR / f"ready-{mode}"
+    ready = OUT_DIR / f"ready-{server}-{mode}"
     ready.unlink(missing_ok=True)
-    cmd = [sys.executable, str(ROOT / "examples" / "tls_echo_server.py"), "--port", "0",
-           "--mode", mode, "--tls", version, "--cert", str(CERTS / "server.pem"),
-           "--key", str(CERTS / "server.key"), "--ready-file", str(ready), "-q",
-           "--max-conns", "512", "--max-conns-per-address", "512"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    if server == "threaded":
+        cmd = [sys.executable, str(ROOT / "examples" / "tls_echo_server.py"), "--port", "0",
+               "--mode", mode, "--tls", version, "--cert", str(CERTS / "server.pem"),
+               "--key", str(CERTS / "server.key"), "--ready-file", str(ready), "-q",
+               "--max-conns", "512", "--max-conns-per-address", "512"]  # fmt: skip
+    else:
+        cmd = [sys.executable, __file__, "--aio-echo", mode, version, str(ready)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, env=child_env())
     try:
         deadline = time.monotonic() + 120
         while not ready.exists() or not ready.read_text().strip():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"echo server ({mode}) did not start")
+                raise RuntimeError(f"echo server ({server}, {mode}) did not start")
             time.sleep(0.1)
         yield int(ready.read_text().split()[1])
     finally:
@@ -795,6 +815,39 @@ def echo_server(mode: str, version: str) -> Iterator[int]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+async def aio_echo(mode: str, version: str, ready: Path) -> None:
+    """The asyncio echo server: as examples/tls_echo_server.py, each read (at most a record,
+    16 KiB) is written back; on ``afalg.aio.start_server`` in ``mode`` (ktls, algif), or for
+    ``mode`` "ssl" on ``asyncio.start_server(ssl=ctx)``. Writes ``HOST PORT`` to ``ready``,
+    then serves until SIGTERM."""
+    from afalg import aio
+
+    server_ctx, _ = contexts(version)
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            while data := await reader.read(RECORD):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+
+    if mode == "ssl":
+        start = asyncio.start_server(echo, "127.0.0.1", 0, ssl=server_ctx, backlog=512)
+    else:
+        start = aio.start_server(echo, "127.0.0.1", 0, ssl=server_ctx, mode=mode, backlog=512)
+    server = await start
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    host, port = server.sockets[0].getsockname()[:2]
+    partial = ready.with_suffix(".tmp")
+    partial.write_text(f"{host} {port}\n")
+    partial.rename(ready)  # whole or absent: echo_server() reads it as soon as it exists
+    await stop.wait()
+    server.close()  # the clients have gone (load() closes them); asyncio.run ends the rest
 
 
 def load(port: int, clients: int, seconds: float, version: str, size: int) -> dict[str, float]:
@@ -860,27 +913,38 @@ def load(port: int, clients: int, seconds: float, version: str, size: int) -> di
 
 
 def bench_servers(rounds: int, seconds: float, counts: tuple[int, ...]) -> list[Row]:
-    rows: list[Row] = []
+    """Every server of ``SERVERS`` in each of its modes, loaded in turns by ``load()`` (1 KiB
+    requests, TLS 1.3) with each count of clients, after a warm-up; rows per server, mode
+    against its peer."""
     version = "1.3"
+    servers = [(server, mode) for server, modes in SERVERS.items() for mode in modes]
+    rows: dict[str, list[Row]] = {server: [] for server in SERVERS}
     with contextlib.ExitStack() as stack:
-        ports = {mode: stack.enter_context(echo_server(mode, version)) for mode in SERVER_MODES}
+        ports = {s: stack.enter_context(echo_server(*s, version)) for s in servers}
+        # a warm-up, not counted: a server's first connection pays one-time costs (the threaded
+        # one imports afalg.tls then, seconds under a loaded TCG: one request in the window)
+        for s in servers:
+            load(ports[s], 1, 0.5, version, 1024)
         for clients in counts:
-            res: dict[str, list[dict[str, float]]] = {m: [] for m in SERVER_MODES}
+            res: dict[tuple[str, str], list[dict[str, float]]] = {s: [] for s in servers}
             for _ in range(rounds):
-                for mode in SERVER_MODES:
-                    res[mode].append(load(ports[mode], clients, seconds, version, 1024))
-            for mode in ("ktls", "algif"):
-                job = f"echo 1 KiB, {clients} client{'s' if clients > 1 else ''}"
-                for metric, unit, better in (("rps", "requests/s", "high"),
-                                             ("p50", "p50 ms", "low"),
-                                             ("p99", "p99 ms", "low")):  # fmt: skip
-                    mine = [r[metric] for r in res[mode]]
-                    base = [r[metric] for r in res["userspace"]]
-                    rows.append(Row("5. echo server (threaded)", job, f"server --mode {mode}",
-                                    "server --mode userspace (ssl)", unit, mine, base,
-                                    better=better))  # fmt: skip
-                    print(_line(rows[-1]), flush=True)
-    return rows
+                for s in servers:
+                    res[s].append(load(ports[s], clients, seconds, version, 1024))
+            job = f"echo 1 KiB, {clients} client{'s' if clients > 1 else ''}"
+            for server, (*modes, peer_mode) in SERVERS.items():
+                label, peer_label = SERVER_LABELS[server]
+                for mode in modes:
+                    for metric, unit, better in (("rps", "requests/s", "high"),
+                                                 ("p50", "p50 ms", "low"),
+                                                 ("p99", "p99 ms", "low")):  # fmt: skip
+                        mine = [r[metric] for r in res[server, mode]]
+                        base = [r[metric] for r in res[server, peer_mode]]
+                        rows[server].append(Row(f"5. echo server ({server})", job,
+                                                label.format(mode=mode), peer_label, unit,
+                                                mine, base, better=better))  # fmt: skip
+                        print(_line(rows[server][-1]), flush=True)
+    # one table per server in the report: its rows together
+    return [row for server in SERVERS for row in rows[server]]
 
 
 # ==============================================================================================
@@ -1039,7 +1103,7 @@ def vm_command(kernel: str, args: argparse.Namespace, out: Path) -> list[str]:
              *_pass_on(args)]  # fmt: skip
     return [sys.executable, "-m", "afalg", "vm", "--kernel", kernel, "--cpus", str(args.cpus),
             "--memory", "2G", "--timeout", str(args.timeout), *sysctl,
-            "--env", "AFALG_IN_VM=1", "--", *inner]  # fmt: skip
+            "--env", "AFALG_IN_VM=1", "--env", f"PYTHONPATH={ROOT}", "--", *inner]  # fmt: skip
 
 
 def _pass_on(args: argparse.Namespace) -> list[str]:
@@ -1087,6 +1151,7 @@ def main() -> int:
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--strace-job", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--aio-echo", nargs=3, help=argparse.SUPPRESS)  # MODE TLS READY_FILE
     parser.add_argument("--report", nargs="*", help="only write the report from these JSONs")
     parser.add_argument("--command", help="with --report: the command that measured them")
     parser.add_argument("--note", action="append", default=[], help="a line for the report")
@@ -1095,6 +1160,10 @@ def main() -> int:
 
     if args.strace_job:
         strace_job(args.strace_job, args.records, args.port)
+        return 0
+    if args.aio_echo:
+        mode, version, ready = args.aio_echo
+        asyncio.run(aio_echo(mode, version, Path(ready)))
         return 0
     if args.here:
         run_here(args)
@@ -1266,7 +1335,7 @@ def write_chart(runs: list[dict[str, Any]], out: Path) -> None:
     ax.set_title("afalg vs its peers, round-robin in one run per kernel (QEMU TCG)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")  # the long labels whole
 
 
 if __name__ == "__main__":
