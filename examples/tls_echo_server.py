@@ -347,6 +347,10 @@ class EchoServer:
             except OSError as exc:  # EMFILE and friends: log, keep serving
                 log.warning("accept failed: %s", exc)
                 return
+            # Answers go out at once, as asyncio's transports do: with Nagle a small answer
+            # waits for the peer's delayed ACK of the one before (~40 ms on Linux).
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             now = time.monotonic()
             conn = Connection(sock, peer, now, now + self.handshake_timeout)
             refused = self.admission.admit(peer[0])
