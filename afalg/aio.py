@@ -12,7 +12,7 @@ Switching from asyncio's own TLS streams is one line::
 
 :func:`open_connection` and :func:`start_server` take what their asyncio namesakes take (the
 rest of the keyword arguments go to :meth:`loop.create_connection` /
-:meth:`loop.create_server`), plus ``mode`` and ``algif_backend`` as for
+:meth:`loop.create_server`), plus ``mode``, ``algif_backend`` and ``records_per_key`` as for
 :func:`afalg.tls.wrap`. They return asyncio's own :class:`asyncio.StreamReader`,
 :class:`asyncio.StreamWriter` and :class:`asyncio.Server`; the transport is a
 :class:`TLSTransport`.
@@ -23,7 +23,14 @@ rest of the keyword arguments go to :meth:`loop.create_connection` /
 - Then the keys go to the kernel (:func:`afalg.tls.hand_off`). Records other than application
   data go to the socket's session core: alerts, close_notify (end of file), NewSessionTickets
   (``writer.get_extra_info("ssl_object").session`` resumes, pass it as ``session=``), KeyUpdate
-  (answered before our next data).
+  (answered before our next data, by ``write()`` or :func:`sendfile`).
+- The usage limit: no send key seals more than ``records_per_key`` records (by default the AEAD
+  limit of RFC 8446 section 5.5), writes and :func:`sendfile` included; in TLS 1.3 a KeyUpdate
+  goes first (algif; kTLS on Linux 6.14+). Where keys cannot be updated (TLS 1.2, kTLS before
+  6.14), the kTLS :func:`sendfile` raises :class:`afalg.errors.KeyLimitReached` having sent
+  nothing more (the connection stays open: it can still read and close cleanly); a ``write()``
+  past the limit (and so algif's sealed :func:`sendfile`) is fatal to the connection, as any
+  write error.
 - Flow control as in asyncio: ``await writer.drain()`` waits while more than the high water mark
   (64 KiB by default, :meth:`~asyncio.WriteTransport.set_write_buffer_limits`) is queued,
   counting sealed records not yet written (algif); the reader pauses the transport when its
@@ -67,6 +74,7 @@ from typing import Any
 from afalg import handoff as _handoff
 from afalg import tls
 from afalg.algif import AlgTLSSocket
+from afalg.errors import KeyLimitReached
 from afalg.ktls import KTLSSocket
 from afalg.wire import HEADER_SIZE, MAX_CIPHERTEXT_TLS12
 
@@ -138,6 +146,7 @@ async def _secure(
     mode: str,
     algif_backend: str,
     suppress_ragged_eofs: bool,
+    records_per_key: int | None,
     timeout: float | None,
 ) -> KTLSSocket | AlgTLSSocket:
     """Handshake (within ``timeout``) and hand off; the result owns ``sock``, which is closed
@@ -152,7 +161,7 @@ async def _secure(
         )  # fmt: skip
         return tls.hand_off(
             sock, h, mode=mode, algif_backend=algif_backend,
-            suppress_ragged_eofs=suppress_ragged_eofs,
+            suppress_ragged_eofs=suppress_ragged_eofs, records_per_key=records_per_key,
         )  # fmt: skip
     except BaseException:
         sock.close()
@@ -621,8 +630,8 @@ class TLSTransport(_transports._FlowControlMixin):
             except (BlockingIOError, InterruptedError):
                 await self._writable()
                 continue
-            except (SystemExit, KeyboardInterrupt):
-                raise
+            except (SystemExit, KeyboardInterrupt, KeyLimitReached):
+                raise  # KeyLimitReached: nothing of this step was sent; the connection goes on
             except BaseException as exc:
                 self._fatal_error(exc, "sendfile failed")
                 raise
@@ -727,6 +736,7 @@ async def open_connection(
     ssl_handshake_timeout: float | None = _HANDSHAKE_TIMEOUT,
     suppress_ragged_eofs: bool = True,
     session: _ssl.SSLSession | None = None,
+    records_per_key: int | None = None,
     **kwds: Any,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to ``host``:``port``, handshake with ``ssl`` (an :class:`ssl.SSLContext`, or
@@ -735,7 +745,8 @@ async def open_connection(
 
     ``server_hostname`` defaults to ``host``. ``mode`` and ``algif_backend`` choose where the
     records are protected, as for :func:`afalg.tls.wrap` (``writer.get_extra_info("mode")``
-    says which ran); ``session`` resumes a session. The handshake runs on the loop within
+    says which ran); ``session`` resumes a session; ``records_per_key`` bounds the records
+    each send key seals (see the module docstring). The handshake runs on the loop within
     ``ssl_handshake_timeout`` seconds (:class:`TimeoutError`). Other keyword arguments (``sock``,
     ``family``, ``local_addr``, ``happy_eyeballs_delay``, ...) go to
     :meth:`loop.create_connection`. Raises what ssl raises for a failed handshake and what
@@ -750,7 +761,8 @@ async def open_connection(
     tls_sock = await _secure(
         loop, adopt.sock, context, server_side=False, server_hostname=server_hostname,
         session=session, mode=mode, algif_backend=algif_backend,
-        suppress_ragged_eofs=suppress_ragged_eofs, timeout=ssl_handshake_timeout,
+        suppress_ragged_eofs=suppress_ragged_eofs, records_per_key=records_per_key,
+        timeout=ssl_handshake_timeout,
     )  # fmt: skip
     reader, protocol, transport, waiter = _streams(loop, tls_sock, limit)
     try:
@@ -772,13 +784,14 @@ async def start_server(
     limit: int = _DEFAULT_LIMIT,
     ssl_handshake_timeout: float | None = _HANDSHAKE_TIMEOUT,
     suppress_ragged_eofs: bool = True,
+    records_per_key: int | None = None,
     **kwds: Any,
 ) -> asyncio.Server:
     """Serve TLS on ``host``:``port`` as :func:`asyncio.start_server`: for each client whose
     handshake succeeds within ``ssl_handshake_timeout``, ``client_connected_cb(reader, writer)``
     is called (a coroutine becomes a task). Returns the :class:`asyncio.Server` (``async with``,
-    ``serve_forever()``, ``sockets``). ``mode`` and ``algif_backend`` as for
-    :func:`afalg.tls.wrap`; other keyword arguments (``backlog``, ``reuse_port``, ``sock``,
+    ``serve_forever()``, ``sockets``). ``mode``, ``algif_backend`` and ``records_per_key`` as
+    for :func:`afalg.tls.wrap`; other keyword arguments (``backlog``, ``reuse_port``, ``sock``,
     ...) go to :meth:`loop.create_server`.
 
     A client that fails its handshake (garbage, a timeout, a refused certificate) loses only
@@ -795,7 +808,8 @@ async def start_server(
             tls_sock = await _secure(
                 loop, sock, context, server_side=True, server_hostname=None, session=None,
                 mode=mode, algif_backend=algif_backend,
-                suppress_ragged_eofs=suppress_ragged_eofs, timeout=ssl_handshake_timeout,
+                suppress_ragged_eofs=suppress_ragged_eofs, records_per_key=records_per_key,
+                timeout=ssl_handshake_timeout,
             )  # fmt: skip
         except Exception as exc:  # that client's loss only
             logger.debug("afalg.aio: a client's handshake failed: %r", exc)
@@ -821,6 +835,9 @@ async def sendfile(
     Under kTLS, with a regular file, this is the kernel's ``sendfile(2)``: the kernel reads
     the pages and encrypts them; the file object's ``read`` is never called. In algif mode (or
     for a file without a descriptor) the file is read in chunks and sealed, with flow control.
+    Both respect the usage limit (``records_per_key``). Under kTLS, where the key cannot be
+    updated, :class:`afalg.errors.KeyLimitReached` is raised with the file's position after
+    the last byte sent, and the connection stays usable for reading and closing.
     """
     transport = writer.transport
     if not isinstance(transport, TLSTransport):
