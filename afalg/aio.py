@@ -76,7 +76,6 @@ from afalg import tls
 from afalg.algif import AlgTLSSocket
 from afalg.errors import KeyLimitReached
 from afalg.ktls import KTLSSocket
-from afalg.wire import HEADER_SIZE, MAX_CIPHERTEXT_TLS12
 
 __all__ = ["TLSTransport", "open_connection", "sendfile", "start_server"]
 
@@ -107,32 +106,29 @@ async def _handshake(
     session: _ssl.SSLSession | None,
 ) -> _handoff.Handoff:
     """Drive :class:`afalg.handoff.Handshake` over the non-blocking ``sock`` with the loop's
-    socket operations; never reads past the last handshake record."""
+    socket operations (its :meth:`~afalg.handoff.Handshake.steps`); never reads past the last
+    handshake record."""
     hs = _handoff.Handshake(
         context, server_side=server_side, server_hostname=server_hostname, session=session
     )
-    buf = bytearray(MAX_CIPHERTEXT_TLS12 + HEADER_SIZE)
+    steps = hs.steps()
+    n: int | None = None
     try:
         while True:
-            data = hs.data_to_send()
-            if data:
-                await loop.sock_sendall(sock, data)
-            if hs.done:
-                return hs.result()
-            view = memoryview(buf)[: hs.bytes_wanted()]
-            n = await loop.sock_recv_into(sock, view)
-            if n:
-                hs.receive(view[:n])
+            try:
+                step = steps.send(n)
+            except StopIteration as done:
+                return done.value
+            n = None
+            if isinstance(step, _handoff.Receive):
+                n = await loop.sock_recv_into(sock, step.buffer)
+            elif step.best_effort:
+                with contextlib.suppress(OSError):
+                    sock.send(step.data)  # the alert: without waiting
             else:
-                hs.receive_eof()
-    except _ssl.SSLError:
-        data = hs.data_to_send()  # the alert ssl produced: best effort, without waiting
-        if data:
-            with contextlib.suppress(OSError):
-                sock.send(data)
-        raise
+                await loop.sock_sendall(sock, step.data)
     finally:
-        hs.close()
+        steps.close()
 
 
 async def _secure(
