@@ -69,6 +69,7 @@ import stat
 from asyncio import constants as _constants
 from asyncio import transports as _transports
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from afalg import handoff as _handoff
@@ -96,21 +97,41 @@ ClientConnectedCallback = Callable[
 # --- the handshake -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Options:
+    """What :func:`open_connection` and :func:`start_server` take for the TLS of each
+    connection, checked once (:meth:`check`) before any connection is made."""
+
+    context: _ssl.SSLContext
+    mode: str
+    algif_backend: str
+    suppress_ragged_eofs: bool
+    records_per_key: int | None
+    handshake_timeout: float | None
+
+    @classmethod
+    def check(
+        cls, context: Any, *, mode: str, algif_backend: str, suppress_ragged_eofs: bool,
+        records_per_key: int | None, handshake_timeout: float | None,
+    ) -> _Options:  # fmt: skip
+        """``context``: an :class:`ssl.SSLContext`, or True for the default client context;
+        the rest as :func:`afalg.tls.check_options` checks them."""
+        tls.check_options(mode, algif_backend, records_per_key)
+        if context is True:
+            context = _ssl.create_default_context()
+        if not isinstance(context, _ssl.SSLContext):
+            raise TypeError(
+                f"ssl must be an ssl.SSLContext (or True), not {type(context).__name__}"
+            )
+        return cls(context, mode, algif_backend, suppress_ragged_eofs, records_per_key,
+                   handshake_timeout)  # fmt: skip
+
+
 async def _handshake(
-    loop: asyncio.AbstractEventLoop,
-    sock: socket.socket,
-    context: _ssl.SSLContext,
-    *,
-    server_side: bool,
-    server_hostname: str | None,
-    session: _ssl.SSLSession | None,
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, hs: _handoff.Handshake
 ) -> _handoff.Handoff:
-    """Drive :class:`afalg.handoff.Handshake` over the non-blocking ``sock`` with the loop's
-    socket operations (its :meth:`~afalg.handoff.Handshake.steps`); never reads past the last
-    handshake record."""
-    hs = _handoff.Handshake(
-        context, server_side=server_side, server_hostname=server_hostname, session=session
-    )
+    """Run ``hs``'s :meth:`~afalg.handoff.Handshake.steps` over the non-blocking ``sock``
+    with the loop's socket operations; never reads past the last handshake record."""
     steps = hs.steps()
     n: int | None = None
     try:
@@ -134,30 +155,23 @@ async def _handshake(
 async def _secure(
     loop: asyncio.AbstractEventLoop,
     sock: socket.socket,
-    context: _ssl.SSLContext,
+    options: _Options,
     *,
     server_side: bool,
-    server_hostname: str | None,
-    session: _ssl.SSLSession | None,
-    mode: str,
-    algif_backend: str,
-    suppress_ragged_eofs: bool,
-    records_per_key: int | None,
-    timeout: float | None,
+    server_hostname: str | None = None,
+    session: _ssl.SSLSession | None = None,
 ) -> KTLSSocket | AlgTLSSocket:
-    """Handshake (within ``timeout``) and hand off; the result owns ``sock``, which is closed
-    on any failure (a timeout, a cancelled task, a refused mode)."""
+    """Handshake (within the handshake timeout) and hand off; the result owns ``sock``, which
+    is closed on any failure (a timeout, a cancelled task, a refused mode)."""
+    o = options
     try:
-        h = await asyncio.wait_for(
-            _handshake(
-                loop, sock, context, server_side=server_side,
-                server_hostname=server_hostname, session=session,
-            ),
-            timeout,
-        )  # fmt: skip
+        hs = _handoff.Handshake(
+            o.context, server_side=server_side, server_hostname=server_hostname, session=session
+        )
+        h = await asyncio.wait_for(_handshake(loop, sock, hs), o.handshake_timeout)
         return tls.hand_off(
-            sock, h, mode=mode, algif_backend=algif_backend,
-            suppress_ragged_eofs=suppress_ragged_eofs, records_per_key=records_per_key,
+            sock, h, mode=o.mode, algif_backend=o.algif_backend,
+            suppress_ragged_eofs=o.suppress_ragged_eofs, records_per_key=o.records_per_key,
         )  # fmt: skip
     except BaseException:
         sock.close()
@@ -185,18 +199,6 @@ class _Adopt(asyncio.Protocol):
         self.sock = sock
         if self._then is not None:
             self._then(sock)
-
-
-def _validate(context: Any, mode: str, algif_backend: str) -> _ssl.SSLContext:
-    if mode not in tls.MODES:
-        raise ValueError(f"mode must be one of {tls.MODES}, not {mode!r}")
-    if algif_backend not in tls.BACKENDS:
-        raise ValueError(f"algif_backend must be one of {tls.BACKENDS}, not {algif_backend!r}")
-    if context is True:
-        return _ssl.create_default_context()
-    if not isinstance(context, _ssl.SSLContext):
-        raise TypeError(f"ssl must be an ssl.SSLContext (or True), not {type(context).__name__}")
-    return context
 
 
 # --- the transport -------------------------------------------------------------------------------
@@ -748,17 +750,18 @@ async def open_connection(
     :meth:`loop.create_connection`. Raises what ssl raises for a failed handshake and what
     :func:`afalg.tls.hand_off` raises when the mode cannot run; nothing is left open then.
     """
-    context = _validate(ssl, mode, algif_backend)
+    options = _Options.check(
+        ssl, mode=mode, algif_backend=algif_backend, suppress_ragged_eofs=suppress_ragged_eofs,
+        records_per_key=records_per_key, handshake_timeout=ssl_handshake_timeout,
+    )  # fmt: skip
     loop = asyncio.get_running_loop()
     if server_hostname is None and kwds.get("sock") is None:
         server_hostname = host
     _, adopt = await loop.create_connection(_Adopt, host, port, **kwds)  # type: ignore[arg-type]
     assert isinstance(adopt, _Adopt) and adopt.sock is not None
     tls_sock = await _secure(
-        loop, adopt.sock, context, server_side=False, server_hostname=server_hostname,
-        session=session, mode=mode, algif_backend=algif_backend,
-        suppress_ragged_eofs=suppress_ragged_eofs, records_per_key=records_per_key,
-        timeout=ssl_handshake_timeout,
+        loop, adopt.sock, options, server_side=False, server_hostname=server_hostname,
+        session=session,
     )  # fmt: skip
     reader, protocol, transport, waiter = _streams(loop, tls_sock, limit)
     try:
@@ -793,20 +796,18 @@ async def start_server(
     A client that fails its handshake (garbage, a timeout, a refused certificate) loses only
     its connection; the failure is logged at debug level on the ``afalg.aio`` logger.
     """
-    context = _validate(ssl, mode, algif_backend)
-    if not isinstance(context, _ssl.SSLContext):
-        raise TypeError("start_server needs an ssl.SSLContext")
+    if ssl is True:
+        raise TypeError("start_server needs an ssl.SSLContext (with the server's certificate)")
+    options = _Options.check(
+        ssl, mode=mode, algif_backend=algif_backend, suppress_ragged_eofs=suppress_ragged_eofs,
+        records_per_key=records_per_key, handshake_timeout=ssl_handshake_timeout,
+    )  # fmt: skip
     loop = asyncio.get_running_loop()
     handshakes: set[asyncio.Task[None]] = set()  # strong references while they run
 
     async def serve(sock: socket.socket) -> None:
         try:
-            tls_sock = await _secure(
-                loop, sock, context, server_side=True, server_hostname=None, session=None,
-                mode=mode, algif_backend=algif_backend,
-                suppress_ragged_eofs=suppress_ragged_eofs, records_per_key=records_per_key,
-                timeout=ssl_handshake_timeout,
-            )  # fmt: skip
+            tls_sock = await _secure(loop, sock, options, server_side=True)
         except Exception as exc:  # that client's loss only
             logger.debug("afalg.aio: a client's handshake failed: %r", exc)
             return
