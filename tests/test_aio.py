@@ -14,7 +14,7 @@ import resource
 import socket
 import ssl
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -59,6 +59,10 @@ def kw(mode: Mode) -> dict[str, str]:
     return {"mode": mode[0], "algif_backend": mode[1]}
 
 
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while data := await reader.read(2**16):
@@ -67,32 +71,66 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
     except (ConnectionError, ssl.SSLError):
         pass
     finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            await writer.wait_closed()
+        await close(writer)
 
 
 @contextlib.asynccontextmanager
 async def serving(
-    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-    mode: Mode,
-    version: str = "TLSv1.3",
-    **kwargs: Any,
-) -> Any:
-    server = await aio.start_server(
-        handler, "127.0.0.1", 0, ssl=server_context(version), **kw(mode), **kwargs
-    )
+    handler: Handler, mode: Mode | None, version: str = "TLSv1.3", **kwargs: Any
+) -> AsyncIterator[int]:
+    """A TLS server on 127.0.0.1 running ``handler`` for each client, afalg.aio's in ``mode``
+    (None: asyncio's own TLS server); ``kwargs`` to start_server. Yields its port."""
+    if mode is None:
+        server = await asyncio.start_server(
+            handler, "127.0.0.1", 0, ssl=server_context(version), **kwargs
+        )
+    else:
+        server = await aio.start_server(
+            handler, "127.0.0.1", 0, ssl=server_context(version), **kw(mode), **kwargs
+        )
     async with server:
         yield server.sockets[0].getsockname()[1]
 
 
 async def connect(
-    port: int, mode: Mode, version: str = "TLSv1.3", **kwargs: Any
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    port: int,
+    mode: Mode | None,
+    version: str = "TLSv1.3",
+    context: ssl.SSLContext | None = None,
+    **kwargs: Any,
+) -> Streams:
+    """A TLS client of 127.0.0.1:``port`` (``context``: a new client context of ``version``),
+    afalg.aio's in ``mode`` (None: asyncio's own TLS client); ``kwargs`` to open_connection."""
+    ctx = context or client_context(version)
+    if mode is None:
+        return await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, server_hostname="localhost", **kwargs
+        )
     return await aio.open_connection(
-        "127.0.0.1", port, ssl=client_context(version), server_hostname="localhost",
-        **kw(mode), **kwargs,
-    )  # fmt: skip
+        "127.0.0.1", port, ssl=ctx, server_hostname="localhost", **kw(mode), **kwargs
+    )
+
+
+@contextlib.asynccontextmanager
+async def client_of(
+    handler: Handler,
+    mode: Mode,
+    version: str = "TLSv1.3",
+    *,
+    server: dict[str, Any] | None = None,
+    client: dict[str, Any] | None = None,
+    asyncio_server: bool = False,
+) -> AsyncIterator[Streams]:
+    """The usual set-up: a server running ``handler`` (:func:`serving`: afalg.aio's in
+    ``mode``, or asyncio's own) and one afalg.aio client in ``mode`` connected to it (``server``
+    and ``client``: their keyword arguments); the client is closed on the way out."""
+    server_mode = None if asyncio_server else mode
+    async with serving(handler, server_mode, version, **(server or {})) as port:
+        reader, writer = await connect(port, mode, version, **(client or {}))
+        try:
+            yield reader, writer
+        finally:
+            await close(writer)
 
 
 async def close(writer: asyncio.StreamWriter) -> None:
@@ -148,15 +186,11 @@ def test_interop_asyncio_tls_client(mode: Mode, version: str) -> None:
 
     async def main() -> None:
         async with serving(echo, mode, version) as port:
-            reader, writer = await asyncio.open_connection(
-                "127.0.0.1", port, ssl=client_context(version), server_hostname="localhost"
-            )
+            reader, writer = await connect(port, None, version)
             writer.write(message)
             got = await reader.readexactly(len(message))
             assert hashlib.sha256(got).digest() == hashlib.sha256(message).digest()
-            writer.close()
-            with contextlib.suppress(ConnectionError, ssl.SSLError):
-                await writer.wait_closed()
+            await close(writer)
 
     run(main())
 
@@ -175,15 +209,11 @@ def test_interop_asyncio_tls_server(mode: Mode, version: str) -> None:
         writer.close()
 
     async def main() -> None:
-        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_context(version))
-        async with server:
-            port = server.sockets[0].getsockname()[1]
-            reader, writer = await connect(port, mode, version)
+        async with client_of(handler, mode, version, asyncio_server=True) as (reader, writer):
             assert writer.get_extra_info("ssl_object").version() == version
             writer.write(message)
             assert await reader.readexactly(len(message)) == message[::-1]
             assert await reader.read() == b""  # close_notify: EOF
-            await close(writer)
 
     run(main())
 
@@ -246,9 +276,7 @@ def test_get_extra_info(mode: Mode) -> None:
     async def main() -> None:
         async with serving(echo, mode) as port:
             ctx = client_context("TLSv1.3")
-            _, writer = await aio.open_connection(
-                "127.0.0.1", port, ssl=ctx, server_hostname="localhost", **kw(mode)
-            )
+            _, writer = await connect(port, mode, context=ctx)
             info = writer.get_extra_info
             assert isinstance(info("ssl_object"), ssl.SSLObject)
             assert info("sslcontext") is ctx
@@ -273,17 +301,12 @@ def test_session_resumes(mode: Mode) -> None:
     async def main() -> None:
         async with serving(echo, mode) as port:
             ctx = client_context("TLSv1.3")
-            reader, writer = await aio.open_connection(
-                "127.0.0.1", port, ssl=ctx, server_hostname="localhost", **kw(mode)
-            )
+            reader, writer = await connect(port, mode, context=ctx)
             writer.write(b"x")
             assert await reader.readexactly(1) == b"x"  # the tickets came before it
             session = writer.get_extra_info("ssl_object").session
             await close(writer)
-            reader, writer = await aio.open_connection(
-                "127.0.0.1", port, ssl=ctx, server_hostname="localhost", session=session,
-                **kw(mode),
-            )  # fmt: skip
+            reader, writer = await connect(port, mode, context=ctx, session=session)
             assert writer.get_extra_info("ssl_object").session_reused
             writer.write(b"y")
             assert await reader.readexactly(1) == b"y"
@@ -305,8 +328,7 @@ def test_write_eof_tls13_half_close(mode: Mode) -> None:
         await close(writer)
 
     async def main() -> None:
-        async with serving(handler, mode) as port:
-            reader, writer = await connect(port, mode)
+        async with client_of(handler, mode) as (reader, writer):
             assert writer.can_write_eof()
             assert await reader.readexactly(5) == b"ready"
             message = pattern(100_000, 5)
@@ -316,7 +338,6 @@ def test_write_eof_tls13_half_close(mode: Mode) -> None:
                 writer.write(b"more")
             assert await reader.readexactly(32) == hashlib.sha256(message).digest()
             assert await reader.read() == b""
-            await close(writer)
 
     run(main())
 
@@ -327,14 +348,12 @@ def test_write_eof_tls12_refused(mode: Mode) -> None:
     asyncio's TLS; the connection goes on."""
 
     async def main() -> None:
-        async with serving(echo, mode, "TLSv1.2") as port:
-            reader, writer = await connect(port, mode, "TLSv1.2")
+        async with client_of(echo, mode, "TLSv1.2") as (reader, writer):
             assert not writer.can_write_eof()
             with pytest.raises(NotImplementedError):
                 writer.write_eof()
             writer.write(b"still here")
             assert await reader.readexactly(10) == b"still here"
-            await close(writer)
 
     run(main())
 
@@ -438,8 +457,7 @@ def test_cancelled_reads_and_drains_lose_nothing(mode: Mode) -> None:
     message = pattern(total, 11)
 
     async def main() -> None:
-        async with serving(echo, mode) as port:
-            reader, writer = await connect(port, mode)
+        async with client_of(echo, mode) as (reader, writer):
             writer.transport.set_write_buffer_limits(high=16 * 1024)
             writer.write(message)
             drain = asyncio.ensure_future(writer.drain())
@@ -457,7 +475,6 @@ def test_cancelled_reads_and_drains_lose_nothing(mode: Mode) -> None:
                     await task
                 got += await reader.read(total - len(got))  # what the cancelled read waited on
             assert bytes(got) == message
-            await close(writer)
 
     run(main())
 
@@ -646,12 +663,10 @@ def test_sendfile(mode: Mode, big_file: tuple[str, bytes]) -> None:
         await close(writer)
 
     async def main() -> None:
-        async with serving(handler, mode) as port:
-            reader, writer = await connect(port, mode)
+        async with client_of(handler, mode) as (reader, _):
             assert await reader.readexactly(len(prefix)) == prefix
             assert await _receive_digest(reader, size) == digest
             assert await reader.read() == b""
-            await close(writer)
 
     with no_fd_leak():
         run(main())
@@ -676,11 +691,9 @@ def test_sendfile_range_and_loop_sendfile(mode: Mode, big_file: tuple[str, bytes
         await close(writer)
 
     async def main() -> None:
-        async with serving(handler, mode) as port:
-            reader, writer = await connect(port, mode)
+        async with client_of(handler, mode) as (reader, _):
             assert await reader.readexactly(count) == content[offset : offset + count]
             assert await reader.readexactly(100_000) == content[:100_000]
-            await close(writer)
 
     run(main())
 
@@ -704,15 +717,11 @@ def test_example_file_server(mode: Mode, tmp_path: Any) -> None:
     (served / "out").symlink_to("/etc/passwd")
 
     async def get(port: int, target: str) -> tuple[bytes, bytes]:
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=client_context("TLSv1.3"), server_hostname="localhost"
-        )
+        reader, writer = await connect(port, None)  # asyncio's own TLS client
         writer.write(f"GET {target} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
         head = await reader.readuntil(b"\r\n\r\n")
         body = await reader.read()
-        writer.close()
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            await writer.wait_closed()
+        await close(writer)
         return head, body
 
     async def main() -> None:
