@@ -38,7 +38,19 @@ rest of the keyword arguments go to :meth:`loop.create_connection` /
 - :func:`sendfile` sends a file with the kernel's ``sendfile`` under kTLS (the page cache is
   encrypted in the kernel; Python never reads the file), and in sealed chunks in algif mode.
   ``loop.sendfile(writer.transport, file)`` works too, through asyncio's fallback (the file is
-  read into Python, also under kTLS).
+  read into Python and written, also under kTLS): asyncio's native path cannot be offered
+  soundly. It calls ``os.sendfile`` on the socket itself (``loop.sock_sendfile``), past afalg's
+  accounting, so the usage limit could only be checked before knowing what is sent (with
+  ``count=None`` it sends until the end of a file that may grow meanwhile), and it pauses
+  reading for the whole file, so a KeyUpdate the peer asks for then waits; it also needs the
+  transport registered in the loop's private ``_transports``, which makes the loop refuse the
+  transport's own ``add_reader``/``add_writer``. Use :func:`sendfile`, which is native and
+  keeps both.
+- Cancellation loses and duplicates nothing: a cancelled read leaves the data in the reader; a
+  cancelled ``drain()`` leaves what was written queued, and it goes out; a cancelled
+  :func:`sendfile` raises :class:`asyncio.CancelledError` with the file's position after
+  exactly the bytes it sent (kTLS) or queued (algif), and the connection stays open: the peer
+  receives that prefix of the file, in whole records, then what is written next.
 - ``writer.get_extra_info()`` answers ``"ssl_object"``, ``"sslcontext"``, ``"peercert"``,
   ``"cipher"``, ``"compression"``, ``"peername"``, ``"sockname"``, ``"socket"`` (the afalg TLS
   socket: :class:`afalg.ktls.KTLSSocket` or :class:`afalg.algif.AlgTLSSocket`, e.g. for
@@ -216,7 +228,8 @@ class TLSTransport(_transports._FlowControlMixin):
     """
 
     # asyncio's loop.sendfile() works through its fallback (reads the file, calls write());
-    # afalg.aio.sendfile() is the native path under kTLS.
+    # afalg.aio.sendfile() is the native path under kTLS. Not TRY_NATIVE: the loop's native
+    # path would bypass the usage limit and KeyUpdate answering (see the module docstring).
     _sendfile_compatible = _constants._SendfileMode.FALLBACK
 
     # Set by asyncio's flow-control base class (typeshed does not declare them).
@@ -645,7 +658,14 @@ class TLSTransport(_transports._FlowControlMixin):
         while count is None or done < count:
             self._check_sendfile()
             want = _FILE_CHUNK if count is None else min(_FILE_CHUNK, count - done)
-            data = await self._loop.run_in_executor(None, file.read, want)
+            read = self._loop.run_in_executor(None, file.read, want)
+            try:
+                data = await asyncio.shield(read)
+            except asyncio.CancelledError:
+                # The thread's read ends before sendfile sets the file's position (a read still
+                # running would move it past what was sent); its chunk is not sent.
+                await asyncio.wait([read])
+                raise
             if not data:
                 return
             self._write(data)
@@ -827,7 +847,8 @@ async def sendfile(
     """Send ``count`` bytes (None: to the end) of the binary ``file`` from ``offset`` over the
     afalg stream ``writer``; returns the bytes sent, and the file's position ends after them
     (as :meth:`loop.sendfile`). What was written before goes first; ``write()`` raises while
-    this runs.
+    this runs. Cancelled, it raises :class:`asyncio.CancelledError` with the file's position
+    after the bytes sent (kTLS) or queued (algif); the connection goes on after them.
 
     Under kTLS, with a regular file, this is the kernel's ``sendfile(2)``: the kernel reads
     the pages and encrypts them; the file object's ``read`` is never called. In algif mode (or

@@ -100,15 +100,14 @@ async def connect(
     **kwargs: Any,
 ) -> Streams:
     """A TLS client of 127.0.0.1:``port`` (``context``: a new client context of ``version``),
-    afalg.aio's in ``mode`` (None: asyncio's own TLS client); ``kwargs`` to open_connection."""
+    afalg.aio's in ``mode`` (None: asyncio's own TLS client); ``kwargs`` to open_connection
+    (with ``sock``, a socket connected to the port already)."""
     ctx = context or client_context(version)
+    if "sock" not in kwargs:  # else a socket connected to it already
+        kwargs.update(host="127.0.0.1", port=port)
     if mode is None:
-        return await asyncio.open_connection(
-            "127.0.0.1", port, ssl=ctx, server_hostname="localhost", **kwargs
-        )
-    return await aio.open_connection(
-        "127.0.0.1", port, ssl=ctx, server_hostname="localhost", **kw(mode), **kwargs
-    )
+        return await asyncio.open_connection(ssl=ctx, server_hostname="localhost", **kwargs)
+    return await aio.open_connection(ssl=ctx, server_hostname="localhost", **kw(mode), **kwargs)
 
 
 @contextlib.asynccontextmanager
@@ -396,11 +395,14 @@ def test_close_is_clean_abort_is_not(mode: Mode) -> None:
 # --- flow control, cancellation ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("peer", ["afalg", "asyncio-reader", "asyncio-writer"])
 @pytest.mark.parametrize("mode", WRAP_MODES)
-def test_slow_reader_backpressure(mode: Mode) -> None:
-    """The client does not read: the client's transport pauses reading once its reader holds
-    more than twice its limit, the server's drain() waits with the buffer at the high water
-    mark; then the client reads it all, byte for byte."""
+def test_slow_reader_backpressure(mode: Mode, peer: str) -> None:
+    """The server writes with drain(), the client does not read at first: the client's
+    transport pauses reading once its reader holds more than twice its limit, the server's
+    drain() waits with the buffer at the high water mark; then the client reads it all, byte
+    for byte. Both ends afalg.aio in ``mode``, or one of them asyncio's own TLS (the slow reader,
+    or the writer); the afalg end's water marks are checked."""
     total = scaled(3_000_000, 30_000_000)
     chunk = 64 * 1024
     state: dict[str, Any] = {"max_buffer": 0, "waits": 0}
@@ -419,15 +421,14 @@ def test_slow_reader_backpressure(mode: Mode) -> None:
         await close(writer)
 
     async def main() -> None:
-        async with serving(handler, mode) as port:
+        server_mode = None if peer == "asyncio-writer" else mode
+        client_mode = None if peer == "asyncio-reader" else mode
+        async with serving(handler, server_mode) as port:
             sock = socket.socket()  # a bounded receive window (above the MSS: no stalls)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
             sock.setblocking(False)
             await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-            reader, writer = await aio.open_connection(
-                sock=sock, ssl=client_context("TLSv1.3"), server_hostname="localhost",
-                limit=32 * 1024, **kw(mode),
-            )  # fmt: skip
+            reader, writer = await connect(port, client_mode, sock=sock, limit=32 * 1024)
             transport = writer.transport
             deadline = asyncio.get_running_loop().time() + T
             while transport.is_reading():  # paused by the reader, not by a timer
@@ -445,8 +446,9 @@ def test_slow_reader_backpressure(mode: Mode) -> None:
             await close(writer)
 
     run(main())
-    assert state["waits"] > 0  # drain() had something to wait for
-    assert state["max_buffer"] <= 128 * 1024 + 2 * chunk + 70_000  # bounded by the water mark
+    if peer != "asyncio-writer":  # afalg's transport wrote: its water marks
+        assert state["waits"] > 0  # drain() had something to wait for
+        assert state["max_buffer"] <= 128 * 1024 + 2 * chunk + 70_000  # bounded by the mark
 
 
 @pytest.mark.parametrize("mode", WRAP_MODES)
@@ -696,6 +698,59 @@ def test_sendfile_range_and_loop_sendfile(mode: Mode, big_file: tuple[str, bytes
             assert await reader.readexactly(100_000) == content[:100_000]
 
     run(main())
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_sendfile_cancelled_in_the_middle(mode: Mode, big_file: tuple[str, bytes]) -> None:
+    """aio.sendfile (kTLS: native; algif: sealed chunks) cancelled while the client does not
+    read: CancelledError, the file's position after exactly what was sent, the connection goes
+    on. The client then reads, with no bad record: what was written before, the file up to
+    that position, what was written after, and a clean end."""
+    path, _ = big_file
+    with open(path, "rb") as f:
+        content = f.read()
+    state: dict[str, Any] = {}
+    cancel = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        with open(path, "rb") as f:
+            writer.write(b"BEFORE")
+            task = asyncio.ensure_future(aio.sendfile(writer, f))
+            await cancel.wait()
+            assert not task.done()  # it waits for the client
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            state["sent"] = f.tell()
+        writer.write(b"AFTER")
+        await writer.drain()
+        await close(writer)
+
+    async def main() -> None:
+        sock = socket.socket()  # a small receive window: sendfile stalls soon
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.setblocking(False)
+        async with serving(handler, mode) as port:
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            reader, writer = await connect(port, mode, sock=sock, limit=32 * 1024)
+            deadline = asyncio.get_running_loop().time() + T
+            while writer.transport.is_reading():  # file data came: the reader is full
+                assert asyncio.get_running_loop().time() < deadline, "never paused"
+                await asyncio.sleep(0.05)
+            cancel.set()
+            assert await reader.readexactly(6) == b"BEFORE"
+            got = bytearray()
+            while data := await reader.read(2**18):  # a bad record would raise here
+                got += data
+            await close(writer)
+            sent = state["sent"]
+            assert 0 < sent < len(content)
+            assert got[-5:] == b"AFTER" and len(got) == sent + 5
+            assert got[:sent] == content[:sent]  # a prefix, nothing lost, nothing twice
+
+    with no_fd_leak():
+        run(main())
 
 
 # --- the example: an asyncio file server ---------------------------------------------------------
