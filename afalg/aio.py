@@ -12,7 +12,7 @@ Switching from asyncio's own TLS streams is one line::
 
 :func:`open_connection` and :func:`start_server` take what their asyncio namesakes take (the
 rest of the keyword arguments go to :meth:`loop.create_connection` /
-:meth:`loop.create_server`), plus ``mode`` and ``algif_backend`` as for
+:meth:`loop.create_server`), plus ``mode``, ``algif_backend`` and ``records_per_key`` as for
 :func:`afalg.tls.wrap`. They return asyncio's own :class:`asyncio.StreamReader`,
 :class:`asyncio.StreamWriter` and :class:`asyncio.Server`; the transport is a
 :class:`TLSTransport`.
@@ -23,7 +23,14 @@ rest of the keyword arguments go to :meth:`loop.create_connection` /
 - Then the keys go to the kernel (:func:`afalg.tls.hand_off`). Records other than application
   data go to the socket's session core: alerts, close_notify (end of file), NewSessionTickets
   (``writer.get_extra_info("ssl_object").session`` resumes, pass it as ``session=``), KeyUpdate
-  (answered before our next data).
+  (answered before our next data, by ``write()`` or :func:`sendfile`).
+- The usage limit: no send key seals more than ``records_per_key`` records (by default the AEAD
+  limit of RFC 8446 section 5.5), writes and :func:`sendfile` included; in TLS 1.3 a KeyUpdate
+  goes first (algif; kTLS on Linux 6.14+). Where keys cannot be updated (TLS 1.2, kTLS before
+  6.14), the kTLS :func:`sendfile` raises :class:`afalg.errors.KeyLimitReached` having sent
+  nothing more (the connection stays open: it can still read and close cleanly); a ``write()``
+  past the limit (and so algif's sealed :func:`sendfile`) is fatal to the connection, as any
+  write error.
 - Flow control as in asyncio: ``await writer.drain()`` waits while more than the high water mark
   (64 KiB by default, :meth:`~asyncio.WriteTransport.set_write_buffer_limits`) is queued,
   counting sealed records not yet written (algif); the reader pauses the transport when its
@@ -31,7 +38,19 @@ rest of the keyword arguments go to :meth:`loop.create_connection` /
 - :func:`sendfile` sends a file with the kernel's ``sendfile`` under kTLS (the page cache is
   encrypted in the kernel; Python never reads the file), and in sealed chunks in algif mode.
   ``loop.sendfile(writer.transport, file)`` works too, through asyncio's fallback (the file is
-  read into Python, also under kTLS).
+  read into Python and written, also under kTLS): asyncio's native path cannot be offered
+  soundly. It calls ``os.sendfile`` on the socket itself (``loop.sock_sendfile``), past afalg's
+  accounting, so the usage limit could only be checked before knowing what is sent (with
+  ``count=None`` it sends until the end of a file that may grow meanwhile), and it pauses
+  reading for the whole file, so a KeyUpdate the peer asks for then waits; it also needs the
+  transport registered in the loop's private ``_transports``, which makes the loop refuse the
+  transport's own ``add_reader``/``add_writer``. Use :func:`sendfile`, which is native and
+  keeps both.
+- Cancellation loses and duplicates nothing: a cancelled read leaves the data in the reader; a
+  cancelled ``drain()`` leaves what was written queued, and it goes out; a cancelled
+  :func:`sendfile` raises :class:`asyncio.CancelledError` with the file's position after
+  exactly the bytes it sent (kTLS) or queued (algif), and the connection stays open: the peer
+  receives that prefix of the file, in whole records, then what is written next.
 - ``writer.get_extra_info()`` answers ``"ssl_object"``, ``"sslcontext"``, ``"peercert"``,
   ``"cipher"``, ``"compression"``, ``"peername"``, ``"sockname"``, ``"socket"`` (the afalg TLS
   socket: :class:`afalg.ktls.KTLSSocket` or :class:`afalg.algif.AlgTLSSocket`, e.g. for
@@ -62,13 +81,14 @@ import stat
 from asyncio import constants as _constants
 from asyncio import transports as _transports
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from afalg import handoff as _handoff
 from afalg import tls
 from afalg.algif import AlgTLSSocket
+from afalg.errors import KeyLimitReached
 from afalg.ktls import KTLSSocket
-from afalg.wire import HEADER_SIZE, MAX_CIPHERTEXT_TLS12
 
 __all__ = ["TLSTransport", "open_connection", "sendfile", "start_server"]
 
@@ -89,70 +109,81 @@ ClientConnectedCallback = Callable[
 # --- the handshake -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Options:
+    """What :func:`open_connection` and :func:`start_server` take for the TLS of each
+    connection, checked once (:meth:`check`) before any connection is made."""
+
+    context: _ssl.SSLContext
+    mode: str
+    algif_backend: str
+    suppress_ragged_eofs: bool
+    records_per_key: int | None
+    handshake_timeout: float | None
+
+    @classmethod
+    def check(
+        cls, context: Any, *, mode: str, algif_backend: str, suppress_ragged_eofs: bool,
+        records_per_key: int | None, handshake_timeout: float | None,
+    ) -> _Options:  # fmt: skip
+        """``context``: an :class:`ssl.SSLContext`, or True for the default client context;
+        the rest as :func:`afalg.tls.check_options` checks them."""
+        tls.check_options(mode, algif_backend, records_per_key)
+        if context is True:
+            context = _ssl.create_default_context()
+        if not isinstance(context, _ssl.SSLContext):
+            raise TypeError(
+                f"ssl must be an ssl.SSLContext (or True), not {type(context).__name__}"
+            )
+        return cls(context, mode, algif_backend, suppress_ragged_eofs, records_per_key,
+                   handshake_timeout)  # fmt: skip
+
+
 async def _handshake(
-    loop: asyncio.AbstractEventLoop,
-    sock: socket.socket,
-    context: _ssl.SSLContext,
-    *,
-    server_side: bool,
-    server_hostname: str | None,
-    session: _ssl.SSLSession | None,
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, hs: _handoff.Handshake
 ) -> _handoff.Handoff:
-    """Drive :class:`afalg.handoff.Handshake` over the non-blocking ``sock`` with the loop's
-    socket operations; never reads past the last handshake record."""
-    hs = _handoff.Handshake(
-        context, server_side=server_side, server_hostname=server_hostname, session=session
-    )
-    buf = bytearray(MAX_CIPHERTEXT_TLS12 + HEADER_SIZE)
+    """Run ``hs``'s :meth:`~afalg.handoff.Handshake.steps` over the non-blocking ``sock``
+    with the loop's socket operations; never reads past the last handshake record."""
+    steps = hs.steps()
+    n: int | None = None
     try:
         while True:
-            data = hs.data_to_send()
-            if data:
-                await loop.sock_sendall(sock, data)
-            if hs.done:
-                return hs.result()
-            view = memoryview(buf)[: hs.bytes_wanted()]
-            n = await loop.sock_recv_into(sock, view)
-            if n:
-                hs.receive(view[:n])
+            try:
+                step = steps.send(n)
+            except StopIteration as done:
+                return done.value
+            n = None
+            if isinstance(step, _handoff.Receive):
+                n = await loop.sock_recv_into(sock, step.buffer)
+            elif step.best_effort:
+                with contextlib.suppress(OSError):
+                    sock.send(step.data)  # the alert: without waiting
             else:
-                hs.receive_eof()
-    except _ssl.SSLError:
-        data = hs.data_to_send()  # the alert ssl produced: best effort, without waiting
-        if data:
-            with contextlib.suppress(OSError):
-                sock.send(data)
-        raise
+                await loop.sock_sendall(sock, step.data)
     finally:
-        hs.close()
+        steps.close()
 
 
 async def _secure(
     loop: asyncio.AbstractEventLoop,
     sock: socket.socket,
-    context: _ssl.SSLContext,
+    options: _Options,
     *,
     server_side: bool,
-    server_hostname: str | None,
-    session: _ssl.SSLSession | None,
-    mode: str,
-    algif_backend: str,
-    suppress_ragged_eofs: bool,
-    timeout: float | None,
+    server_hostname: str | None = None,
+    session: _ssl.SSLSession | None = None,
 ) -> KTLSSocket | AlgTLSSocket:
-    """Handshake (within ``timeout``) and hand off; the result owns ``sock``, which is closed
-    on any failure (a timeout, a cancelled task, a refused mode)."""
+    """Handshake (within the handshake timeout) and hand off; the result owns ``sock``, which
+    is closed on any failure (a timeout, a cancelled task, a refused mode)."""
+    o = options
     try:
-        h = await asyncio.wait_for(
-            _handshake(
-                loop, sock, context, server_side=server_side,
-                server_hostname=server_hostname, session=session,
-            ),
-            timeout,
-        )  # fmt: skip
+        hs = _handoff.Handshake(
+            o.context, server_side=server_side, server_hostname=server_hostname, session=session
+        )
+        h = await asyncio.wait_for(_handshake(loop, sock, hs), o.handshake_timeout)
         return tls.hand_off(
-            sock, h, mode=mode, algif_backend=algif_backend,
-            suppress_ragged_eofs=suppress_ragged_eofs,
+            sock, h, mode=o.mode, algif_backend=o.algif_backend,
+            suppress_ragged_eofs=o.suppress_ragged_eofs, records_per_key=o.records_per_key,
         )  # fmt: skip
     except BaseException:
         sock.close()
@@ -182,18 +213,6 @@ class _Adopt(asyncio.Protocol):
             self._then(sock)
 
 
-def _validate(context: Any, mode: str, algif_backend: str) -> _ssl.SSLContext:
-    if mode not in tls.MODES:
-        raise ValueError(f"mode must be one of {tls.MODES}, not {mode!r}")
-    if algif_backend not in tls.BACKENDS:
-        raise ValueError(f"algif_backend must be one of {tls.BACKENDS}, not {algif_backend!r}")
-    if context is True:
-        return _ssl.create_default_context()
-    if not isinstance(context, _ssl.SSLContext):
-        raise TypeError(f"ssl must be an ssl.SSLContext (or True), not {type(context).__name__}")
-    return context
-
-
 # --- the transport -------------------------------------------------------------------------------
 
 
@@ -209,7 +228,8 @@ class TLSTransport(_transports._FlowControlMixin):
     """
 
     # asyncio's loop.sendfile() works through its fallback (reads the file, calls write());
-    # afalg.aio.sendfile() is the native path under kTLS.
+    # afalg.aio.sendfile() is the native path under kTLS. Not TRY_NATIVE: the loop's native
+    # path would bypass the usage limit and KeyUpdate answering (see the module docstring).
     _sendfile_compatible = _constants._SendfileMode.FALLBACK
 
     # Set by asyncio's flow-control base class (typeshed does not declare them).
@@ -621,8 +641,8 @@ class TLSTransport(_transports._FlowControlMixin):
             except (BlockingIOError, InterruptedError):
                 await self._writable()
                 continue
-            except (SystemExit, KeyboardInterrupt):
-                raise
+            except (SystemExit, KeyboardInterrupt, KeyLimitReached):
+                raise  # KeyLimitReached: nothing of this step was sent; the connection goes on
             except BaseException as exc:
                 self._fatal_error(exc, "sendfile failed")
                 raise
@@ -638,7 +658,14 @@ class TLSTransport(_transports._FlowControlMixin):
         while count is None or done < count:
             self._check_sendfile()
             want = _FILE_CHUNK if count is None else min(_FILE_CHUNK, count - done)
-            data = await self._loop.run_in_executor(None, file.read, want)
+            read = self._loop.run_in_executor(None, file.read, want)
+            try:
+                data = await asyncio.shield(read)
+            except asyncio.CancelledError:
+                # The thread's read ends before sendfile sets the file's position (a read still
+                # running would move it past what was sent); its chunk is not sent.
+                await asyncio.wait([read])
+                raise
             if not data:
                 return
             self._write(data)
@@ -727,6 +754,7 @@ async def open_connection(
     ssl_handshake_timeout: float | None = _HANDSHAKE_TIMEOUT,
     suppress_ragged_eofs: bool = True,
     session: _ssl.SSLSession | None = None,
+    records_per_key: int | None = None,
     **kwds: Any,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to ``host``:``port``, handshake with ``ssl`` (an :class:`ssl.SSLContext`, or
@@ -735,22 +763,25 @@ async def open_connection(
 
     ``server_hostname`` defaults to ``host``. ``mode`` and ``algif_backend`` choose where the
     records are protected, as for :func:`afalg.tls.wrap` (``writer.get_extra_info("mode")``
-    says which ran); ``session`` resumes a session. The handshake runs on the loop within
+    says which ran); ``session`` resumes a session; ``records_per_key`` bounds the records
+    each send key seals (see the module docstring). The handshake runs on the loop within
     ``ssl_handshake_timeout`` seconds (:class:`TimeoutError`). Other keyword arguments (``sock``,
     ``family``, ``local_addr``, ``happy_eyeballs_delay``, ...) go to
     :meth:`loop.create_connection`. Raises what ssl raises for a failed handshake and what
     :func:`afalg.tls.hand_off` raises when the mode cannot run; nothing is left open then.
     """
-    context = _validate(ssl, mode, algif_backend)
+    options = _Options.check(
+        ssl, mode=mode, algif_backend=algif_backend, suppress_ragged_eofs=suppress_ragged_eofs,
+        records_per_key=records_per_key, handshake_timeout=ssl_handshake_timeout,
+    )  # fmt: skip
     loop = asyncio.get_running_loop()
     if server_hostname is None and kwds.get("sock") is None:
         server_hostname = host
     _, adopt = await loop.create_connection(_Adopt, host, port, **kwds)  # type: ignore[arg-type]
     assert isinstance(adopt, _Adopt) and adopt.sock is not None
     tls_sock = await _secure(
-        loop, adopt.sock, context, server_side=False, server_hostname=server_hostname,
-        session=session, mode=mode, algif_backend=algif_backend,
-        suppress_ragged_eofs=suppress_ragged_eofs, timeout=ssl_handshake_timeout,
+        loop, adopt.sock, options, server_side=False, server_hostname=server_hostname,
+        session=session,
     )  # fmt: skip
     reader, protocol, transport, waiter = _streams(loop, tls_sock, limit)
     try:
@@ -772,31 +803,31 @@ async def start_server(
     limit: int = _DEFAULT_LIMIT,
     ssl_handshake_timeout: float | None = _HANDSHAKE_TIMEOUT,
     suppress_ragged_eofs: bool = True,
+    records_per_key: int | None = None,
     **kwds: Any,
 ) -> asyncio.Server:
     """Serve TLS on ``host``:``port`` as :func:`asyncio.start_server`: for each client whose
     handshake succeeds within ``ssl_handshake_timeout``, ``client_connected_cb(reader, writer)``
     is called (a coroutine becomes a task). Returns the :class:`asyncio.Server` (``async with``,
-    ``serve_forever()``, ``sockets``). ``mode`` and ``algif_backend`` as for
-    :func:`afalg.tls.wrap`; other keyword arguments (``backlog``, ``reuse_port``, ``sock``,
+    ``serve_forever()``, ``sockets``). ``mode``, ``algif_backend`` and ``records_per_key`` as
+    for :func:`afalg.tls.wrap`; other keyword arguments (``backlog``, ``reuse_port``, ``sock``,
     ...) go to :meth:`loop.create_server`.
 
     A client that fails its handshake (garbage, a timeout, a refused certificate) loses only
     its connection; the failure is logged at debug level on the ``afalg.aio`` logger.
     """
-    context = _validate(ssl, mode, algif_backend)
-    if not isinstance(context, _ssl.SSLContext):
-        raise TypeError("start_server needs an ssl.SSLContext")
+    if ssl is True:
+        raise TypeError("start_server needs an ssl.SSLContext (with the server's certificate)")
+    options = _Options.check(
+        ssl, mode=mode, algif_backend=algif_backend, suppress_ragged_eofs=suppress_ragged_eofs,
+        records_per_key=records_per_key, handshake_timeout=ssl_handshake_timeout,
+    )  # fmt: skip
     loop = asyncio.get_running_loop()
     handshakes: set[asyncio.Task[None]] = set()  # strong references while they run
 
     async def serve(sock: socket.socket) -> None:
         try:
-            tls_sock = await _secure(
-                loop, sock, context, server_side=True, server_hostname=None, session=None,
-                mode=mode, algif_backend=algif_backend,
-                suppress_ragged_eofs=suppress_ragged_eofs, timeout=ssl_handshake_timeout,
-            )  # fmt: skip
+            tls_sock = await _secure(loop, sock, options, server_side=True)
         except Exception as exc:  # that client's loss only
             logger.debug("afalg.aio: a client's handshake failed: %r", exc)
             return
@@ -816,11 +847,15 @@ async def sendfile(
     """Send ``count`` bytes (None: to the end) of the binary ``file`` from ``offset`` over the
     afalg stream ``writer``; returns the bytes sent, and the file's position ends after them
     (as :meth:`loop.sendfile`). What was written before goes first; ``write()`` raises while
-    this runs.
+    this runs. Cancelled, it raises :class:`asyncio.CancelledError` with the file's position
+    after the bytes sent (kTLS) or queued (algif); the connection goes on after them.
 
     Under kTLS, with a regular file, this is the kernel's ``sendfile(2)``: the kernel reads
     the pages and encrypts them; the file object's ``read`` is never called. In algif mode (or
     for a file without a descriptor) the file is read in chunks and sealed, with flow control.
+    Both respect the usage limit (``records_per_key``). Under kTLS, where the key cannot be
+    updated, :class:`afalg.errors.KeyLimitReached` is raised with the file's position after
+    the last byte sent, and the connection stays usable for reading and closing.
     """
     transport = writer.transport
     if not isinstance(transport, TLSTransport):

@@ -51,6 +51,7 @@ import socket
 import ssl
 import threading
 import weakref
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -73,7 +74,9 @@ from afalg.wire import (
     handshake_message,
 )
 
-__all__ = ["Handoff", "KeyLog", "TicketFeed", "handshake", "keylog_for"]
+__all__ = [
+    "Handoff", "Handshake", "KeyLog", "Receive", "Send", "TicketFeed", "handshake", "keylog_for",
+]  # fmt: skip
 
 _CONTENT_TYPES = frozenset(ContentType)
 _VERSIONS = {"TLSv1.2": TLS_1_2_VERSION, "TLSv1.3": TLS_1_3_VERSION}
@@ -477,9 +480,29 @@ class TicketFeed:
         self._layer.close()
 
 
+@dataclass(frozen=True)
+class Send:
+    """A step of :meth:`Handshake.steps`: send all of ``data`` to the peer. With
+    ``best_effort`` it is the alert of a failed handshake: send what the socket takes without
+    waiting and ignore errors (the handshake's error follows when the driver resumes)."""
+
+    data: bytes
+    best_effort: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Receive:
+    """A step of :meth:`Handshake.steps`: read at most ``len(buffer)`` bytes from the peer into
+    ``buffer`` and send the count back into the generator (0 at the end of the stream)."""
+
+    buffer: memoryview
+
+
 class Handshake:
     """ssl's handshake over MemoryBIOs, without I/O: the caller moves the bytes, in any event
-    loop or blocking, and gets a :class:`Handoff` at the end.
+    loop or blocking, and gets a :class:`Handoff` at the end. :meth:`steps` is the loop below
+    as a generator of I/O steps, which the blocking :func:`handshake` and the asyncio driver
+    (:mod:`afalg.aio`) both run.
 
     ::
 
@@ -594,6 +617,48 @@ class Handshake:
             raise ValueError("the handshake is not done")
         return self._result
 
+    def steps(self) -> Generator[Send | Receive, int | None, Handoff]:
+        """The handshake as I/O steps, for a driver that owns the socket::
+
+            steps = hs.steps()
+            n = None
+            try:
+                while True:
+                    step = steps.send(n)              # StopIteration.value: the Handoff
+                    n = None
+                    if isinstance(step, Receive):
+                        n = sock.recv_into(step.buffer)
+                    else:                             # Send (best effort: see Send)
+                        sock.sendall(step.data)
+            finally:
+                steps.close()                         # forgets an abandoned handshake
+
+        Each :class:`Receive` asks :meth:`bytes_wanted` (never past the record being read).
+        A failing handshake yields its alert as a best-effort :class:`Send`, then raises what
+        ssl raised; closing the generator early (a timeout, a cancelled task) :meth:`close`-s
+        the handshake."""
+        buf = memoryview(bytearray(MAX_CIPHERTEXT_TLS12 + HEADER_SIZE))
+        try:
+            while True:
+                data = self.data_to_send()
+                if data:
+                    yield Send(data)
+                if self.done:
+                    return self.result()
+                view = buf[: self.bytes_wanted()]
+                n = yield Receive(view)
+                if n:
+                    self.receive(view[:n])
+                else:
+                    self.receive_eof()
+        except ssl.SSLError:
+            alert = self.data_to_send()  # the alert ssl produced
+            if alert:
+                yield Send(alert, best_effort=True)
+            raise
+        finally:
+            self.close()
+
     def close(self) -> None:
         """Abandon an unfinished handshake: its secrets are forgotten. Idempotent."""
         if self._result is None and not self._failed:
@@ -672,28 +737,24 @@ def handshake(
     hs = Handshake(
         context, server_side=server_side, server_hostname=server_hostname, session=session
     )
-    buf = bytearray(MAX_CIPHERTEXT_TLS12 + HEADER_SIZE)
+    steps = hs.steps()
+    n: int | None = None
     try:
         while True:
-            data = hs.data_to_send()
-            if data:
-                sock.sendall(data)
-            if hs.done:
-                return hs.result()
-            view = memoryview(buf)[: hs.bytes_wanted()]
-            n = sock.recv_into(view)
-            if n:
-                hs.receive(view[:n])
+            try:
+                step = steps.send(n)
+            except StopIteration as done:
+                return done.value
+            n = None
+            if isinstance(step, Receive):
+                n = sock.recv_into(step.buffer)
+            elif step.best_effort:
+                with contextlib.suppress(OSError):
+                    sock.sendall(step.data)
             else:
-                hs.receive_eof()
-    except ssl.SSLError:
-        data = hs.data_to_send()  # the alert ssl produced, best effort
-        if data:
-            with contextlib.suppress(OSError):
-                sock.sendall(data)
-        raise
+                sock.sendall(step.data)
     finally:
-        hs.close()
+        steps.close()
 
 
 def _finish(

@@ -579,13 +579,16 @@ class KTLSSocket(TLSSocketBase):
         """One non-blocking ``os.sendfile`` step from the file descriptor ``fd`` (at ``offset``,
         at most ``count`` bytes; the file position is not used): the kernel encrypts the pages
         it reads. Returns the bytes sent (0 at the end of the file), or raises
-        :class:`~afalg.errors.WantWrite` having sent nothing. A KeyUpdate the peer asked for
-        goes out first, as with :meth:`send`. For event loops (:func:`afalg.aio.sendfile`)."""
+        :class:`~afalg.errors.WantWrite` having sent nothing. As with :meth:`send`, a KeyUpdate
+        the peer asked for goes out first, and the step is cut where the send key reaches
+        ``records_per_key`` (our KeyUpdate goes first where it can;
+        :class:`~afalg.errors.KeyLimitReached`, having sent nothing, where it cannot). For
+        event loops (:func:`afalg.aio.sendfile`)."""
         self._check_send()
         with self._tx_lock:
             try:
                 self._answer_key_update()
-                return os.sendfile(self._sock.fileno(), fd, offset, count)
+                return os.sendfile(self._sock.fileno(), fd, offset, self._tx_allowance(count))
             except BlockingIOError:
                 raise WantWrite(errno.EAGAIN, "the socket takes no more now") from None
             except OSError as exc:

@@ -60,6 +60,7 @@ __all__ = [
     "AlgTLSSocket",
     "KTLSSocket",
     "TLSAlertReceived",
+    "check_options",
     "choose_mode",
     "hand_off",
     "tls_stats",
@@ -120,7 +121,17 @@ def _refuse(sock: socket.socket, tx: TrafficKeys) -> None:
         sock.shutdown(socket.SHUT_WR)
 
 
-def _check_records_per_key(records_per_key: int | None) -> None:
+def check_options(
+    mode: str = "auto", algif_backend: str = "auto", records_per_key: int | None = None
+) -> None:
+    """Check the options of :func:`wrap` and :func:`hand_off` (and of :mod:`afalg.aio`)
+    before any handshake: ``mode`` in :data:`MODES`, ``algif_backend`` in :data:`BACKENDS`
+    (``ValueError``), ``records_per_key`` None or an int of at least 3 (``TypeError``,
+    ``ValueError``)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if algif_backend not in BACKENDS:
+        raise ValueError(f"algif_backend must be one of {BACKENDS}, not {algif_backend!r}")
     if records_per_key is None:
         return
     if not isinstance(records_per_key, int) or isinstance(records_per_key, bool):
@@ -145,11 +156,7 @@ def hand_off(
     ``internal_error`` alert and the error is raised; ``sock`` is left to the caller then.
     kTLS attaches to established connections only: with ``mode="auto"``, a peer that
     half-closed before the hand-off (sent its data and FIN at once) gets algif mode instead."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    if algif_backend not in BACKENDS:
-        raise ValueError(f"algif_backend must be one of {BACKENDS}, not {algif_backend!r}")
-    _check_records_per_key(records_per_key)
+    check_options(mode, algif_backend, records_per_key)
     h = handoff
     common: dict[str, Any] = {
         "ssl_object": h.ssl_object,
@@ -210,13 +217,9 @@ def wrap(
     for a non-AEAD suite; when the mode asked for cannot run (:class:`afalg.errors.KTLSError`,
     :class:`afalg.AlgorithmNotAvailable`) the peer first gets a fatal ``internal_error`` alert.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    if algif_backend not in BACKENDS:
-        raise ValueError(f"algif_backend must be one of {BACKENDS}, not {algif_backend!r}")
+    check_options(mode, algif_backend, records_per_key)
     if not isinstance(sock, socket.socket):
         raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
-    _check_records_per_key(records_per_key)
     try:
         h = handoff.handshake(
             sock, context, server_side=server_side, server_hostname=server_hostname,

@@ -14,7 +14,7 @@ import resource
 import socket
 import ssl
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -59,6 +59,10 @@ def kw(mode: Mode) -> dict[str, str]:
     return {"mode": mode[0], "algif_backend": mode[1]}
 
 
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while data := await reader.read(2**16):
@@ -67,32 +71,65 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
     except (ConnectionError, ssl.SSLError):
         pass
     finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            await writer.wait_closed()
+        await close(writer)
 
 
 @contextlib.asynccontextmanager
 async def serving(
-    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-    mode: Mode,
-    version: str = "TLSv1.3",
-    **kwargs: Any,
-) -> Any:
-    server = await aio.start_server(
-        handler, "127.0.0.1", 0, ssl=server_context(version), **kw(mode), **kwargs
-    )
+    handler: Handler, mode: Mode | None, version: str = "TLSv1.3", **kwargs: Any
+) -> AsyncIterator[int]:
+    """A TLS server on 127.0.0.1 running ``handler`` for each client, afalg.aio's in ``mode``
+    (None: asyncio's own TLS server); ``kwargs`` to start_server. Yields its port."""
+    if mode is None:
+        server = await asyncio.start_server(
+            handler, "127.0.0.1", 0, ssl=server_context(version), **kwargs
+        )
+    else:
+        server = await aio.start_server(
+            handler, "127.0.0.1", 0, ssl=server_context(version), **kw(mode), **kwargs
+        )
     async with server:
         yield server.sockets[0].getsockname()[1]
 
 
 async def connect(
-    port: int, mode: Mode, version: str = "TLSv1.3", **kwargs: Any
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await aio.open_connection(
-        "127.0.0.1", port, ssl=client_context(version), server_hostname="localhost",
-        **kw(mode), **kwargs,
-    )  # fmt: skip
+    port: int,
+    mode: Mode | None,
+    version: str = "TLSv1.3",
+    context: ssl.SSLContext | None = None,
+    **kwargs: Any,
+) -> Streams:
+    """A TLS client of 127.0.0.1:``port`` (``context``: a new client context of ``version``),
+    afalg.aio's in ``mode`` (None: asyncio's own TLS client); ``kwargs`` to open_connection
+    (with ``sock``, a socket connected to the port already)."""
+    ctx = context or client_context(version)
+    if "sock" not in kwargs:  # else a socket connected to it already
+        kwargs.update(host="127.0.0.1", port=port)
+    if mode is None:
+        return await asyncio.open_connection(ssl=ctx, server_hostname="localhost", **kwargs)
+    return await aio.open_connection(ssl=ctx, server_hostname="localhost", **kw(mode), **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def client_of(
+    handler: Handler,
+    mode: Mode,
+    version: str = "TLSv1.3",
+    *,
+    server: dict[str, Any] | None = None,
+    client: dict[str, Any] | None = None,
+    asyncio_server: bool = False,
+) -> AsyncIterator[Streams]:
+    """The usual set-up: a server running ``handler`` (:func:`serving`: afalg.aio's in
+    ``mode``, or asyncio's own) and one afalg.aio client in ``mode`` connected to it (``server``
+    and ``client``: their keyword arguments); the client is closed on the way out."""
+    server_mode = None if asyncio_server else mode
+    async with serving(handler, server_mode, version, **(server or {})) as port:
+        reader, writer = await connect(port, mode, version, **(client or {}))
+        try:
+            yield reader, writer
+        finally:
+            await close(writer)
 
 
 async def close(writer: asyncio.StreamWriter) -> None:
@@ -148,15 +185,11 @@ def test_interop_asyncio_tls_client(mode: Mode, version: str) -> None:
 
     async def main() -> None:
         async with serving(echo, mode, version) as port:
-            reader, writer = await asyncio.open_connection(
-                "127.0.0.1", port, ssl=client_context(version), server_hostname="localhost"
-            )
+            reader, writer = await connect(port, None, version)
             writer.write(message)
             got = await reader.readexactly(len(message))
             assert hashlib.sha256(got).digest() == hashlib.sha256(message).digest()
-            writer.close()
-            with contextlib.suppress(ConnectionError, ssl.SSLError):
-                await writer.wait_closed()
+            await close(writer)
 
     run(main())
 
@@ -175,15 +208,11 @@ def test_interop_asyncio_tls_server(mode: Mode, version: str) -> None:
         writer.close()
 
     async def main() -> None:
-        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_context(version))
-        async with server:
-            port = server.sockets[0].getsockname()[1]
-            reader, writer = await connect(port, mode, version)
+        async with client_of(handler, mode, version, asyncio_server=True) as (reader, writer):
             assert writer.get_extra_info("ssl_object").version() == version
             writer.write(message)
             assert await reader.readexactly(len(message)) == message[::-1]
             assert await reader.read() == b""  # close_notify: EOF
-            await close(writer)
 
     run(main())
 
@@ -246,9 +275,7 @@ def test_get_extra_info(mode: Mode) -> None:
     async def main() -> None:
         async with serving(echo, mode) as port:
             ctx = client_context("TLSv1.3")
-            _, writer = await aio.open_connection(
-                "127.0.0.1", port, ssl=ctx, server_hostname="localhost", **kw(mode)
-            )
+            _, writer = await connect(port, mode, context=ctx)
             info = writer.get_extra_info
             assert isinstance(info("ssl_object"), ssl.SSLObject)
             assert info("sslcontext") is ctx
@@ -273,17 +300,12 @@ def test_session_resumes(mode: Mode) -> None:
     async def main() -> None:
         async with serving(echo, mode) as port:
             ctx = client_context("TLSv1.3")
-            reader, writer = await aio.open_connection(
-                "127.0.0.1", port, ssl=ctx, server_hostname="localhost", **kw(mode)
-            )
+            reader, writer = await connect(port, mode, context=ctx)
             writer.write(b"x")
             assert await reader.readexactly(1) == b"x"  # the tickets came before it
             session = writer.get_extra_info("ssl_object").session
             await close(writer)
-            reader, writer = await aio.open_connection(
-                "127.0.0.1", port, ssl=ctx, server_hostname="localhost", session=session,
-                **kw(mode),
-            )  # fmt: skip
+            reader, writer = await connect(port, mode, context=ctx, session=session)
             assert writer.get_extra_info("ssl_object").session_reused
             writer.write(b"y")
             assert await reader.readexactly(1) == b"y"
@@ -305,8 +327,7 @@ def test_write_eof_tls13_half_close(mode: Mode) -> None:
         await close(writer)
 
     async def main() -> None:
-        async with serving(handler, mode) as port:
-            reader, writer = await connect(port, mode)
+        async with client_of(handler, mode) as (reader, writer):
             assert writer.can_write_eof()
             assert await reader.readexactly(5) == b"ready"
             message = pattern(100_000, 5)
@@ -316,7 +337,6 @@ def test_write_eof_tls13_half_close(mode: Mode) -> None:
                 writer.write(b"more")
             assert await reader.readexactly(32) == hashlib.sha256(message).digest()
             assert await reader.read() == b""
-            await close(writer)
 
     run(main())
 
@@ -327,14 +347,12 @@ def test_write_eof_tls12_refused(mode: Mode) -> None:
     asyncio's TLS; the connection goes on."""
 
     async def main() -> None:
-        async with serving(echo, mode, "TLSv1.2") as port:
-            reader, writer = await connect(port, mode, "TLSv1.2")
+        async with client_of(echo, mode, "TLSv1.2") as (reader, writer):
             assert not writer.can_write_eof()
             with pytest.raises(NotImplementedError):
                 writer.write_eof()
             writer.write(b"still here")
             assert await reader.readexactly(10) == b"still here"
-            await close(writer)
 
     run(main())
 
@@ -377,11 +395,14 @@ def test_close_is_clean_abort_is_not(mode: Mode) -> None:
 # --- flow control, cancellation ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("peer", ["afalg", "asyncio-reader", "asyncio-writer"])
 @pytest.mark.parametrize("mode", WRAP_MODES)
-def test_slow_reader_backpressure(mode: Mode) -> None:
-    """The client does not read: the client's transport pauses reading once its reader holds
-    more than twice its limit, the server's drain() waits with the buffer at the high water
-    mark; then the client reads it all, byte for byte."""
+def test_slow_reader_backpressure(mode: Mode, peer: str) -> None:
+    """The server writes with drain(), the client does not read at first: the client's
+    transport pauses reading once its reader holds more than twice its limit, the server's
+    drain() waits with the buffer at the high water mark; then the client reads it all, byte
+    for byte. Both ends afalg.aio in ``mode``, or one of them asyncio's own TLS (the slow reader,
+    or the writer); the afalg end's water marks are checked."""
     total = scaled(3_000_000, 30_000_000)
     chunk = 64 * 1024
     state: dict[str, Any] = {"max_buffer": 0, "waits": 0}
@@ -400,15 +421,14 @@ def test_slow_reader_backpressure(mode: Mode) -> None:
         await close(writer)
 
     async def main() -> None:
-        async with serving(handler, mode) as port:
+        server_mode = None if peer == "asyncio-writer" else mode
+        client_mode = None if peer == "asyncio-reader" else mode
+        async with serving(handler, server_mode) as port:
             sock = socket.socket()  # a bounded receive window (above the MSS: no stalls)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
             sock.setblocking(False)
             await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-            reader, writer = await aio.open_connection(
-                sock=sock, ssl=client_context("TLSv1.3"), server_hostname="localhost",
-                limit=32 * 1024, **kw(mode),
-            )  # fmt: skip
+            reader, writer = await connect(port, client_mode, sock=sock, limit=32 * 1024)
             transport = writer.transport
             deadline = asyncio.get_running_loop().time() + T
             while transport.is_reading():  # paused by the reader, not by a timer
@@ -426,8 +446,9 @@ def test_slow_reader_backpressure(mode: Mode) -> None:
             await close(writer)
 
     run(main())
-    assert state["waits"] > 0  # drain() had something to wait for
-    assert state["max_buffer"] <= 128 * 1024 + 2 * chunk + 70_000  # bounded by the water mark
+    if peer != "asyncio-writer":  # afalg's transport wrote: its water marks
+        assert state["waits"] > 0  # drain() had something to wait for
+        assert state["max_buffer"] <= 128 * 1024 + 2 * chunk + 70_000  # bounded by the mark
 
 
 @pytest.mark.parametrize("mode", WRAP_MODES)
@@ -438,8 +459,7 @@ def test_cancelled_reads_and_drains_lose_nothing(mode: Mode) -> None:
     message = pattern(total, 11)
 
     async def main() -> None:
-        async with serving(echo, mode) as port:
-            reader, writer = await connect(port, mode)
+        async with client_of(echo, mode) as (reader, writer):
             writer.transport.set_write_buffer_limits(high=16 * 1024)
             writer.write(message)
             drain = asyncio.ensure_future(writer.drain())
@@ -457,7 +477,6 @@ def test_cancelled_reads_and_drains_lose_nothing(mode: Mode) -> None:
                     await task
                 got += await reader.read(total - len(got))  # what the cancelled read waited on
             assert bytes(got) == message
-            await close(writer)
 
     run(main())
 
@@ -646,12 +665,10 @@ def test_sendfile(mode: Mode, big_file: tuple[str, bytes]) -> None:
         await close(writer)
 
     async def main() -> None:
-        async with serving(handler, mode) as port:
-            reader, writer = await connect(port, mode)
+        async with client_of(handler, mode) as (reader, _):
             assert await reader.readexactly(len(prefix)) == prefix
             assert await _receive_digest(reader, size) == digest
             assert await reader.read() == b""
-            await close(writer)
 
     with no_fd_leak():
         run(main())
@@ -676,13 +693,64 @@ def test_sendfile_range_and_loop_sendfile(mode: Mode, big_file: tuple[str, bytes
         await close(writer)
 
     async def main() -> None:
-        async with serving(handler, mode) as port:
-            reader, writer = await connect(port, mode)
+        async with client_of(handler, mode) as (reader, _):
             assert await reader.readexactly(count) == content[offset : offset + count]
             assert await reader.readexactly(100_000) == content[:100_000]
-            await close(writer)
 
     run(main())
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_sendfile_cancelled_in_the_middle(mode: Mode, big_file: tuple[str, bytes]) -> None:
+    """aio.sendfile (kTLS: native; algif: sealed chunks) cancelled while the client does not
+    read: CancelledError, the file's position after exactly what was sent, the connection goes
+    on. The client then reads, with no bad record: what was written before, the file up to
+    that position, what was written after, and a clean end."""
+    path, _ = big_file
+    with open(path, "rb") as f:
+        content = f.read()
+    state: dict[str, Any] = {}
+    cancel = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        with open(path, "rb") as f:
+            writer.write(b"BEFORE")
+            task = asyncio.ensure_future(aio.sendfile(writer, f))
+            await cancel.wait()
+            assert not task.done()  # it waits for the client
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            state["sent"] = f.tell()
+        writer.write(b"AFTER")
+        await writer.drain()
+        await close(writer)
+
+    async def main() -> None:
+        sock = socket.socket()  # a small receive window: sendfile stalls soon
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.setblocking(False)
+        async with serving(handler, mode) as port:
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            reader, writer = await connect(port, mode, sock=sock, limit=32 * 1024)
+            deadline = asyncio.get_running_loop().time() + T
+            while writer.transport.is_reading():  # file data came: the reader is full
+                assert asyncio.get_running_loop().time() < deadline, "never paused"
+                await asyncio.sleep(0.05)
+            cancel.set()
+            assert await reader.readexactly(6) == b"BEFORE"
+            got = bytearray()
+            while data := await reader.read(2**18):  # a bad record would raise here
+                got += data
+            await close(writer)
+            sent = state["sent"]
+            assert 0 < sent < len(content)
+            assert got[-5:] == b"AFTER" and len(got) == sent + 5
+            assert got[:sent] == content[:sent]  # a prefix, nothing lost, nothing twice
+
+    with no_fd_leak():
+        run(main())
 
 
 # --- the example: an asyncio file server ---------------------------------------------------------
@@ -704,15 +772,11 @@ def test_example_file_server(mode: Mode, tmp_path: Any) -> None:
     (served / "out").symlink_to("/etc/passwd")
 
     async def get(port: int, target: str) -> tuple[bytes, bytes]:
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=client_context("TLSv1.3"), server_hostname="localhost"
-        )
+        reader, writer = await connect(port, None)  # asyncio's own TLS client
         writer.write(f"GET {target} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
         head = await reader.readuntil(b"\r\n\r\n")
         body = await reader.read()
-        writer.close()
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            await writer.wait_closed()
+        await close(writer)
         return head, body
 
     async def main() -> None:

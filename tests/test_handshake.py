@@ -5,6 +5,7 @@ way ssl fails, with the alert to send and no secret left behind."""
 from __future__ import annotations
 
 import ssl
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -161,3 +162,71 @@ def test_abandoned_handshake_forgets_its_secrets() -> None:
     assert "failed" in repr(client) and client.bytes_wanted() == 0
     with pytest.raises(ValueError, match="not done"):
         client.result()
+
+
+def test_steps_drive_both_ends_and_fail_with_the_alert_best_effort() -> None:
+    """Handshake.steps() (what the blocking and asyncio drivers run): Send/Receive steps that
+    pumped between two ends give the keys; a failing end yields its alert as a best-effort
+    Send, then raises ssl's error; closing an unfinished generator forgets the secrets."""
+    sctx, cctx = contexts("TLSv1.3")
+    ends = [handoff.Handshake(cctx, server_hostname="localhost"),
+            handoff.Handshake(sctx, server_side=True)]  # fmt: skip
+    gens = [end.steps() for end in ends]
+    wires = [bytearray(), bytearray()]  # bytes on their way to each end
+    steps: list[Any] = [next(g) for g in gens]
+    results: list[Any] = [None, None]
+    while None in results:
+        moved = False
+        for i, g in enumerate(gens):
+            step = steps[i]
+            if results[i] is not None:
+                continue
+            try:
+                if isinstance(step, handoff.Send):
+                    assert not step.best_effort
+                    wires[1 - i] += step.data
+                    steps[i] = g.send(None)
+                elif wires[i]:
+                    n = min(len(step.buffer), len(wires[i]))
+                    step.buffer[:n] = wires[i][:n]
+                    del wires[i][:n]
+                    steps[i] = g.send(n)
+                else:
+                    continue
+            except StopIteration as done:
+                results[i] = done.value
+            moved = True
+        assert moved, "the handshake stalled"
+    c, s = results
+    assert (c.tx.key, c.tx.seq) == (s.rx.key, s.rx.seq) and c.rx.key == s.tx.key
+
+    client = handoff.Handshake(cctx, server_hostname="not-the-name.example")
+    server = handoff.Handshake(sctx, server_side=True)
+    cg, sg = client.steps(), server.steps()
+    hello = next(cg)
+    step = next(sg)
+    for b in (hello.data[:5], hello.data[5:]):
+        step.buffer[: len(b)] = b
+        step = sg.send(len(b))
+    flight = b""
+    while isinstance(step, handoff.Send):
+        flight += step.data
+        step = sg.send(None)
+    step = cg.send(None)
+    alerts = []
+    with pytest.raises(ssl.SSLCertVerificationError):
+        while flight:
+            n = min(len(step.buffer), len(flight))
+            step.buffer[:n] = flight[:n]
+            flight = flight[n:]
+            step = cg.send(n)
+            while isinstance(step, handoff.Send):
+                assert step.best_effort and step.data[0] in (
+                    ContentType.alert, ContentType.application_data,
+                )  # fmt: skip
+                alerts.append(step.data)
+                step = cg.send(None)
+    assert len(alerts) == 1  # the alert, before ssl's error
+    assert not handoff.keylog_for(cctx)._expected
+    sg.close()  # abandoned mid-handshake: its secrets go too
+    assert not handoff.keylog_for(sctx)._expected
