@@ -137,7 +137,7 @@ def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-# --- the servers -----------------------------------------------------------------------------------
+# --- the servers ----------------------------------------------------------------------------------
 
 
 class _ErrorLog(logging.Handler):
@@ -214,7 +214,7 @@ class AioTarget:
         self.errors.append(f"{context.get('message')}: {context.get('exception')!r}")
 
     async def _echo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")[:2]
+        peer = tuple(writer.get_extra_info("peername")[:2])
         self.live += 1
         outcome = "?"
         refused = self.admission.admit(peer[0])
@@ -265,7 +265,7 @@ class AioTarget:
             self.loop.close()
 
 
-# --- the clients -----------------------------------------------------------------------------------
+# --- the clients ----------------------------------------------------------------------------------
 
 CTX = {"1.3": client_context("TLSv1.3"), "1.2": client_context("TLSv1.2")}
 
@@ -545,8 +545,8 @@ def test_hostile_load(kind: str, mode: str, backend: str, many_fds: None) -> Non
         growth = rsses[2] - rsses[1]
         summary = collections.Counter(target.outcomes.values())
         print(
-            f"\nhostile load {kind}-{mode}-{backend}: {ROUNDS} rounds x ({HOSTILE} hostile + {HONEST} "
-            f"honest); fds baseline {len(baseline)}, after each round {fds}; RSS MiB "
+            f"\nhostile load {kind}-{mode}-{backend}: {ROUNDS} rounds x ({HOSTILE} hostile + "
+            f"{HONEST} honest); fds baseline {len(baseline)}, after each round {fds}; RSS MiB "
             f"{[round(x / 2**20, 1) for x in rsses]} (round 2->3: {growth / 2**20:+.2f}); "
             f"round seconds {[round(s) for s in seconds]}; trickles cut by the deadline "
             f"{r.trickle_cut}/{r.kinds['trickle']} in the last round; server outcomes "
