@@ -193,15 +193,19 @@ async def _secure(
 class _Adopt(asyncio.Protocol):
     """Takes the connected socket from the transport asyncio made for it, before that
     transport reads a byte: a duplicate descriptor (non-blocking) for afalg, and asyncio's
-    transport is closed (the connection lives on in the duplicate)."""
+    transport is closed (the connection lives on in the duplicate). ``extra`` keeps the
+    addresses asyncio knew (a server's from ``accept()``): a peer that resets during the
+    handshake has no ``getpeername()`` afterwards, and the handler still gets its address."""
 
-    def __init__(self, then: Callable[[socket.socket], None] | None = None) -> None:
+    def __init__(self, then: Callable[[socket.socket, dict[str, Any]], None] | None = None) -> None:
         self.sock: socket.socket | None = None
+        self.extra: dict[str, Any] = {}
         self._then = then
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         transport.pause_reading()  # asyncio's transport starts reading only after this
+        self.extra = {key: transport.get_extra_info(key) for key in ("peername", "sockname")}
         try:
             raw = transport.get_extra_info("socket")
             sock = socket.socket(fileno=os.dup(raw.fileno()))
@@ -210,7 +214,7 @@ class _Adopt(asyncio.Protocol):
             transport.abort()  # closes asyncio's descriptor; the duplicate stays
         self.sock = sock
         if self._then is not None:
-            self._then(sock)
+            self._then(sock, self.extra)
 
 
 # --- the transport -------------------------------------------------------------------------------
@@ -279,8 +283,8 @@ class TLSTransport(_transports._FlowControlMixin):
         for key, get in (("peername", tls_sock.getpeername), ("sockname", tls_sock.getsockname)):
             try:
                 self._extra[key] = get()
-            except OSError:
-                self._extra[key] = None
+            except OSError:  # the peer reset already: the address accept() gave, or None
+                self._extra.setdefault(key, None)
         loop.call_soon(self._protocol.connection_made, self)
         loop.call_soon(self._start_reading)
         if waiter is not None:
@@ -732,13 +736,14 @@ def _streams(
     tls_sock: KTLSSocket | AlgTLSSocket,
     limit: int,
     client_connected_cb: ClientConnectedCallback | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[asyncio.StreamReader, _StreamProtocol, TLSTransport, asyncio.Future[None]]:
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     protocol = _StreamProtocol(
         reader, client_connected_cb, loop=loop, half_close=tls_sock.version() == "TLSv1.3"
     )
     waiter: asyncio.Future[None] = loop.create_future()
-    transport = TLSTransport(loop, tls_sock, protocol, waiter=waiter)
+    transport = TLSTransport(loop, tls_sock, protocol, dict(extra or {}), waiter=waiter)
     return reader, protocol, transport, waiter
 
 
@@ -783,7 +788,7 @@ async def open_connection(
         loop, adopt.sock, options, server_side=False, server_hostname=server_hostname,
         session=session,
     )  # fmt: skip
-    reader, protocol, transport, waiter = _streams(loop, tls_sock, limit)
+    reader, protocol, transport, waiter = _streams(loop, tls_sock, limit, extra=adopt.extra)
     try:
         await waiter
     except BaseException:
@@ -825,16 +830,16 @@ async def start_server(
     loop = asyncio.get_running_loop()
     handshakes: set[asyncio.Task[None]] = set()  # strong references while they run
 
-    async def serve(sock: socket.socket) -> None:
+    async def serve(sock: socket.socket, extra: dict[str, Any]) -> None:
         try:
             tls_sock = await _secure(loop, sock, options, server_side=True)
         except Exception as exc:  # that client's loss only
             logger.debug("afalg.aio: a client's handshake failed: %r", exc)
             return
-        _streams(loop, tls_sock, limit, client_connected_cb)
+        _streams(loop, tls_sock, limit, client_connected_cb, extra)
 
-    def accepted(sock: socket.socket) -> None:
-        task = loop.create_task(serve(sock))
+    def accepted(sock: socket.socket, extra: dict[str, Any]) -> None:
+        task = loop.create_task(serve(sock, extra))
         handshakes.add(task)
         task.add_done_callback(handshakes.discard)
 

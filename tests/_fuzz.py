@@ -127,7 +127,9 @@ def apply_record_ops(ops: list[tuple[Any, ...]], data: bytes, pool: Sequence[byt
             elif op == "version":
                 version = version_value
             else:  # a boundary, or the true length give or take 4
+                # (a boundary of 0xFFFF, then the true length + 1, would not fit the 16-bit field)
                 length = length_value if length_value > 4 else max(0, length + length_value)
+                length = min(length, 0xFFFF)
             records[i] = HEADER.pack(ctype, version, length) + record[HEADER_SIZE:]
     return b"".join(records) + rest
 

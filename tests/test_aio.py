@@ -13,7 +13,10 @@ import os
 import resource
 import socket
 import ssl
+import struct
 import tempfile
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -555,6 +558,54 @@ def test_hostile_clients_cost_only_their_connection(mode: Mode) -> None:
     # (suppress_ragged_eofs, as ssl); the good client: its ping
     assert errors and all(issubclass(e, ssl.SSLError) for e in errors), errors
     assert b"ping" in ended
+
+
+def test_peername_survives_a_reset_after_the_handshake(monkeypatch: Any) -> None:
+    """A client that resets right after its handshake, before the server's handler runs: the
+    handler still gets the peer's address (accept()'s, as asyncio's own servers give), not None
+    (getpeername() fails on a reset socket). Found by tests/test_hostile_load.py: a handler
+    doing ``writer.get_extra_info("peername")[0]`` raised TypeError."""
+    handshake_done = threading.Event()
+    real_hand_off = tls.hand_off
+
+    def hand_off_after_reset(sock: socket.socket, *args: Any, **kwargs: Any) -> Any:
+        handshake_done.set()  # the client resets now; wait until this socket knows
+        for _ in range(int(200 * SLOW)):
+            try:
+                sock.getpeername()
+            except OSError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the client's reset never arrived")
+        return real_hand_off(sock, *args, **kwargs)
+
+    def client(port: int) -> tuple[str, int]:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=T)
+        conn = client_context("TLSv1.3").wrap_socket(raw, server_hostname="localhost")
+        address = conn.getsockname()[:2]
+        assert handshake_done.wait(T)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+        return address
+
+    peers: list[Any] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer.get_extra_info("peername"))
+        writer.transport.abort()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with serving(handler, ("algif", "cryptography")) as port:
+            address = await loop.run_in_executor(None, client, port)
+            while not peers:
+                await asyncio.sleep(0.05)
+        assert peers == [address]
+
+    monkeypatch.setattr(tls, "hand_off", hand_off_after_reset)
+    with no_fd_leak():
+        run(main())
 
 
 @pytest.mark.parametrize("mode", WRAP_MODES)
