@@ -10,9 +10,13 @@ same socket on the cryptography backend) on the host.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
+import socket
 import ssl
+from typing import Any
 
 import pytest
 from _env import WRAP_MODES
@@ -148,6 +152,58 @@ def test_sendfile_10mib(mode: tuple[str, str], tmp_path: object) -> None:
             assert ours.sendfile(f, 1000, 10) == 10  # offset and count
         assert reader.result() == hashlib.sha256(data).digest()
         assert recv_exactly(theirs, 10) == data[1000:1010]
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_sendfile_of_what_is_not_a_regular_file(mode: tuple[str, str]) -> None:
+    """An in-memory file goes through send (os.sendfile cannot read it): the same bytes
+    arrive, from the offset, and the file's position follows what was sent."""
+    data = pattern(200_000, 5)
+    ours, theirs = connect(mode, "server")
+    with ours, theirs:
+        reader = Bg(lambda: recv_exactly(theirs, 2 * len(data) - 7))
+        memory = io.BytesIO(data)
+        assert ours.sendfile(memory) == len(data)
+        assert memory.tell() == len(data)
+        assert ours.sendfile(memory, 7) == len(data) - 7
+        assert memory.tell() == len(data)
+        assert reader.result() == data + data[7:]
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_sendfile_with_a_timeout(mode: tuple[str, str], tmp_path: object) -> None:
+    """With a timeout the socket is non-blocking inside: sendfile waits while the reader is
+    slow (the socket full) and sends all; when nobody reads, the wait raises TimeoutError,
+    and the connection still closes cleanly once the peer reads again."""
+    data = pattern(4 * 2**20, 6)
+    path = tmp_path / "blob"  # type: ignore[operator]
+    path.write_bytes(data)
+    big = tmp_path / "zeros"  # type: ignore[operator]
+    with open(big, "wb") as f:
+        f.truncate(64 * 2**20)  # more than the socket buffers on both sides can hold
+    ours, theirs = connect(mode, "server")
+    with ours, theirs:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        ours.settimeout(60)
+        reader = Bg(lambda: hashlib.sha256(recv_exactly(theirs, len(data))).digest())
+        with open(path, "rb") as f:
+            assert ours.sendfile(f) == len(data)
+        assert reader.result() == hashlib.sha256(data).digest()
+        ours.settimeout(0.5)
+        with open(big, "rb") as f, pytest.raises(TimeoutError):
+            ours.sendfile(f)
+        ours.settimeout(60)
+        drained = Bg(lambda: _drain(theirs))
+        ours.close()  # close_notify goes out behind what was sent
+        assert drained.result() > 0
+
+
+def _drain(sock: Any) -> int:
+    total = 0
+    with contextlib.suppress(ssl.SSLError, OSError):
+        while chunk := sock.recv(2**16):
+            total += len(chunk)
+    return total
 
 
 @pytest.mark.parametrize("mode", WRAP_MODES)
