@@ -179,7 +179,7 @@ class TLSSocketBase:
                 self.sendall(buf[:n])
                 total += n
         finally:
-            if total > 0 and hasattr(file, "seek"):
+            if total > 0 and getattr(file, "seekable", bool)():  # not a pipe
                 file.seek(offset + total)
         return total
 

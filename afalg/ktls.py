@@ -51,7 +51,6 @@ import os
 import select
 import socket
 import ssl
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -94,6 +93,8 @@ __all__ = [
 
 _ANCBUFSIZE = socket.CMSG_SPACE(1)
 _SENDFILE_CHUNK = 2**24  # bytes per os.sendfile loop (checked against the key usage limit)
+# os.sendfile's errors for an input it cannot read from (a pipe, a socket, a character device)
+_NOT_A_FILE = (errno.EINVAL, errno.ESPIPE)
 _RECORD_BUF = 2**14 + 1024  # one whole record's plaintext fits
 
 
@@ -539,19 +540,17 @@ class KTLSSocket(TLSSocketBase):
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
         """Send a file with ``os.sendfile`` (the kernel encrypts the pages it reads), as
-        :meth:`socket.socket.sendfile`: honours the timeout (per wait), sends what is not a
-        regular file through :meth:`send`; the file position ends after the last byte sent.
-        One ``os.sendfile`` per chunk of up to 16 MiB, and nothing else per call."""
+        :meth:`socket.socket.sendfile`: honours the timeout (per wait); what ``os.sendfile``
+        cannot read (an in-memory file, a pipe) goes through :meth:`send`; the file position
+        ends after the last byte sent. One ``os.sendfile`` per chunk of up to 16 MiB, and no
+        other system call but the final ``lseek``."""
         self._check_send()
         timeout = self._sock.gettimeout()
         if timeout == 0.0:
             raise ValueError("non-blocking sockets are not supported: use sendfile_nowait()")
         try:
             fd = file.fileno()
-            regular = stat.S_ISREG(os.fstat(fd).st_mode)
-        except (AttributeError, io.UnsupportedOperation, OSError):
-            regular = False
-        if not regular:
+        except (AttributeError, io.UnsupportedOperation):
             return self._sendfile_by_send(file, offset, count, _SENDFILE_CHUNK)
         sock_fd = self._sock.fileno()
         total = 0
@@ -565,15 +564,21 @@ class KTLSSocket(TLSSocketBase):
                     except BlockingIOError:  # a socket with a timeout is non-blocking inside
                         _wait_writable(sock_fd, timeout)
                         continue
+                    except OSError as exc:
+                        if total or exc.errno not in _NOT_A_FILE:
+                            raise
+                        break  # not a regular file (nothing was sent): through send below
                     if not sent:
-                        break  # end of file
+                        return total  # end of file
                     total += sent
+                else:
+                    return total
             except OSError as exc:
                 raise self._translate(exc) from exc
             finally:
                 if total and hasattr(file, "seek"):
                     file.seek(offset + total)
-        return total
+        return self._sendfile_by_send(file, offset, count, _SENDFILE_CHUNK)
 
     def sendfile_nowait(self, fd: int, offset: int, count: int) -> int:
         """One non-blocking ``os.sendfile`` step from the file descriptor ``fd`` (at ``offset``,

@@ -156,18 +156,23 @@ def test_sendfile_10mib(mode: tuple[str, str], tmp_path: object) -> None:
 
 @pytest.mark.parametrize("mode", WRAP_MODES)
 def test_sendfile_of_what_is_not_a_regular_file(mode: tuple[str, str]) -> None:
-    """An in-memory file goes through send (os.sendfile cannot read it): the same bytes
-    arrive, from the offset, and the file's position follows what was sent."""
+    """An in-memory file and a pipe go through send (os.sendfile cannot read them): the same
+    bytes arrive, from the offset, and the in-memory file's position follows what was sent."""
     data = pattern(200_000, 5)
     ours, theirs = connect(mode, "server")
     with ours, theirs:
-        reader = Bg(lambda: recv_exactly(theirs, 2 * len(data) - 7))
+        reader = Bg(lambda: recv_exactly(theirs, 3 * len(data) - 7))
+        r, w = os.pipe()
+        writer = Bg(lambda: (os.write(w, data), os.close(w)))
+        with open(r, "rb", buffering=0) as pipe:
+            assert ours.sendfile(pipe) == len(data)
+        writer.result()
         memory = io.BytesIO(data)
         assert ours.sendfile(memory) == len(data)
         assert memory.tell() == len(data)
         assert ours.sendfile(memory, 7) == len(data) - 7
         assert memory.tell() == len(data)
-        assert reader.result() == data + data[7:]
+        assert reader.result() == data + data + data[7:]
 
 
 @pytest.mark.parametrize("mode", WRAP_MODES)
