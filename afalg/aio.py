@@ -809,6 +809,7 @@ async def start_server(
     ssl_handshake_timeout: float | None = _HANDSHAKE_TIMEOUT,
     suppress_ragged_eofs: bool = True,
     records_per_key: int | None = None,
+    max_handshakes: int | None = None,
     **kwds: Any,
 ) -> asyncio.Server:
     """Serve TLS on ``host``:``port`` as :func:`asyncio.start_server`: for each client whose
@@ -820,9 +821,21 @@ async def start_server(
 
     A client that fails its handshake (garbage, a timeout, a refused certificate) loses only
     its connection; the failure is logged at debug level on the ``afalg.aio`` logger.
+
+    ``max_handshakes`` bounds the handshakes in progress at once (None: unbounded, as
+    asyncio): a connection accepted while that many are pending is closed at once, before a
+    byte is read (logged at debug level). A flood of clients that connect and stall then costs
+    newcomers a refused connection, for at most ``ssl_handshake_timeout``, rather than costing
+    the server memory without bound.
     """
     if ssl is True:
         raise TypeError("start_server needs an ssl.SSLContext (with the server's certificate)")
+    if max_handshakes is not None and (
+        not isinstance(max_handshakes, int)
+        or isinstance(max_handshakes, bool)
+        or max_handshakes < 1
+    ):
+        raise ValueError(f"max_handshakes must be a positive int or None, not {max_handshakes!r}")
     options = _Options.check(
         ssl, mode=mode, algif_backend=algif_backend, suppress_ragged_eofs=suppress_ragged_eofs,
         records_per_key=records_per_key, handshake_timeout=ssl_handshake_timeout,
@@ -839,6 +852,14 @@ async def start_server(
         _streams(loop, tls_sock, limit, client_connected_cb, extra)
 
     def accepted(sock: socket.socket, extra: dict[str, Any]) -> None:
+        if max_handshakes is not None and len(handshakes) >= max_handshakes:
+            logger.debug(
+                "afalg.aio: %s closed: %d handshakes pending",
+                extra.get("peername"),
+                len(handshakes),
+            )
+            sock.close()
+            return
         task = loop.create_task(serve(sock, extra))
         handshakes.add(task)
         task.add_done_callback(handshakes.discard)

@@ -109,7 +109,7 @@ class FileServer:
         return await aio.start_server(
             self.handle, host, port, ssl=context, mode=mode,
             ssl_handshake_timeout=self.limits.handshake_timeout,
-            limit=MAX_REQUEST,
+            max_handshakes=self.limits.max_conns, limit=MAX_REQUEST,
         )  # fmt: skip
 
 

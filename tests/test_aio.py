@@ -646,6 +646,62 @@ def test_handshake_does_not_block_the_loop(mode: Mode) -> None:
         run(main())
 
 
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_max_handshakes_closes_connections_beyond_it(mode: Mode) -> None:
+    """start_server(max_handshakes=2): while two clients stall before their ClientHello, a third
+    connection is closed by the server without an answer; once a staller leaves, an honest
+    client gets its echo; nothing is left open."""
+
+    async def refused(port: int) -> bool:
+        """A plain TCP client that sends a ClientHello-sized nothing: True if the server ends
+        the connection without a byte."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return await asyncio.wait_for(reader.read(1), T) == b""
+        except ConnectionError:
+            return True
+        finally:
+            writer.close()
+
+    async def echo_once(port: int) -> bytes:
+        reader, writer = await connect(port, mode)
+        try:
+            writer.write(b"through")
+            return await reader.readexactly(7)
+        finally:
+            await close(writer)
+
+    async def main() -> None:
+        server = {"max_handshakes": 2, "ssl_handshake_timeout": 3 * T}
+        async with serving(echo, mode, **server) as port:
+            stallers = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+            assert await refused(port)
+            stallers.pop()[1].close()  # its handshake fails: a slot is free again
+            deadline = time.monotonic() + T
+            while True:  # until the server has seen the staller go
+                try:
+                    assert await echo_once(port) == b"through"
+                    break
+                except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+                    assert time.monotonic() < deadline, "no slot came free"
+                    await asyncio.sleep(0.05)
+            for _, writer in stallers:
+                writer.close()
+
+    with no_fd_leak():
+        run(main())
+
+
+def test_max_handshakes_is_checked() -> None:
+    async def main(value: Any) -> None:
+        await aio.start_server(echo, "127.0.0.1", 0, ssl=server_context("TLSv1.3"),
+                               max_handshakes=value)  # fmt: skip
+
+    for value in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="max_handshakes"):
+            run(main(value))
+
+
 # --- sendfile ------------------------------------------------------------------------------------
 
 
