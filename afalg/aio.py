@@ -144,7 +144,12 @@ async def _handshake(
     loop: asyncio.AbstractEventLoop, sock: socket.socket, hs: _handoff.Handshake
 ) -> _handoff.Handoff:
     """Run ``hs``'s :meth:`~afalg.handoff.Handshake.steps` over the non-blocking ``sock``
-    with the loop's socket operations; never reads past the last handshake record."""
+    with the loop's socket operations; never reads past the last handshake record.
+
+    Reads wait for readability, then ``recv_into`` here rather than ``loop.sock_recv_into``,
+    whose future keeps a failed read's error (a reset mid-handshake), and that error's
+    traceback the frames up to this one: a reference cycle holding the Handshake, its ssl
+    object and buffers until the cycle collector runs."""
     steps = hs.steps()
     n: int | None = None
     try:
@@ -155,7 +160,11 @@ async def _handshake(
                 return done.value
             n = None
             if isinstance(step, _handoff.Receive):
-                n = await loop.sock_recv_into(sock, step.buffer)
+                while n is None:
+                    try:
+                        n = sock.recv_into(step.buffer)
+                    except (BlockingIOError, InterruptedError):
+                        await _readable(loop, sock)
             elif step.best_effort:
                 with contextlib.suppress(OSError):
                     sock.send(step.data)  # the alert: without waiting
@@ -163,6 +172,16 @@ async def _handshake(
                 await loop.sock_sendall(sock, step.data)
     finally:
         steps.close()
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Until ``sock`` is readable (or has an error to report)."""
+    fut: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(sock.fileno(), _set_result_unless_cancelled, fut)
+    try:
+        await fut
+    finally:
+        loop.remove_reader(sock.fileno())
 
 
 async def _secure(
@@ -181,7 +200,11 @@ async def _secure(
         hs = _handoff.Handshake(
             o.context, server_side=server_side, server_hostname=server_hostname, session=session
         )
-        h = await asyncio.wait_for(_handshake(loop, sock, hs), o.handshake_timeout)
+        # asyncio.timeout, not wait_for: wait_for's inner task keeps a failed handshake's
+        # error, whose traceback holds wait_for's frame and so that task, in a reference cycle
+        # (with the Handshake, its ssl object and buffers) until the cycle collector runs.
+        async with asyncio.timeout(o.handshake_timeout):
+            h = await _handshake(loop, sock, hs)
         return tls.hand_off(
             sock, h, mode=o.mode, algif_backend=o.algif_backend,
             suppress_ragged_eofs=o.suppress_ragged_eofs, records_per_key=o.records_per_key,

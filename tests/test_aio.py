@@ -33,6 +33,7 @@ from test_tls_helpers import (
 )
 
 from afalg import aio, tls
+from afalg.handoff import Handshake
 
 Mode = tuple[str, str]
 T = 60 * SLOW  # a generous bound for anything that should finish
@@ -598,6 +599,50 @@ def test_hostile_clients_cost_only_their_connection(mode: Mode) -> None:
     # (suppress_ragged_eofs, as ssl); the good client: its ping
     assert errors and all(issubclass(e, ssl.SSLError) for e in errors), errors
     assert b"ping" in ended
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_failed_handshakes_are_freed_when_they_end(mode: Mode) -> None:
+    """A client whose handshake fails (garbage, a reset after half a ClientHello, silence until
+    the handshake timeout) leaves nothing behind for the cycle collector: the server's
+    Handshake (and with it its ssl object and buffers) is freed as the handshake ends. Under
+    asyncio.wait_for its task kept the error, whose traceback held wait_for's frame and so that
+    task; loop.sock_recv_into's future kept a reset's error the same way: reference cycles
+    that held each failed handshake until a full collection. Counted with the cycle collector
+    disabled."""
+    hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32)  # half a ClientHello
+
+    async def main() -> None:
+        async with serving(echo, mode, ssl_handshake_timeout=SLOW) as port:
+            for kind in ("garbage", "reset", "silent") * 3:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                if kind == "reset":
+                    writer.write(hello)
+                    await writer.drain()
+                    await asyncio.sleep(0.1 * SLOW)  # the server is reading the ClientHello
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()
+                    continue
+                if kind == "garbage":
+                    writer.write(b"GET / HTTP/1.0\r\n\r\n")
+                with contextlib.suppress(ConnectionError):  # the server ends it
+                    await asyncio.wait_for(reader.read(), T)
+                writer.close()
+            # a good client last: the handshakes before it have ended
+            reader, writer = await connect(port, mode)
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            await close(writer)
+
+    gc.collect()
+    gc.disable()
+    try:
+        run(main())
+        left = [o for o in gc.get_objects() if isinstance(o, Handshake)]
+    finally:
+        gc.enable()
+    assert not left, left
 
 
 def test_peername_survives_a_reset_after_the_handshake(monkeypatch: Any) -> None:
