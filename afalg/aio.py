@@ -78,6 +78,7 @@ import select
 import socket
 import ssl as _ssl
 import stat
+import threading
 from asyncio import constants as _constants
 from asyncio import transports as _transports
 from collections.abc import Awaitable, Callable
@@ -96,7 +97,7 @@ logger = logging.getLogger(__name__)
 
 _DEFAULT_LIMIT = 2**16  # asyncio.streams' default StreamReader limit
 _HANDSHAKE_TIMEOUT = 60.0  # asyncio's default ssl_handshake_timeout
-_READ_SIZE = 256 * 1024  # one recv_into: several records
+_READ_SIZE = 256 * 1024  # one recv_into: several records (one such buffer per thread)
 _READS_PER_CALL = 16  # then other callbacks get a turn
 _FILE_CHUNK = 256 * 1024  # sealed sendfile: what is read from the file at a time
 _SENDFILE_MAX = 0x7FFFF000  # the most one sendfile(2) moves
@@ -143,7 +144,12 @@ async def _handshake(
     loop: asyncio.AbstractEventLoop, sock: socket.socket, hs: _handoff.Handshake
 ) -> _handoff.Handoff:
     """Run ``hs``'s :meth:`~afalg.handoff.Handshake.steps` over the non-blocking ``sock``
-    with the loop's socket operations; never reads past the last handshake record."""
+    with the loop's socket operations; never reads past the last handshake record.
+
+    Reads wait for readability, then ``recv_into`` here rather than ``loop.sock_recv_into``,
+    whose future keeps a failed read's error (a reset mid-handshake), and that error's
+    traceback the frames up to this one: a reference cycle holding the Handshake, its ssl
+    object and buffers until the cycle collector runs."""
     steps = hs.steps()
     n: int | None = None
     try:
@@ -154,7 +160,11 @@ async def _handshake(
                 return done.value
             n = None
             if isinstance(step, _handoff.Receive):
-                n = await loop.sock_recv_into(sock, step.buffer)
+                while n is None:
+                    try:
+                        n = sock.recv_into(step.buffer)
+                    except (BlockingIOError, InterruptedError):
+                        await _readable(loop, sock)
             elif step.best_effort:
                 with contextlib.suppress(OSError):
                     sock.send(step.data)  # the alert: without waiting
@@ -162,6 +172,16 @@ async def _handshake(
                 await loop.sock_sendall(sock, step.data)
     finally:
         steps.close()
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Until ``sock`` is readable (or has an error to report)."""
+    fut: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(sock.fileno(), _set_result_unless_cancelled, fut)
+    try:
+        await fut
+    finally:
+        loop.remove_reader(sock.fileno())
 
 
 async def _secure(
@@ -180,7 +200,11 @@ async def _secure(
         hs = _handoff.Handshake(
             o.context, server_side=server_side, server_hostname=server_hostname, session=session
         )
-        h = await asyncio.wait_for(_handshake(loop, sock, hs), o.handshake_timeout)
+        # asyncio.timeout, not wait_for: wait_for's inner task keeps a failed handshake's
+        # error, whose traceback holds wait_for's frame and so that task, in a reference cycle
+        # (with the Handshake, its ssl object and buffers) until the cycle collector runs.
+        async with asyncio.timeout(o.handshake_timeout):
+            h = await _handshake(loop, sock, hs)
         return tls.hand_off(
             sock, h, mode=o.mode, algif_backend=o.algif_backend,
             suppress_ragged_eofs=o.suppress_ragged_eofs, records_per_key=o.records_per_key,
@@ -226,9 +250,11 @@ class TLSTransport(_transports._FlowControlMixin):
 
     Reading: each readable event reads until the socket has no whole record left
     (:class:`~afalg.errors.WantRead`), so plaintext that ``pending()``
-    counts is delivered without waiting for the socket again. Writing: what the socket does not
-    take is queued (bytes, and sealed records in algif mode) and written when writable; the
-    write buffer size counts both, for ``drain()`` and the protocol's pause/resume_writing.
+    counts is delivered without waiting for the socket again. The transports of a loop's
+    thread read into one shared buffer: a connection holds no read buffer of its own. Writing:
+    what the socket does not take is queued (bytes, and sealed records in algif mode) and
+    written when writable; the write buffer size counts both, for ``drain()`` and the
+    protocol's pause/resume_writing.
     """
 
     # asyncio's loop.sendfile() works through its fallback (reads the file, calls write());
@@ -259,7 +285,6 @@ class TLSTransport(_transports._FlowControlMixin):
         self._protocol = protocol
         self._buffer: collections.deque[memoryview] = collections.deque()
         self._buffer_size = 0
-        self._read_buf = bytearray(_READ_SIZE)
         self._closing = False  # close() called, or the connection failed
         self._conn_lost = 0
         self._paused = False  # reading paused by the protocol
@@ -333,11 +358,12 @@ class TLSTransport(_transports._FlowControlMixin):
             self._reading = False
 
     def _read_ready(self) -> None:
+        buf = _read_buffer()
         for _ in range(_READS_PER_CALL):
             if not self.is_reading() or self._conn_lost:
                 return
             try:
-                n = self._tls.recv_into(self._read_buf)
+                n = self._tls.recv_into(buf)
             except (BlockingIOError, InterruptedError):
                 return  # WantRead: no whole record yet
             except (SystemExit, KeyboardInterrupt):
@@ -349,7 +375,7 @@ class TLSTransport(_transports._FlowControlMixin):
                 self._read_eof()
                 return
             try:
-                self._protocol.data_received(bytes(self._read_buf[:n]))  # type: ignore[attr-defined]
+                self._protocol.data_received(bytes(buf[:n]))  # type: ignore[attr-defined]
             except (SystemExit, KeyboardInterrupt):
                 raise
             except BaseException as exc:
@@ -587,11 +613,7 @@ class TLSTransport(_transports._FlowControlMixin):
         self._loop.call_soon(self._call_connection_lost, exc)
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
-        protocol = self._protocol
-        try:
-            protocol.connection_lost(exc)  # type: ignore[arg-type]
-        finally:
-            self._read_buf = bytearray()
+        self._protocol.connection_lost(exc)  # type: ignore[arg-type]
 
     # -- sendfile --
     async def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
@@ -695,6 +717,21 @@ class TLSTransport(_transports._FlowControlMixin):
                 self._waiters.remove((-1, fut))
             if not self._conn_lost:
                 self._loop.remove_writer(self._fd)
+
+
+_per_thread = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    """The buffer transports of this thread's event loop read into: one per thread, not one
+    per connection (256 KiB each, resident for as long as the connection lived, and longer
+    when a failed connection's stored error keeps its frames in a reference cycle).
+    :meth:`TLSTransport._read_ready` copies what it read out of it before anything else runs
+    (the loop runs its callbacks in its thread, one at a time)."""
+    buf: memoryview | None = getattr(_per_thread, "read_buffer", None)
+    if buf is None:
+        buf = _per_thread.read_buffer = memoryview(bytearray(_READ_SIZE))
+    return buf
 
 
 def _set_result_unless_cancelled(fut: asyncio.Future[None]) -> None:

@@ -11,7 +11,9 @@ only. Asserted, for every round of :data:`ROUNDS` identical ones:
 - every hostile connection is ended by the server (a stalled or trickling handshake by the
   server's handshake deadline, however the client trickles): none outlives the test's bound;
 - the server raises nothing it did not expect (its error log and the loop's exception handler);
-- this process's descriptors (server and clients live in it) return to the baseline;
+- this process's descriptors (server and clients live in it) return to the baseline, and so
+  do its connection objects (transports, TLS sockets, handshakes, ssl objects, streams: see
+  :func:`connection_objects`), whose leak the RSS bound would see only blurred by the allocator;
 - and after the last round, the server still serves, and the resident set size grew by less
   than :data:`RSS_GROWTH` between the second and the third round.
 
@@ -51,7 +53,8 @@ import tls_echo_server as server
 from _env import CERTS, SLOW, scaled
 from test_tls_helpers import client_context
 
-from afalg import aio
+from afalg import aio, tls
+from afalg.handoff import Handshake
 from afalg.serving import ConnectionLimits
 
 pytestmark = [pytest.mark.stress, pytest.mark.timeout(scaled(1200, 7200))]
@@ -115,6 +118,24 @@ def open_fds() -> dict[int, str]:
         with contextlib.suppress(OSError):
             out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
     return out
+
+
+# What a connection is made of, at either end: none may outlive the round (a leak of Python
+# objects, which the RSS bound sees only blurred by the allocator's free lists).
+CONNECTION_TYPES = (
+    aio.TLSTransport, tls.KTLSSocket, tls.AlgTLSSocket, Handshake, ssl.SSLObject, ssl.SSLSocket,
+    asyncio.StreamReader, asyncio.StreamWriter,
+)  # fmt: skip
+
+
+def connection_objects() -> collections.Counter[str]:
+    """The live objects of :data:`CONNECTION_TYPES` by type name, after a full collection
+    (a failed connection's objects die in reference cycles: its error's traceback holds the
+    handler's frame)."""
+    gc.collect()
+    return collections.Counter(
+        type(o).__name__ for o in gc.get_objects() if isinstance(o, CONNECTION_TYPES)
+    )
 
 
 def rss() -> int:
@@ -509,6 +530,7 @@ def test_hostile_load(kind: str, mode: str, backend: str, many_fds: None) -> Non
             assert back and target.idle(), (what, "not idle", leaked, gone)
             assert not leaked and not gone, (what, leaked, gone)
             fds.append(len(now))
+            assert connection_objects() == objects, (what, connection_objects(), objects)
 
         def exchange(seed: int, honest_only: bool = False) -> Round:
             r = Round(target.port, random.Random(seed))
@@ -522,6 +544,7 @@ def test_hostile_load(kind: str, mode: str, backend: str, many_fds: None) -> Non
         assert not first.failures, first.failures
         assert wait_until(target.idle, T)
         baseline = open_fds()
+        objects = connection_objects()
 
         seed = 12345  # every round the same jobs, in the same order, with the same bytes
         for n in range(ROUNDS):
