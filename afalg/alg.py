@@ -1408,22 +1408,10 @@ class SKCipher(_AlgSocket):
         ``len(data)`` bytes): the kernel writes there, nothing is allocated or copied (up to
         64 KiB; longer data is copied in from :meth:`encrypt`). Returns ``len(data)``. Not
         with ``padding="pkcs7"`` (the output length would differ from the input's)."""
-        if type(data) is bytes and type(out) is bytearray and type(iv) is bytes:
-            n = len(data)  # the common case, checked here once (as encrypt's): one frame less
-            if (len(iv) == self._ivsize and len(out) >= n and n <= _STREAM_CHUNK
-                    and not n % self._block and n >= self._min_len):  # fmt: skip
-                self._crypt(_ENCRYPT, iv, data, out)
-                return n
         return self._crypt_into(_ENCRYPT, out, iv, data)
 
     def decrypt_into(self, out: Buffer, iv: Buffer | None, data: Buffer) -> int:
         """:meth:`decrypt` writing the plaintext into ``out``, as :meth:`encrypt_into`."""
-        if type(data) is bytes and type(out) is bytearray and type(iv) is bytes:
-            n = len(data)
-            if (len(iv) == self._ivsize and len(out) >= n and n <= _STREAM_CHUNK
-                    and not n % self._block and n >= self._min_len):  # fmt: skip
-                self._crypt(_DECRYPT, iv, data, out)
-                return n
         return self._crypt_into(_DECRYPT, out, iv, data)
 
     def _crypt_into(self, op: int, out: Any, iv: Any, data: Any) -> int:
