@@ -17,6 +17,7 @@ import socket
 import ssl
 from typing import Any
 
+from afalg._uapi import TLS_1_3_VERSION
 from afalg.errors import ClosedError, TLSProtocolError
 from afalg.handoff import TicketFeed
 from afalg.session import CloseNotify, Event, KeyUpdate, NewSessionTicket, Session
@@ -51,6 +52,7 @@ class TLSSocketBase:
         self._closed = False
         self._io_refs = 0
         self._plain = bytearray()  # opened application data not yet returned
+        self._close_notify_retry: bytes | None = None  # close_notify the socket took none of
         self._version = version  # TLS_1_2_VERSION or TLS_1_3_VERSION
 
     # -- facts from the handshake --
@@ -82,7 +84,11 @@ class TLSSocketBase:
         return self._ssl.getpeercert(binary_form) if self._ssl is not None else None
 
     def version(self) -> str | None:
-        return self._ssl.version() if self._ssl is not None else None
+        """``"TLSv1.3"`` or ``"TLSv1.2"``, from ssl, or from the keys for a socket made from
+        keys alone."""
+        if self._ssl is not None:
+            return self._ssl.version()
+        return "TLSv1.3" if self._version == TLS_1_3_VERSION else "TLSv1.2"
 
     def cipher(self) -> tuple[str, str, int] | None:
         return self._ssl.cipher() if self._ssl is not None else None
@@ -156,15 +162,20 @@ class TLSSocketBase:
         raise NotImplementedError
 
     def sendall(self, data: Any, flags: int = 0) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            n = self.send(view, flags)
-            view = view[n:]
+        """Send all of ``data``, as :meth:`socket.socket.sendall`: returns once the socket has
+        taken it all (in algif mode: its records written, none left queued, see
+        :meth:`flush`), or raises (:class:`TimeoutError` per the socket's timeout)."""
+        with memoryview(data) as whole, whole.cast("B") as view:  # released however this ends
+            sent = 0
+            while sent < len(view):
+                with view[sent:] as rest:
+                    sent += self.send(rest, flags)
+        self.flush()
 
     def _sendfile_by_send(self, file: Any, offset: int, count: int | None, chunk: int) -> int:
-        """Send a file by reading ``chunk`` bytes at a time into one buffer and ``sendall``-ing
-        them (each chunk sealed into whole records); the file position ends after the last byte
-        sent, as with :meth:`socket.socket.sendfile`."""
+        """Send a file by reading ``chunk`` bytes at a time into one buffer and sending them
+        (each chunk sealed into whole records); the file position ends after the last byte the
+        socket took, as with :meth:`socket.socket.sendfile`, even when a send raised."""
         if self._sock.gettimeout() == 0.0:
             raise ValueError("non-blocking sockets are not supported")
         if offset:
@@ -176,8 +187,12 @@ class TLSSocketBase:
                 n = file.readinto(buf[: chunk if count is None else min(chunk, count - total)])
                 if not n:
                     break
-                self.sendall(buf[:n])
-                total += n
+                view = buf[:n]
+                while view:
+                    sent = self.send(view)
+                    total += sent
+                    view = view[sent:]
+            self.flush()
         finally:
             if total > 0 and getattr(file, "seekable", bool)():  # not a pipe
                 file.seek(offset + total)
@@ -303,14 +318,20 @@ class TLSSocketBase:
         raise NotImplementedError
 
     def _send_close_notify(self, *, wait: bool) -> None:
-        if self._sock.fileno() < 0:
+        """Send close_notify, once. If the socket took none of it (kTLS queues nothing when
+        the send times out; algif keeps the sealed alert queued), the next :meth:`shutdown` or
+        :meth:`close` sends it."""
+        if self._sock.fileno() < 0 or self._session.error is not None:
             return
-        alert = self._session.close_notify()
+        alert = self._session.close_notify() or self._close_notify_retry
         if alert is None:
             return
+        self._close_notify_retry = None
         try:
             self._send_alert(alert[0], alert[1], wait=wait)
         except OSError:
+            if self.pending_output() == 0:  # nothing of it queued
+                self._close_notify_retry = alert
             if wait:
                 raise
 

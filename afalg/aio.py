@@ -511,7 +511,11 @@ class TLSTransport(_transports._FlowControlMixin):
         if self._closing or self._eof_requested:
             return
         self._eof_requested = True
-        if not self._has_output() and not self._sendfile_active:
+        if self._sendfile_active:
+            return  # sendfile's end comes back to it
+        if self._has_output():
+            self._ensure_writer()  # algif records queued by the socket itself (a KeyUpdate)
+        else:
             self._write_eof_now()
 
     def _ensure_writer(self) -> None:
@@ -561,7 +565,11 @@ class TLSTransport(_transports._FlowControlMixin):
             return
         self._closing = True
         self._remove_reader()
-        if not self._has_output() and not self._sendfile_active:
+        if self._sendfile_active:
+            return  # sendfile's end comes back to it
+        if self._has_output():
+            self._ensure_writer()  # algif records queued by the socket itself (a KeyUpdate)
+        else:
             self._close_when_writable()
 
     def abort(self) -> None:

@@ -254,11 +254,16 @@ def bind(kind: str, name: str) -> socket.socket:
     """A new transform socket bound to ``(kind, name)`` (e.g. ``("aead", "gcm(aes)")``), the
     caller's to close. Errors as for the classes here: :class:`afalg.AlgorithmNotAvailable`
     when AF_ALG or the algorithm is missing or refused (see :func:`not_available`),
-    :class:`afalg.AlgError` otherwise; TypeError/ValueError for a bad name before any socket."""
-    if not isinstance(name, str):
-        raise TypeError(f"algorithm name must be str, not {type(name).__name__}")
-    if not 0 < len(name.encode()) < cmsg.SALG_NAME_MAX:
-        raise ValueError(f"algorithm name must be 1 to {cmsg.SALG_NAME_MAX - 1} bytes: {name!r}")
+    :class:`afalg.AlgError` otherwise; TypeError/ValueError for a bad kind or name before any
+    socket."""
+    for what, value, limit in (
+        ("kind", kind, cmsg.SALG_TYPE_MAX),
+        ("name", name, cmsg.SALG_NAME_MAX),
+    ):
+        if not isinstance(value, str):
+            raise TypeError(f"algorithm {what} must be str, not {type(value).__name__}")
+        if not 0 < len(value.encode()) < limit:
+            raise ValueError(f"algorithm {what} must be 1 to {limit - 1} bytes: {value!r}")
     try:
         sock = socket.socket(AF_ALG, socket.SOCK_SEQPACKET, 0)
     except OSError as exc:
@@ -270,6 +275,9 @@ def bind(kind: str, name: str) -> socket.socket:
         if exc.errno == errno.ENOENT:
             raise not_available(kind, name) from None
         raise _alg_error(exc, f"bind({kind!r}, {name!r})") from None
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -1547,8 +1555,12 @@ class CipherStream:
         self._total = 0
         if self._spec.chains:
             need = _STREAM_CHUNK + self._spec.chunk
-            _fit_buffer(self._sock, need, send=True)
-            _fit_buffer(self._sock, need, send=False)
+            try:
+                _fit_buffer(self._sock, need, send=True)
+                _fit_buffer(self._sock, need, send=False)
+            except BaseException:
+                self._sock.close()
+                raise
 
     def _live(self) -> socket.socket:
         if self._sock is None:

@@ -25,7 +25,7 @@ from afalg.handoff import TicketFeed
 from afalg.keys import TrafficKeys
 from afalg.ktls import KernelTLSState, kernel_state
 from afalg.record import Record, RecordLayer, default_records_per_key
-from afalg.wire import MAX_PLAINTEXT, ContentType
+from afalg.wire import MAX_PLAINTEXT, AlertDescription, ContentType
 
 __all__ = ["AlgTLSSocket"]
 
@@ -136,20 +136,20 @@ class AlgTLSSocket(TLSSocketBase):
         if flags:
             raise ValueError("flags are not supported on an afalg TLS socket")
         self._check_send()
-        view = memoryview(data).cast("B")[:_SEND_CHUNK]
-        with self._tx_lock:
+        with memoryview(data) as whole, self._tx_lock:  # released however this ends (below)
             deadline = self._deadline()
             if not self._write_out(deadline):
                 raise self._unsent()  # nothing of data taken
             if self._session.key_update_due:  # the peer asked: ours before our next data
                 self._seal_key_update(request_peer=False)
-            view = view[: self._data_room() * MAX_PLAINTEXT]
-            try:
-                self._out += self._layer.seal(ContentType.application_data, view)
-            except TLSProtocolError as exc:
-                raise self._fatal(exc.alert, exc) from exc
+            n = min(whole.nbytes, _SEND_CHUNK, self._data_room() * MAX_PLAINTEXT)
+            with whole.cast("B")[:n] as view:
+                try:
+                    self._out += self._layer.seal(ContentType.application_data, view)
+                except TLSProtocolError as exc:
+                    raise self._fatal(exc.alert, exc) from exc
             self._write_out(deadline)  # taken: the rest goes out on the next call
-        return len(view)
+        return n
 
     def _data_room(self) -> int:
         """Application data records the sending key may still seal: its last record is kept
@@ -181,17 +181,38 @@ class AlgTLSSocket(TLSSocketBase):
         return len(self._out)
 
     def _send_alert(self, level: int, description: int, *, wait: bool) -> None:
-        with self._tx_lock:
+        # Without waiting (a fatal alert from the receiving thread), never behind a thread that
+        # is sending: the alert is best effort, the error is what counts.
+        if not self._tx_lock.acquire(blocking=wait):
+            return
+        try:
             self._out += self._layer.seal(ContentType.alert, bytes([level, description]))
             if not self._write_out(self._deadline() if wait else time.monotonic()) and wait:
                 raise self._unsent()
+        finally:
+            self._tx_lock.release()
 
     def _seal_key_update(self, *, request_peer: bool) -> None:
-        """Queue our KeyUpdate, sealed under the current keys, and move to the next ones."""
+        """Queue our KeyUpdate, sealed under the current keys, and move to the next ones.
+
+        If the next keys cannot be set up (with the kernel backend, a new AF_ALG socket: EMFILE,
+        ENOMEM), the KeyUpdate is dropped unsent and the connection poisoned: nothing may
+        follow a KeyUpdate under the old keys, and the peer sees the stream end without
+        close_notify."""
         with self._tx_lock:
             message = self._session.key_update(request_peer=request_peer)
-            self._out += self._layer.seal(ContentType.handshake, message)
-            self._layer.rekey_tx()
+            sealed = self._layer.seal(ContentType.handshake, message)
+            try:
+                self._layer.rekey_tx()
+            except Exception as exc:
+                raise self._fatal(
+                    None,
+                    TLSProtocolError(
+                        AlertDescription.internal_error,
+                        f"setting up our next send keys for a KeyUpdate failed: {exc}",
+                    ),
+                ) from exc
+            self._out += sealed
             self._session.key_update_sent()  # any KeyUpdate of ours answers a request
 
     def key_update(self, *, request_peer: bool = False) -> None:
@@ -216,7 +237,12 @@ class AlgTLSSocket(TLSSocketBase):
         returning, every complete record already received is opened, so :meth:`pending` counts
         all the plaintext readable without the socket (a select loop can rely on it). Raises
         :class:`~afalg.errors.WantRead` on a non-blocking socket with no whole record yet."""
-        view = self._recv_view(buffer, nbytes, flags)
+        # The view is released however this ends: a poisoning error keeps this frame (its
+        # traceback), which must not keep the caller's buffer exported (unresizable).
+        with self._recv_view(buffer, nbytes, flags) as view:
+            return self._recv_into(view)
+
+    def _recv_into(self, view: memoryview) -> int:
         self._flush_nowait()
         with self._rx_lock:
             while not self._plain:
@@ -232,10 +258,10 @@ class AlgTLSSocket(TLSSocketBase):
                         self._plain += record.payload  # empty: read on
                 elif self._control_record(record.content_type, record.payload):
                     return 0  # close_notify
+            self._open_buffered()  # raises nothing: what it finds is for the next call
             n = min(len(view), len(self._plain))
             view[:n] = self._plain[:n]
             del self._plain[:n]
-            self._open_buffered()
             return n
 
     def _flush_nowait(self) -> None:
@@ -268,7 +294,8 @@ class AlgTLSSocket(TLSSocketBase):
     def _open_buffered(self) -> None:
         """Open the complete records already received, without reading the socket, and act on
         them (their plaintext joins :meth:`pending`). An error here poisons the session and is
-        raised by the next call: the plaintext returned now was authenticated before it."""
+        raised by the next call (a bug too, as internal_error): the plaintext returned now was
+        authenticated before it, and a call that raises has taken nothing."""
         while self._session.error is None and not self._session.eof:
             try:
                 record = self._layer.next_record()
@@ -281,15 +308,24 @@ class AlgTLSSocket(TLSSocketBase):
                     self._control_record(record.content_type, record.payload)
             except TLSProtocolError as exc:
                 self._fatal(exc.alert, exc)
-            except Exception:
-                if self._session.error is None:  # not the session's: a bug, show it now
-                    raise
+            except Exception as exc:  # the session's error, or a bug: raised by the next call
+                self._fatal(AlertDescription.internal_error, exc)
 
     def _key_update(self, *, update_requested: bool) -> None:
         """The peer's KeyUpdate: its next keys open what follows. Our answer to a request is
         due before our next application data (:meth:`send`), one for any number of requests
-        (RFC 8446 4.6.3)."""
-        self._layer.rekey_rx()
+        (RFC 8446 4.6.3). If the next keys cannot be set up (a new AF_ALG socket with the
+        kernel backend: EMFILE, ENOMEM) the connection fails with internal_error."""
+        try:
+            self._layer.rekey_rx()
+        except Exception as exc:
+            raise self._fatal(
+                AlertDescription.internal_error,
+                TLSProtocolError(
+                    AlertDescription.internal_error,
+                    f"setting up the peer's next keys after its KeyUpdate failed: {exc}",
+                ),
+            ) from exc
 
     def _release(self) -> None:
         super()._release()

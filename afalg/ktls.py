@@ -517,8 +517,8 @@ class KTLSSocket(TLSSocketBase):
         with self._tx_lock:
             try:
                 self._answer_key_update()
-                view = memoryview(data).cast("B")
-                return self._sock.send(view[: self._tx_allowance(len(view))], flags)
+                with memoryview(data) as whole, whole.cast("B") as view:
+                    return self._sock.send(view[: self._tx_allowance(len(view))], flags)
             except BlockingIOError:
                 raise WantWrite(errno.EAGAIN, "the socket takes no more now") from None
             except OSError as exc:
@@ -529,14 +529,15 @@ class KTLSSocket(TLSSocketBase):
 
     def _send_record(self, content_type: int, payload: bytes, *, wait: bool = True) -> None:
         flags = 0 if wait else socket.MSG_DONTWAIT
-        # Best effort without waiting (a fatal alert from the receiving thread): never block
-        # behind a send in another thread.
-        locked = self._tx_lock.acquire(blocking=wait)
+        # Best effort without waiting (a fatal alert from the receiving thread): never behind a
+        # send in another thread, which holds the kernel's TLS TX mutex while it waits for
+        # room (MSG_DONTWAIT would not help): the alert is skipped then, the error is what counts.
+        if not self._tx_lock.acquire(blocking=wait):
+            return
         try:
             self._sock.sendmsg([payload], [record_type_cmsg(content_type)], flags)
         finally:
-            if locked:
-                self._tx_lock.release()
+            self._tx_lock.release()
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
         """Send a file with ``os.sendfile`` (the kernel encrypts the pages it reads), as
@@ -601,7 +602,12 @@ class KTLSSocket(TLSSocketBase):
 
     # -- receiving --
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        view = self._recv_view(buffer, nbytes, flags)
+        # The view is released however this ends: a poisoning error keeps this frame (its
+        # traceback), which must not keep the caller's buffer exported (unresizable).
+        with self._recv_view(buffer, nbytes, flags) as view:
+            return self._recv_into(view)
+
+    def _recv_into(self, view: memoryview) -> int:
         if self._plain:
             n = min(len(view), len(self._plain))
             view[:n] = self._plain[:n]
@@ -634,8 +640,9 @@ class KTLSSocket(TLSSocketBase):
             if n == 0 and not ancdata:
                 return self._ragged_eof()
             if content_type == ContentType.application_data:
-                if not self._receive(content_type, target[:n]):
-                    continue  # an empty application_data record carries nothing
+                with target[:n] as plaintext:  # released even if an error keeps it
+                    if not self._receive(content_type, plaintext):
+                        continue  # an empty application_data record carries nothing
                 if small:
                     k = min(n, len(view))
                     view[:k] = target[:k]

@@ -334,7 +334,10 @@ class Session:
         if self._error is not None:
             raise self._error
         if self._sending_closed:
-            raise BrokenPipeError(errno.EPIPE, "close_notify already sent on this connection")
+            raise BrokenPipeError(
+                errno.EPIPE,
+                "this connection's sending side is shut down (close_notify sent or due)",
+            )
 
     def key_update(self, *, request_peer: bool = False) -> bytes:
         """The KeyUpdate message to send now, in a handshake record under the current send

@@ -7,8 +7,12 @@ backend maps it to bad_record_mac and poisons; a closed object says it is closed
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import resource
+import socket
+from collections.abc import Iterator
 
 import pytest
 from _record_helpers import ALL_SUITES, make_keys
@@ -16,9 +20,11 @@ from _record_helpers import ALL_SUITES, make_keys
 import afalg
 from afalg.aead_backend import KernelAEAD
 from afalg.alg import AEAD, HMAC, SKCipher
+from afalg.algif import AlgTLSSocket
 from afalg.errors import AlertDescription as A
-from afalg.keys import CipherSuite
+from afalg.keys import CipherSuite, TrafficKeys
 from afalg.record import ContentType, RecordLayer
+from afalg.wire import key_update_message
 
 pytestmark = pytest.mark.kernel
 
@@ -114,3 +120,84 @@ def test_kernel_aead_closed_and_short_input() -> None:
     with pytest.raises(afalg.TLSProtocolError):
         layer.seal(ContentType.application_data, b"y")
     layer.close()
+
+
+@contextlib.contextmanager
+def no_descriptor_left() -> Iterator[None]:
+    """Every descriptor number this process may open is taken (RLIMIT_NOFILE lowered, the
+    rest filled with /dev/null): the next socket() or accept() fails with EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 8, hard))
+    fillers = []
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _algif_pair() -> tuple[AlgTLSSocket, socket.socket, RecordLayer]:
+    """(ours, the peer's TCP socket, the peer's record layer): ours in algif mode on the kernel
+    AEAD, TLS 1.3, its send and receive AEADs used once (their operation sockets open)."""
+    suite = CipherSuite.TLS_AES_128_GCM_SHA256
+    keys = TrafficKeys.tls13(suite, bytes(32)), TrafficKeys.tls13(suite, bytes([1]) * 32)
+    a, b = socket.socketpair()
+    ours = AlgTLSSocket(a, keys[0], keys[1], backend="kernel")
+    peer = RecordLayer(tx=keys[1], rx=keys[0], backend="cryptography")
+    ours.sendall(b"hello")
+    b.sendall(peer.seal(ContentType.application_data, b"hello"))
+    assert ours.recv(5) == b"hello"
+    return ours, b, peer
+
+
+def _records(sock: socket.socket, peer: RecordLayer) -> list[tuple[int, bytes]]:
+    """What the peer opens from everything ``sock`` receives until EOF."""
+    sock.settimeout(60)
+    while data := sock.recv(65536):
+        peer.feed(data)
+    out = []
+    while (record := peer.next_record()) is not None:
+        out.append((int(record.content_type), record.payload))
+    assert peer.buffered == 0
+    return out
+
+
+def test_algif_peer_key_update_without_a_descriptor() -> None:
+    """Each key generation is a new AF_ALG socket: when the peer's KeyUpdate needs one and
+    none can be had (EMFILE), the data before the KeyUpdate is returned, then the connection
+    fails with internal_error, which the peer hears; nothing is opened under the old keys."""
+    ours, b, peer = _algif_pair()
+    with ours, b, peer:
+        wire = peer.seal(ContentType.application_data, b"before")
+        wire += peer.seal(ContentType.handshake, key_update_message(False))
+        peer.rekey_tx()
+        b.sendall(wire + peer.seal(ContentType.application_data, b"after"))
+        with no_descriptor_left():
+            assert ours.recv(100) == b"before"
+            with pytest.raises(afalg.TLSProtocolError, match="KeyUpdate") as info:
+                ours.recv(100)
+        assert info.value.alert is A.internal_error
+        with pytest.raises(afalg.TLSProtocolError):
+            ours.recv(100)  # poisoned: "after" is never opened
+        ours.close()
+        assert _records(b, peer)[-1] == (ContentType.alert, bytes([2, A.internal_error]))
+
+
+def test_algif_own_key_update_without_a_descriptor() -> None:
+    """Our KeyUpdate, when the next send keys cannot be had (EMFILE): it raises before the
+    KeyUpdate goes out, and nothing follows it: the peer gets the records before, then the end
+    of the stream (no record under keys it does not expect)."""
+    ours, b, peer = _algif_pair()
+    with ours, b, peer:
+        with no_descriptor_left(), pytest.raises(afalg.TLSProtocolError, match="KeyUpdate"):
+            ours.key_update()
+        assert ours.pending_output() == 0
+        with pytest.raises(afalg.TLSProtocolError):
+            ours.send(b"more")
+        ours.close()
+        assert _records(b, peer) == [(ContentType.application_data, b"hello")]

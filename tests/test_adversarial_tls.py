@@ -11,15 +11,19 @@ to the peer, the connection poisoned, nothing hangs, and every descriptor closed
 from __future__ import annotations
 
 import errno
+import fcntl
 import gc
 import os
+import socket
 import ssl
 import struct
+import termios
+import time
 from collections.abc import Callable
 
 import pytest
 from _env import WRAP_MODES
-from test_tls_helpers import connect, recv_exactly
+from test_tls_helpers import Bg, connect, recv_exactly
 
 import afalg
 from afalg.errors import AlertDescription as A
@@ -241,3 +245,56 @@ def test_post_handshake_message_refused_at_its_header(
             ours.recv(100)
         assert info.value.alert is alert
         peer_gets_alert(theirs, alert)
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_forged_record_while_another_thread_is_blocked_sending(mode: tuple[str, str]) -> None:
+    """One thread may send while another receives, as with ssl: a forged record ends the
+    receiver's recv with bad_record_mac even while the sender is blocked in sendall (the peer
+    reads nothing); the fatal alert, best effort, does not wait for the sender."""
+    ours, theirs = connect(mode, "client", peer="afalg")
+    with ours, theirs:
+        ours.settimeout(None)  # blocking: the sender waits for as long as the peer reads nothing
+        sender = Bg(lambda: ours.sendall(bytes(2**25)))  # 32 MiB: more than TCP's buffers hold
+        queued = [-1, -2, -3]  # the peer's receive queue, polled until it stops growing: the
+        while len(set(queued[-3:])) > 1 or not queued[-1]:  # sender is blocked from there on
+            assert sender.running(), sender.result()
+            time.sleep(0.1)
+            queued.append(
+                struct.unpack("i", fcntl.ioctl(theirs._sock, termios.FIONREAD, b"\0" * 4))[0]
+            )
+        forged = bytearray(theirs.record_layer.seal(23, b"FORGED"))
+        forged[7] ^= 0x20
+        theirs._sock.sendall(bytes(forged))
+        with pytest.raises(afalg.TLSProtocolError) as info:
+            Bg(lambda: ours.recv(100)).result(120)
+        assert info.value.alert is A.bad_record_mac
+        ours._sock.shutdown(socket.SHUT_RDWR)  # the sender's blocked send fails now
+        with pytest.raises(OSError):
+            sender.result(120)
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_a_poisoned_connection_keeps_no_buffer_of_the_caller(mode: tuple[str, str]) -> None:
+    """The session keeps its error (every later call raises it) and the error keeps the frames
+    it went through: they must not keep the caller's buffers exported. recv() returns the data
+    before a forged record (it trims a buffer of its own); the buffers of the calls that raise
+    the error can be resized afterwards."""
+    ours, theirs = connect(mode, "client", peer="afalg")
+    with ours, theirs:
+        layer = theirs.record_layer
+        good = layer.seal(23, b"good1")
+        forged = bytearray(layer.seal(23, b"FORGED"))
+        forged[7] ^= 0x20
+        theirs._sock.sendall(good + bytes(forged))
+        assert recv_exactly(ours, 5) == b"good1"
+        buf, data = bytearray(100), bytearray(b"more")
+        for _ in range(2):
+            with pytest.raises(afalg.TLSProtocolError, match="bad_record_mac"):
+                ours.recv_into(buf)
+            with pytest.raises(afalg.TLSProtocolError, match="bad_record_mac"):
+                ours.send(data)
+            with pytest.raises(afalg.TLSProtocolError, match="bad_record_mac"):
+                ours.sendall(data)
+            buf.extend(b"x")  # BufferError if a view of it were still alive
+            data.extend(b"x")

@@ -33,7 +33,11 @@ from test_tls_helpers import (
 )
 
 from afalg import aio, tls
+from afalg.algif import AlgTLSSocket
 from afalg.handoff import Handshake
+from afalg.keys import CipherSuite, TrafficKeys
+from afalg.record import RecordLayer
+from afalg.wire import ContentType, key_update_message
 
 Mode = tuple[str, str]
 T = 60 * SLOW  # a generous bound for anything that should finish
@@ -993,3 +997,70 @@ def test_example_file_server(mode: Mode, tmp_path: Any) -> None:
             await close(held)
 
     run(main())
+
+
+@pytest.mark.parametrize(
+    "backend", [pytest.param("kernel", marks=pytest.mark.kernel), "cryptography"]
+)
+def test_close_and_write_eof_write_out_what_the_socket_queued(backend: str) -> None:
+    """close() and write_eof() wait for the records the TLS socket queued by itself (here a
+    KeyUpdate sent through ``get_extra_info("socket")`` while the TCP send buffer is full, so
+    the transport's own buffer is empty and no writer is registered): once the peer reads, the
+    KeyUpdate and then close_notify under the next keys go out, and the connection ends."""
+    suite = CipherSuite.TLS_AES_128_GCM_SHA256
+    ours_keys, theirs_keys = (
+        TrafficKeys.tls13(suite, b"\1" * 32),
+        TrafficKeys.tls13(suite, b"\2" * 32),
+    )
+
+    async def main(end: str) -> None:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        filler = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:  # the send buffer full of bytes before any record
+                filler += a.send(bytes(65536))
+        conn = AlgTLSSocket(a, ours_keys, theirs_keys, backend=backend)
+        lost: asyncio.Future[Exception | None] = loop.create_future()
+
+        class Protocol(asyncio.Protocol):
+            def connection_lost(self, exc: Exception | None) -> None:
+                lost.set_result(exc)
+
+        transport = aio.TLSTransport(loop, conn, Protocol())
+        await asyncio.sleep(0)
+        transport.get_extra_info("socket").key_update()
+        assert conn.pending_output() > 0  # the socket took none of it
+        if end == "close":
+            transport.close()
+        else:
+            transport.write_eof()
+        with b:
+            b.setblocking(False)
+            wire = bytearray()
+            while not (lost.done() and conn.fileno() == -1) or end == "write_eof":
+                try:
+                    data = await loop.sock_recv(b, 65536)
+                except ConnectionError:
+                    break
+                if not data:
+                    break
+                wire += data
+                if end == "write_eof" and len(wire) > filler and conn.pending_output() == 0:
+                    break
+            del wire[:filler]
+            with RecordLayer(rx=ours_keys, backend="cryptography") as peer:
+                peer.feed(bytes(wire))
+                assert peer.next_record() == (ContentType.handshake, key_update_message(False))
+                peer.rekey_rx()
+                assert peer.next_record() == (ContentType.alert, b"\x01\x00")  # close_notify
+        if end == "close":
+            assert await lost is None
+        else:
+            transport.close()
+            await lost
+
+    with no_fd_leak():
+        run(main("close"))
+        run(main("write_eof"))

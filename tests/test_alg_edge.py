@@ -12,6 +12,7 @@ import pytest
 from afalg import alg
 
 KEY = bytes(16)
+REAL_BIND = alg.bind  # before the fixture below replaces it
 
 
 @pytest.fixture(autouse=True)
@@ -75,3 +76,22 @@ def test_refused_before_any_socket(
     assert argument in str(info.value)
     assert "pattern" not in str(info.value)  # not a regex error from deep inside
     assert no_socket == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "error", "argument"),
+    [
+        ("skcipher-and-more", "cbc(aes)", ValueError, "kind"),  # sockaddr_alg's salg_type: 14
+        ("", "cbc(aes)", ValueError, "kind"),
+        (b"aead", "gcm(aes)", TypeError, "kind"),
+        ("aead", "x" * 64, ValueError, "name"),  # salg_name: 64
+        ("aead", None, TypeError, "name"),
+    ],
+)
+def test_bind_checks_kind_and_name_before_the_socket(
+    kind: Any, name: Any, error: type[Exception], argument: str
+) -> None:
+    """alg.bind, the seam the classes share: a kind or name that cannot fit sockaddr_alg is
+    refused before socket(AF_ALG), so no descriptor is left to the garbage collector."""
+    with pytest.raises(error, match=argument):
+        REAL_BIND(kind, name)

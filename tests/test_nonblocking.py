@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import select
 import selectors
@@ -344,3 +345,60 @@ def test_close_reports_records_it_could_not_write(mode: tuple[str, str]) -> None
         with pytest.raises(TimeoutError):
             ours.close()
         assert ours.closed and ours.fileno() == -1  # closed all the same
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_sendall_returns_only_once_everything_is_out(mode: tuple[str, str]) -> None:
+    """socket.sendall's promise (ssl's too): it returns once the socket took everything, or
+    raises. In algif mode records sealed but still queued are not out: a sendall that filled
+    the connection raises TimeoutError instead of returning with its last records queued."""
+    chunk = pattern(65_536, 11)  # one send's worth
+    ours, theirs = pair(mode, bufsize=SMALL)
+    with ours, theirs:
+        ours.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            for _ in range(1000):  # 64 MiB: far more than the peer's receive buffer holds
+                ours.sendall(chunk)
+                assert ours.pending_output() == 0
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_a_shutdown_that_timed_out_sends_close_notify_when_retried(mode: tuple[str, str]) -> None:
+    """shutdown(SHUT_WR) raises TimeoutError while the peer reads nothing, with the connection
+    still open; called again once the peer reads, it sends close_notify: the peer sees a clean
+    end (kTLS queues nothing when the alert's send times out, so the retry must send it)."""
+    data = memoryview(pattern(400_000, 10))
+    ours, theirs = pair(mode, bufsize=SMALL)
+    theirs.suppress_ragged_eofs = False  # an end without close_notify raises SSLEOFError
+    with ours, theirs:
+        ours.settimeout(0.3)
+        taken = fill(ours, data)
+        with pytest.raises(TimeoutError):
+            ours.shutdown(socket.SHUT_WR)
+        reader = Bg(lambda: recv_all(theirs))
+        ours.settimeout(60)
+        ours.shutdown(socket.SHUT_WR)
+        assert reader.result() == bytes(data[:taken])
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_a_sendfile_that_timed_out_leaves_the_position_after_what_was_taken(
+    mode: tuple[str, str],
+) -> None:
+    """A file sendfile cannot hand to the kernel (in memory) goes through send(): when it times
+    out, the file position is after the last byte taken, so a second sendfile from there
+    sends the rest, and the peer gets the file exactly once."""
+    data = pattern(4_000_000, 12)
+    file = io.BytesIO(data)
+    ours, theirs = pair(mode, bufsize=SMALL)
+    with ours, theirs:
+        ours.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            ours.sendfile(file)  # the peer reads nothing
+        position = file.tell()
+        assert 0 < position < len(data)
+        reader = Bg(lambda: recv_all(theirs))
+        ours.settimeout(60)
+        assert ours.sendfile(file) == len(data) - position
+        ours.shutdown(socket.SHUT_WR)
+        assert reader.result() == data

@@ -94,6 +94,9 @@ class Bg:
         except BaseException as exc:
             self._result.append((False, exc))
 
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def result(self, timeout: float = 120) -> Any:
         self._thread.join(timeout)
         if not self._result:
