@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from _env import WRAP_MODES
+from _env import SLOW, WRAP_MODES
 from test_tls_helpers import Bg, connect, recv_exactly
 
 import afalg
@@ -259,7 +259,7 @@ def test_forged_record_while_another_thread_is_blocked_sending(mode: tuple[str, 
         queued = [-1, -2, -3]  # the peer's receive queue, polled until it stops growing: the
         while len(set(queued[-3:])) > 1 or not queued[-1]:  # sender is blocked from there on
             assert sender.running(), sender.result()
-            time.sleep(0.1)
+            time.sleep(0.1 * SLOW)  # under TCG sealing 64 KiB takes a while
             queued.append(
                 struct.unpack("i", fcntl.ioctl(theirs._sock, termios.FIONREAD, b"\0" * 4))[0]
             )
