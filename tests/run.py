@@ -29,7 +29,7 @@ KERNELS = ("6.1", "6.12", "7.3")
 VM_TIMEOUT = 25 * 60  # seconds for one kernel's whole run, so a hang fails fast
 PARALLEL = 2  # VM runs at once: TCG is CPU-bound and pytest is one thread
 # --scale full: per test (the longest, a kernel fuzz target or 10,000 RNG cycles, take about
-# 2 hours under TCG) and per VM run (make stress K=7.3 runs for 4 to 5 hours)
+# 1.5 to 2 hours under TCG) and per VM run (make stress K=7.3 runs for 3.5 to 4.5 hours)
 FULL_TEST_TIMEOUT = 5 * 60 * 60
 FULL_VM_TIMEOUT = 16 * 60 * 60
 PASSED_ENV = ("AFALG_TEST_SCALE", "AFALG_FUZZ_EXAMPLES")  # exported into the VM when set
