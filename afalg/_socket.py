@@ -165,7 +165,7 @@ class TLSSocketBase:
         """Send all of ``data``, as :meth:`socket.socket.sendall`: returns once the socket has
         taken it all (in algif mode: its records written, none left queued, see
         :meth:`flush`), or raises (:class:`TimeoutError` per the socket's timeout)."""
-        with memoryview(data) as whole, whole.cast("B") as view:  # released however this ends
+        with memoryview(data).cast("B") as view:  # released however this ends
             sent = 0
             while sent < len(view):
                 with view[sent:] as rest:

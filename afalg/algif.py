@@ -136,14 +136,14 @@ class AlgTLSSocket(TLSSocketBase):
         if flags:
             raise ValueError("flags are not supported on an afalg TLS socket")
         self._check_send()
-        with memoryview(data) as whole, self._tx_lock:  # released however this ends (below)
+        with memoryview(data).cast("B") as whole, self._tx_lock:  # released however this ends
             deadline = self._deadline()
             if not self._write_out(deadline):
                 raise self._unsent()  # nothing of data taken
             if self._session.key_update_due:  # the peer asked: ours before our next data
                 self._seal_key_update(request_peer=False)
-            n = min(whole.nbytes, _SEND_CHUNK, self._data_room() * MAX_PLAINTEXT)
-            with whole.cast("B")[:n] as view:
+            n = min(len(whole), _SEND_CHUNK, self._data_room() * MAX_PLAINTEXT)
+            with whole[:n] as view:
                 try:
                     self._out += self._layer.seal(ContentType.application_data, view)
                 except TLSProtocolError as exc:

@@ -517,7 +517,7 @@ class KTLSSocket(TLSSocketBase):
         with self._tx_lock:
             try:
                 self._answer_key_update()
-                with memoryview(data) as whole, whole.cast("B") as view:
+                with memoryview(data).cast("B") as view:
                     return self._sock.send(view[: self._tx_allowance(len(view))], flags)
             except BlockingIOError:
                 raise WantWrite(errno.EAGAIN, "the socket takes no more now") from None
