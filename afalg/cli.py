@@ -118,9 +118,32 @@ def _cmd_vm(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         cpus=args.cpus,
         memory=args.memory,
-        env=dict(item.split("=", 1) for item in args.env),
-        sysctls=dict(item.split("=", 1) for item in args.sysctl),
+        env=dict(args.env),
+        sysctls=dict(args.sysctl),
     )
+
+
+def _pair(text: str) -> tuple[str, str]:
+    """An argparse type for ``KEY=VALUE`` (the value may hold ``=``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    """An argparse type for ``--env NAME=VALUE``: NAME an identifier (the guest's shell exports
+    it), the value anything (it is quoted)."""
+    from afalg import vm
+
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {name!r}")
+    try:
+        vm.check_env_name(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name, value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,10 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     vmp.add_argument("--cpus", type=int, default=2)
     vmp.add_argument("--memory", default="2G")
     vmp.add_argument(
-        "--env", action="append", default=[], metavar="NAME=VALUE", help="export inside the VM"
+        "--env", action="append", default=[], type=_env_pair, metavar="NAME=VALUE",
+        help="export inside the VM (NAME: letters, digits and _)",
     )
     vmp.add_argument(
-        "--sysctl", action="append", default=[], metavar="KEY=VALUE",
+        "--sysctl", action="append", default=[], type=_pair, metavar="KEY=VALUE",
         help="set in the guest before CMD, e.g. crypto.af_alg_restrict=0",
     )  # fmt: skip
     vmp.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG ...]")

@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import IO, TextIO
 
 __all__ = [
-    "KERNELS", "REQUIREMENTS", "Kernel", "Missing", "find_busybox", "find_kernel", "install",
-    "kernel_release", "missing", "run",
+    "KERNELS", "REQUIREMENTS", "Kernel", "Missing", "check_env_name", "find_busybox",
+    "find_kernel", "install", "kernel_release", "missing", "run",
 ]  # fmt: skip
 
 
@@ -328,6 +328,21 @@ def install_backports_kernel(spec: Kernel) -> Path:
     return target / "vmlinuz"
 
 
+# A name the guest's shell takes as a variable name (POSIX "name"): the script exports it
+# unquoted (quoting would make it a command word), so nothing else may reach it.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_env_name(name: str) -> None:
+    """Raise ValueError unless ``name`` can be exported by the guest's shell: letters, digits
+    and underscores, not starting with a digit."""
+    if not _ENV_NAME.fullmatch(name):
+        raise ValueError(
+            f"environment variable name {name!r} is not an identifier "
+            "(letters, digits and _, not starting with a digit)"
+        )
+
+
 def command_line(
     argv: Sequence[str],
     kernel_image: Path,
@@ -341,8 +356,11 @@ def command_line(
 ) -> list[str]:
     """The ``vng`` command line that runs ``argv`` in ``cwd`` (made writable) under the VM.
 
-    The guest sets ``sysctls`` first (loading ``af_alg`` for ``crypto.af_alg_*``, whose file
+    Raises ValueError for an ``env`` name that is not an identifier (see
+    :func:`check_env_name`); values are quoted. The guest sets ``sysctls`` first (loading ``af_alg`` for ``crypto.af_alg_*``, whose file
     appears only then), then creates the file ``started`` (if given), then runs ``argv``."""
+    for name in env or {}:
+        check_env_name(name)
     vng = _vng()
     if vng is None:
         raise FileNotFoundError("virtme-ng (vng) is not installed")
