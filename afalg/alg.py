@@ -237,11 +237,11 @@ def socket_error(exc: OSError) -> AlgError:
                 "use AF_ALG",
                 af_alg_restrict=restrict,
             )
-        return AlgorithmNotAvailable(
+        return AlgorithmNotAvailable.no_af_alg(
             code, f"AF_ALG sockets are not available here: {os.strerror(code)}"
         )
     if code in (errno.EPERM, errno.EACCES):
-        return AlgorithmNotAvailable(
+        return AlgorithmNotAvailable.no_af_alg(
             code,
             f"AF_ALG is restricted here: socket(AF_ALG) was denied ({os.strerror(code)}; "
             "a seccomp filter or a security module, as some systems do since "

@@ -31,11 +31,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         report = dataclasses.asdict(caps)
         report["refused"] = [f"{a.type} {a.name}" for a in caps.refused]
+        report["modes"] = caps.modes
         print(json.dumps(report, indent=2))
     else:
         print(format_report(caps))
     if not caps.af_alg:
-        print(f"afalg: AF_ALG is not usable here: {caps.af_alg_reason}", file=sys.stderr)
+        print(
+            f"afalg: AF_ALG is not usable here: {caps.af_alg_reason}; algif mode on the "
+            "cryptography backend still runs, and `afalg vm -- CMD` runs CMD under a kernel "
+            "with AF_ALG",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -182,7 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     vmp.add_argument("--cpus", type=int, default=2)
     vmp.add_argument("--memory", default="2G")
     vmp.add_argument(
-        "--env", action="append", default=[], type=_env_pair, metavar="NAME=VALUE",
+        "--env",
+        action="append",
+        default=[],
+        type=_env_pair,
+        metavar="NAME=VALUE",
         help="export inside the VM (NAME: letters, digits and _)",
     )
     vmp.add_argument(

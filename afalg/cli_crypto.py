@@ -21,7 +21,9 @@ surrounding whitespace ignored; read to EOF), keeping the key out of ``ps`` and 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import stat
 import string
 import sys
 from collections.abc import Callable, Sequence
@@ -229,6 +231,29 @@ def _open_failure(args: argparse.Namespace, name: bytes, exc: OSError) -> None:
     _err(args, _quotef(name) + b": " + (exc.strerror or str(exc)).encode())
 
 
+def _name_unreadable(args: argparse.Namespace) -> None:
+    """Report each FILE operand that cannot be opened, as hashing it would (``NAME: No such
+    file or directory``), without reading any: the messages a user needs beside an error that
+    ends the run before the files (AF_ALG missing, an unknown ALG)."""
+    for path in args.files:
+        name = os.fsencode(path)
+        if name == b"-":
+            continue
+        try:
+            # O_NONBLOCK: a FIFO opens without waiting for a writer; nothing is read
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            _open_failure(args, name, exc)
+            continue
+        try:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):  # open() of a directory fails so
+                _open_failure(
+                    args, name, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+                )
+        finally:
+            os.close(fd)
+
+
 def _usage_error(args: argparse.Namespace, message: str) -> int:
     _err(args, message)
     sys.stderr.buffer.write(
@@ -253,7 +278,11 @@ def _cmd_hash(args: argparse.Namespace) -> int:
                 return _usage_error(
                     args, f"the {option} option is meaningful only when verifying checksums"
                 )
-    _new(args).close()  # an unknown ALG is one clear error, before any file
+    try:
+        _new(args).close()  # an unknown ALG is one clear error, before any file is read
+    except alg.AlgError:
+        _name_unreadable(args)  # but a missing file is named first (no AF_ALG: both are)
+        raise
     if args.check:
         return _check(args)
     status = 0
@@ -517,7 +546,29 @@ def _cmd_list(args: argparse.Namespace) -> int:
     infos = alg.algorithms(type=args.type)
     for info in sorted(infos, key=lambda i: (i.type, i.name, -i.priority)):
         print(f"{info.type:<10} {info.name:<32} {info.driver:<40} {info.priority:>5} {info.module}")
+    _list_note(args)
     return 0
+
+
+def _list_note(args: argparse.Namespace) -> None:
+    """Say on stderr when the listed algorithms cannot all be used through AF_ALG here:
+    /proc/crypto lists what the kernel has, not what this process may bind."""
+    from afalg.probe import af_alg_absence
+
+    absence = af_alg_absence()
+    restrict = alg.af_alg_restrict()
+    if absence is not None:
+        _err(
+            args,
+            f"these algorithms cannot be used through AF_ALG here ({absence}); "
+            "`afalg vm -- afalg list` lists and runs them under a kernel with AF_ALG",
+        )
+    elif restrict:
+        _err(
+            args,
+            f"crypto.af_alg_restrict={restrict}: AF_ALG binds only the algorithms on its "
+            "allowlist (`afalg info` shows which of afalg's it refuses)",
+        )
 
 
 class _IntermixedParser(argparse.ArgumentParser):

@@ -73,6 +73,24 @@ class AlgorithmNotAvailable(AlgError):
         super().__init__(code, message)
         self.af_alg_restrict = af_alg_restrict
 
+    @classmethod
+    def no_af_alg(
+        cls, code: int | None, reason: str, *, af_alg_restrict: int | None = None
+    ) -> AlgorithmNotAvailable:
+        """The error for a process that cannot use AF_ALG at all (no such address family, or
+        ``socket(AF_ALG)`` denied): ``reason``, then what still runs here and how."""
+        return cls(code, f"{reason}; {_NO_AF_ALG_WAYS_OUT}", af_alg_restrict=af_alg_restrict)
+
+
+# What still runs where AF_ALG does not (AlgorithmNotAvailable.no_af_alg names it).
+_NO_AF_ALG_WAYS_OUT = (
+    "without AF_ALG, hashlib and pyca/cryptography do this work in userspace; afalg's record "
+    'layer and TLS sockets run on the cryptography backend (RecordLayer(backend="cryptography"), '
+    'tls.wrap(..., algif_backend="cryptography"); backend "auto", the default, falls back to '
+    'it), kTLS (tls.wrap(..., mode="ktls")) uses no AF_ALG where the kernel has the tls module, '
+    "and `afalg vm -- CMD` runs CMD under a kernel that has AF_ALG"
+)
+
 
 class InvalidTag(AlgError):
     """Authentication failed: EBADMSG from the kernel, a failed verify, or input shorter than

@@ -19,7 +19,7 @@ from afalg._uapi import has_capability
 from afalg.alg import af_alg_restrict, not_available, privileged, socket_error
 from afalg.ktls import loopback, missing_ulp_reason, supports, supports_rekey
 
-__all__ = ["Capabilities", "has_capability", "probe"]
+__all__ = ["Capabilities", "af_alg_absence", "has_capability", "probe"]
 
 # The algorithms afalg uses, by AF_ALG socket type (the record layer's AEADs, IPsec's, the
 # CLI's defaults). A type is available when one of its algorithms binds.
@@ -29,6 +29,8 @@ USED_ALGORITHMS: dict[str, tuple[str, ...]] = {
     "aead": ("gcm(aes)", "ccm(aes)", "rfc4106(gcm(aes))", "rfc7539(chacha20,poly1305)"),
     "rng": ("stdrng", "jitterentropy_rng"),
 }
+# The AEADs of the record layer (algif mode on the kernel backend needs one of them).
+RECORD_AEADS = ("gcm(aes)", "rfc7539(chacha20,poly1305)")
 PROBE_ALGORITHMS: dict[str, str] = {kind: names[0] for kind, names in USED_ALGORITHMS.items()}
 
 # kTLS ciphers afalg drives, by name.
@@ -81,24 +83,40 @@ class Capabilities:
         """True when kTLS can carry at least one cipher."""
         return self.tls_ulp and any(self.ktls_ciphers.values())
 
+    @property
+    def modes(self) -> list[tuple[str, str]]:
+        """The ``(mode, backend)`` pairs of :func:`afalg.tls.wrap` that run here, in the order
+        ``mode="auto"`` tries them; algif on ``cryptography`` runs everywhere."""
+        modes = [("ktls", "kernel")] if self.ktls else []
+        if any(a.available for a in self.algorithms if a.name in RECORD_AEADS):
+            modes.append(("algif", "kernel"))
+        return [*modes, ("algif", "cryptography")]
+
 
 def _reason(exc: OSError) -> str:
     name = errno.errorcode.get(exc.errno or 0, "?")
     return f"{name}: {exc.strerror or exc}"
 
 
-def _probe_af_alg() -> tuple[bool, str | None, list[AlgStatus]]:
-
+def af_alg_absence() -> str | None:
+    """Why this process cannot open an AF_ALG socket, in one line (what ``afalg info`` shows),
+    or None when it can."""
     try:
-        sock = socket.socket(_uapi.AF_ALG, socket.SOCK_SEQPACKET, 0)
+        socket.socket(_uapi.AF_ALG, socket.SOCK_SEQPACKET, 0).close()
     except OSError as exc:
         if exc.errno in (errno.EPERM, errno.EACCES):
-            return False, f"socket(AF_ALG) denied by policy (seccomp or LSM): {_reason(exc)}", []
+            return f"socket(AF_ALG) denied by policy (seccomp or LSM): {_reason(exc)}"
         error = socket_error(exc)
         if getattr(error, "af_alg_restrict", None):
-            return False, f"{error.strerror} [{_reason(exc)}]", []
-        return False, f"socket(AF_ALG) failed: {_reason(exc)}", []
-    sock.close()
+            return f"{error.strerror} [{_reason(exc)}]"
+        return f"socket(AF_ALG) failed: {_reason(exc)}"
+    return None
+
+
+def _probe_af_alg() -> tuple[bool, str | None, list[AlgStatus]]:
+    absence = af_alg_absence()
+    if absence is not None:
+        return False, absence, []
     found = []
     for kind, names in USED_ALGORITHMS.items():
         for name in names:
@@ -200,4 +218,31 @@ def format_report(caps: Capabilities) -> str:
         lines.append(f"  kTLS {version}: {', '.join(names) or 'none'}")
     if caps.tls_ulp:
         lines.append(f"  kTLS rekey (KeyUpdate): {yes[caps.ktls_rekey]}")
+    lines += _runs_here(caps)
     return "\n".join(lines)
+
+
+_MODE_TEXT = {
+    ("ktls", "kernel"): "kTLS",
+    ("algif", "kernel"): "algif on the kernel's AEAD",
+    ("algif", "cryptography"): "algif on the cryptography backend",
+}
+
+
+def _runs_here(caps: Capabilities) -> list[str]:
+    """The report's last lines: the TLS modes that run on this kernel, and where AF_ALG or kTLS
+    is missing, what still works and how to get the rest."""
+    modes = caps.modes
+    names = [_MODE_TEXT[m] for m in modes]
+    if len(modes) == 1:  # only cryptography's: say that auto comes to it
+        names[0] += ' (mode="auto" picks it)'
+    lines = [f"TLS modes that run here: {', '.join(names)}"]
+    lacking = [what for what, ok in (("AF_ALG", caps.af_alg), ("kTLS", caps.ktls)) if not ok]
+    if lacking:
+        lines.append(
+            f"  without {' and '.join(lacking)}: "
+            + ("hashlib and pyca/cryptography replace afalg.alg; " if not caps.af_alg else "")
+            + "plain ssl runs too; `afalg vm -- CMD` runs CMD under a kernel that has "
+            "AF_ALG and kTLS (docs/guides/vm.md)"
+        )
+    return lines

@@ -356,9 +356,10 @@ def command_line(
 ) -> list[str]:
     """The ``vng`` command line that runs ``argv`` in ``cwd`` (made writable) under the VM.
 
-    Raises ValueError for an ``env`` name that is not an identifier (see
-    :func:`check_env_name`); values are quoted. The guest sets ``sysctls`` first (loading ``af_alg`` for ``crypto.af_alg_*``, whose file
-    appears only then), then creates the file ``started`` (if given), then runs ``argv``."""
+    The guest sets ``sysctls`` first (loading ``af_alg`` for ``crypto.af_alg_*``, whose file
+    appears only then), then creates the file ``started`` (if given), then runs ``argv`` with
+    ``env`` exported (values quoted). Raises ValueError for an ``env`` name that is not an
+    identifier (:func:`check_env_name`), before anything else."""
     for name in env or {}:
         check_env_name(name)
     vng = _vng()

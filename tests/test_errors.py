@@ -53,3 +53,14 @@ def test_instances_carry_what_they_say() -> None:
     assert want.errno == errno.EAGAIN and isinstance(want, BlockingIOError)
     suite = errors.UnsupportedCipherSuite(0x00FF)
     assert suite.suite == 0x00FF and "0x00FF" in str(suite) and "set_ciphers" in str(suite)
+
+
+def test_no_af_alg_names_the_ways_out() -> None:
+    """Where AF_ALG is missing the error says what still runs and how (issue 25 item 11)."""
+    exc = errors.AlgorithmNotAvailable.no_af_alg(errno.EAFNOSUPPORT, "no AF_ALG here")
+    assert exc.errno == errno.EAFNOSUPPORT and exc.af_alg_restrict is None
+    text = str(exc)
+    assert text.startswith("[Errno 97] no AF_ALG here; ")
+    ways = ["hashlib", 'backend="cryptography"', 'algif_backend="cryptography"', 'mode="ktls"']
+    for way in [*ways, "`afalg vm -- CMD`"]:
+        assert way in text, way
