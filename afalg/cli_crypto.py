@@ -630,10 +630,19 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--padding", choices=["pkcs7"], default=None)
         p.set_defaults(func=_cmd_cipher)
 
-    for name, verb in (("aead-enc", "encrypt"), ("aead-dec", "decrypt")):
-        p = subparsers.add_parser(
-            name, help=f"AEAD-{verb} stdin to stdout (output is ciphertext || tag)"
-        )
+    aead_texts = {
+        "aead-enc": (
+            "AEAD-encrypt stdin to stdout (ciphertext || tag)",
+            "AEAD-encrypt stdin: stdout is ciphertext || tag (the tag is --tag-size bytes).",
+        ),
+        "aead-dec": (
+            "AEAD-decrypt stdin (ciphertext || tag) to stdout",
+            "AEAD-decrypt: stdin is ciphertext || tag (the tag is its last --tag-size bytes); "
+            "stdout is the plaintext, nothing unless the tag verifies.",
+        ),
+    }
+    for name, (summary, description) in aead_texts.items():
+        p = subparsers.add_parser(name, help=summary, description=description)
         p.add_argument(
             "--cipher", required=True, help="gcm(aes), ccm(aes), rfc7539(chacha20,poly1305), ..."
         )

@@ -246,3 +246,16 @@ def test_the_report_without_ktls_only_names_what_is_missing() -> None:
     assert f"TLS modes that run here: {runs}\n" in text
     assert "without kTLS: plain ssl runs too; `afalg vm -- CMD`" in text
     assert "hashlib" not in text and "AF_ALG and kTLS:" not in text
+
+
+# --- item 13: afalg aead-dec --help ----------------------------------------------------------
+
+
+def test_aead_help_says_which_side_carries_the_tag() -> None:
+    dec = " ".join(afalg_cmd("aead-dec", "--help").stdout.split())  # argparse wraps lines
+    assert "stdin is ciphertext || tag" in dec and "output is ciphertext" not in dec
+    assert "nothing unless the tag verifies" in dec
+    enc = " ".join(afalg_cmd("aead-enc", "--help").stdout.split())
+    assert "stdout is ciphertext || tag" in enc
+    listing = afalg_cmd("--help").stdout
+    assert "aead-dec  AEAD-decrypt stdin (ciphertext || tag) to stdout" in listing
