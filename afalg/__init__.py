@@ -30,7 +30,7 @@ from afalg.errors import (
 )
 from afalg.probe import Capabilities, probe
 
-__version__ = "0.1.0"  # the one version source: setup.cfg reads it (attr:)
+__version__ = "0.2.0.dev0"  # the one version source (setup.cfg reads it); .devN: unreleased
 
 __all__ = [
     "AfalgError",

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import ast
 import configparser
+import email
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 import afalg
 
@@ -92,8 +96,48 @@ def test_one_version_source() -> None:
         if afalg.__version__ in line and "version" in line.lower()
     ]
     assert len(found) == 1, found  # afalg/__init__.py's __version__ only
-    changelog = (ROOT / "CHANGELOG.md").read_text()
-    assert f"\n## {afalg.__version__} - " in changelog, "CHANGELOG.md has no entry for the version"
+
+
+def test_the_version_says_whether_changes_are_unreleased() -> None:
+    """A release has its dated CHANGELOG entry; while CHANGELOG.md has an Unreleased section the
+    version is a development release past every released one (0.2.0.dev0 after 0.1.0), so that
+    a build of unreleased code never carries a released version."""
+    version = Version(afalg.__version__)
+    assert str(version) == afalg.__version__, "not in its normalized form"
+    headings = re.findall(r"^## (.+)$", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    released = [Version(h.split(" - ")[0]) for h in headings if h != "Unreleased"]
+    assert released, headings
+    if headings[0] == "Unreleased":
+        assert version.is_devrelease and version > max(released), (version, headings[:3])
+    else:
+        assert not version.is_prerelease and headings[0].startswith(f"{version} - "), headings[0]
+
+
+def test_metadata_says_what_it_is(built: Built) -> None:
+    """The wheel's METADATA: typed, the extras (``dev``: everything to work on afalg, a superset
+    of ``test``, ``vm`` and ``bench``), and project URLs only where they exist: SECURITY.md
+    says where to report, and says there is no URL when the metadata has none."""
+    with zipfile.ZipFile(built.wheel) as whl:
+        (name,) = [n for n in whl.namelist() if n.endswith(".dist-info/METADATA")]
+        meta = email.message_from_bytes(whl.read(name))
+    assert meta["Version"] == afalg.__version__
+    assert "Typing :: Typed" in meta.get_all("Classifier", [])
+    extras = set(meta.get_all("Provides-Extra", []))
+    assert {"test", "dev", "vm", "bench"} <= extras, extras
+    by_extra: dict[str, set[str]] = {extra: set() for extra in extras}
+    for line in meta.get_all("Requires-Dist", []):
+        req = Requirement(line)
+        for extra in extras:
+            if req.marker is not None and req.marker.evaluate({"extra": extra}):
+                by_extra[extra].add(req.name)
+    assert by_extra["test"] and by_extra["dev"] > by_extra["test"]
+    assert by_extra["test"] | by_extra["vm"] | by_extra["bench"] <= by_extra["dev"]
+    urls = meta.get_all("Project-URL", [])
+    security = (ROOT / "SECURITY.md").read_text().split("## Reporting a problem", 1)[1]
+    if urls:
+        assert all(url.split(", ", 1)[1].startswith("https://") for url in urls), urls
+    else:  # none published: SECURITY.md must not send reporters to the metadata
+        assert "no project URL" in " ".join(security.split())
 
 
 def test_artifacts_carry_the_version(built: Built) -> None:
