@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 from afalg import alg
+from afalg.probe import af_alg_absence  # costs nothing more: the package imports probe
 
 __all__ = ["add_parsers"]
 
@@ -553,8 +554,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _list_note(args: argparse.Namespace) -> None:
     """Say on stderr when the listed algorithms cannot all be used through AF_ALG here:
     /proc/crypto lists what the kernel has, not what this process may bind."""
-    from afalg.probe import af_alg_absence
-
     absence = af_alg_absence()
     restrict = alg.af_alg_restrict()
     if absence is not None:
