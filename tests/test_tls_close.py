@@ -1,0 +1,69 @@
+"""Closing an afalg TLS socket with input it never read (the peer's NewSessionTickets, data it
+sent): the close must not make the kernel reset the connection. Linux answers a close() that
+leaves unread input with a TCP RST instead of a FIN, which also throws away what is still on its
+way to the peer; the peer then gets ConnectionResetError (Python 3.13+'s ssl; 3.11's reports a
+ragged EOF) instead of close_notify. The test reads the peer's TCP state, which tells the two
+apart on every Python: CLOSE_WAIT after a FIN, CLOSE after a reset.
+
+Runs for kTLS and algif in the VM and algif on the cryptography backend on the host.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+from typing import Any
+
+import pytest
+from _env import WRAP_MODES
+from test_tls_helpers import Bg, client_context, pattern, recv_all, server_context, tcp_pair
+
+from afalg import tls
+
+TCP_CLOSE_WAIT = 8  # include/net/tcp_states.h: the peer's FIN came
+TCP_CLOSE = 7  # ... or its RST
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of ``sock`` (``tcpi_state``, the first byte of TCP_INFO)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def _pair(mode: tuple[str, str]) -> tuple[Any, ssl.SSLSocket]:
+    """(ours, theirs): an afalg client, a Python ssl server, TLS 1.3 (the
+    server sends NewSessionTickets after the handshake)."""
+    csock, ssock = tcp_pair()
+    sctx = server_context("TLSv1.3", None)
+    bg = Bg(lambda: sctx.wrap_socket(ssock, server_side=True))
+    ours = tls.wrap(
+        csock, client_context("TLSv1.3", None), server_hostname="localhost",
+        mode=mode[0], algif_backend=mode[1],
+    )  # fmt: skip
+    theirs = bg.result(60)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+@pytest.mark.parametrize("blocking", [False, True], ids=["nonblocking", "timeout"])
+def test_close_with_unread_input_ends_with_close_notify_and_fin(
+    mode: tuple[str, str], blocking: bool
+) -> None:
+    """The peer sends data ours never reads (after its tickets); ours queues 64 KiB and
+    closes. The peer reads the 64 KiB, then close_notify (EOF), and its TCP socket saw a FIN,
+    not a reset."""
+    ours, theirs = _pair(mode)
+    with theirs:
+        theirs.sendall(b"never read")
+        readable, _, _ = select.select([ours], [], [], 60)
+        assert readable, "the peer's data did not arrive"
+        data = pattern(65_536, 3)
+        if blocking:
+            ours.sendall(data)
+            sent = len(data)
+        else:
+            ours.setblocking(False)
+            sent = ours.send(data)  # what fits now; the rest of data is not ours to wait for
+        ours.close()
+        assert recv_all(theirs) == data[:sent]  # then EOF: close_notify, no ConnectionResetError
+        assert _tcp_state(theirs) == TCP_CLOSE_WAIT, "ours reset the connection"
