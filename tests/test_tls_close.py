@@ -10,6 +10,7 @@ Runs for kTLS and algif in the VM and algif on the cryptography backend on the h
 
 from __future__ import annotations
 
+import asyncio
 import select
 import socket
 import ssl
@@ -19,14 +20,17 @@ import pytest
 from _env import WRAP_MODES
 from test_tls_helpers import Bg, client_context, pattern, recv_all, server_context, tcp_pair
 
-from afalg import tls
+from afalg import aio, tls
 
 TCP_CLOSE_WAIT = 8  # include/net/tcp_states.h: the peer's FIN came
 TCP_CLOSE = 7  # ... or its RST
 
 
 def _tcp_state(sock: socket.socket) -> int:
-    """The kernel's TCP state of ``sock`` (``tcpi_state``, the first byte of TCP_INFO)."""
+    """The kernel's TCP state of ``sock`` (``tcpi_state``, the first byte of TCP_INFO) once
+    the TCP connection has ended (a FIN or a reset made it readable), after close_notify."""
+    readable, _, _ = select.select([sock], [], [], 60)
+    assert readable, "no FIN nor reset after close_notify"
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
 
 
@@ -67,3 +71,39 @@ def test_close_with_unread_input_ends_with_close_notify_and_fin(
         ours.close()
         assert recv_all(theirs) == data[:sent]  # then EOF: close_notify, no ConnectionResetError
         assert _tcp_state(theirs) == TCP_CLOSE_WAIT, "ours reset the connection"
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_aio_close_while_reading_is_paused(mode: tuple[str, str]) -> None:
+    """An afalg.aio client pauses reading, the peer sends data it never reads, it writes and
+    closes: the transport's close goes through the socket's, so the peer gets all of what was
+    written, then close_notify, over a FIN."""
+    data = pattern(65_536, 4)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def peer() -> tuple[bytes, int]:
+            sock, _ = listener.accept()
+            with server_context("TLSv1.3").wrap_socket(sock, server_side=True) as theirs:
+                theirs.settimeout(60)
+                theirs.sendall(b"never read" * 1000)
+                return recv_all(theirs), _tcp_state(theirs)
+
+        bg = Bg(peer)
+
+        async def client() -> None:
+            _reader, writer = await aio.open_connection(
+                *listener.getsockname(), ssl=client_context("TLSv1.3"),
+                server_hostname="localhost", mode=mode[0], algif_backend=mode[1],
+            )  # fmt: skip
+            writer.transport.pause_reading()
+            tcp = writer.get_extra_info("socket")
+            readable, _, _ = select.select([tcp], [], [], 60)  # the peer's data, unread
+            assert readable, "the peer's data did not arrive"
+            writer.write(data)
+            writer.close()
+            await writer.wait_closed()
+
+        asyncio.run(asyncio.wait_for(client(), 60))
+        got, state = bg.result(60)
+    assert got == data
+    assert state == TCP_CLOSE_WAIT, "ours reset the connection"
