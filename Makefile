@@ -45,7 +45,7 @@ docs: $(VENV)/.installed
 	$(PY) -m sphinx -W -n --keep-going -q -b html docs docs/_build/html
 
 clean:
-	rm -rf $(VENV) .vmtmp .pytest_cache build *.egg-info docs/_build
+	rm -rf $(VENV) .venv-3.* .vmtmp .pytest_cache build *.egg-info docs/_build
 
 # Benchmarks (bench/run.py): on each kernel of make test in the VM (7.3 with
 # crypto.af_alg_restrict=0), ~40 min; writes bench/RESULTS.md and bench/results.png. Needs the

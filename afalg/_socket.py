@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import select
 import socket
 import ssl
+import time
 from typing import Any
 
 from afalg._uapi import TLS_1_3_VERSION
@@ -24,6 +26,10 @@ from afalg.session import CloseNotify, Event, KeyUpdate, NewSessionTicket, Sessi
 from afalg.wire import AlertDescription
 
 __all__ = ["TLSSocketBase"]
+
+# Room for kTLS's record type (TLS_GET_RECORD_TYPE): without it a kTLS socket answers the read
+# of a record that is not application data with EIO. A plain TCP socket sends none.
+_ANCBUFSIZE = socket.CMSG_SPACE(1)
 
 
 class TLSSocketBase:
@@ -405,10 +411,37 @@ class TLSSocketBase:
                 with contextlib.suppress(OSError):
                     self._send_close_notify(wait=self._sock.gettimeout() != 0.0)
         finally:
+            self._discard_input()
             self._release()
             self._sock.close()
         if lost is not None:
             raise lost
+
+    def _discard_input(self) -> None:
+        """Read and drop what the peer sent that nobody read (a TLS 1.3 server's
+        NewSessionTickets, data after ours ended), without waiting for more: Linux answers a
+        close() that leaves unread input with a TCP reset instead of a FIN, which throws away
+        what is still on its way to the peer (close_notify too) and gives the peer
+        ConnectionResetError. Bounded by the socket's timeout and by twice its receive buffer
+        (a peer that keeps sending gets its reset); a read error stops it (best effort)."""
+        timeout = self._sock.gettimeout()
+        deadline = time.monotonic() + timeout if timeout else None
+        budget = 2 * self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        while budget > 0 and poller.poll(0):
+            try:
+                # With a timeout Python polls before reading: readable now, so it does not wait.
+                data, ancdata, _flags, _addr = self._sock.recvmsg(
+                    min(budget, 2**16), _ANCBUFSIZE, socket.MSG_DONTWAIT
+                )
+            except OSError:
+                return  # nothing after all, or a record kTLS cannot open: leave it
+            if not data and not ancdata:
+                return  # the peer's FIN: nothing more can come
+            budget -= max(len(data), 1)  # an empty kTLS record counts too
+            if deadline is not None and time.monotonic() > deadline:
+                return
 
     def _release(self) -> None:
         """Free per-connection resources: buffered plaintext (and the AF_ALG sockets in algif

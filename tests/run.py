@@ -8,15 +8,22 @@
   with the sysctl at its default (1, the allowlist). The VM runs go two at a time, one vCPU
   each, longest first, their output printed whole as each finishes.
 
+The host stage runs again under each other CPython at hand (pyenv's 3.12 and 3.13, in
+``~/.pyenv/versions``; those missing are named and left out), each from its own virtualenv
+(``.venv-3.12``, made and installed here; lint, docs and packaging run once, in the first).
+``--kernel`` (a partial run) leaves them out unless ``--python`` names them.
+
 Every pytest run prints its own summary; the last line adds them up, and the exit status is
 non-zero if any run failed. Usage: ``python tests/run.py [--kernel 6.1] [--scale full]
-[--select stress] [PYTEST ARGS...]`` (``make stress`` and ``make fuzz`` are the last two).
+[--select stress] [--python 3.13] [PYTEST ARGS...]`` (``make stress`` and ``make fuzz`` are the
+last two).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -33,6 +40,8 @@ PARALLEL = 2  # VM runs at once: TCG is CPU-bound and pytest is one thread
 FULL_TEST_TIMEOUT = 5 * 60 * 60
 FULL_VM_TIMEOUT = 16 * 60 * 60
 PASSED_ENV = ("AFALG_TEST_SCALE", "AFALG_FUZZ_EXAMPLES")  # exported into the VM when set
+PYTHONS = ("3.12", "3.13")  # host stages beside the one running this, from pyenv
+ONCE = ("tests/test_lint.py", "tests/test_docs.py", "tests/test_packaging.py")  # one Python
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,59 @@ class Run:
             sys.stdout.flush()
 
 
+def python_label(python: str | Path) -> str:
+    """``Python 3.12.1, OpenSSL 3.0.19 27 Jan 2026``: what ``python`` runs, asked of it."""
+    code = "import platform as p, ssl; print(f'Python {p.python_version()},', ssl.OPENSSL_VERSION)"
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def pyenv_python(series: str) -> Path | None:
+    """pyenv's newest CPython of ``series`` (``3.12``: ``~/.pyenv/versions/3.12.N``), or None."""
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    found = [
+        path for path in root.glob(f"{series}.*")
+        if re.fullmatch(rf"{re.escape(series)}\.\d+", path.name) and (path / "bin/python3").exists()
+    ]  # fmt: skip
+    if not found:
+        return None
+    newest = max(found, key=lambda path: int(path.name.rsplit(".", 1)[1]))
+    return newest / "bin/python3"
+
+
+def python_venv(series: str, base: Path) -> Path:
+    """The python of ``.venv-<series>``, made from ``base`` and given afalg (editable, with its
+    test extra) when missing or older than the package's metadata."""
+    venv = ROOT / f".venv-{series}"
+    stamp = venv / ".installed"
+    newest = max((ROOT / name).stat().st_mtime for name in ("setup.cfg", "pyproject.toml"))
+    if not stamp.exists() or stamp.stat().st_mtime < newest:
+        print(f"afalg tests: installing {venv.name} ({base})", flush=True)
+        subprocess.run([str(base), "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "-e", f"{ROOT}[test]"], check=True)
+        stamp.touch()
+    return venv / "bin/python"
+
+
+def python_runs(series: list[str], select: str | None, outdir: Path, extra: list[str]) -> list[Run]:
+    """The host stage under each of ``series`` found in pyenv (the missing ones named)."""
+    runs = []
+    for name in series:
+        base = pyenv_python(name)
+        if base is None:
+            print(f"afalg tests: no CPython {name} in pyenv: its host stage is not run", flush=True)
+            continue
+        python = python_venv(name, base)
+        junit = outdir / f"junit-host-{name}.xml"
+        ignored = [f"--ignore={path}" for path in ONCE]
+        argv = [str(python), "-m", "pytest", f"--junitxml={junit}",
+                "-m", selected("not kernel", select), *ignored, *extra]  # fmt: skip
+        label = f"host-{name} ({python_label(python)})"
+        runs.append(Run(label, argv, junit, log=outdir / f"host-{name}.log"))
+    return runs
+
+
 def release(kernel: str) -> str:
     """The release the VM boots for a kernel name (``uname -r`` there)."""
     from afalg import vm
@@ -159,6 +221,10 @@ def main() -> int:
         help="size of the load, soak and fuzz tests (AFALG_TEST_SCALE; smoke by default)",
     )  # fmt: skip
     parser.add_argument("--select", metavar="EXPR", help="only tests matching this marker expr")
+    parser.add_argument(
+        "--python", action="append", choices=PYTHONS,
+        help="host stage under this pyenv CPython too (default: all, unless --kernel)",
+    )  # fmt: skip
     args, extra = parser.parse_known_args()
     timeout = VM_TIMEOUT
     if args.scale:
@@ -186,7 +252,7 @@ def main() -> int:
                 print(f"afalg tests: installing the VM for kernel {kernel}", flush=True)
                 vm.install(kernel)
         host_run = host_command(selected("not kernel", args.select), junit("host"), extra)
-        host = Run("host", host_run, junit("host"))
+        host = Run(f"host ({python_label(sys.executable)})", host_run, junit("host"))
         todo = [stage for k in kernels for stage in stages(k)]
         todo.sort(key=lambda stage: stage.marker != "kernel")  # whole runs first: the longest
         cpus = 1 if len(todo) > 1 else 2
@@ -196,6 +262,8 @@ def main() -> int:
                 junit(s.name), log=outdir / f"{s.name}.log")
             for s in todo
         ]  # fmt: skip
+    pythons = args.python or ([] if args.kernel else list(PYTHONS))
+    runs[1:1] = python_runs(pythons, args.select, outdir, extra)
     runs[0].start()
     runs[0].wait()
     pending, active = list(runs[1:]), []
