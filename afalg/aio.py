@@ -57,13 +57,13 @@ rest of the keyword arguments go to :meth:`loop.create_connection` /
   ``key_update()``; do not read or write it behind the transport's back), ``"mode"`` and
   ``"backend"``.
 - Ending: ``writer.close()`` writes out what is queued, then close_notify, then closes the
-  socket; ``transport.abort()`` closes at once, without close_notify (the peer sees a truncated
-  stream, not a clean end). ``writer.can_write_eof()`` is True in TLS 1.3: ``write_eof()`` sends
-  close_notify and half-closes TCP, and reading goes on (RFC 8446 section 6.1 lets each side close
-  its own direction). TLS 1.2 promises no half-close: ``can_write_eof()`` is False and
-  ``write_eof()`` raises :class:`NotImplementedError`, as for asyncio's TLS. In TLS 1.3 a peer's
-  close_notify leaves the writer open (as a TCP FIN does for plain streams; close it when done); in
-  TLS 1.2 it closes the connection, as asyncio's TLS does.
+  socket, within ``ssl_shutdown_timeout`` (30 s by default; then it aborts: a peer that never
+  reads cannot hold a closing connection); ``transport.abort()`` closes at once, without
+  close_notify (the peer sees a truncated stream, not a clean end). As asyncio's TLS, by default
+  ``writer.can_write_eof()`` is False and the peer's close_notify is end of file, then the
+  connection closes. ``half_close=True`` offers TLS 1.3's half-close (RFC 8446 section 6.1):
+  ``write_eof()`` sends close_notify and half-closes TCP while reading goes on, and the peer's
+  close_notify leaves the writer open (close it when done); TLS 1.2 promises no half-close.
 """
 
 from __future__ import annotations
@@ -86,9 +86,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from afalg import handoff as _handoff
-from afalg import tls
+from afalg import ktls, tls
 from afalg.algif import AlgTLSSocket
-from afalg.errors import KeyLimitReached
+from afalg.errors import KeyLimitReached, KTLSError
 from afalg.ktls import KTLSSocket
 
 __all__ = ["TLSTransport", "open_connection", "sendfile", "start_server"]
@@ -97,6 +97,7 @@ logger = logging.getLogger(__name__)
 
 _DEFAULT_LIMIT = 2**16  # asyncio.streams' default StreamReader limit
 _HANDSHAKE_TIMEOUT = 60.0  # asyncio's default ssl_handshake_timeout
+_SHUTDOWN_TIMEOUT = 30.0  # asyncio's default ssl_shutdown_timeout
 _READ_SIZE = 256 * 1024  # one recv_into: several records (one such buffer per thread)
 _READS_PER_CALL = 16  # then other callbacks get a turn
 _FILE_CHUNK = 256 * 1024  # sealed sendfile: what is read from the file at a time
@@ -112,32 +113,88 @@ ClientConnectedCallback = Callable[
 
 @dataclass(frozen=True)
 class _Options:
-    """What :func:`open_connection` and :func:`start_server` take for the TLS of each
-    connection, checked once (:meth:`check`) before any connection is made."""
+    """What :func:`open_connection` and :func:`start_server` take for each connection, checked
+    once (:meth:`check`) before any connection is made: a bad argument costs no handshake."""
 
     context: _ssl.SSLContext
     mode: str
     algif_backend: str
     suppress_ragged_eofs: bool
     records_per_key: int | None
-    handshake_timeout: float | None
+    handshake_timeout: float
+    shutdown_timeout: float
+    limit: int
+    half_close: bool
 
     @classmethod
     def check(
         cls, context: Any, *, mode: str, algif_backend: str, suppress_ragged_eofs: bool,
         records_per_key: int | None, handshake_timeout: float | None,
+        shutdown_timeout: float | None, limit: int, half_close: bool,
+        server_hostname: str | None = None,
     ) -> _Options:  # fmt: skip
-        """``context``: an :class:`ssl.SSLContext`, or True for the default client context;
-        the rest as :func:`afalg.tls.check_options` checks them."""
+        """``context``: an :class:`ssl.SSLContext`, or True for asyncio's default client
+        context (no name checked when ``server_hostname`` is ""); the timeouts and ``limit``
+        as asyncio checks them; the rest as :func:`afalg.tls.check_options` checks them.
+        ``mode="ktls"`` where the kernel has no tls ULP: :class:`~afalg.errors.KTLSError`."""
         tls.check_options(mode, algif_backend, records_per_key)
-        if context is True:
+        if not isinstance(limit, int) or isinstance(limit, bool):
+            raise TypeError(f"limit must be an int, not {type(limit).__name__}")
+        if limit <= 0:
+            raise ValueError("Limit cannot be <= 0")  # asyncio.StreamReader's words
+        handshake = _positive("ssl_handshake_timeout", handshake_timeout, _HANDSHAKE_TIMEOUT)
+        shutdown = _positive("ssl_shutdown_timeout", shutdown_timeout, _SHUTDOWN_TIMEOUT)
+        flags = {"half_close": half_close, "suppress_ragged_eofs": suppress_ragged_eofs}
+        for name, flag in flags.items():
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, not {type(flag).__name__}")
+        if context is True:  # asyncio's _create_transport_context
             context = _ssl.create_default_context()
+            if not server_hostname:
+                context.check_hostname = False
         if not isinstance(context, _ssl.SSLContext):
             raise TypeError(
                 f"ssl must be an ssl.SSLContext (or True), not {type(context).__name__}"
             )
+        if mode == "ktls":
+            _check_ktls_runs()
         return cls(context, mode, algif_backend, suppress_ragged_eofs, records_per_key,
-                   handshake_timeout)  # fmt: skip
+                   handshake, shutdown, limit, half_close)  # fmt: skip
+
+
+def _positive(name: str, value: float | None, default: float) -> float:
+    """A timeout as asyncio checks it: None for ``default``, else a number above 0."""
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number or None, not {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} should be a positive number, got {value}")
+    return float(value)
+
+
+def _client_hostname(host: Any, server_hostname: Any) -> str | None:
+    """asyncio's rule for the name checked in the server's certificate: ``server_hostname``,
+    else the host connected to; neither (``sock=``, or no host): ValueError. An empty
+    ``server_hostname`` turns the name check off on purpose (None for the handshake)."""
+    if server_hostname is not None and not isinstance(server_hostname, str):
+        raise TypeError(f"server_hostname must be a str, not {type(server_hostname).__name__}")
+    if server_hostname is None:
+        if not host:
+            raise ValueError("You must set server_hostname when using ssl without a host")
+        server_hostname = host
+    return server_hostname or None
+
+
+def _check_ktls_runs() -> None:
+    """``mode="ktls"`` needs the kernel's tls ULP: refuse before serving (naming why) rather
+    than fail every connection after its handshake. A suite the kernel lacks stays a
+    per-connection outcome."""
+    try:
+        with ktls.loopback() as sock:
+            ktls.attach_ulp(sock)
+    except KTLSError as exc:
+        raise KTLSError(exc.errno or 0, f"mode='ktls' cannot run here: {exc.strerror}") from None
 
 
 async def _handshake(
@@ -184,6 +241,11 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
         loop.remove_reader(sock.fileno())
 
 
+class _HandOffFailed(Exception):
+    """The handshake succeeded but the mode asked for cannot run (``__cause__`` says why): a
+    server logs it above DEBUG, as it is this host's limit, not a client's fault."""
+
+
 async def _secure(
     loop: asyncio.AbstractEventLoop,
     sock: socket.socket,
@@ -192,9 +254,11 @@ async def _secure(
     server_side: bool,
     server_hostname: str | None = None,
     session: _ssl.SSLSession | None = None,
+    peer: Any = None,
 ) -> KTLSSocket | AlgTLSSocket:
     """Handshake (within the handshake timeout) and hand off; the result owns ``sock``, which
-    is closed on any failure (a timeout, a cancelled task, a refused mode)."""
+    is closed on any failure (a timeout, a cancelled task, a refused mode). A timeout raises
+    :class:`TimeoutError` naming the peer and the time."""
     o = options
     try:
         hs = _handoff.Handshake(
@@ -203,12 +267,26 @@ async def _secure(
         # asyncio.timeout, not wait_for: wait_for's inner task keeps a failed handshake's
         # error, whose traceback holds wait_for's frame and so that task, in a reference cycle
         # (with the Handshake, its ssl object and buffers) until the cycle collector runs.
-        async with asyncio.timeout(o.handshake_timeout):
-            h = await _handshake(loop, sock, hs)
-        return tls.hand_off(
-            sock, h, mode=o.mode, algif_backend=o.algif_backend,
-            suppress_ragged_eofs=o.suppress_ragged_eofs, records_per_key=o.records_per_key,
-        )  # fmt: skip
+        deadline = asyncio.timeout(o.handshake_timeout)
+        try:
+            async with deadline:
+                h = await _handshake(loop, sock, hs)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the socket's own ETIMEDOUT
+            raise TimeoutError(
+                f"the TLS handshake with {peer or 'the peer'} did not finish within "
+                f"{o.handshake_timeout:g} s (ssl_handshake_timeout)"
+            ) from None
+        try:
+            return tls.hand_off(
+                sock, h, mode=o.mode, algif_backend=o.algif_backend,
+                suppress_ragged_eofs=o.suppress_ragged_eofs, records_per_key=o.records_per_key,
+            )  # fmt: skip
+        except Exception as exc:
+            if server_side:
+                raise _HandOffFailed(str(exc)) from exc
+            raise
     except BaseException:
         sock.close()
         raise
@@ -278,9 +356,15 @@ class TLSTransport(_transports._FlowControlMixin):
         protocol: asyncio.BaseProtocol,
         extra: dict[str, Any] | None = None,
         waiter: asyncio.Future[None] | None = None,
+        *,
+        half_close: bool = False,
+        shutdown_timeout: float = _SHUTDOWN_TIMEOUT,
     ) -> None:
         super().__init__(extra, loop)
         self._tls = tls_sock
+        # TLS 1.3 half-close, asked for by name; TLS 1.2 promises none, asyncio's TLS offers none
+        self._half_close = half_close and tls_sock.version() == "TLSv1.3"
+        self._shutdown_timeout = shutdown_timeout
         self._fd = tls_sock.fileno()
         self._protocol = protocol
         self._buffer: collections.deque[memoryview] = collections.deque()
@@ -393,8 +477,10 @@ class TLSTransport(_transports._FlowControlMixin):
         except BaseException as exc:
             self._fatal_error(exc, "protocol.eof_received() failed")
             return
-        if not keep_open:
-            self.close()
+        if keep_open and not self._half_close:
+            logger.warning("returning true from eof_received() has no effect when using ssl")
+        if not keep_open or not self._half_close:
+            self.close()  # as asyncio's TLS: the peer's close_notify ends the connection
 
     # -- writing --
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -414,8 +500,9 @@ class TLSTransport(_transports._FlowControlMixin):
                 logger.warning("afalg TLS transport: write() on a lost connection")
             self._conn_lost += 1
             return
-        self._buffer.append(memoryview(bytes(data)).cast("B"))
-        self._buffer_size += len(data)
+        view = memoryview(bytes(data))  # bytes() copies, one byte an item
+        self._buffer.append(view)
+        self._buffer_size += len(view)
         if not self._writing:
             self._write_out()  # at once, as asyncio's transports try
             if self._conn_lost:
@@ -499,15 +586,19 @@ class TLSTransport(_transports._FlowControlMixin):
                 self._waiters.remove((limit, fut))
 
     def can_write_eof(self) -> bool:
-        """True in TLS 1.3 (close_notify, then a TCP half-close, and reading goes on); False in
-        TLS 1.2, which promises no half-close."""
-        return self._tls.version() == "TLSv1.3"
+        """False, as for asyncio's TLS, unless the transport was made with ``half_close=True``
+        in TLS 1.3 (close_notify, then a TCP half-close, and reading goes on)."""
+        return self._half_close
 
     def write_eof(self) -> None:
-        """TLS 1.3: send close_notify once what is queued is out, then shut down TCP's sending
-        side; the peer may go on sending. TLS 1.2: :class:`NotImplementedError`."""
+        """With ``half_close`` in TLS 1.3: send close_notify once what is queued is out, then
+        shut down TCP's sending side; the peer may go on sending. Else
+        :class:`NotImplementedError`, as asyncio's TLS."""
         if not self.can_write_eof():
-            raise NotImplementedError("TLS 1.2 promises no half-close: close the writer instead")
+            raise NotImplementedError(
+                "TLS offers no half-close here: close the writer instead (half_close=True "
+                "offers it in TLS 1.3)"
+            )
         if self._closing or self._eof_requested:
             return
         self._eof_requested = True
@@ -763,32 +854,34 @@ def _regular_fileno(file: Any) -> int | None:
 
 
 class _StreamProtocol(asyncio.StreamReaderProtocol):
-    """asyncio's stream protocol, with end of file as TLS allows it: in TLS 1.3 a peer's
-    close_notify ends only its direction (the writer stays open); in TLS 1.2 it ends the
-    connection."""
-
-    def __init__(self, *args: Any, half_close: bool, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._half_close = half_close
+    """asyncio's stream protocol, whose end of file keeps the writer open when the transport
+    offers half-close (``half_close=True``, TLS 1.3); else the transport closes, as asyncio's
+    TLS does."""
 
     def eof_received(self) -> bool:
         super().eof_received()
-        return self._half_close
+        return True  # the transport decides (TLSTransport's half_close)
 
 
 def _streams(
     loop: asyncio.AbstractEventLoop,
     tls_sock: KTLSSocket | AlgTLSSocket,
-    limit: int,
+    options: _Options,
     client_connected_cb: ClientConnectedCallback | None = None,
     extra: dict[str, Any] | None = None,
 ) -> tuple[asyncio.StreamReader, _StreamProtocol, TLSTransport, asyncio.Future[None]]:
-    reader = asyncio.StreamReader(limit=limit, loop=loop)
-    protocol = _StreamProtocol(
-        reader, client_connected_cb, loop=loop, half_close=tls_sock.version() == "TLSv1.3"
-    )
+    reader = asyncio.StreamReader(limit=options.limit, loop=loop)
+    protocol = _StreamProtocol(reader, client_connected_cb, loop=loop)
     waiter: asyncio.Future[None] = loop.create_future()
-    transport = TLSTransport(loop, tls_sock, protocol, dict(extra or {}), waiter=waiter)
+    transport = TLSTransport(
+        loop,
+        tls_sock,
+        protocol,
+        dict(extra or {}),
+        waiter=waiter,
+        half_close=options.half_close,
+        shutdown_timeout=options.shutdown_timeout,
+    )
     return reader, protocol, transport, waiter
 
 
@@ -801,39 +894,47 @@ async def open_connection(
     mode: str = "auto",
     algif_backend: str = "auto",
     limit: int = _DEFAULT_LIMIT,
-    ssl_handshake_timeout: float | None = _HANDSHAKE_TIMEOUT,
+    ssl_handshake_timeout: float | None = None,
+    ssl_shutdown_timeout: float | None = None,
     suppress_ragged_eofs: bool = True,
     session: _ssl.SSLSession | None = None,
     records_per_key: int | None = None,
+    half_close: bool = False,
     **kwds: Any,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to ``host``:``port``, handshake with ``ssl`` (an :class:`ssl.SSLContext`, or
-    True for :func:`ssl.create_default_context`), hand the keys to the kernel and return
+    True for asyncio's default client context), hand the keys to the kernel and return
     asyncio's ``(StreamReader, StreamWriter)``, as :func:`asyncio.open_connection`.
 
-    ``server_hostname`` defaults to ``host``. ``mode`` and ``algif_backend`` choose where the
-    records are protected, as for :func:`afalg.tls.wrap` (``writer.get_extra_info("mode")``
-    says which ran); ``session`` resumes a session; ``records_per_key`` bounds the records
-    each send key seals (see the module docstring). The handshake runs on the loop within
-    ``ssl_handshake_timeout`` seconds (:class:`TimeoutError`). Other keyword arguments (``sock``,
-    ``family``, ``local_addr``, ``happy_eyeballs_delay``, ...) go to
-    :meth:`loop.create_connection`. Raises what ssl raises for a failed handshake and what
-    :func:`afalg.tls.hand_off` raises when the mode cannot run; nothing is left open then.
+    ``server_hostname`` (the name checked in the server's certificate) defaults to ``host``; with
+    ``sock=`` it must be given (:class:`ValueError`, as asyncio); ``""`` checks no name, on
+    purpose. ``mode`` and ``algif_backend`` choose where the records are protected, as for
+    :func:`afalg.tls.wrap` (``writer.get_extra_info("mode")`` says which ran); ``session``
+    resumes a session; ``records_per_key`` bounds the records each send key seals (see the
+    module docstring); ``half_close=True`` offers TLS 1.3's half-close (``write_eof()``, and
+    the peer's close_notify leaves the writer open). The handshake runs on the loop within
+    ``ssl_handshake_timeout`` seconds (60 by default; :class:`TimeoutError`), closing within
+    ``ssl_shutdown_timeout`` (30; then the connection is aborted). Other keyword arguments
+    (``sock``, ``family``, ``local_addr``, ``happy_eyeballs_delay``, ...) go to
+    :meth:`loop.create_connection`. Every argument is checked before a byte is sent. Raises
+    what ssl raises for a failed handshake and what :func:`afalg.tls.hand_off` raises when the
+    mode cannot run; nothing is left open then.
     """
+    server_hostname = _client_hostname(host, server_hostname)
     options = _Options.check(
         ssl, mode=mode, algif_backend=algif_backend, suppress_ragged_eofs=suppress_ragged_eofs,
         records_per_key=records_per_key, handshake_timeout=ssl_handshake_timeout,
+        shutdown_timeout=ssl_shutdown_timeout, limit=limit, half_close=half_close,
+        server_hostname=server_hostname,
     )  # fmt: skip
     loop = asyncio.get_running_loop()
-    if server_hostname is None and kwds.get("sock") is None:
-        server_hostname = host
     _, adopt = await loop.create_connection(_Adopt, host, port, **kwds)  # type: ignore[arg-type]
     assert isinstance(adopt, _Adopt) and adopt.sock is not None
     tls_sock = await _secure(
         loop, adopt.sock, options, server_side=False, server_hostname=server_hostname,
-        session=session,
+        session=session, peer=adopt.extra.get("peername"),
     )  # fmt: skip
-    reader, protocol, transport, waiter = _streams(loop, tls_sock, limit, extra=adopt.extra)
+    reader, protocol, transport, waiter = _streams(loop, tls_sock, options, extra=adopt.extra)
     try:
         await waiter
     except BaseException:
@@ -851,21 +952,27 @@ async def start_server(
     mode: str = "auto",
     algif_backend: str = "auto",
     limit: int = _DEFAULT_LIMIT,
-    ssl_handshake_timeout: float | None = _HANDSHAKE_TIMEOUT,
+    ssl_handshake_timeout: float | None = None,
+    ssl_shutdown_timeout: float | None = None,
     suppress_ragged_eofs: bool = True,
     records_per_key: int | None = None,
     max_handshakes: int | None = None,
+    half_close: bool = False,
     **kwds: Any,
 ) -> asyncio.Server:
     """Serve TLS on ``host``:``port`` as :func:`asyncio.start_server`: for each client whose
     handshake succeeds within ``ssl_handshake_timeout``, ``client_connected_cb(reader, writer)``
     is called (a coroutine becomes a task). Returns the :class:`asyncio.Server` (``async with``,
     ``serve_forever()``, ``sockets``). ``mode``, ``algif_backend`` and ``records_per_key`` as
-    for :func:`afalg.tls.wrap`; other keyword arguments (``backlog``, ``reuse_port``, ``sock``,
-    ...) go to :meth:`loop.create_server`.
+    for :func:`afalg.tls.wrap`; ``limit``, the timeouts and ``half_close`` as for
+    :func:`open_connection`; other keyword arguments (``backlog``, ``reuse_port``, ``sock``,
+    ...) go to :meth:`loop.create_server`. Every argument is checked before listening;
+    ``mode="ktls"`` on a kernel without the tls ULP raises :class:`afalg.errors.KTLSError`.
 
     A client that fails its handshake (garbage, a timeout, a refused certificate) loses only
-    its connection; the failure is logged at debug level on the ``afalg.aio`` logger.
+    its connection; the failure is logged at debug level on the ``afalg.aio`` logger. A
+    connection whose hand-off this host refuses (e.g. a suite the kernel lacks in
+    ``mode="ktls"``) is logged as a warning.
 
     ``max_handshakes`` bounds the handshakes in progress at once (None: unbounded, as
     asyncio): a connection accepted while that many are pending is closed at once, before a
@@ -884,17 +991,25 @@ async def start_server(
     options = _Options.check(
         ssl, mode=mode, algif_backend=algif_backend, suppress_ragged_eofs=suppress_ragged_eofs,
         records_per_key=records_per_key, handshake_timeout=ssl_handshake_timeout,
+        shutdown_timeout=ssl_shutdown_timeout, limit=limit, half_close=half_close,
     )  # fmt: skip
     loop = asyncio.get_running_loop()
     handshakes: set[asyncio.Task[None]] = set()  # strong references while they run
 
     async def serve(sock: socket.socket, extra: dict[str, Any]) -> None:
+        peer = extra.get("peername")
         try:
-            tls_sock = await _secure(loop, sock, options, server_side=True)
+            tls_sock = await _secure(loop, sock, options, server_side=True, peer=peer)
+        except _HandOffFailed as exc:  # this host's limit: worth a warning
+            reason = exc.__cause__
+            logger.warning(
+                "afalg.aio: the hand-off of %s failed, connection closed: %s", peer, reason
+            )
+            return
         except Exception as exc:  # that client's loss only
             logger.debug("afalg.aio: a client's handshake failed: %r", exc)
             return
-        _streams(loop, tls_sock, limit, client_connected_cb, extra)
+        _streams(loop, tls_sock, options, client_connected_cb, extra)
 
     def accepted(sock: socket.socket, extra: dict[str, Any]) -> None:
         if max_handshakes is not None and len(handshakes) >= max_handshakes:
