@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -91,7 +92,6 @@ logger = logging.getLogger(__name__)
 
 _DEFAULT_LIMIT = 2**16  # asyncio.streams' default StreamReader limit
 _HANDSHAKE_TIMEOUT = 60.0  # asyncio's default ssl_handshake_timeout
-_SHUTDOWN_TIMEOUT = SHUTDOWN_TIMEOUT  # asyncio's default ssl_shutdown_timeout
 
 ClientConnectedCallback = Callable[
     [asyncio.StreamReader, asyncio.StreamWriter], "Awaitable[None] | None"
@@ -133,7 +133,7 @@ class _Options:
         if limit <= 0:
             raise ValueError("Limit cannot be <= 0")  # asyncio.StreamReader's words
         handshake = _positive("ssl_handshake_timeout", handshake_timeout, _HANDSHAKE_TIMEOUT)
-        shutdown = _positive("ssl_shutdown_timeout", shutdown_timeout, _SHUTDOWN_TIMEOUT)
+        shutdown = _positive("ssl_shutdown_timeout", shutdown_timeout, SHUTDOWN_TIMEOUT)
         flags = {"half_close": half_close, "suppress_ragged_eofs": suppress_ragged_eofs}
         for name, flag in flags.items():
             if not isinstance(flag, bool):
@@ -232,8 +232,13 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
 
 
 class _HandOffFailed(Exception):
-    """The handshake succeeded but the mode asked for cannot run (``__cause__`` says why): a
-    server logs it above DEBUG, as it is this host's limit, not a client's fault."""
+    """The handshake succeeded but the mode asked for cannot run: a server logs it above
+    DEBUG, as it is this host's limit (a suite the kernel lacks), not a client's fault; except
+    ENOTCONN, a client that half-closed before the hand-off (``errno``)."""
+
+    def __init__(self, message: str, errno: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 async def _secure(
@@ -275,7 +280,7 @@ async def _secure(
             )  # fmt: skip
         except Exception as exc:
             if server_side:
-                raise _HandOffFailed(str(exc)) from exc
+                raise _HandOffFailed(str(exc), getattr(exc, "errno", None)) from None
             raise
     except BaseException:
         sock.close()
@@ -459,14 +464,13 @@ async def start_server(
         peer = extra.get("peername")
         try:
             tls_sock = await _secure(loop, sock, options, server_side=True, peer=peer)
-        except _HandOffFailed as exc:  # this host's limit: worth a warning
-            reason = exc.__cause__
-            logger.warning(
-                "afalg.aio: the hand-off of %s failed, connection closed: %s", peer, reason
-            )
+        except _HandOffFailed as exc:  # strings only: a kept record keeps no socket
+            level = logging.DEBUG if exc.errno == errno.ENOTCONN else logging.WARNING
+            message = "afalg.aio: the hand-off of %s failed, connection closed: %s"
+            logger.log(level, message, peer, exc.args[0])
             return
         except Exception as exc:  # that client's loss only
-            logger.debug("afalg.aio: a client's handshake failed: %r", exc)
+            logger.debug("afalg.aio: a client's handshake failed: %s", repr(exc))
             return
         _streams(loop, tls_sock, options, client_connected_cb, extra)
 

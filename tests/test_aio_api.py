@@ -390,7 +390,7 @@ def test_a_refused_hand_off_is_logged_above_debug(
                     break
                 await asyncio.sleep(0.05)
 
-    with caplog.at_level(logging.DEBUG, logger="afalg.aio"):
-        run(main())
+    with caplog.at_level(logging.DEBUG, logger="afalg.aio"), no_fd_leak():
+        run(main())  # the records kept hold strings, not the connection's objects
     warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert warned and "hand" in warned[0].getMessage(), caplog.records

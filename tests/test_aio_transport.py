@@ -87,12 +87,14 @@ def test_a_clean_close_is_not_cut_by_the_deadline(mode: Mode) -> None:
     the deadline's timer does not fire afterwards."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"ready")  # the hand-off is done (kTLS attaches to open connections only)
         assert await reader.read() == b"x" * 10
         await close(writer)
 
     async def main() -> None:
         async with serving(handler, mode) as port:
-            _, writer = await connect(port, mode, ssl_shutdown_timeout=0.2 * SLOW)
+            reader, writer = await connect(port, mode, ssl_shutdown_timeout=0.2 * SLOW)
+            assert await reader.readexactly(5) == b"ready"
             writer.write(b"x" * 10)
             writer.close()
             await writer.wait_closed()  # raises if the deadline cut it
