@@ -364,8 +364,9 @@ def test_session_resumes(mode: Mode) -> None:
 
 @pytest.mark.parametrize("mode", WRAP_MODES)
 def test_write_eof_tls13_half_close(mode: Mode) -> None:
-    """TLS 1.3: write_eof() sends close_notify and half-closes; the server reads to the end,
-    answers, and the client still reads the answer."""
+    """TLS 1.3 with ``half_close=True`` at both ends: write_eof() sends close_notify and
+    half-closes; the server reads to the end, answers, and the client still reads the answer.
+    (By default, as asyncio's TLS, no half-close: tests/test_aio_api.py.)"""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"ready")  # the hand-off is done (kTLS attaches to open connections only)
@@ -375,7 +376,8 @@ def test_write_eof_tls13_half_close(mode: Mode) -> None:
         await close(writer)
 
     async def main() -> None:
-        async with client_of(handler, mode) as (reader, writer):
+        half = {"half_close": True}
+        async with client_of(handler, mode, server=half, client=half) as (reader, writer):
             assert writer.can_write_eof()
             assert await reader.readexactly(5) == b"ready"
             message = pattern(100_000, 5)
@@ -391,11 +393,12 @@ def test_write_eof_tls13_half_close(mode: Mode) -> None:
 
 @pytest.mark.parametrize("mode", WRAP_MODES)
 def test_write_eof_tls12_refused(mode: Mode) -> None:
-    """TLS 1.2 promises no half-close: can_write_eof() is False, write_eof() raises, as for
-    asyncio's TLS; the connection goes on."""
+    """TLS 1.2 promises no half-close: can_write_eof() is False even with half_close=True,
+    write_eof() raises, as for asyncio's TLS; the connection goes on."""
 
     async def main() -> None:
-        async with client_of(echo, mode, "TLSv1.2") as (reader, writer):
+        half = {"half_close": True}
+        async with client_of(echo, mode, "TLSv1.2", client=half) as (reader, writer):
             assert not writer.can_write_eof()
             with pytest.raises(NotImplementedError):
                 writer.write_eof()
@@ -1028,7 +1031,7 @@ def test_close_and_write_eof_write_out_what_the_socket_queued(backend: str) -> N
             def connection_lost(self, exc: Exception | None) -> None:
                 lost.set_result(exc)
 
-        transport = aio.TLSTransport(loop, conn, Protocol())
+        transport = aio.TLSTransport(loop, conn, Protocol(), half_close=True)
         await asyncio.sleep(0)
         transport.get_extra_info("socket").key_update()
         assert conn.pending_output() > 0  # the socket took none of it
