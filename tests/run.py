@@ -8,9 +8,14 @@
   with the sysctl at its default (1, the allowlist). The VM runs go two at a time, one vCPU
   each, longest first, their output printed whole as each finishes.
 
-Every pytest run prints its own summary; the last line adds them up, and the exit status is
-non-zero if any run failed. Usage: ``python tests/run.py [--kernel 6.1] [--scale full]
-[--select stress] [PYTEST ARGS...]`` (``make stress`` and ``make fuzz`` are the last two).
+Every pytest run prints its own summary; the last line adds them up (strict xfails, known
+kernel bugs, apart), and the exit status is non-zero if any run failed, if a stage collected
+nothing (unless the run was narrowed: ``--select``, ``-k``, paths), if a test skipped (in the VM,
+and natively as root, where AFALG_REQUIRE_KERNEL is set too), or if the run was partial (natively
+as non-root). Then each stage's times and slowest tests (``--durations-report FILE``).
+
+Usage: ``python tests/run.py [--kernel 6.1] [--scale full] [--select stress]
+[--durations-report FILE] [PYTEST ARGS...]`` (``make stress`` and ``make fuzz`` are the last two).
 """
 
 from __future__ import annotations

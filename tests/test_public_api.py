@@ -190,12 +190,27 @@ def test_kernel_refusal_names_why_the_kernel_backend_cannot_run() -> None:
     from afalg.keys import CipherSuite
     from afalg.probe import probe
 
-    suite = CipherSuite.TLS_AES_128_GCM_SHA256
-    refusal = kernel_refusal(suite)
-    if probe().af_alg and "gcm(aes)" in str(refusal or "gcm(aes)"):
-        assert refusal is None or isinstance(refusal, afalg.AlgorithmNotAvailable)
-    else:  # no AF_ALG here: the reason says so
+    refusal = kernel_refusal(CipherSuite.TLS_AES_128_GCM_SHA256)
+    if not probe().af_alg:  # the host: no AF_ALG, and the reason says so
         assert isinstance(refusal, afalg.AlgorithmNotAvailable), refusal
+        assert "AF_ALG" in str(refusal)
+    else:  # allowed, or refused by name (crypto.af_alg_restrict)
+        assert refusal is None or "gcm(aes)" in str(refusal), refusal
+
+
+@pytest.mark.kernel
+def test_kernel_refusal_is_none_where_the_kernel_runs_the_suite() -> None:
+    from afalg.aead_backend import kernel_refusal
+    from afalg.keys import CipherSuite
+
+    for suite in (CipherSuite.TLS_AES_128_GCM_SHA256, CipherSuite.TLS_CHACHA20_POLY1305_SHA256):
+        refusal = kernel_refusal(suite)
+        restricted = Path("/proc/sys/crypto/af_alg_restrict")
+        if restricted.exists() and restricted.read_text().strip() != "0":
+            assert isinstance(refusal, afalg.AlgorithmNotAvailable), refusal
+            assert "af_alg_restrict" in str(refusal)
+        else:
+            assert refusal is None, refusal
 
 
 # --- the TLS sockets' face ---------------------------------------------------------------------
