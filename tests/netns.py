@@ -62,11 +62,14 @@ SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; not in the socket module
 class Namespace:
     """One named network namespace (``/run/netns/NAME``) with one end of the veth pair."""
 
-    def __init__(self, name: str, ifname: str, address: str, prefixlen: int = 24) -> None:
+    def __init__(
+        self, name: str, ifname: str, address: str, prefixlen: int = 24, peer: str | None = None
+    ) -> None:
         self.name = name
         self.ifname = ifname
         self.address = address
         self.prefixlen = prefixlen
+        self.peer = peer  # the address at the veth's other end (the capture pings it)
 
     def __repr__(self) -> str:
         return f"<Namespace {self.name} {self.ifname} {self.address}/{self.prefixlen}>"
@@ -176,8 +179,8 @@ class NetnsPair:
         prefixlen: int = 24,
     ) -> None:
         tag = f"{prefix}-{os.getpid()}"
-        self.a = Namespace(f"{tag}-a", "veth-a", address_a, prefixlen)
-        self.b = Namespace(f"{tag}-b", "veth-b", address_b, prefixlen)
+        self.a = Namespace(f"{tag}-a", "veth-a", address_a, prefixlen, peer=address_b)
+        self.b = Namespace(f"{tag}-b", "veth-b", address_b, prefixlen, peer=address_a)
         self._up = False
 
     def __repr__(self) -> str:
@@ -273,18 +276,32 @@ class Capture:
     frames in order. A raw socket rather than scapy's sniffer: no scapy import on the hot path,
     no BPF compiler needed, and the socket is opened before the traffic starts.
 
-    Lossless only while the capture thread keeps up: on a loaded machine the socket's receive
-    buffer can fill and the kernel drops frames. ``cap.drops`` (after :meth:`stop`) is the
-    kernel's count of them; a test that needs every byte checks it, the others use
-    ``tcp_streams(frames, allow_gaps=True)``.
+    Lossless by construction, and checked: the socket's receive queue (``RCVBUF``, 64 MiB) holds
+    far more than any test's exchange, so a capture thread starved by a loaded machine only
+    reads later; a frame is read whole (``MSG_TRUNC`` tells its real length, GSO frames exceed
+    64 KiB); and no fixed settle time decides what is in flight: :meth:`start` returns once an
+    ICMP echo to the veth's peer has been captured both ways (the capture is live), and
+    :meth:`stop` sends another and stops once both are captured (on a veth each direction
+    is delivered in order, so every frame sent before is in). :meth:`check_lossless` raises
+    if the kernel still dropped (``drops``) or cut (``truncated``) a frame.
     """
 
-    def __init__(self, ns: Namespace, ifname: str) -> None:
+    RCVBUF = 64 << 20
+    SNAPLEN = 256 << 10  # past the largest GSO frame a veth passes (64 KiB of IP + headers)
+
+    def __init__(self, ns: Namespace, ifname: str, timeout: float = 120.0) -> None:
         self.ns = ns
         self.ifname = ifname
+        self.timeout = timeout  # for a marker to come round (a TCG VM under load is slow)
         self.frames: list[Frame] = []
         self.drops = 0  # frames the kernel dropped for this socket (read at stop)
+        self.truncated = 0  # frames longer than SNAPLEN
         self._sock: socket.socket | None = None
+        self._ping: socket.socket | None = None
+        self._ident = os.getpid() & 0xFFFF
+        self._seq = 0
+        self._seen: set[tuple[int, int]] = set()  # (ICMP type, sequence) of captured markers
+        self._cond = threading.Condition()
         self._stop_r, self._stop_w = -1, -1
         self._thread: threading.Thread | None = None
 
@@ -292,15 +309,16 @@ class Capture:
         self.start()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        self.stop(marker=exc_type is None)  # after an error, no wait that would hide it
 
     def start(self) -> None:
+        """Open the capture and return once it has captured a marker both ways."""
         sock = self.ns.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         try:  # past net.core.rmem_max (CAP_NET_ADMIN, which the namespaces need anyway)
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.RCVBUF)
         except PermissionError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RCVBUF)
         sock.bind((self.ifname, ETH_P_ALL))
         self._sock = sock
         self._stop_r, self._stop_w = os.pipe()
@@ -308,43 +326,104 @@ class Capture:
             target=self._run, name=f"capture:{self.ifname}", daemon=True
         )
         self._thread.start()
+        if self.ns.peer is not None:
+            self._ping = self.ns.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+            self._marker("start")
+
+    def _marker(self, when: str) -> None:
+        """Send an ICMP echo to the peer; wait until the request and the reply are captured."""
+        assert self._ping is not None and self.ns.peer is not None
+        self._seq += 1
+        seq = self._seq
+        self._ping.sendto(_icmp_echo(self._ident, seq), (self.ns.peer, 0))
+        with self._cond:
+            both = self._cond.wait_for(lambda: {(8, seq), (0, seq)} <= self._seen, self.timeout)
+        assert both, f"the capture on {self.ifname} did not see its {when} marker come round"
 
     def _run(self) -> None:
         assert self._sock is not None
+        buffer = bytearray(self.SNAPLEN)
         while True:
             ready, _, _ = select.select([self._sock, self._stop_r], [], [])
             if self._sock in ready:
-                data, addr = self._sock.recvfrom(65536)
-                self.frames.append(Frame(time.monotonic(), addr[2] == PACKET_OUTGOING, data))
+                self._read(buffer)
             elif self._stop_r in ready:
                 # Take what is still queued, then stop.
                 self._sock.setblocking(False)
                 try:
                     while True:
-                        data, addr = self._sock.recvfrom(65536)
-                        self.frames.append(
-                            Frame(time.monotonic(), addr[2] == PACKET_OUTGOING, data)
-                        )
+                        self._read(buffer)
                 except BlockingIOError:
                     return
 
-    def stop(self, settle: float = 0.2) -> list[Frame]:
-        """Stop capturing (after ``settle`` seconds for frames in flight); return the frames."""
+    def _read(self, buffer: bytearray) -> None:
+        assert self._sock is not None
+        length, _flags, addr = _recvfrom_trunc(self._sock, buffer)
+        if length > len(buffer):
+            self.truncated += 1
+        data = bytes(buffer[: min(length, len(buffer))])
+        self.frames.append(Frame(time.monotonic(), addr[2] == PACKET_OUTGOING, data))
+        marker = _icmp_marker(data, self._ident)
+        if marker:
+            with self._cond:
+                self._seen.add(marker)
+                self._cond.notify_all()
+
+    def stop(self, marker: bool = True) -> list[Frame]:
+        """Stop capturing once every frame sent so far is in (``marker``); return the frames."""
         if self._thread is None:
             return self.frames
-        time.sleep(settle)
-        os.write(self._stop_w, b"x")
-        self._thread.join()
-        self._thread = None
-        assert self._sock is not None
-        _packets, drops = struct.unpack(
-            "II", self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
-        )
-        self.drops += drops
-        self._sock.close()
-        os.close(self._stop_r)
-        os.close(self._stop_w)
+        try:
+            if self._ping is not None and marker:
+                self._marker("end")
+        finally:
+            os.write(self._stop_w, b"x")
+            self._thread.join()
+            self._thread = None
+            assert self._sock is not None
+            _packets, drops = struct.unpack(
+                "II", self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
+            )
+            self.drops += drops
+            self._sock.close()
+            if self._ping is not None:
+                self._ping.close()
+            os.close(self._stop_r)
+            os.close(self._stop_w)
         return self.frames
+
+    def check_lossless(self) -> None:
+        """Raise ``AssertionError`` if the kernel dropped or cut a frame of this capture."""
+        assert not self.drops and not self.truncated, (
+            f"the capture on {self.ifname} lost frames: {self.drops} dropped, "
+            f"{self.truncated} truncated, {len(self.frames)} captured"
+        )
+
+
+def _recvfrom_trunc(sock: socket.socket, buffer: bytearray) -> tuple[int, int, Any]:
+    """``recvmsg`` into ``buffer`` with ``MSG_TRUNC``: (the frame's real length, flags, address)."""
+    length, _ancillary, flags, addr = sock.recvmsg_into([buffer], 0, socket.MSG_TRUNC)
+    return length, flags, addr
+
+
+def _icmp_echo(ident: int, seq: int) -> bytes:
+    """An ICMP echo request (type 8) with its checksum (RFC 792)."""
+    body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"afalg capture marker"
+    total = sum(struct.unpack(f"!{len(body) // 2}H", body))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return body[:2] + struct.pack("!H", ~total & 0xFFFF) + body[4:]
+
+
+def _icmp_marker(frame: bytes, ident: int) -> tuple[int, int] | None:
+    """(ICMP type, sequence) if ``frame`` is one of our echo requests or replies."""
+    if len(frame) < 14 + 20 + 8 or struct.unpack_from("!H", frame, 12)[0] != ETH_P_IP:
+        return None
+    ip = frame[14:]
+    if ip[9] != socket.IPPROTO_ICMP:
+        return None
+    icmp_type, _code, _sum, got, seq = struct.unpack_from("!BBHHH", ip, (ip[0] & 0x0F) * 4)
+    return (icmp_type, seq) if icmp_type in (0, 8) and got == ident else None
 
 
 # --- TCP reassembly ----------------------------------------------------------------------------

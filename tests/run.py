@@ -13,10 +13,15 @@ The host stage runs again under each other CPython at hand (pyenv's 3.12 and 3.1
 (``.venv-3.12``, made and installed here; lint, docs and packaging run once, in the first).
 ``--kernel`` (a partial run) leaves them out unless ``--python`` names them.
 
-Every pytest run prints its own summary; the last line adds them up, and the exit status is
-non-zero if any run failed. Usage: ``python tests/run.py [--kernel 6.1] [--scale full]
-[--select stress] [--python 3.13] [PYTEST ARGS...]`` (``make stress`` and ``make fuzz`` are the
-last two).
+Every pytest run prints its own summary; the last line adds them up (strict xfails, known
+kernel bugs, apart), and the exit status is non-zero if any run failed, if a stage collected
+nothing (unless the run was narrowed: ``--select``, ``-k``, paths), if a test skipped (in the VM,
+and natively as root, where AFALG_REQUIRE_KERNEL is set too), or if the run was partial (natively
+as non-root). Then each stage's times and slowest tests (``--durations-report FILE``).
+
+Usage: ``python tests/run.py [--kernel 6.1] [--scale full] [--select stress]
+[--python 3.13] [--durations-report FILE] [PYTEST ARGS...]`` (``make stress`` and ``make fuzz``
+are the last two).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +88,46 @@ def counts(junit: Path) -> dict[str, int]:
             "skipped": skipped - xfailed, "xfailed": xfailed}  # fmt: skip
 
 
+# --- verdicts: what makes a run fail -----------------------------------------------------------
+
+NOTHING_COLLECTED = 5  # pytest's exit status when no test was selected
+
+
+def narrowed(select: str | None, extra: list[str]) -> bool:
+    """Whether the run was narrowed (``--select``, ``-k``, or test paths given): then one stage
+    may select nothing (``--select stress`` has no stress test in the 7.3 allowlist run), and
+    only the run as a whole must have run a test. ``make test`` narrows nothing."""
+    paths = [arg for arg in extra if not arg.startswith("-")]
+    return bool(select) or bool(paths) or any(arg.startswith("-k") for arg in extra)
+
+
+def stage_failure(rc: int, c: dict[str, int], *, may_be_empty: bool) -> str | None:
+    """Why one stage failed (None if it did not): a test failed, pytest itself failed (a crash,
+    a timeout, bad usage), or nothing was collected in a stage not declared possibly empty."""
+    if c["failed"]:
+        return f"{c['failed']} failed"
+    if rc == NOTHING_COLLECTED:
+        return None if may_be_empty else "no test collected (exit 5)"
+    if rc != 0:
+        return f"pytest exited {rc} with no failure recorded"
+    return None
+
+
+def native_privilege(euid: int) -> tuple[dict[str, str], str | None]:
+    """The environment and the caveat of a native run (no VM), by the user running it.
+
+    As root everything can run: AFALG_REQUIRE_KERNEL turns a kernel test's skip into a failure,
+    as in the VM, and any other skip fails the run too. As another user the network-namespace
+    tests (conformance, interop, netns) and whatever needs CAP_NET_ADMIN skip: the run is
+    partial, says so, and fails, so that ``make test`` never reports it as the whole suite."""
+    if euid == 0:
+        return {"AFALG_REQUIRE_KERNEL": "1"}, None
+    return {}, (
+        "partial run: not root, so the network-namespace, conformance and interop tests skip; "
+        "run `make test` as root (or in the VM: tests/run.py --vm) for the whole suite"
+    )
+
+
 def pytest_argv(junit: Path, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "pytest", f"--junitxml={junit}", *extra]
 
@@ -119,6 +164,8 @@ class Run:
     argv: list[str]
     junit: Path
     log: Path | None = None  # output goes here (then printed) when runs overlap
+    env: dict[str, str] = field(default_factory=dict)  # set on top of this process's
+    may_be_empty: bool = False  # exit 5 (nothing collected) is no failure here
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     seconds: float = 0.0
@@ -130,7 +177,8 @@ class Run:
         if not out:
             print(f"\n===== afalg tests: {self.name} =====", flush=True)
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdout=out, stderr=out)
+        env = {**os.environ, **self.env}
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdout=out, stderr=out, env=env)
         if out:
             out.close()
 
@@ -179,7 +227,9 @@ def python_venv(series: str, base: Path) -> Path:
     return venv / "bin/python"
 
 
-def python_runs(series: list[str], select: str | None, outdir: Path, extra: list[str]) -> list[Run]:
+def python_runs(
+    series: list[str], select: str | None, outdir: Path, extra: list[str], may_be_empty: bool
+) -> list[Run]:
     """The host stage under each of ``series`` found in pyenv (the missing ones named)."""
     runs = []
     for name in series:
@@ -193,7 +243,8 @@ def python_runs(series: list[str], select: str | None, outdir: Path, extra: list
         argv = [str(python), "-m", "pytest", f"--junitxml={junit}",
                 "-m", selected("not kernel", select), *ignored, *extra]  # fmt: skip
         label = f"host-{name} ({python_label(python)})"
-        runs.append(Run(label, argv, junit, log=outdir / f"host-{name}.log"))
+        log = outdir / f"host-{name}.log"
+        runs.append(Run(label, argv, junit, log=log, may_be_empty=may_be_empty))
     return runs
 
 
@@ -212,58 +263,41 @@ def kernel_is_capable() -> bool:
     return caps.af_alg and caps.ktls
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", action="append", choices=KERNELS, help="VM kernel(s) only")
-    parser.add_argument("--vm", action="store_true", help="use the VM even if the host could")
-    parser.add_argument(
-        "--scale", choices=("smoke", "full"), default=None,
-        help="size of the load, soak and fuzz tests (AFALG_TEST_SCALE; smoke by default)",
-    )  # fmt: skip
-    parser.add_argument("--select", metavar="EXPR", help="only tests matching this marker expr")
-    parser.add_argument(
-        "--python", action="append", choices=PYTHONS,
-        help="host stage under this pyenv CPython too (default: all, unless --kernel)",
-    )  # fmt: skip
-    args, extra = parser.parse_known_args()
-    timeout = VM_TIMEOUT
-    if args.scale:
-        os.environ["AFALG_TEST_SCALE"] = args.scale
-    if args.scale == "full":
-        timeout = FULL_VM_TIMEOUT
-        extra = [f"--timeout={FULL_TEST_TIMEOUT}", *extra]
+# --- where the time goes ------------------------------------------------------------------------
 
-    outdir = ROOT / ".vmtmp"
-    outdir.mkdir(exist_ok=True)
+SLOWEST = 15  # tests listed per stage
 
-    def junit(name: str) -> Path:
-        return outdir / f"junit-{name}.xml"
 
-    native = not args.vm and not args.kernel and kernel_is_capable()
-    if native:
-        native_run = host_command(args.select, junit("native"), extra)
-        runs = [Run("native", native_run, junit("native"))]
-    else:
-        from afalg import vm
+def test_times(junit: Path) -> list[tuple[str, float]]:
+    """Each test of a JUnit XML file with its time in seconds (setup, call and teardown: a
+    module fixture's setup counts for the module's first test), slowest first."""
+    if not junit.exists():
+        return []
+    times = [
+        (f"{case.get('classname', '')}::{case.get('name', '')}", float(case.get("time") or 0))
+        for case in ET.parse(junit).getroot().iter("testcase")
+    ]
+    return sorted(times, key=lambda item: -item[1])
 
-        kernels = args.kernel or list(KERNELS)
-        for kernel in kernels:  # before the host tests: they boot the VM too
-            if vm.missing(kernel):
-                print(f"afalg tests: installing the VM for kernel {kernel}", flush=True)
-                vm.install(kernel)
-        host_run = host_command(selected("not kernel", args.select), junit("host"), extra)
-        host = Run(f"host ({python_label(sys.executable)})", host_run, junit("host"))
-        todo = [stage for k in kernels for stage in stages(k)]
-        todo.sort(key=lambda stage: stage.marker != "kernel")  # whole runs first: the longest
-        cpus = 1 if len(todo) > 1 else 2
-        runs = [host] + [
-            Run(f"{s.name} ({release(s.kernel)})",
-                vm_command(s, cpus, junit(s.name), extra, args.select, timeout),
-                junit(s.name), log=outdir / f"{s.name}.log")
-            for s in todo
-        ]  # fmt: skip
-    pythons = args.python or ([] if args.kernel else list(PYTHONS))
-    runs[1:1] = python_runs(pythons, args.select, outdir, extra)
+
+def durations_report(runs: list[Run]) -> str:
+    """Markdown: each stage's wall time, its tests' summed time and count, and its
+    ``SLOWEST`` slowest tests (the JUnit XML files stay in .vmtmp for more)."""
+    lines = ["# afalg tests: where the time goes", ""]
+    lines += ["| stage | wall s | tests s | tests | JUnit XML |", "|---|---:|---:|---:|---|"]
+    per_stage = [(run, test_times(run.junit)) for run in runs]
+    for run, times in per_stage:
+        summed = sum(t for _, t in times)
+        row = [run.name, f"{run.seconds:.0f}", f"{summed:.0f}", str(len(times)), run.junit.name]
+        lines.append(f"| {' | '.join(row)} |")
+    for run, times in per_stage:
+        lines += ["", f"## {run.name}: the {SLOWEST} slowest tests", ""]
+        lines += [f"- {seconds:8.1f} s  {name}" for name, seconds in times[:SLOWEST]]
+    return "\n".join(lines) + "\n"
+
+
+def run_all(runs: list[Run]) -> None:
+    """The first run (host or native) alone, then the rest ``PARALLEL`` at a time."""
     runs[0].start()
     runs[0].wait()
     pending, active = list(runs[1:]), []
@@ -278,21 +312,114 @@ def main() -> int:
         active.remove(done)
         done.wait()
 
+
+def summarize(runs: list[Run], *, skips_fail: bool, caveat: str | None) -> int:
+    """Print each run's counts and the totals; the exit status of the whole test command.
+
+    It fails if a stage failed (:func:`stage_failure`), if nothing passed at all, if
+    ``skips_fail`` (the VM, or a native run as root) and a test skipped, or if ``caveat`` says
+    the run was partial. Strict xfails (known bugs, SECURITY.md) are counted apart."""
     total = {"passed": 0, "failed": 0, "skipped": 0, "xfailed": 0}
+    failures = []
     print("\n===== afalg tests: summary =====")
     for run in runs:
         c = counts(run.junit)
-        if run.rc not in (0, 5) and c["failed"] == 0:  # a crash or timeout with no failure recorded
-            c["failed"] = 1
+        why = stage_failure(run.rc, c, may_be_empty=run.may_be_empty)
+        if why:
+            failures.append(f"{run.name}: {why}")
+            c["failed"] = max(c["failed"], 1)
         for key in total:
             total[key] += c[key]
         print(f"{run.name}: {c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped, "
               f"{c['xfailed']} xfailed in {run.seconds:.0f} s (exit {run.rc})")  # fmt: skip
-    print(f"total: {total['passed']} passed, {total['failed']} failed, {total['skipped']} skipped")
-    # Under the VM every capability is there: a skip anywhere means a test did not run.
-    crashed = any(run.rc not in (0, 5) for run in runs)
-    bad = total["failed"] or (not native and total["skipped"]) or crashed or not total["passed"]
-    return 1 if bad else 0
+    print("total: " + ", ".join(f"{total[key]} {key}" for key in total))
+    if skips_fail and total["skipped"]:
+        failures.append(f"{total['skipped']} skipped: every capability is here, so none may")
+    if not total["passed"]:
+        failures.append("no test passed")
+    if caveat:
+        failures.append(caveat)
+    for failure in failures:
+        print(f"afalg tests: FAILED: {failure}")
+    return 1 if failures else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", action="append", choices=KERNELS, help="VM kernel(s) only")
+    parser.add_argument("--vm", action="store_true", help="use the VM even if the host could")
+    parser.add_argument(
+        "--scale", choices=("smoke", "full"), default=None,
+        help="size of the load, soak and fuzz tests (AFALG_TEST_SCALE; smoke by default)",
+    )  # fmt: skip
+    parser.add_argument("--select", metavar="EXPR", help="only tests matching this marker expr")
+    parser.add_argument(
+        "--python", action="append", choices=PYTHONS,
+        help="host stage under this pyenv CPython too (default: all, unless --kernel)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--durations-report",
+        metavar="FILE",
+        type=Path,
+        help="also write the per-stage times and slowest tests here (always: .vmtmp/durations.md)",
+    )
+    args, extra = parser.parse_known_args()
+    may_be_empty = narrowed(args.select, extra)
+    timeout = VM_TIMEOUT
+    if args.scale:
+        os.environ["AFALG_TEST_SCALE"] = args.scale
+    if args.scale == "full":
+        timeout = FULL_VM_TIMEOUT
+        extra = [f"--timeout={FULL_TEST_TIMEOUT}", *extra]
+
+    outdir = ROOT / ".vmtmp"
+    outdir.mkdir(exist_ok=True)
+
+    def junit(name: str) -> Path:
+        return outdir / f"junit-{name}.xml"
+
+    native = not args.vm and not args.kernel and kernel_is_capable()
+    caveat = None
+    if native:
+        env, caveat = native_privilege(os.geteuid())
+        native_run = host_command(args.select, junit("native"), extra)
+        runs = [Run("native", native_run, junit("native"), env=env, may_be_empty=may_be_empty)]
+        if caveat:
+            print(f"afalg tests: {caveat}", flush=True)
+    else:
+        from afalg import vm
+
+        kernels = args.kernel or list(KERNELS)
+        for kernel in kernels:  # before the host tests: they boot the VM too
+            if vm.missing(kernel):
+                print(f"afalg tests: installing the VM for kernel {kernel}", flush=True)
+                vm.install(kernel)
+        host_run = host_command(selected("not kernel", args.select), junit("host"), extra)
+        host = Run(
+            f"host ({python_label(sys.executable)})", host_run, junit("host"),
+            may_be_empty=may_be_empty,
+        )  # fmt: skip
+        todo = [stage for k in kernels for stage in stages(k)]
+        todo.sort(key=lambda stage: stage.marker != "kernel")  # whole runs first: the longest
+        cpus = 1 if len(todo) > 1 else 2
+        runs = [host] + [
+            Run(f"{s.name} ({release(s.kernel)})",
+                vm_command(s, cpus, junit(s.name), extra, args.select, timeout),
+                junit(s.name), log=outdir / f"{s.name}.log", may_be_empty=may_be_empty)
+            for s in todo
+        ]  # fmt: skip
+        pythons = args.python or ([] if args.kernel else list(PYTHONS))
+        runs[1:1] = python_runs(pythons, args.select, outdir, extra, may_be_empty)
+    run_all(runs)
+    # Under the VM, and natively as root, every capability is there: a skip means a test did
+    # not run.
+    status = summarize(runs, skips_fail=not native or caveat is None, caveat=caveat)
+    report = durations_report(runs)
+    print(report)
+    for path in {outdir / "durations.md", args.durations_report} - {None}:
+        assert path is not None
+        path.write_text(report)
+    return status
 
 
 if __name__ == "__main__":

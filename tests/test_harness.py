@@ -85,3 +85,112 @@ def test_missing_tls_ulp_reason_names_the_capability() -> None:
     assert "CAP_NET_ADMIN" in dropped.stdout and "modprobe tls" in dropped.stdout
     if os.geteuid() == 0:
         assert "modprobe" not in plain.stdout and "CONFIG_TLS" in plain.stdout
+
+
+# --- tests/run.py: what makes `make test` fail -------------------------------------------------
+
+
+def _runner():
+    """tests/run.py as a module (it is a script, not a package module)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).with_name("run.py")
+    spec = importlib.util.spec_from_file_location("afalg_tests_run", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _pytest_stage(runner, tmp_path, source: str, name: str = "stage", **kwargs):
+    """Run pytest on one test file made of ``source``, the way run.py runs a stage."""
+    test = tmp_path / f"test_{name}.py"
+    test.write_text(source)
+    junit = tmp_path / f"junit-{name}.xml"
+    argv = runner.pytest_argv(junit, ["-p", "no:cacheprovider", "-q", str(test)])
+    run = runner.Run(name, argv, junit, log=tmp_path / f"{name}.log", **kwargs)
+    run.start()
+    run.wait()
+    return run
+
+
+def test_a_stage_that_collects_nothing_fails_unless_declared_possibly_empty(tmp_path, capsys):
+    """pytest's exit status 5 (nothing collected) used to pass a stage: a stage whose marker or
+    path selects nothing would have been green. Only a narrowed run (--select) may have one."""
+    runner = _runner()
+    passing = _pytest_stage(runner, tmp_path, "def test_ok():\n    pass\n", "passing")
+    empty = _pytest_stage(runner, tmp_path, "X = 1\n", "empty")
+    assert (passing.rc, empty.rc) == (0, runner.NOTHING_COLLECTED)
+    assert runner.stage_failure(empty.rc, runner.counts(empty.junit), may_be_empty=False)
+    assert runner.summarize([passing, empty], skips_fail=True, caveat=None) == 1
+    assert "empty: no test collected (exit 5)" in capsys.readouterr().out
+    empty.may_be_empty = True
+    assert runner.summarize([passing, empty], skips_fail=True, caveat=None) == 0
+    assert runner.summarize([empty], skips_fail=True, caveat=None) == 1  # nothing ran at all
+
+
+def test_possibly_empty_only_when_the_run_is_narrowed() -> None:
+    runner = _runner()
+    assert not runner.narrowed(None, [])
+    assert not runner.narrowed(None, ["-x", "--timeout=60"])
+    assert runner.narrowed("stress", [])
+    assert runner.narrowed(None, ["tests/test_alg_aead.py"])
+    assert runner.narrowed(None, ["-k", "gcm"])
+
+
+def test_native_runs_are_held_to_the_vm_rule(tmp_path, capsys) -> None:
+    """As root a native run requires the kernel (a kernel test's skip fails, as in the VM) and
+    any skip fails the run; as another user the run says it is partial and fails."""
+    runner = _runner()
+    env, caveat = runner.native_privilege(0)
+    assert env == {"AFALG_REQUIRE_KERNEL": "1"} and caveat is None
+    env, caveat = runner.native_privilege(1000)
+    assert not env and caveat and "partial" in caveat
+    skipping = "import pytest\ndef test_ok():\n    pass\ndef test_skip():\n    pytest.skip('x')\n"
+    run = _pytest_stage(runner, tmp_path, skipping, "skips")
+    assert run.rc == 0 and runner.counts(run.junit)["skipped"] == 1
+    assert runner.summarize([run], skips_fail=True, caveat=None) == 1
+    assert runner.summarize([run], skips_fail=False, caveat=None) == 0
+    passing = _pytest_stage(runner, tmp_path, "def test_ok():\n    pass\n", "passing")
+    assert runner.summarize([passing], skips_fail=False, caveat=caveat) == 1
+    assert f"FAILED: {caveat}" in capsys.readouterr().out
+
+
+def test_a_native_root_run_sets_afalg_require_kernel(tmp_path) -> None:
+    """The environment native_privilege gives reaches pytest: a kernel test that skips fails."""
+    import shutil
+    from pathlib import Path
+
+    runner = _runner()
+    tests = Path(__file__).parent
+    # The skip must be judged by this suite's conftest.py (the AFALG_REQUIRE_KERNEL rule).
+    probe_dir = tmp_path / "suite"
+    probe_dir.mkdir()
+    for name in ("conftest.py", "_env.py"):
+        shutil.copy(tests / name, probe_dir / name)
+    env, _ = runner.native_privilege(0)
+    source = "import pytest\n@pytest.mark.kernel\ndef test_k():\n    pytest.skip('no kernel')\n"
+    run = _pytest_stage(runner, probe_dir, source, "kernel", env=env)
+    assert (run.rc, runner.counts(run.junit)["failed"]) == (1, 1)
+
+
+def test_xfails_are_counted_and_the_slowest_tests_reported(tmp_path, capsys) -> None:
+    runner = _runner()
+    source = (
+        "import pytest\n"
+        "def test_ok():\n    pass\n"
+        "@pytest.mark.xfail(strict=True, reason='known')\n"
+        "def test_known_bug():\n    assert False\n"
+    )
+    run = _pytest_stage(runner, tmp_path, source, "xfail")
+    run.seconds = 3.0
+    assert runner.counts(run.junit) == {"passed": 1, "failed": 0, "skipped": 0, "xfailed": 1}
+    assert runner.summarize([run], skips_fail=True, caveat=None) == 0
+    assert "total: 1 passed, 0 failed, 0 skipped, 1 xfailed" in capsys.readouterr().out
+    times = runner.test_times(run.junit)
+    assert sorted(name.rsplit("::", 1)[1] for name, _ in times) == ["test_known_bug", "test_ok"]
+    report = runner.durations_report([run])
+    assert "| xfail | 3 |" in report and "the 15 slowest tests" in report
+    assert "test_known_bug" in report and "junit-xfail.xml" in report
