@@ -27,7 +27,7 @@ import afalg
 from afalg import alg, vm
 from afalg.cli import build_parser
 from afalg.keys import CipherSuite, TrafficKeys
-from afalg.probe import AlgStatus, Capabilities, format_report
+from afalg.probe import AlgStatus, Capabilities, af_alg_absence, format_report
 from afalg.record import RecordLayer
 
 
@@ -95,6 +95,11 @@ def test_vm_env_and_sysctl_parse_to_pairs() -> None:
 def test_vm_command_line_refuses_a_name_that_is_not_an_identifier() -> None:
     with pytest.raises(ValueError, match="identifier"):
         vm.command_line(["true"], Path("/vmlinuz"), cwd="/tmp", env={"A;id": "1"})
+    for name in ("A", "_a1", "AFALG_IN_VM"):
+        vm.check_env_name(name)
+    for name in ("1A", "A-B", "A B", "", "A=B", "Ä"):
+        with pytest.raises(ValueError, match="not an identifier"):
+            vm.check_env_name(name)
 
 
 VALUES = {
@@ -168,6 +173,8 @@ def test_info_names_what_runs_without_af_alg() -> None:
     assert "algif mode on the cryptography backend still runs" in line and "afalg vm" in line
     report = json.loads(afalg_cmd("info", "--json").stdout)
     assert report["modes"] == [["algif", "cryptography"]]
+    absence = af_alg_absence()
+    assert absence is not None and absence in line
 
 
 @without_af_alg
@@ -225,6 +232,7 @@ def test_list_and_errors_claim_no_absence_where_the_kernel_has_it(tmp_path: Path
         alg.Hash("nosuchhash")
     text = str(exc_info.value)
     assert "not available here" not in text and "afalg vm" not in text
+    assert af_alg_absence() is None
     done = afalg_cmd("hash", "sha256", "missing-file", cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr == "afalg hash: missing-file: No such file or directory\n"
