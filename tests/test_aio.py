@@ -88,17 +88,34 @@ async def serving(
     handler: Handler, mode: Mode | None, version: str = "TLSv1.3", **kwargs: Any
 ) -> AsyncIterator[int]:
     """A TLS server on 127.0.0.1 running ``handler`` for each client, afalg.aio's in ``mode``
-    (None: asyncio's own TLS server); ``kwargs`` to start_server. Yields its port."""
+    (None: asyncio's own TLS server); ``kwargs`` to start_server. Yields its port; on the way
+    out, waits for the handlers still running (their clients have gone by then)."""
+    handlers: set[asyncio.Task[Any]] = set()
+
+    async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A handler left running when the test's loop ends is cancelled, and 3.12.1's streams
+        # then never close its transport (task.exception() on a cancelled task raises in
+        # their done callback): its descriptors would count as leaked.
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            await handler(reader, writer)
+        finally:
+            handlers.discard(task)
+
     if mode is None:
         server = await asyncio.start_server(
-            handler, "127.0.0.1", 0, ssl=server_context(version), **kwargs
+            tracked, "127.0.0.1", 0, ssl=server_context(version), **kwargs
         )
     else:
         server = await aio.start_server(
-            handler, "127.0.0.1", 0, ssl=server_context(version), **kw(mode), **kwargs
+            tracked, "127.0.0.1", 0, ssl=server_context(version), **kw(mode), **kwargs
         )
     async with server:
         yield server.sockets[0].getsockname()[1]
+    if handlers:
+        await asyncio.wait(set(handlers), timeout=T)
 
 
 async def connect(
