@@ -52,6 +52,7 @@ from __future__ import annotations
 import errno
 import functools
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -181,6 +182,10 @@ class Session:
         self._key_update_due = False  # the peer asked for our KeyUpdate
         self._error: BaseException | None = None
         self._alert_owed: int | None = None  # the fatal alert the peer is owed
+        # fail(), fatal_alert() and close_notify() may run in two threads at once (a receiver
+        # failing while a sender fails or shuts down): each test-and-set is one step, so the
+        # first error stays and one alert at most goes out.
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         state = "poisoned" if self._error is not None else "eof" if self._eof else "open"
@@ -355,9 +360,10 @@ class Session:
     def close_notify(self) -> bytes | None:
         """The close_notify alert to send (its two bytes), once; None when it was sent already
         or the session is poisoned. From now on no application data may be sent."""
-        if self._sending_closed or self._error is not None:
-            return None
-        self._sending_closed = True
+        with self._lock:
+            if self._sending_closed or self._error is not None:
+                return None
+            self._sending_closed = True
         return bytes([AlertLevel.warning, AlertDescription.close_notify])
 
     # -- errors --
@@ -365,19 +371,22 @@ class Session:
         """Poison the session with ``exc`` (an error found by the socket: a record that failed
         authentication, a kernel refusal...), owing the peer the fatal ``alert`` if one is
         given. The first error stays: it is what this returns, and what every later call
-        raises."""
-        if self._error is None:
-            self._error = exc
-            self._key_update_due = False
-            if alert is not None:
-                self._alert_owed = int(alert)
-            if alert is not None or isinstance(exc, TLSAlertReceived):
-                self._sending_closed = True  # a fatal alert ends our side too
-        return self._error
+        raises. Thread-safe: of two threads failing at once, one error and one alert win."""
+        with self._lock:
+            if self._error is None:
+                self._error = exc
+                self._key_update_due = False
+                if alert is not None:
+                    self._alert_owed = int(alert)
+                if alert is not None or isinstance(exc, TLSAlertReceived):
+                    self._sending_closed = True  # a fatal alert ends our side too
+            return self._error
 
     def fatal_alert(self) -> bytes | None:
-        """The fatal alert the peer is owed (its two bytes), once; None if there is none."""
-        alert, self._alert_owed = self._alert_owed, None
+        """The fatal alert the peer is owed (its two bytes), once, to one caller of any number
+        of threads; None if there is none."""
+        with self._lock:
+            alert, self._alert_owed = self._alert_owed, None
         return None if alert is None else bytes([AlertLevel.fatal, alert])
 
 

@@ -18,8 +18,10 @@ import socket
 import ssl
 import struct
 import termios
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from _env import SLOW, WRAP_MODES
@@ -298,3 +300,78 @@ def test_a_poisoned_connection_keeps_no_buffer_of_the_caller(mode: tuple[str, st
                 ours.sendall(data)
             buf.extend(b"x")  # BufferError if a view of it were still alive
             data.extend(b"x")
+
+
+class WatchedLock:
+    """A socket's TX lock that tells when a thread other than its holder waits for it (so a
+    test knows, without a timer, that a sender has passed its checks and waits for the lock)."""
+
+    def __init__(self, lock: Any) -> None:
+        self._lock = lock
+        self.contended = threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking=False):  # free, or held by this thread (an RLock)
+            return True
+        if not blocking:
+            return False
+        self.contended.set()
+        return bool(self._lock.acquire(True, timeout))
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> WatchedLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def records_to_eof(theirs: Any) -> list[int]:
+    """The content types of every record the peer gets until the connection ends, opened by its
+    record layer (no session: nothing is refused, so whatever came after an alert shows)."""
+    wire = bytearray()
+    while data := theirs._sock.recv(2**16):
+        wire += data
+    layer = theirs.record_layer
+    layer.feed(bytes(wire))
+    types = []
+    while (record := layer.next_record()) is not None:
+        types.append(record.content_type)
+    return types
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+@pytest.mark.parametrize("how", ["send", "sendall", "sendfile"])
+def test_no_application_data_after_our_fatal_alert(
+    mode: tuple[str, str], how: str, tmp_path: Any
+) -> None:
+    """One thread sends while another receives (as with ssl): a sender that passed its checks
+    and waits for the TX lock while the receiver fails the connection (a forged record: our
+    fatal alert goes out) must not seal its data after that alert: it raises the session's
+    error, and the peer reads the alert and nothing after it. (The error is the session's, a
+    Finished after the handshake: the record layer itself is not poisoned.)"""
+    path = tmp_path / "late"
+    path.write_bytes(b"LATE DATA")
+    ours, theirs = connect(mode, "client", peer="afalg")
+    with ours, theirs, path.open("rb") as file:
+        calls = {
+            "send": lambda: ours.send(b"LATE DATA"),
+            "sendall": lambda: ours.sendall(b"LATE DATA"),
+            "sendfile": lambda: ours.sendfile(file),
+        }
+        lock = ours._tx_lock = WatchedLock(ours._tx_lock)
+        theirs._sock.sendall(theirs.record_layer.seal(22, b"\x14\x00\x00\x00"))
+        with lock:  # a send in progress, as far as the sending thread can tell
+            sender = Bg(calls[how])
+            assert lock.contended.wait(60 * SLOW), sender.result()
+            with pytest.raises(afalg.TLSProtocolError) as info:
+                ours.recv(100)  # this thread holds the lock: the alert goes out now
+            assert info.value.alert is A.unexpected_message
+        with pytest.raises(afalg.TLSProtocolError) as late:
+            sender.result(120)
+        assert late.value is info.value
+        ours.close()
+        assert records_to_eof(theirs) == [ContentType.alert]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import ssl
+import threading
 
 import pytest
 from hypothesis import given
@@ -404,3 +405,35 @@ def test_a_bug_inside_receive_poisons_with_internal_error(monkeypatch: pytest.Mo
         session.receive(CT_HANDSHAKE, TICKET)
     assert session.error is info.value
     assert session.fatal_alert() == bytes([2, A.internal_error])
+
+
+def _fail_at_once(threads: int) -> list[tuple[Session, BaseException, bytes | None]]:
+    """``threads`` threads fail one session at the same moment, each with its own error, then
+    ask for the fatal alert: (session, the error fail() returned, the alert) per thread."""
+    session = Session(TLS13)
+    barrier = threading.Barrier(threads)
+    results: list[tuple[Session, BaseException, bytes | None]] = []
+
+    def fail(i: int) -> None:
+        barrier.wait()
+        kept = session.fail(afalg.TLSProtocolError(A.unexpected_message, str(i)), 10)
+        results.append((session, kept, session.fatal_alert()))
+
+    workers = [threading.Thread(target=fail, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return results
+
+
+def test_threads_failing_at_once_owe_one_alert() -> None:
+    """A receiver and a sender (or two of each) may fail the session at the same moment: one
+    error wins, every thread gets that one back, and one fatal alert is owed, to one thread.
+    (Under the GIL of CPython 3.11 the unlocked code could not be caught interleaving here; a
+    free-threaded build can, which is what the session's lock is for.)"""
+    for _ in range(200):
+        results = _fail_at_once(8)
+        session = results[0][0]
+        assert {id(kept) for _, kept, _ in results} == {id(session.error)}
+        assert [alert for _, _, alert in results if alert is not None] == [b"\x02\x0a"]
