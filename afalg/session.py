@@ -40,6 +40,10 @@ carrying the alert to send):
   (``MAX_WARN_ALERT_COUNT``, ``SSL_R_TOO_MANY_WARN_ALERTS``); a non-empty record of another type
   starts the count again. Any other alert is fatal: :class:`TLSAlertReceived`. An alert
   record of another length than 2 is a decode_error.
+- Floods: at most :data:`MAX_KEY_UPDATES` KeyUpdates (BoringSSL's bound) and at most
+  :data:`MAX_EMPTY_RECORDS` empty application_data records (OpenSSL's) in a row; the next one
+  is refused (unexpected_message). A non-empty application_data record starts both counts
+  again.
 
 The first error poisons the session, in one place (:meth:`Session.fail`, which
 :meth:`~Session.receive` also goes through): from then on every call raises that same error, and
@@ -68,6 +72,8 @@ from afalg.wire import (
 )
 
 __all__ = [
+    "MAX_EMPTY_RECORDS",
+    "MAX_KEY_UPDATES",
     "MAX_POST_HANDSHAKE_MESSAGE",
     "MAX_WARNING_ALERTS",
     "AlertReceived",
@@ -86,6 +92,14 @@ MAX_POST_HANDSHAKE_MESSAGE = 131338
 # Warning alerts in a row that end the connection (OpenSSL's MAX_WARN_ALERT_COUNT): the
 # MAX_WARNING_ALERTS-th consecutive one is refused with unexpected_message.
 MAX_WARNING_ALERTS = 5
+# KeyUpdates in a row accepted (BoringSSL's kMaxKeyUpdates): each costs new keys (a new AF_ALG
+# socket with the kernel backend), so the next one, with no application data between, is refused
+# with unexpected_message.
+MAX_KEY_UPDATES = 32
+# Empty application_data records in a row accepted (OpenSSL's MAX_EMPTY_RECORDS): they carry
+# nothing, and a stream of them would keep recv() from returning; the next one is refused with
+# unexpected_message.
+MAX_EMPTY_RECORDS = 32
 
 
 # --- events ---------------------------------------------------------------------------------------
@@ -177,6 +191,8 @@ class Session:
         self._tls13 = version == TLS_1_3_VERSION
         self._hs_buf = bytearray()  # a post-handshake message spread over records
         self._warnings = 0  # warning alerts in a row
+        self._key_updates = 0  # KeyUpdates since the last non-empty application_data record
+        self._empty_records = 0  # empty application_data records since the last non-empty one
         self._eof = False  # close_notify received (or a suppressed ragged EOF)
         self._sending_closed = False  # close_notify (or a fatal alert) sent or due
         self._key_update_due = False  # the peer asked for our KeyUpdate
@@ -238,7 +254,7 @@ class Session:
                 f"record of content type {content_type} inside a fragmented handshake message",
             )
         if content_type == ContentType.application_data:
-            return [ApplicationData(payload)] if len(payload) else []
+            return self._application_data(payload)
         if content_type == ContentType.alert:
             return self._alert(bytes(payload))
         if content_type == ContentType.handshake:
@@ -247,6 +263,18 @@ class Session:
             AlertDescription.unexpected_message,
             f"unexpected record of content type {content_type} after the handshake",
         )
+
+    def _application_data(self, payload: bytes | bytearray | memoryview) -> list[Event]:
+        if len(payload):
+            self._key_updates = self._empty_records = 0  # data: the peer is not just flooding
+            return [ApplicationData(payload)]
+        self._empty_records += 1
+        if self._empty_records > MAX_EMPTY_RECORDS:
+            raise TLSProtocolError(
+                AlertDescription.unexpected_message,
+                f"{self._empty_records} empty application_data records in a row",
+            )
+        return []
 
     @_poisoning
     def receive_eof(self, *, suppress_ragged_eofs: bool = True) -> None:
@@ -316,6 +344,12 @@ class Session:
                     else AlertDescription.illegal_parameter
                 )
                 raise TLSProtocolError(alert, "malformed KeyUpdate")
+            self._key_updates += 1
+            if self._key_updates > MAX_KEY_UPDATES:
+                raise TLSProtocolError(
+                    AlertDescription.unexpected_message,
+                    f"{self._key_updates} KeyUpdates without application data between",
+                )
             requested = body[0] == 1
             if requested and not self.sending_closed:
                 self._key_update_due = True

@@ -29,7 +29,8 @@ from test_tls_helpers import Bg, connect, recv_exactly
 
 import afalg
 from afalg.errors import AlertDescription as A
-from afalg.session import MAX_WARNING_ALERTS
+from afalg.ktls import supports_rekey
+from afalg.session import MAX_EMPTY_RECORDS, MAX_KEY_UPDATES, MAX_WARNING_ALERTS
 from afalg.wire import ContentType, key_update_message
 
 HELLO = b"GET / HTTP/1.0\r\n\r\n"
@@ -375,3 +376,68 @@ def test_no_application_data_after_our_fatal_alert(
         assert late.value is info.value
         ours.close()
         assert records_to_eof(theirs) == [ContentType.alert]
+
+
+def key_updates(theirs: Any, n: int) -> bytes:
+    """``n`` KeyUpdates (update_not_requested) from the peer, each in its own record under the
+    keys the one before announced (the peer's record layer moves on after each)."""
+    layer = theirs.record_layer
+    wire = b""
+    for _ in range(n):
+        wire += layer.seal(ContentType.handshake, key_update_message(False))
+        layer.rekey_tx()
+    return wire
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_key_updates_in_a_row_are_bounded(mode: tuple[str, str]) -> None:
+    """MAX_KEY_UPDATES (32) KeyUpdates in a row, then data: all taken; 33 in a row: the 33rd is
+    refused with unexpected_message (raised and sent), whatever follows it unread. (kTLS on
+    Linux 6.14+ only: older kernels cannot take the first.)"""
+    if mode[0] == "ktls" and not supports_rekey():
+        pytest.skip("kTLS cannot take a peer's KeyUpdate before Linux 6.14")
+    ours, theirs = connect(mode, "client", peer="afalg")
+    with ours, theirs:
+        layer = theirs.record_layer
+        theirs._sock.sendall(key_updates(theirs, MAX_KEY_UPDATES) + layer.seal(23, b"data"))
+        assert recv_exactly(ours, 4) == b"data"
+        theirs._sock.sendall(key_updates(theirs, MAX_KEY_UPDATES + 1) + layer.seal(23, b"late"))
+        with pytest.raises(afalg.TLSProtocolError) as info:
+            ours.recv(100)
+        assert info.value.alert is A.unexpected_message
+        assert "33 KeyUpdates" in str(info.value)
+        assert_poisoned(ours)
+        peer_gets_alert(theirs, A.unexpected_message)
+
+
+def empty_records(theirs: Any, n: int) -> bytes:
+    layer = theirs.record_layer
+    return b"".join(layer.seal(ContentType.application_data, b"") for _ in range(n))
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+def test_empty_records_in_a_row(mode: tuple[str, str], version: str) -> None:
+    """MAX_EMPTY_RECORDS (32) empty application_data records in a row, then data: the data comes
+    out. 33 in a row: in algif mode the 33rd is refused (unexpected_message, raised and sent).
+    Under kTLS the kernel never hands an empty record to recvmsg: it opens it (the receive
+    sequence number moves on) and reads on within the same call, so the session never sees it
+    and the data after 33 (or 100) of them comes out; pinned here on each kernel."""
+    ours, theirs = connect(mode, "client", peer="afalg", version=version)
+    with ours, theirs:
+        layer = theirs.record_layer
+        theirs._sock.sendall(empty_records(theirs, MAX_EMPTY_RECORDS) + layer.seal(23, b"data"))
+        assert recv_exactly(ours, 4) == b"data"
+        if mode[0] == "ktls":
+            before = ours.kernel_state().rx_seq
+            theirs._sock.sendall(empty_records(theirs, 100) + layer.seal(23, b"late"))
+            assert recv_exactly(ours, 4) == b"late"
+            assert ours.kernel_state().rx_seq == before + 101
+            return
+        theirs._sock.sendall(empty_records(theirs, MAX_EMPTY_RECORDS + 1) + layer.seal(23, b"late"))
+        with pytest.raises(afalg.TLSProtocolError) as info:
+            ours.recv(100)
+        assert info.value.alert is A.unexpected_message
+        assert "33 empty application_data records" in str(info.value)
+        assert_poisoned(ours)
+        peer_gets_alert(theirs, A.unexpected_message)

@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 import afalg
 from afalg.errors import AlertDescription as A
 from afalg.session import (
+    MAX_EMPTY_RECORDS,
+    MAX_KEY_UPDATES,
     MAX_POST_HANDSHAKE_MESSAGE,
     MAX_WARNING_ALERTS,
     AlertReceived,
@@ -363,6 +365,51 @@ def test_key_update_is_tls13_only_and_refusing_it_poisons_nothing() -> None:
         session.key_update()
     assert session.error is None
     session.check_send()
+
+
+# --- floods ----------------------------------------------------------------------------------
+
+
+def test_key_updates_in_a_row_are_bounded() -> None:
+    """MAX_KEY_UPDATES (32, BoringSSL's kMaxKeyUpdates) KeyUpdates in a row are taken, the next
+    one is refused; a non-empty application_data record starts the count again, an empty one,
+    a NewSessionTicket or an alert do not."""
+    session = Session(TLS13)
+    for _ in range(3):
+        for i in range(MAX_KEY_UPDATES):
+            assert session.receive(CT_HANDSHAKE, KEY_UPDATE_REQUESTED) == [KeyUpdate(True)], i
+            session.key_update_sent()
+        assert session.receive(CT_APPDATA, b"x") == [ApplicationData(b"x")]
+    for _ in range(MAX_KEY_UPDATES - 1):
+        session.receive(CT_HANDSHAKE, KEY_UPDATE)
+    session.receive(CT_APPDATA, b"")
+    session.receive(CT_HANDSHAKE, TICKET)
+    session.receive(CT_ALERT, bytes([1, A.user_canceled]))
+    session.receive(CT_HANDSHAKE, KEY_UPDATE)  # the 32nd
+    refused(session, A.unexpected_message, CT_HANDSHAKE, KEY_UPDATE)
+
+
+@pytest.mark.parametrize("version", [TLS12, TLS13])
+def test_empty_records_in_a_row_are_bounded(version: int) -> None:
+    """MAX_EMPTY_RECORDS (32, OpenSSL's MAX_EMPTY_RECORDS) empty application_data records in a
+    row carry nothing and are taken; the next one is refused; data starts the count again."""
+    session = Session(version)
+    for _ in range(3):
+        for _ in range(MAX_EMPTY_RECORDS):
+            assert session.receive(CT_APPDATA, b"") == []
+        assert session.receive(CT_APPDATA, b"x") == [ApplicationData(b"x")]
+    for _ in range(MAX_EMPTY_RECORDS):
+        session.receive(CT_APPDATA, b"")
+    refused(session, A.unexpected_message, CT_APPDATA, b"")
+
+
+def test_the_two_flood_counts_are_apart() -> None:
+    """Empty records do not count as KeyUpdates nor the reverse: 32 of each, mixed, are taken."""
+    session = Session(TLS13)
+    for _ in range(MAX_KEY_UPDATES):
+        session.receive(CT_APPDATA, b"")
+        session.receive(CT_HANDSHAKE, KEY_UPDATE)
+    assert session.error is None
 
 
 # --- errors found by the socket -----------------------------------------------------------------
