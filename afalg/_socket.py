@@ -30,8 +30,9 @@ class TLSSocketBase:
     """What both afalg TLS sockets share: ownership of the TCP socket, timeouts, the ssl facts
     of the handshake, makefile, sendall, context manager, and driving the post-handshake
     protocol (:class:`afalg.session.Session`): each opened record goes to the session, and the
-    socket acts on its events. Subclasses implement ``send``, ``recv_into``, ``sendfile``,
-    ``_send_alert`` and ``_key_update`` (install the peer's next receive keys)."""
+    socket acts on its events. ``server_side``: our role, by default the handshake's
+    (``ssl_object.server_side``), else unknown. Subclasses implement ``send``, ``recv_into``,
+    ``sendfile``, ``_send_alert`` and ``_key_update`` (install the peer's next receive keys)."""
 
     mode = "?"
 
@@ -43,8 +44,13 @@ class TLSSocketBase:
         ssl_object: ssl.SSLObject | None = None,
         suppress_ragged_eofs: bool = True,
         tickets: TicketFeed | None = None,
+        server_side: bool | None = None,
     ) -> None:
-        self._session = Session(version)  # the protocol state; poisoned by the first error
+        if server_side is None and ssl_object is not None:
+            server_side = ssl_object.server_side  # the role the handshake played
+        # The protocol state, poisoned by the first error; it knows our role (a server refuses
+        # what only servers send).
+        self._session = Session(version, server_side=server_side)
         self._sock = sock
         self._ssl = ssl_object
         self._tickets = tickets  # a TLS 1.3 client's NewSessionTickets go back to ssl
@@ -66,7 +72,7 @@ class TLSSocketBase:
 
     @property
     def server_side(self) -> bool:
-        return bool(self._ssl and self._ssl.server_side)
+        return bool(self._session.server_side)
 
     @property
     def server_hostname(self) -> str | None:

@@ -57,6 +57,7 @@ class AlgTLSSocket(TLSSocketBase):
         backend: str = "kernel",
         tickets: TicketFeed | None = None,
         records_per_key: int | None = None,
+        server_side: bool | None = None,
     ) -> None:
         if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
             raise TypeError("sock must be a connected SOCK_STREAM socket.socket")
@@ -66,7 +67,7 @@ class AlgTLSSocket(TLSSocketBase):
         )  # fmt: skip
         super().__init__(
             sock, version=tx.version, ssl_object=ssl_object,
-            suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets,
+            suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets, server_side=server_side,
         )  # fmt: skip
         self._out = bytearray()  # sealed bytes the socket has not taken yet (non-blocking)
         self._tx_lock = threading.RLock()  # seal + write are one step (sequence order)

@@ -482,13 +482,14 @@ class KTLSSocket(TLSSocketBase):
         suppress_ragged_eofs: bool = True,
         tickets: TicketFeed | None = None,
         records_per_key: int | None = None,
+        server_side: bool | None = None,
     ) -> None:
         if records_per_key is not None and records_per_key < 3:
             raise ValueError("records_per_key must be at least 3 under kTLS")
         enable(sock, tx, rx)
         super().__init__(
             sock, version=tx.version, ssl_object=ssl_object,
-            suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets,
+            suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets, server_side=server_side,
         )  # fmt: skip
         self._tx_keys = tx.with_seq(0) if tx.secret is not None else None  # for KeyUpdate only
         self._rx_keys = rx.with_seq(0) if rx.secret is not None else None

@@ -29,6 +29,8 @@ carrying the alert to send):
   nothing more until new keys are installed, so the rest would never come).
 - Post-handshake messages longer than :data:`MAX_POST_HANDSHAKE_MESSAGE` (OpenSSL's bound for a
   NewSessionTicket) are refused at their header (illegal_parameter), not buffered.
+- Roles: a server (``server_side=True``) refuses the messages only a server sends, a
+  NewSessionTicket or a HelloRequest (unexpected_message).
 - TLS 1.3: NewSessionTicket and KeyUpdate (request_update 0 or 1, else illegal_parameter; a body
   of another length, decode_error) are taken; a CertificateRequest (post-handshake client
   authentication) cannot be answered once the keys left ssl (unexpected_message). TLS 1.2: a
@@ -179,15 +181,20 @@ def _poisoning(method: _F) -> _F:
 class Session:
     """The post-handshake protocol state of one TLS connection (TLS 1.2 or 1.3), no I/O.
 
-    ``version`` is ``0x0303`` or ``0x0304``. See the module docstring for the events, the rules
-    and what to send. One thread may receive while another sends (the sending side only reads
-    what the receiving side sets, and each attribute change is atomic).
+    ``version`` is ``0x0303`` or ``0x0304``; ``server_side`` our role (True: server, False:
+    client, None: unknown, and the messages only one side may send are taken from either). See
+    the module docstring for the events, the rules and what to send. One thread may receive
+    while another sends (the sending side only reads what the receiving side sets, and each
+    attribute change is atomic; failing and the alerts are under a lock).
     """
 
-    def __init__(self, version: int) -> None:
+    def __init__(self, version: int, *, server_side: bool | None = None) -> None:
         if not isinstance(version, int) or version not in (0x0303, TLS_1_3_VERSION):
             raise ValueError(f"version must be 0x0303 or 0x0304, not {version!r}")
+        if server_side is not None and not isinstance(server_side, bool):
+            raise TypeError(f"server_side must be a bool or None, not {server_side!r}")
         self._version = version
+        self._server_side = server_side
         self._tls13 = version == TLS_1_3_VERSION
         self._hs_buf = bytearray()  # a post-handshake message spread over records
         self._warnings = 0  # warning alerts in a row
@@ -211,6 +218,11 @@ class Session:
     @property
     def version(self) -> int:
         return self._version
+
+    @property
+    def server_side(self) -> bool | None:
+        """Our role: True (server), False (client) or None (not known: no role rule applies)."""
+        return self._server_side
 
     @property
     def error(self) -> BaseException | None:
@@ -330,6 +342,11 @@ class Session:
         return events
 
     def _handshake_message(self, msg_type: int, body: bytes) -> Event:
+        if self._server_side and msg_type in _SERVER_ONLY:
+            raise TLSProtocolError(
+                AlertDescription.unexpected_message,
+                f"a {_SERVER_ONLY[msg_type]} from the client (only a server sends one)",
+            )
         if msg_type == HandshakeType.new_session_ticket and self._tls13:
             return NewSessionTicket(body)
         if msg_type == HandshakeType.hello_request and not self._tls13:
@@ -422,6 +439,14 @@ class Session:
         with self._lock:
             alert, self._alert_owed = self._alert_owed, None
         return None if alert is None else bytes([AlertLevel.fatal, alert])
+
+
+# Post-handshake messages that only a server sends (RFC 8446 4.6.1, RFC 5246 7.4.1.1); a server
+# that receives one answers unexpected_message.
+_SERVER_ONLY = {
+    HandshakeType.new_session_ticket: "NewSessionTicket",
+    HandshakeType.hello_request: "HelloRequest",
+}
 
 
 def _description(value: int) -> AlertDescription | int:

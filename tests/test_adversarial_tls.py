@@ -441,3 +441,28 @@ def test_empty_records_in_a_row(mode: tuple[str, str], version: str) -> None:
         assert "33 empty application_data records" in str(info.value)
         assert_poisoned(ours)
         peer_gets_alert(theirs, A.unexpected_message)
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [("TLSv1.3", b"\x04\x00\x00\x08" + bytes(8)), ("TLSv1.2", b"\x00\x00\x00\x00")],
+    ids=["NewSessionTicket", "HelloRequest"],
+)
+def test_a_server_refuses_what_only_servers_send(
+    mode: tuple[str, str], version: str, message: bytes
+) -> None:
+    """The role comes from the hand-off: our server, sent a NewSessionTicket (TLS 1.3) or a
+    HelloRequest (TLS 1.2) by the client, answers unexpected_message (raised and sent); before,
+    the ticket was buffered then dropped and the HelloRequest ignored."""
+    ours, theirs = connect(mode, "server", peer="afalg", version=version)
+    with ours, theirs:
+        assert ours.server_side and ours.tls_session.server_side is True
+        assert theirs.tls_session.server_side is False
+        theirs._sock.sendall(theirs.record_layer.seal(ContentType.handshake, message))
+        with pytest.raises(afalg.TLSProtocolError) as info:
+            ours.recv(100)
+        assert info.value.alert is A.unexpected_message
+        assert "from the client" in str(info.value)
+        assert_poisoned(ours)
+        peer_gets_alert(theirs, A.unexpected_message)

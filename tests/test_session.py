@@ -367,6 +367,36 @@ def test_key_update_is_tls13_only_and_refusing_it_poisons_nothing() -> None:
     session.check_send()
 
 
+# --- roles ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [(TLS13, TICKET), (TLS12, b"\x00\x00\x00\x00")],
+    ids=["NewSessionTicket", "HelloRequest"],
+)
+def test_a_server_refuses_what_only_servers_send(version: int, message: bytes) -> None:
+    """A TLS 1.3 NewSessionTicket and a TLS 1.2 HelloRequest go from server to client only
+    (RFC 8446 4.6.1, RFC 5246 7.4.1.1): a server that gets one answers unexpected_message; a
+    client takes it, and so does a session whose role is not known."""
+    for server_side in (False, None):
+        assert len(Session(version, server_side=server_side).receive(CT_HANDSHAKE, message)) == 1
+    server = Session(version, server_side=True)
+    assert server.server_side is True
+    refused(server, A.unexpected_message, CT_HANDSHAKE, message)
+
+
+def test_a_server_takes_key_updates() -> None:
+    server = Session(TLS13, server_side=True)
+    assert server.receive(CT_HANDSHAKE, KEY_UPDATE_REQUESTED) == [KeyUpdate(True)]
+
+
+@pytest.mark.parametrize("server_side", [1, "server", 0])
+def test_role_checked_at_the_edge(server_side: object) -> None:
+    with pytest.raises(TypeError, match="server_side"):
+        Session(TLS13, server_side=server_side)  # type: ignore[arg-type]
+
+
 # --- floods ----------------------------------------------------------------------------------
 
 
