@@ -443,7 +443,7 @@ class Session:
 
 # Post-handshake messages that only a server sends (RFC 8446 4.6.1, RFC 5246 7.4.1.1); a server
 # that receives one answers unexpected_message.
-_SERVER_ONLY = {
+_SERVER_ONLY: dict[int, str] = {
     HandshakeType.new_session_ticket: "NewSessionTicket",
     HandshakeType.hello_request: "HelloRequest",
 }
