@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import select
 import socket
 import ssl
 from typing import Any
@@ -354,6 +355,20 @@ class TLSSocketBase:
 
     def _key_update(self, *, update_requested: bool) -> None:
         raise NotImplementedError
+
+    def _answer_key_update_nowait(self) -> None:
+        """Send the KeyUpdate the peer asked for now, if one is due and the send lock is free
+        (never behind a sending thread) and the socket takes it without waiting; otherwise it
+        goes before our next application data. Called by the receiving side when it would
+        block or returns: one answer for all the requests read meanwhile (RFC 8446 4.6.3),
+        and a peer that waits for the answer before sending on does not wait for ever."""
+
+    def _readable_now(self) -> bool:
+        """Whether the TCP socket has something to read right now (more records may follow:
+        read them before answering, so that one KeyUpdate answers them all)."""
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        return bool(poller.poll(0))
 
     def _ragged_eof(self) -> int:
         self._session.receive_eof(suppress_ragged_eofs=self.suppress_ragged_eofs)

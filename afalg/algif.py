@@ -38,7 +38,8 @@ class AlgTLSSocket(TLSSocketBase):
     kernel's AEAD (AF_ALG) seals and opens them, this object does the I/O.
 
     A TLS 1.3 peer's KeyUpdate moves the receive keys (and, if it asks, ours: our own KeyUpdate
-    goes out before our next application data); :meth:`key_update` starts one, and sending does
+    goes out once the records read so far are handled, if no other thread is sending, else
+    before our next application data); :meth:`key_update` starts one, and sending does
     it by itself before a key seals more than ``records_per_key`` records (by default the AEAD
     usage limit of RFC 8446 section 5.5: 2**24 for AES-GCM), the last of them the KeyUpdate.
     Thread-safety as for ssl sockets: one thread may send while another receives.
@@ -266,7 +267,8 @@ class AlgTLSSocket(TLSSocketBase):
             n = min(len(view), len(self._plain))
             view[:n] = self._plain[:n]
             del self._plain[:n]
-            return n
+        self._answer_key_update_nowait()  # after every record read so far: one answer
+        return n
 
     def _flush_nowait(self) -> None:
         """Sealed records still queued go out with any I/O call: what the socket takes now,
@@ -287,6 +289,8 @@ class AlgTLSSocket(TLSSocketBase):
                 raise self._fatal(exc.alert, exc) from exc
             if record is not None:
                 return record
+            if not self._readable_now():
+                self._answer_key_update_nowait()  # before waiting: the peer may wait for it
             try:
                 data = self._sock.recv(_RECV_CHUNK)
             except BlockingIOError:
@@ -315,10 +319,22 @@ class AlgTLSSocket(TLSSocketBase):
             except Exception as exc:  # the session's error, or a bug: raised by the next call
                 self._fatal(AlertDescription.internal_error, exc)
 
+    def _answer_key_update_nowait(self) -> None:
+        if not self._session.key_update_due or not self._tx_lock.acquire(blocking=False):
+            return
+        try:
+            if self._session.key_update_due and not self._session.sending_closed:
+                self._seal_key_update(request_peer=False)
+                with contextlib.suppress(OSError):  # what the socket takes now; the rest goes
+                    self._write_out(time.monotonic())  # out with the next I/O call
+        finally:
+            self._tx_lock.release()
+
     def _key_update(self, *, update_requested: bool) -> None:
-        """The peer's KeyUpdate: its next keys open what follows. Our answer to a request is
-        due before our next application data (:meth:`send`), one for any number of requests
-        (RFC 8446 4.6.3). If the next keys cannot be set up (a new AF_ALG socket with the
+        """The peer's KeyUpdate: its next keys open what follows. Our answer to a request goes
+        out from the receiving side where it can (:meth:`_answer_key_update_nowait`), else
+        before our next application data (:meth:`send`), one for any number of requests read
+        together (RFC 8446 4.6.3). If the next keys cannot be set up (a new AF_ALG socket with the
         kernel backend: EMFILE, ENOMEM) the connection fails with internal_error."""
         try:
             self._layer.rekey_rx()

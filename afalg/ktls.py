@@ -26,8 +26,9 @@ there is no complete KeyUpdate yet (a KeyUpdate fragmented over records, or a fr
 another message that starts with the byte 24): there the current keys are installed again at
 the kernel's sequence number (``getsockopt(TLS_RX)``) to read on. On
 the send side there is no pause: our KeyUpdate goes out under the old keys, then ``TLS_TX`` gets
-the new ones (``TlsTxRekeyOk``). A peer's update_requested is answered with one KeyUpdate before
-our next application data (RFC 8446 4.6.3), however many requests came meanwhile.
+the new ones (``TlsTxRekeyOk``). A peer's update_requested is answered with one KeyUpdate as soon as
+the records read so far are handled and no other thread is sending (the receiving side sends it),
+else before our next application data (RFC 8446 4.6.3), however many requests came meanwhile.
 
 A record that fails authentication makes the kernel set the socket error (EBADMSG); until it is
 read with ``SO_ERROR`` every send fails. :class:`KTLSSocket` reads it, sends the bad_record_mac
@@ -453,6 +454,12 @@ _RECV_ERRORS = {
 }
 
 
+def _writable_now(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
 def _wait_writable(fd: int, timeout: float | None) -> None:
     """Wait until ``fd`` takes more, at most ``timeout`` seconds (TimeoutError after)."""
     poller = select.poll()
@@ -624,6 +631,8 @@ class KTLSSocket(TLSSocketBase):
         if self._session.eof or not view:
             return 0
         while True:
+            if self._session.key_update_due and not self._readable_now():
+                self._answer_key_update_nowait()  # before waiting: the peer may wait for it
             small = len(view) < _RECORD_BUF
             target = view
             if small:
@@ -649,6 +658,7 @@ class KTLSSocket(TLSSocketBase):
                 with target[:n] as plaintext:  # released even if an error keeps it
                     if not self._receive(content_type, plaintext):
                         continue  # an empty application_data record carries nothing
+                self._answer_key_update_nowait()  # after the records read so far: one answer
                 if small:
                     k = min(n, len(view))
                     view[:k] = target[:k]
@@ -709,7 +719,8 @@ class KTLSSocket(TLSSocketBase):
     def _key_update(self, *, update_requested: bool) -> None:
         """The peer moved to its next traffic secret: install the next receive keys at once (the
         kernel reads nothing more until then). If it asked for ours, the session has our
-        KeyUpdate due before our next application data (one for any number of requests)."""
+        KeyUpdate due: sent by the receiving side where it can, else before our next
+        application data (one for any number of requests read together)."""
         if self._rx_keys is None:
             raise self._fatal(
                 AlertDescription.internal_error,
@@ -803,18 +814,31 @@ class KTLSSocket(TLSSocketBase):
         seq = record_sequence(self._sock, _uapi.TLS_TX, self._cipher_type)
         return max(0, self._records_per_key - seq)
 
+    def _answer_key_update_nowait(self) -> None:
+        if not self._session.key_update_due or not self._tx_lock.acquire(blocking=False):
+            return
+        try:
+            # Only if writable now: the few bytes then go at once (MSG_DONTWAIT).
+            due = self._session.key_update_due and not self._session.sending_closed
+            if due and _writable_now(self._sock):
+                self._send_key_update(request_peer=False, wait=False)
+        except (BlockingIOError, TimeoutError):
+            pass  # nothing sent: it goes before our next application data
+        finally:
+            self._tx_lock.release()
+
     def _answer_key_update(self) -> None:
         """Send the KeyUpdate the peer asked for, if it is due (called with the TX lock)."""
         if self._session.key_update_due:
             self._send_key_update(request_peer=False)  # clears it once sent
 
-    def _send_key_update(self, *, request_peer: bool) -> None:
+    def _send_key_update(self, *, request_peer: bool, wait: bool = True) -> None:
         assert self._tx_keys is not None
         nxt = self._tx_keys.next_generation()
         with self._tx_lock:
             message = self._session.key_update(request_peer=request_peer)
             try:
-                self._send_record(ContentType.handshake, message)
+                self._send_record(ContentType.handshake, message, wait=wait)
             except OSError as exc:
                 raise self._translate(exc) from exc
             try:

@@ -15,7 +15,8 @@ does the I/O (and installs keys)::
         KeyUpdate            -> install the peer's next traffic keys before reading on
     session.receive_eof(suppress_ragged_eofs=...)    # the transport ended without close_notify
 
-    # before each application data write (RFC 8446 4.6.3, one reply for any number of requests):
+    # once the records read so far are handled (if no other thread is sending), and before each
+    # application data write (RFC 8446 4.6.3, one reply for any number of requests):
     if session.key_update_due:
         send(handshake, session.key_update()); session.key_update_sent(); next send keys
     send(alert, session.close_notify())                # unless it returns None

@@ -29,6 +29,7 @@ from test_tls_helpers import Bg, connect, recv_exactly
 
 import afalg
 from afalg.errors import AlertDescription as A
+from afalg.errors import KeyUpdateUnsupported
 from afalg.ktls import supports_rekey
 from afalg.session import MAX_EMPTY_RECORDS, MAX_KEY_UPDATES, MAX_WARNING_ALERTS
 from afalg.wire import ContentType, key_update_message
@@ -394,12 +395,14 @@ def test_key_updates_in_a_row_are_bounded(mode: tuple[str, str]) -> None:
     """MAX_KEY_UPDATES (32) KeyUpdates in a row, then data: all taken; 33 in a row: the 33rd is
     refused with unexpected_message (raised and sent), whatever follows it unread. (kTLS on
     Linux 6.14+ only: older kernels cannot take the first.)"""
-    if mode[0] == "ktls" and not supports_rekey():
-        pytest.skip("kTLS cannot take a peer's KeyUpdate before Linux 6.14")
     ours, theirs = connect(mode, "client", peer="afalg")
     with ours, theirs:
         layer = theirs.record_layer
         theirs._sock.sendall(key_updates(theirs, MAX_KEY_UPDATES) + layer.seal(23, b"data"))
+        if mode[0] == "ktls" and not supports_rekey():
+            with pytest.raises(KeyUpdateUnsupported):
+                ours.recv(100)
+            return
         assert recv_exactly(ours, 4) == b"data"
         theirs._sock.sendall(key_updates(theirs, MAX_KEY_UPDATES + 1) + layer.seal(23, b"late"))
         with pytest.raises(afalg.TLSProtocolError) as info:
@@ -466,3 +469,58 @@ def test_a_server_refuses_what_only_servers_send(
         assert "from the client" in str(info.value)
         assert_poisoned(ours)
         peer_gets_alert(theirs, A.unexpected_message)
+
+
+# --- KeyUpdates across a key change (RFC 8446 5.1: a handshake message must not span one) -----
+
+
+def two_key_updates_one_record_future_keys(layer: Any) -> bytes:
+    """tlsfuzzer's "two KeyUpdates in one record with future keys": one record holding a
+    KeyUpdate and a second one, sealed under the keys the first announces."""
+    layer.rekey_tx()
+    return layer.seal(22, key_update_message(False) + key_update_message(True))
+
+
+def first_fragmented_second_under_new_keys(layer: Any) -> bytes:
+    """tlsfuzzer's "two KeyUpdates, first fragmented, second fragment under new keys together
+    with second KeyUpdate": the first KeyUpdate's first byte under the current keys, the rest
+    of it and a second KeyUpdate in one record under the next keys."""
+    message = key_update_message(False)
+    wire = layer.seal(22, message[:1])
+    layer.rekey_tx()
+    return wire + layer.seal(22, message[1:] + key_update_message(True))
+
+
+def two_key_updates_one_record(layer: Any) -> bytes:
+    """tlsfuzzer's "two KeyUpdates in one record", both under the current keys."""
+    return layer.seal(22, key_update_message(False) + key_update_message(True))
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+@pytest.mark.parametrize(
+    ("forge", "alerts"),
+    [
+        (two_key_updates_one_record_future_keys, {A.bad_record_mac}),
+        (first_fragmented_second_under_new_keys, {A.bad_record_mac, A.unexpected_message}),
+        (two_key_updates_one_record, {A.unexpected_message}),
+    ],
+    ids=["one-record-future-keys", "first-fragmented", "one-record"],
+)
+def test_key_updates_spanning_a_key_change(
+    mode: tuple[str, str], forge: Callable[[Any], bytes], alerts: set[A]
+) -> None:
+    """RFC 8446 5.1 (and 4.6.3): no handshake message may span a key change, and a record
+    holding anything after a KeyUpdate is refused. Each of tlsfuzzer's three cases ends the
+    connection (bad_record_mac where the record cannot be opened under the keys in force,
+    unexpected_message where it can), raised and sent; the data after it is never read."""
+    ours, theirs = connect(mode, "server", peer="afalg")
+    with ours, theirs:
+        layer = theirs.record_layer
+        theirs._sock.sendall(layer.seal(23, b"before"))
+        assert recv_exactly(ours, 6) == b"before"
+        theirs._sock.sendall(forge(layer) + layer.seal(23, HELLO))
+        with pytest.raises(afalg.TLSProtocolError) as info:
+            ours.recv(100)
+        assert info.value.alert in alerts
+        assert_poisoned(ours)
+        peer_gets_alert(theirs, info.value.alert)
