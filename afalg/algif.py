@@ -20,7 +20,7 @@ from typing import Any
 
 from afalg._socket import TLSSocketBase
 from afalg._uapi import TLS_1_3_VERSION
-from afalg.errors import KeyLimitReached, TLSProtocolError, WantRead, WantWrite
+from afalg.errors import TLSProtocolError, WantRead, WantWrite
 from afalg.handoff import TicketFeed
 from afalg.keys import TrafficKeys
 from afalg.ktls import KernelTLSState, kernel_state
@@ -157,20 +157,15 @@ class AlgTLSSocket(TLSSocketBase):
         return n
 
     def _data_room(self) -> int:
-        """Application data records the sending key may still seal: its last record is kept
-        for a KeyUpdate (TLS 1.3), sealed here when nothing else is left, or for an alert (TLS
-        1.2, which has no KeyUpdate: :class:`~afalg.errors.KeyLimitReached` then)."""
-        left = self._layer.tx_records_left
-        if left <= 1:
-            if self._version != TLS_1_3_VERSION:
-                raise KeyLimitReached(
-                    f"the TLS 1.2 send key may seal {self._layer.records_per_key} records and "
-                    "has one left, kept for close_notify; TLS 1.2 cannot update keys: nothing "
-                    "was sent, close this connection and open a new one"
-                )
+        """Application data records the sending key may still seal (the session's rule,
+        :meth:`~afalg.session.Session.records_to_seal`, on the record layer's count); our
+        KeyUpdate is sealed first when nothing else is left (TLS 1.3)."""
+        layer, limit = self._layer, self._layer.records_per_key or 2**64
+        room = self._session.records_to_seal(layer.tx_records_left, limit)
+        if room == 0:
             self._seal_key_update(request_peer=False)
-            left = self._layer.tx_records_left
-        return left - 1
+            room = self._session.records_to_seal(layer.tx_records_left, limit)
+        return room
 
     def flush(self) -> None:
         """Write out the sealed records the socket has not taken yet, within the socket's

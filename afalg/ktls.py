@@ -70,7 +70,6 @@ from afalg.cmsg import (
     tls_crypto_info_struct,
 )
 from afalg.errors import (
-    KeyLimitReached,
     KeyUpdateUnsupported,
     KTLSError,
     WantRead,
@@ -782,31 +781,38 @@ class KTLSSocket(TLSSocketBase):
 
     def _tx_allowance(self, nbytes: int) -> int:
         """How much of ``nbytes`` one send may take without the send key sealing more than
-        ``records_per_key`` records, counted from the kernel's TX sequence number. A send of n
-        bytes closes at most ceil(n / 2**14) + 1 records (one may be open from before); the
-        key's last record is kept for the KeyUpdate, which goes first when nothing else fits
-        (:class:`~afalg.errors.KeyLimitReached` where it cannot: TLS 1.2, or a kernel without
-        kTLS rekeying). Called with the TX lock."""
+        ``records_per_key`` records (the session's rule, :meth:`_tx_room`). A send of n bytes
+        closes at most ceil(n / 2**14) + 1 records (one may be open from before); our
+        KeyUpdate goes first when nothing else fits. Called with the TX lock."""
         cost = -(-nbytes // MAX_PLAINTEXT) + 1
         if cost > self._tx_budget:
-            self._tx_budget = self._tx_left() - 1
-            if self._tx_budget < 2:
-                if self._version != TLS_1_3_VERSION or self._tx_keys is None:
-                    raise KeyLimitReached(
-                        f"the kTLS send key may seal {self._records_per_key} records and has "
-                        f"{self._tx_budget + 1} left, kept for close_notify; TLS 1.2 cannot "
-                        "update keys: nothing was sent, open a new connection"
-                    )
-                if not supports_rekey():
-                    raise KeyLimitReached(self._cannot_rekey(
-                        f"the kTLS send key has sealed its {self._records_per_key} records"
-                    ) + "; nothing was sent")  # fmt: skip
+            self._tx_budget = self._tx_room()
+            if self._tx_budget == 0:
                 self._send_key_update(request_peer=False)
-                self._tx_budget = self._tx_left() - 1
+                self._tx_budget = self._tx_room()
             nbytes = min(nbytes, (self._tx_budget - 1) * MAX_PLAINTEXT)
             cost = -(-nbytes // MAX_PLAINTEXT) + 1
         self._tx_budget -= cost
         return nbytes
+
+    def _tx_room(self) -> int:
+        """Records the send key may surely still seal, from the kernel's TX sequence number
+        (:meth:`afalg.session.Session.records_to_seal`, at least 2: a send may close a record
+        left open); 0: our KeyUpdate first. :class:`~afalg.errors.KeyLimitReached` where none
+        can go: TLS 1.2, keys without their secret, a kernel without kTLS rekeying."""
+        cannot = None
+        if self._tx_keys is None:
+            cannot = (
+                f"the kTLS send key has sealed its {self._records_per_key} records and its "
+                "traffic secret was not kept to update it: open a new connection"
+            )
+        elif not supports_rekey():
+            cannot = self._cannot_rekey(
+                f"the kTLS send key has sealed its {self._records_per_key} records"
+            )
+        return self._session.records_to_seal(
+            self._tx_left(), self._records_per_key, at_least=2, cannot_update=cannot
+        )
 
     def _tx_left(self) -> int:
         """Records the send key may still seal, from the kernel's TX sequence number (TLS 1.3

@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from afalg._uapi import TLS_1_3_VERSION
-from afalg.errors import TLSAlertReceived, TLSError, TLSProtocolError
+from afalg.errors import KeyLimitReached, TLSAlertReceived, TLSError, TLSProtocolError
 from afalg.wire import (
     AlertDescription,
     AlertLevel,
@@ -395,6 +395,36 @@ class Session:
                 errno.EPIPE,
                 "this connection's sending side is shut down (close_notify sent or due)",
             )
+
+    def records_to_seal(
+        self,
+        records_left: int,
+        records_per_key: int,
+        *,
+        at_least: int = 1,
+        cannot_update: str | None = None,
+    ) -> int:
+        """How many application_data records the current send key may still seal.
+
+        ``records_left`` is what is left of the key's ``records_per_key``, counted by whoever
+        seals (the record layer in algif mode, the kernel's TX sequence number under kTLS). The
+        key's last record is kept: for our KeyUpdate (TLS 1.3) or for close_notify (TLS 1.2).
+        Returns that room when it is at least ``at_least`` (a socket that may close a record
+        left open asks for more), else 0: send :meth:`key_update` first, then ask again. Raises
+        :class:`~afalg.errors.KeyLimitReached`, nothing changed, where no KeyUpdate can go:
+        TLS 1.2, or ``cannot_update`` (the socket's reason it cannot send one)."""
+        room = records_left - 1
+        if room >= at_least:
+            return room
+        if not self._tls13:
+            raise KeyLimitReached(
+                f"the TLS 1.2 send key may seal {records_per_key} records and has "
+                f"{max(records_left, 0)} left, kept for close_notify; TLS 1.2 cannot update "
+                "keys: nothing was sent, close this connection and open a new one"
+            )
+        if cannot_update is not None:
+            raise KeyLimitReached(f"{cannot_update}; nothing was sent")
+        return 0
 
     def key_update(self, *, request_peer: bool = False) -> bytes:
         """The KeyUpdate message to send now, in a handshake record under the current send

@@ -442,6 +442,27 @@ def test_the_two_flood_counts_are_apart() -> None:
     assert session.error is None
 
 
+# --- the send-key budget -----------------------------------------------------------------------
+
+
+def test_records_to_seal_keeps_the_keys_last_record() -> None:
+    """The send-key budget, one rule for both sockets: the key's last record is kept (for our
+    KeyUpdate in TLS 1.3, for close_notify in TLS 1.2); 0 asks for a KeyUpdate first; where
+    none can go, KeyLimitReached names why and that nothing was sent."""
+    tls13, tls12 = Session(TLS13), Session(TLS12)
+    assert tls13.records_to_seal(10, 10) == 9
+    assert tls13.records_to_seal(2, 10) == 1
+    assert tls13.records_to_seal(1, 10) == 0
+    assert tls13.records_to_seal(2, 10, at_least=2) == 0  # kTLS: a send may close two
+    assert tls13.records_to_seal(3, 10, at_least=2) == 2
+    with pytest.raises(afalg.errors.KeyLimitReached, match="no rekeying here; nothing was sent"):
+        tls13.records_to_seal(1, 10, cannot_update="no rekeying here")
+    assert tls12.records_to_seal(2, 10) == 1
+    with pytest.raises(afalg.errors.KeyLimitReached, match=r"TLS 1\.2 .*has 1 left"):
+        tls12.records_to_seal(1, 10)
+    assert tls13.error is None and tls12.error is None  # refusing poisons nothing
+
+
 # --- errors found by the socket -----------------------------------------------------------------
 
 
