@@ -16,6 +16,7 @@ import io
 import select
 import socket
 import ssl
+import threading
 from typing import Any
 
 from afalg._uapi import TLS_1_3_VERSION
@@ -61,6 +62,9 @@ class TLSSocketBase:
         self._plain = bytearray()  # opened application data not yet returned
         self._close_notify_retry: bytes | None = None  # close_notify the socket took none of
         self._version = version  # TLS_1_2_VERSION or TLS_1_3_VERSION
+        # Sending a record and what goes with it (sealing in sequence order; a KeyUpdate and
+        # the next send keys) is one step: one sender at a time.
+        self._tx_lock = threading.RLock()
 
     # -- facts from the handshake --
     @property
@@ -356,12 +360,36 @@ class TLSSocketBase:
     def _key_update(self, *, update_requested: bool) -> None:
         raise NotImplementedError
 
-    def _answer_key_update_nowait(self) -> None:
-        """Send the KeyUpdate the peer asked for now, if one is due and the send lock is free
-        (never behind a sending thread) and the socket takes it without waiting; otherwise it
-        goes before our next application data. Called by the receiving side when it would
-        block or returns: one answer for all the requests read meanwhile (RFC 8446 4.6.3),
-        and a peer that waits for the answer before sending on does not wait for ever."""
+    def _answer_key_update(self, *, wait: bool = True) -> None:
+        """Send the KeyUpdate that answers the peer's requests, if the session has one due
+        (:meth:`afalg.session.Session.key_update_answer`). With ``wait``: before our application
+        data (the TX lock held or waited for). Without: from the receiving side, when it would
+        block or returns, so that a peer waiting for the answer does not wait for ever; only if
+        the TX lock is free (never behind a sending thread) and the socket takes it now, else
+        it is left for the next send."""
+        if not self._session.key_update_due or not self._tx_lock.acquire(blocking=wait):
+            return
+        try:
+            message = self._session.key_update_answer()
+            if message is None or not (wait or self._writable_now()):
+                return
+            try:
+                self._send_key_update_message(message, wait=wait)
+            except (BlockingIOError, TimeoutError):
+                if wait:
+                    raise  # without waiting, nothing was sent: the next send answers
+        finally:
+            self._tx_lock.release()
+
+    def _send_key_update_message(self, message: bytes, *, wait: bool) -> None:
+        """Send our KeyUpdate ``message`` under the current keys, move to the next send keys,
+        and tell the session (``key_update_sent``). Called with the TX lock."""
+        raise NotImplementedError
+
+    def _writable_now(self) -> bool:
+        poller = select.poll()
+        poller.register(self._sock, select.POLLOUT)
+        return bool(poller.poll(0))
 
     def _readable_now(self) -> bool:
         """Whether the TCP socket has something to read right now (more records may follow:

@@ -71,7 +71,6 @@ class AlgTLSSocket(TLSSocketBase):
             suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets, server_side=server_side,
         )  # fmt: skip
         self._out = bytearray()  # sealed bytes the socket has not taken yet (non-blocking)
-        self._tx_lock = threading.RLock()  # seal + write are one step (sequence order)
         self._rx_lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -145,8 +144,7 @@ class AlgTLSSocket(TLSSocketBase):
             deadline = self._deadline()
             if not self._write_out(deadline):
                 raise self._unsent()  # nothing of data taken
-            if self._session.key_update_due:  # the peer asked: ours before our next data
-                self._seal_key_update(request_peer=False)
+            self._answer_key_update()  # the peer asked: ours before our next data
             n = min(len(whole), _SEND_CHUNK, self._data_room() * MAX_PLAINTEXT)
             with whole[:n] as view:
                 try:
@@ -192,15 +190,23 @@ class AlgTLSSocket(TLSSocketBase):
         finally:
             self._tx_lock.release()
 
-    def _seal_key_update(self, *, request_peer: bool) -> None:
-        """Queue our KeyUpdate, sealed under the current keys, and move to the next ones.
+    def _send_key_update_message(self, message: bytes, *, wait: bool) -> None:
+        self._seal_key_update(message=message)
+        if not wait:  # from the receiving side: what the socket takes now, the rest goes out
+            with contextlib.suppress(OSError):  # with the next I/O call
+                self._write_out(time.monotonic())
+
+    def _seal_key_update(self, *, request_peer: bool = False, message: bytes | None = None) -> None:
+        """Queue our KeyUpdate (``message``, else a new one), sealed under the current keys, and
+        move to the next ones.
 
         If the next keys cannot be set up (with the kernel backend, a new AF_ALG socket: EMFILE,
         ENOMEM), the KeyUpdate is dropped unsent and the connection poisoned: nothing may
         follow a KeyUpdate under the old keys, and the peer sees the stream end without
         close_notify."""
         with self._tx_lock:
-            message = self._session.key_update(request_peer=request_peer)
+            if message is None:
+                message = self._session.key_update(request_peer=request_peer)
             sealed = self._layer.seal(ContentType.handshake, message)
             try:
                 self._layer.rekey_tx()
@@ -262,7 +268,7 @@ class AlgTLSSocket(TLSSocketBase):
             n = min(len(view), len(self._plain))
             view[:n] = self._plain[:n]
             del self._plain[:n]
-        self._answer_key_update_nowait()  # after every record read so far: one answer
+        self._answer_key_update(wait=False)  # after every record read so far: one answer
         return n
 
     def _flush_nowait(self) -> None:
@@ -285,7 +291,7 @@ class AlgTLSSocket(TLSSocketBase):
             if record is not None:
                 return record
             if not self._readable_now():
-                self._answer_key_update_nowait()  # before waiting: the peer may wait for it
+                self._answer_key_update(wait=False)  # before waiting: the peer may wait for it
             try:
                 data = self._sock.recv(_RECV_CHUNK)
             except BlockingIOError:
@@ -314,20 +320,9 @@ class AlgTLSSocket(TLSSocketBase):
             except Exception as exc:  # the session's error, or a bug: raised by the next call
                 self._fatal(AlertDescription.internal_error, exc)
 
-    def _answer_key_update_nowait(self) -> None:
-        if not self._session.key_update_due or not self._tx_lock.acquire(blocking=False):
-            return
-        try:
-            if self._session.key_update_due and not self._session.sending_closed:
-                self._seal_key_update(request_peer=False)
-                with contextlib.suppress(OSError):  # what the socket takes now; the rest goes
-                    self._write_out(time.monotonic())  # out with the next I/O call
-        finally:
-            self._tx_lock.release()
-
     def _key_update(self, *, update_requested: bool) -> None:
         """The peer's KeyUpdate: its next keys open what follows. Our answer to a request goes
-        out from the receiving side where it can (:meth:`_answer_key_update_nowait`), else
+        out from the receiving side where it can (:meth:`_answer_key_update`), else
         before our next application data (:meth:`send`), one for any number of requests read
         together (RFC 8446 4.6.3). If the next keys cannot be set up (a new AF_ALG socket with the
         kernel backend: EMFILE, ENOMEM) the connection fails with internal_error."""

@@ -52,7 +52,6 @@ import os
 import select
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -453,12 +452,6 @@ _RECV_ERRORS = {
 }
 
 
-def _writable_now(sock: socket.socket) -> bool:
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    return bool(poller.poll(0))
-
-
 def _wait_writable(fd: int, timeout: float | None) -> None:
     """Wait until ``fd`` takes more, at most ``timeout`` seconds (TimeoutError after)."""
     poller = select.poll()
@@ -500,9 +493,6 @@ class KTLSSocket(TLSSocketBase):
         self._tx_keys = tx.with_seq(0) if tx.secret is not None else None  # for KeyUpdate only
         self._rx_keys = rx.with_seq(0) if rx.secret is not None else None
         self._scratch: memoryview | None = None  # one record's room, for small reads
-        # Sending a KeyUpdate and installing the next TX keys is one step: no application data
-        # from another thread may come between them (it would go out under the old keys).
-        self._tx_lock = threading.RLock()
         self._rx_paused = False  # EKEYEXPIRED seen and the current keys installed again
         self._reader: socket.socket | None = None  # a duplicate for reads with a timeout
         self._cipher_type = tx.cipher_suite.ktls_cipher_type
@@ -631,7 +621,7 @@ class KTLSSocket(TLSSocketBase):
             return 0
         while True:
             if self._session.key_update_due and not self._readable_now():
-                self._answer_key_update_nowait()  # before waiting: the peer may wait for it
+                self._answer_key_update(wait=False)  # before waiting: the peer may wait for it
             small = len(view) < _RECORD_BUF
             target = view
             if small:
@@ -657,7 +647,7 @@ class KTLSSocket(TLSSocketBase):
                 with target[:n] as plaintext:  # released even if an error keeps it
                     if not self._receive(content_type, plaintext):
                         continue  # an empty application_data record carries nothing
-                self._answer_key_update_nowait()  # after the records read so far: one answer
+                self._answer_key_update(wait=False)  # after the records read so far: one answer
                 if small:
                     k = min(n, len(view))
                     view[:k] = target[:k]
@@ -820,29 +810,21 @@ class KTLSSocket(TLSSocketBase):
         seq = record_sequence(self._sock, _uapi.TLS_TX, self._cipher_type)
         return max(0, self._records_per_key - seq)
 
-    def _answer_key_update_nowait(self) -> None:
-        if not self._session.key_update_due or not self._tx_lock.acquire(blocking=False):
-            return
-        try:
-            # Only if writable now: the few bytes then go at once (MSG_DONTWAIT).
-            due = self._session.key_update_due and not self._session.sending_closed
-            if due and _writable_now(self._sock):
-                self._send_key_update(request_peer=False, wait=False)
-        except (BlockingIOError, TimeoutError):
-            pass  # nothing sent: it goes before our next application data
-        finally:
-            self._tx_lock.release()
+    def _send_key_update_message(self, message: bytes, *, wait: bool) -> None:
+        # MSG_DONTWAIT without waiting: the base class checked the socket is writable.
+        self._send_key_update(message=message, wait=wait)
 
-    def _answer_key_update(self) -> None:
-        """Send the KeyUpdate the peer asked for, if it is due (called with the TX lock)."""
-        if self._session.key_update_due:
-            self._send_key_update(request_peer=False)  # clears it once sent
-
-    def _send_key_update(self, *, request_peer: bool, wait: bool = True) -> None:
+    def _send_key_update(
+        self, *, request_peer: bool = False, message: bytes | None = None, wait: bool = True
+    ) -> None:
+        """Send our KeyUpdate (``message``, else a new one) under the current keys, then install
+        the next send keys: one step under the TX lock (no application data of another thread
+        may come between them: it would go out under the old keys)."""
         assert self._tx_keys is not None
         nxt = self._tx_keys.next_generation()
         with self._tx_lock:
-            message = self._session.key_update(request_peer=request_peer)
+            if message is None:
+                message = self._session.key_update(request_peer=request_peer)
             try:
                 self._send_record(ContentType.handshake, message, wait=wait)
             except OSError as exc:

@@ -435,6 +435,16 @@ class Session:
         self.check_send()
         return key_update_message(request_peer)
 
+    def key_update_answer(self) -> bytes | None:
+        """The KeyUpdate (update_not_requested) that answers the peer's requests, when one is
+        due and may still be sent; None otherwise. Send it under the current keys, then call
+        :meth:`key_update_sent`: before the next application data record at the latest, or as
+        soon as the records read so far are handled if no other thread is sending (one answer
+        for all the requests read meanwhile, RFC 8446 4.6.3)."""
+        if not self._key_update_due or self.sending_closed:
+            return None
+        return key_update_message(False)
+
     def key_update_sent(self) -> None:
         """Our KeyUpdate is out (the next send keys take over): it answers any request."""
         self._key_update_due = False

@@ -442,6 +442,22 @@ def test_the_two_flood_counts_are_apart() -> None:
     assert session.error is None
 
 
+def test_key_update_answer() -> None:
+    """What answers the peer's requests, one rule for both sockets: one KeyUpdate
+    (update_not_requested) while one is due and sending is open, none after it is sent, none
+    after our close_notify."""
+    session = Session(TLS13)
+    assert session.key_update_answer() is None
+    session.receive(CT_HANDSHAKE, KEY_UPDATE_REQUESTED)
+    session.receive(CT_HANDSHAKE, KEY_UPDATE_REQUESTED)
+    assert session.key_update_answer() == KEY_UPDATE
+    session.key_update_sent()
+    assert session.key_update_answer() is None
+    session.receive(CT_HANDSHAKE, KEY_UPDATE_REQUESTED)
+    session.close_notify()
+    assert session.key_update_answer() is None
+
+
 # --- the send-key budget -----------------------------------------------------------------------
 
 
