@@ -375,9 +375,12 @@ class TLSSocketBase:
                 return
             try:
                 self._send_key_update_message(message, wait=wait)
-            except (BlockingIOError, TimeoutError):
+            except OSError:
+                # Without waiting (the receiving side, which may have taken data already):
+                # nothing raised here. Nothing was sent and the next send answers, or the
+                # session is poisoned (new keys failed) and the next call raises its error.
                 if wait:
-                    raise  # without waiting, nothing was sent: the next send answers
+                    raise
         finally:
             self._tx_lock.release()
 
