@@ -16,6 +16,7 @@ import io
 import select
 import socket
 import ssl
+import threading
 import time
 from typing import Any
 
@@ -36,8 +37,9 @@ class TLSSocketBase:
     """What both afalg TLS sockets share: ownership of the TCP socket, timeouts, the ssl facts
     of the handshake, makefile, sendall, context manager, and driving the post-handshake
     protocol (:class:`afalg.session.Session`): each opened record goes to the session, and the
-    socket acts on its events. Subclasses implement ``send``, ``recv_into``, ``sendfile``,
-    ``_send_alert`` and ``_key_update`` (install the peer's next receive keys)."""
+    socket acts on its events. ``server_side``: our role, by default the handshake's
+    (``ssl_object.server_side``), else unknown. Subclasses implement ``send``, ``recv_into``,
+    ``sendfile``, ``_send_alert`` and ``_key_update`` (install the peer's next receive keys)."""
 
     mode = "?"
 
@@ -49,8 +51,13 @@ class TLSSocketBase:
         ssl_object: ssl.SSLObject | None = None,
         suppress_ragged_eofs: bool = True,
         tickets: TicketFeed | None = None,
+        server_side: bool | None = None,
     ) -> None:
-        self._session = Session(version)  # the protocol state; poisoned by the first error
+        if server_side is None and ssl_object is not None:
+            server_side = ssl_object.server_side  # the role the handshake played
+        # The protocol state, poisoned by the first error; it knows our role (a server refuses
+        # what only servers send).
+        self._session = Session(version, server_side=server_side)
         self._sock = sock
         self._ssl = ssl_object
         self._tickets = tickets  # a TLS 1.3 client's NewSessionTickets go back to ssl
@@ -60,6 +67,9 @@ class TLSSocketBase:
         self._plain = bytearray()  # opened application data not yet returned
         self._close_notify_retry: bytes | None = None  # close_notify the socket took none of
         self._version = version  # TLS_1_2_VERSION or TLS_1_3_VERSION
+        # Sending a record and what goes with it (sealing in sequence order; a KeyUpdate and
+        # the next send keys) is one step: one sender at a time.
+        self._tx_lock = threading.RLock()
 
     # -- facts from the handshake --
     @property
@@ -72,7 +82,7 @@ class TLSSocketBase:
 
     @property
     def server_side(self) -> bool:
-        return bool(self._ssl and self._ssl.server_side)
+        return bool(self._session.server_side)
 
     @property
     def server_hostname(self) -> str | None:
@@ -354,6 +364,47 @@ class TLSSocketBase:
 
     def _key_update(self, *, update_requested: bool) -> None:
         raise NotImplementedError
+
+    def _answer_key_update(self, *, wait: bool = True) -> None:
+        """Send the KeyUpdate that answers the peer's requests, if the session has one due
+        (:meth:`afalg.session.Session.key_update_answer`). With ``wait``: before our application
+        data (the TX lock held or waited for). Without: from the receiving side, when it would
+        block or returns, so that a peer waiting for the answer does not wait for ever; only if
+        the TX lock is free (never behind a sending thread) and the socket takes it now, else
+        it is left for the next send."""
+        if not self._session.key_update_due or not self._tx_lock.acquire(blocking=wait):
+            return
+        try:
+            message = self._session.key_update_answer()
+            if message is None or not (wait or self._writable_now()):
+                return
+            try:
+                self._send_key_update_message(message, wait=wait)
+            except OSError:
+                # Without waiting (the receiving side, which may have taken data already):
+                # nothing raised here. Nothing was sent and the next send answers, or the
+                # session is poisoned (new keys failed) and the next call raises its error.
+                if wait:
+                    raise
+        finally:
+            self._tx_lock.release()
+
+    def _send_key_update_message(self, message: bytes, *, wait: bool) -> None:
+        """Send our KeyUpdate ``message`` under the current keys, move to the next send keys,
+        and tell the session (``key_update_sent``). Called with the TX lock."""
+        raise NotImplementedError
+
+    def _writable_now(self) -> bool:
+        poller = select.poll()
+        poller.register(self._sock, select.POLLOUT)
+        return bool(poller.poll(0))
+
+    def _readable_now(self) -> bool:
+        """Whether the TCP socket has something to read right now (more records may follow:
+        read them before answering, so that one KeyUpdate answers them all)."""
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        return bool(poller.poll(0))
 
     def _ragged_eof(self) -> int:
         self._session.receive_eof(suppress_ragged_eofs=self.suppress_ragged_eofs)

@@ -20,7 +20,7 @@ from typing import Any
 
 from afalg._socket import TLSSocketBase
 from afalg._uapi import TLS_1_3_VERSION
-from afalg.errors import KeyLimitReached, TLSProtocolError, WantRead, WantWrite
+from afalg.errors import TLSProtocolError, WantRead, WantWrite
 from afalg.handoff import TicketFeed
 from afalg.keys import TrafficKeys
 from afalg.ktls import KernelTLSState, kernel_state
@@ -38,7 +38,8 @@ class AlgTLSSocket(TLSSocketBase):
     kernel's AEAD (AF_ALG) seals and opens them, this object does the I/O.
 
     A TLS 1.3 peer's KeyUpdate moves the receive keys (and, if it asks, ours: our own KeyUpdate
-    goes out before our next application data); :meth:`key_update` starts one, and sending does
+    goes out once the records read so far are handled, if no other thread is sending, else
+    before our next application data); :meth:`key_update` starts one, and sending does
     it by itself before a key seals more than ``records_per_key`` records (by default the AEAD
     usage limit of RFC 8446 section 5.5: 2**24 for AES-GCM), the last of them the KeyUpdate.
     Thread-safety as for ssl sockets: one thread may send while another receives.
@@ -57,6 +58,7 @@ class AlgTLSSocket(TLSSocketBase):
         backend: str = "kernel",
         tickets: TicketFeed | None = None,
         records_per_key: int | None = None,
+        server_side: bool | None = None,
     ) -> None:
         if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
             raise TypeError("sock must be a connected SOCK_STREAM socket.socket")
@@ -66,10 +68,9 @@ class AlgTLSSocket(TLSSocketBase):
         )  # fmt: skip
         super().__init__(
             sock, version=tx.version, ssl_object=ssl_object,
-            suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets,
+            suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets, server_side=server_side,
         )  # fmt: skip
         self._out = bytearray()  # sealed bytes the socket has not taken yet (non-blocking)
-        self._tx_lock = threading.RLock()  # seal + write are one step (sequence order)
         self._rx_lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -137,11 +138,13 @@ class AlgTLSSocket(TLSSocketBase):
             raise ValueError("flags are not supported on an afalg TLS socket")
         self._check_send()
         with memoryview(data).cast("B") as whole, self._tx_lock:  # released however this ends
+            # Again under the lock: another thread may have failed the connection (its fatal
+            # alert sealed) or sent close_notify while this one waited for the lock.
+            self._session.check_send()
             deadline = self._deadline()
             if not self._write_out(deadline):
                 raise self._unsent()  # nothing of data taken
-            if self._session.key_update_due:  # the peer asked: ours before our next data
-                self._seal_key_update(request_peer=False)
+            self._answer_key_update()  # the peer asked: ours before our next data
             n = min(len(whole), _SEND_CHUNK, self._data_room() * MAX_PLAINTEXT)
             with whole[:n] as view:
                 try:
@@ -152,20 +155,15 @@ class AlgTLSSocket(TLSSocketBase):
         return n
 
     def _data_room(self) -> int:
-        """Application data records the sending key may still seal: its last record is kept
-        for a KeyUpdate (TLS 1.3), sealed here when nothing else is left, or for an alert (TLS
-        1.2, which has no KeyUpdate: :class:`~afalg.errors.KeyLimitReached` then)."""
-        left = self._layer.tx_records_left
-        if left <= 1:
-            if self._version != TLS_1_3_VERSION:
-                raise KeyLimitReached(
-                    f"the TLS 1.2 send key may seal {self._layer.records_per_key} records and "
-                    "has one left, kept for close_notify; TLS 1.2 cannot update keys: nothing "
-                    "was sent, close this connection and open a new one"
-                )
+        """Application data records the sending key may still seal (the session's rule,
+        :meth:`~afalg.session.Session.records_to_seal`, on the record layer's count); our
+        KeyUpdate is sealed first when nothing else is left (TLS 1.3)."""
+        layer, limit = self._layer, self._layer.records_per_key or 2**64
+        room = self._session.records_to_seal(layer.tx_records_left, limit)
+        if room == 0:
             self._seal_key_update(request_peer=False)
-            left = self._layer.tx_records_left
-        return left - 1
+            room = self._session.records_to_seal(layer.tx_records_left, limit)
+        return room
 
     def flush(self) -> None:
         """Write out the sealed records the socket has not taken yet, within the socket's
@@ -192,15 +190,23 @@ class AlgTLSSocket(TLSSocketBase):
         finally:
             self._tx_lock.release()
 
-    def _seal_key_update(self, *, request_peer: bool) -> None:
-        """Queue our KeyUpdate, sealed under the current keys, and move to the next ones.
+    def _send_key_update_message(self, message: bytes, *, wait: bool) -> None:
+        self._seal_key_update(message=message)
+        if not wait:  # from the receiving side: what the socket takes now, the rest goes out
+            with contextlib.suppress(OSError):  # with the next I/O call
+                self._write_out(time.monotonic())
+
+    def _seal_key_update(self, *, request_peer: bool = False, message: bytes | None = None) -> None:
+        """Queue our KeyUpdate (``message``, else a new one), sealed under the current keys, and
+        move to the next ones.
 
         If the next keys cannot be set up (with the kernel backend, a new AF_ALG socket: EMFILE,
         ENOMEM), the KeyUpdate is dropped unsent and the connection poisoned: nothing may
         follow a KeyUpdate under the old keys, and the peer sees the stream end without
         close_notify."""
         with self._tx_lock:
-            message = self._session.key_update(request_peer=request_peer)
+            if message is None:
+                message = self._session.key_update(request_peer=request_peer)
             sealed = self._layer.seal(ContentType.handshake, message)
             try:
                 self._layer.rekey_tx()
@@ -262,7 +268,8 @@ class AlgTLSSocket(TLSSocketBase):
             n = min(len(view), len(self._plain))
             view[:n] = self._plain[:n]
             del self._plain[:n]
-            return n
+        self._answer_key_update(wait=False)  # after every record read so far: one answer
+        return n
 
     def _flush_nowait(self) -> None:
         """Sealed records still queued go out with any I/O call: what the socket takes now,
@@ -283,6 +290,8 @@ class AlgTLSSocket(TLSSocketBase):
                 raise self._fatal(exc.alert, exc) from exc
             if record is not None:
                 return record
+            if not self._readable_now():
+                self._answer_key_update(wait=False)  # before waiting: the peer may wait for it
             try:
                 data = self._sock.recv(_RECV_CHUNK)
             except BlockingIOError:
@@ -312,9 +321,10 @@ class AlgTLSSocket(TLSSocketBase):
                 self._fatal(AlertDescription.internal_error, exc)
 
     def _key_update(self, *, update_requested: bool) -> None:
-        """The peer's KeyUpdate: its next keys open what follows. Our answer to a request is
-        due before our next application data (:meth:`send`), one for any number of requests
-        (RFC 8446 4.6.3). If the next keys cannot be set up (a new AF_ALG socket with the
+        """The peer's KeyUpdate: its next keys open what follows. Our answer to a request goes
+        out from the receiving side where it can (:meth:`_answer_key_update`), else
+        before our next application data (:meth:`send`), one for any number of requests read
+        together (RFC 8446 4.6.3). If the next keys cannot be set up (a new AF_ALG socket with the
         kernel backend: EMFILE, ENOMEM) the connection fails with internal_error."""
         try:
             self._layer.rekey_rx()

@@ -26,8 +26,9 @@ there is no complete KeyUpdate yet (a KeyUpdate fragmented over records, or a fr
 another message that starts with the byte 24): there the current keys are installed again at
 the kernel's sequence number (``getsockopt(TLS_RX)``) to read on. On
 the send side there is no pause: our KeyUpdate goes out under the old keys, then ``TLS_TX`` gets
-the new ones (``TlsTxRekeyOk``). A peer's update_requested is answered with one KeyUpdate before
-our next application data (RFC 8446 4.6.3), however many requests came meanwhile.
+the new ones (``TlsTxRekeyOk``). A peer's update_requested is answered with one KeyUpdate as soon as
+the records read so far are handled and no other thread is sending (the receiving side sends it),
+else before our next application data (RFC 8446 4.6.3), however many requests came meanwhile.
 
 A record that fails authentication makes the kernel set the socket error (EBADMSG); until it is
 read with ``SO_ERROR`` every send fails. :class:`KTLSSocket` reads it, sends the bad_record_mac
@@ -51,7 +52,6 @@ import os
 import select
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -69,7 +69,6 @@ from afalg.cmsg import (
     tls_crypto_info_struct,
 )
 from afalg.errors import (
-    KeyLimitReached,
     KeyUpdateUnsupported,
     KTLSError,
     WantRead,
@@ -482,20 +481,18 @@ class KTLSSocket(TLSSocketBase):
         suppress_ragged_eofs: bool = True,
         tickets: TicketFeed | None = None,
         records_per_key: int | None = None,
+        server_side: bool | None = None,
     ) -> None:
         if records_per_key is not None and records_per_key < 3:
             raise ValueError("records_per_key must be at least 3 under kTLS")
         enable(sock, tx, rx)
         super().__init__(
             sock, version=tx.version, ssl_object=ssl_object,
-            suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets,
+            suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets, server_side=server_side,
         )  # fmt: skip
         self._tx_keys = tx.with_seq(0) if tx.secret is not None else None  # for KeyUpdate only
         self._rx_keys = rx.with_seq(0) if rx.secret is not None else None
         self._scratch: memoryview | None = None  # one record's room, for small reads
-        # Sending a KeyUpdate and installing the next TX keys is one step: no application data
-        # from another thread may come between them (it would go out under the old keys).
-        self._tx_lock = threading.RLock()
         self._rx_paused = False  # EKEYEXPIRED seen and the current keys installed again
         self._reader: socket.socket | None = None  # a duplicate for reads with a timeout
         self._cipher_type = tx.cipher_suite.ktls_cipher_type
@@ -515,6 +512,9 @@ class KTLSSocket(TLSSocketBase):
     def send(self, data: Any, flags: int = 0) -> int:
         self._check_send()
         with self._tx_lock:
+            # Again under the lock: another thread may have failed the connection (its fatal
+            # alert sent) or sent close_notify while this one waited for the lock.
+            self._session.check_send()
             try:
                 self._answer_key_update()
                 with memoryview(data).cast("B") as view:
@@ -559,6 +559,7 @@ class KTLSSocket(TLSSocketBase):
             try:
                 self._answer_key_update()
                 while count is None or total < count:
+                    self._session.check_send()  # under the lock, before each chunk
                     want = _SENDFILE_CHUNK if count is None else min(_SENDFILE_CHUNK, count - total)
                     try:
                         sent = os.sendfile(sock_fd, fd, offset + total, self._tx_allowance(want))
@@ -592,6 +593,7 @@ class KTLSSocket(TLSSocketBase):
         event loops (:func:`afalg.aio.sendfile`)."""
         self._check_send()
         with self._tx_lock:
+            self._session.check_send()  # again under the lock (another thread may have failed)
             try:
                 self._answer_key_update()
                 return os.sendfile(self._sock.fileno(), fd, offset, self._tx_allowance(count))
@@ -618,6 +620,8 @@ class KTLSSocket(TLSSocketBase):
         if self._session.eof or not view:
             return 0
         while True:
+            if self._session.key_update_due and not self._readable_now():
+                self._answer_key_update(wait=False)  # before waiting: the peer may wait for it
             small = len(view) < _RECORD_BUF
             target = view
             if small:
@@ -643,6 +647,7 @@ class KTLSSocket(TLSSocketBase):
                 with target[:n] as plaintext:  # released even if an error keeps it
                     if not self._receive(content_type, plaintext):
                         continue  # an empty application_data record carries nothing
+                self._answer_key_update(wait=False)  # after the records read so far: one answer
                 if small:
                     k = min(n, len(view))
                     view[:k] = target[:k]
@@ -703,7 +708,8 @@ class KTLSSocket(TLSSocketBase):
     def _key_update(self, *, update_requested: bool) -> None:
         """The peer moved to its next traffic secret: install the next receive keys at once (the
         kernel reads nothing more until then). If it asked for ours, the session has our
-        KeyUpdate due before our next application data (one for any number of requests)."""
+        KeyUpdate due: sent by the receiving side where it can, else before our next
+        application data (one for any number of requests read together)."""
         if self._rx_keys is None:
             raise self._fatal(
                 AlertDescription.internal_error,
@@ -765,31 +771,38 @@ class KTLSSocket(TLSSocketBase):
 
     def _tx_allowance(self, nbytes: int) -> int:
         """How much of ``nbytes`` one send may take without the send key sealing more than
-        ``records_per_key`` records, counted from the kernel's TX sequence number. A send of n
-        bytes closes at most ceil(n / 2**14) + 1 records (one may be open from before); the
-        key's last record is kept for the KeyUpdate, which goes first when nothing else fits
-        (:class:`~afalg.errors.KeyLimitReached` where it cannot: TLS 1.2, or a kernel without
-        kTLS rekeying). Called with the TX lock."""
+        ``records_per_key`` records (the session's rule, :meth:`_tx_room`). A send of n bytes
+        closes at most ceil(n / 2**14) + 1 records (one may be open from before); our
+        KeyUpdate goes first when nothing else fits. Called with the TX lock."""
         cost = -(-nbytes // MAX_PLAINTEXT) + 1
         if cost > self._tx_budget:
-            self._tx_budget = self._tx_left() - 1
-            if self._tx_budget < 2:
-                if self._version != TLS_1_3_VERSION or self._tx_keys is None:
-                    raise KeyLimitReached(
-                        f"the kTLS send key may seal {self._records_per_key} records and has "
-                        f"{self._tx_budget + 1} left, kept for close_notify; TLS 1.2 cannot "
-                        "update keys: nothing was sent, open a new connection"
-                    )
-                if not supports_rekey():
-                    raise KeyLimitReached(self._cannot_rekey(
-                        f"the kTLS send key has sealed its {self._records_per_key} records"
-                    ) + "; nothing was sent")  # fmt: skip
+            self._tx_budget = self._tx_room()
+            if self._tx_budget == 0:
                 self._send_key_update(request_peer=False)
-                self._tx_budget = self._tx_left() - 1
+                self._tx_budget = self._tx_room()
             nbytes = min(nbytes, (self._tx_budget - 1) * MAX_PLAINTEXT)
             cost = -(-nbytes // MAX_PLAINTEXT) + 1
         self._tx_budget -= cost
         return nbytes
+
+    def _tx_room(self) -> int:
+        """Records the send key may surely still seal, from the kernel's TX sequence number
+        (:meth:`afalg.session.Session.records_to_seal`, at least 2: a send may close a record
+        left open); 0: our KeyUpdate first. :class:`~afalg.errors.KeyLimitReached` where none
+        can go: TLS 1.2, keys without their secret, a kernel without kTLS rekeying."""
+        cannot = None
+        if self._tx_keys is None:
+            cannot = (
+                f"the kTLS send key has sealed its {self._records_per_key} records and its "
+                "traffic secret was not kept to update it: open a new connection"
+            )
+        elif not supports_rekey():
+            cannot = self._cannot_rekey(
+                f"the kTLS send key has sealed its {self._records_per_key} records"
+            )
+        return self._session.records_to_seal(
+            self._tx_left(), self._records_per_key, at_least=2, cannot_update=cannot
+        )
 
     def _tx_left(self) -> int:
         """Records the send key may still seal, from the kernel's TX sequence number (TLS 1.3
@@ -797,18 +810,23 @@ class KTLSSocket(TLSSocketBase):
         seq = record_sequence(self._sock, _uapi.TLS_TX, self._cipher_type)
         return max(0, self._records_per_key - seq)
 
-    def _answer_key_update(self) -> None:
-        """Send the KeyUpdate the peer asked for, if it is due (called with the TX lock)."""
-        if self._session.key_update_due:
-            self._send_key_update(request_peer=False)  # clears it once sent
+    def _send_key_update_message(self, message: bytes, *, wait: bool) -> None:
+        # MSG_DONTWAIT without waiting: the base class checked the socket is writable.
+        self._send_key_update(message=message, wait=wait)
 
-    def _send_key_update(self, *, request_peer: bool) -> None:
+    def _send_key_update(
+        self, *, request_peer: bool = False, message: bytes | None = None, wait: bool = True
+    ) -> None:
+        """Send our KeyUpdate (``message``, else a new one) under the current keys, then install
+        the next send keys: one step under the TX lock (no application data of another thread
+        may come between them: it would go out under the old keys)."""
         assert self._tx_keys is not None
         nxt = self._tx_keys.next_generation()
         with self._tx_lock:
-            message = self._session.key_update(request_peer=request_peer)
+            if message is None:
+                message = self._session.key_update(request_peer=request_peer)
             try:
-                self._send_record(ContentType.handshake, message)
+                self._send_record(ContentType.handshake, message, wait=wait)
             except OSError as exc:
                 raise self._translate(exc) from exc
             try:

@@ -15,7 +15,8 @@ does the I/O (and installs keys)::
         KeyUpdate            -> install the peer's next traffic keys before reading on
     session.receive_eof(suppress_ragged_eofs=...)    # the transport ended without close_notify
 
-    # before each application data write (RFC 8446 4.6.3, one reply for any number of requests):
+    # once the records read so far are handled (if no other thread is sending), and before each
+    # application data write (RFC 8446 4.6.3, one reply for any number of requests):
     if session.key_update_due:
         send(handshake, session.key_update()); session.key_update_sent(); next send keys
     send(alert, session.close_notify())                # unless it returns None
@@ -29,6 +30,8 @@ carrying the alert to send):
   nothing more until new keys are installed, so the rest would never come).
 - Post-handshake messages longer than :data:`MAX_POST_HANDSHAKE_MESSAGE` (OpenSSL's bound for a
   NewSessionTicket) are refused at their header (illegal_parameter), not buffered.
+- Roles: a server (``server_side=True``) refuses the messages only a server sends, a
+  NewSessionTicket or a HelloRequest (unexpected_message).
 - TLS 1.3: NewSessionTicket and KeyUpdate (request_update 0 or 1, else illegal_parameter; a body
   of another length, decode_error) are taken; a CertificateRequest (post-handshake client
   authentication) cannot be answered once the keys left ssl (unexpected_message). TLS 1.2: a
@@ -40,6 +43,10 @@ carrying the alert to send):
   (``MAX_WARN_ALERT_COUNT``, ``SSL_R_TOO_MANY_WARN_ALERTS``); a non-empty record of another type
   starts the count again. Any other alert is fatal: :class:`TLSAlertReceived`. An alert
   record of another length than 2 is a decode_error.
+- Floods: at most :data:`MAX_KEY_UPDATES` KeyUpdates (BoringSSL's bound) and at most
+  :data:`MAX_EMPTY_RECORDS` empty application_data records (OpenSSL's) in a row; the next one
+  is refused (unexpected_message). A non-empty application_data record starts both counts
+  again.
 
 The first error poisons the session, in one place (:meth:`Session.fail`, which
 :meth:`~Session.receive` also goes through): from then on every call raises that same error, and
@@ -52,12 +59,13 @@ from __future__ import annotations
 import errno
 import functools
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from afalg._uapi import TLS_1_3_VERSION
-from afalg.errors import TLSAlertReceived, TLSError, TLSProtocolError
+from afalg.errors import KeyLimitReached, TLSAlertReceived, TLSError, TLSProtocolError
 from afalg.wire import (
     AlertDescription,
     AlertLevel,
@@ -67,6 +75,8 @@ from afalg.wire import (
 )
 
 __all__ = [
+    "MAX_EMPTY_RECORDS",
+    "MAX_KEY_UPDATES",
     "MAX_POST_HANDSHAKE_MESSAGE",
     "MAX_WARNING_ALERTS",
     "AlertReceived",
@@ -85,6 +95,14 @@ MAX_POST_HANDSHAKE_MESSAGE = 131338
 # Warning alerts in a row that end the connection (OpenSSL's MAX_WARN_ALERT_COUNT): the
 # MAX_WARNING_ALERTS-th consecutive one is refused with unexpected_message.
 MAX_WARNING_ALERTS = 5
+# KeyUpdates in a row accepted (BoringSSL's kMaxKeyUpdates): each costs new keys (a new AF_ALG
+# socket with the kernel backend), so the next one, with no application data between, is refused
+# with unexpected_message.
+MAX_KEY_UPDATES = 32
+# Empty application_data records in a row accepted (OpenSSL's MAX_EMPTY_RECORDS): they carry
+# nothing, and a stream of them would keep recv() from returning; the next one is refused with
+# unexpected_message.
+MAX_EMPTY_RECORDS = 32
 
 
 # --- events ---------------------------------------------------------------------------------------
@@ -164,23 +182,34 @@ def _poisoning(method: _F) -> _F:
 class Session:
     """The post-handshake protocol state of one TLS connection (TLS 1.2 or 1.3), no I/O.
 
-    ``version`` is ``0x0303`` or ``0x0304``. See the module docstring for the events, the rules
-    and what to send. One thread may receive while another sends (the sending side only reads
-    what the receiving side sets, and each attribute change is atomic).
+    ``version`` is ``0x0303`` or ``0x0304``; ``server_side`` our role (True: server, False:
+    client, None: unknown, and the messages only one side may send are taken from either). See
+    the module docstring for the events, the rules and what to send. One thread may receive
+    while another sends (the sending side only reads what the receiving side sets, and each
+    attribute change is atomic; failing and the alerts are under a lock).
     """
 
-    def __init__(self, version: int) -> None:
+    def __init__(self, version: int, *, server_side: bool | None = None) -> None:
         if not isinstance(version, int) or version not in (0x0303, TLS_1_3_VERSION):
             raise ValueError(f"version must be 0x0303 or 0x0304, not {version!r}")
+        if server_side is not None and not isinstance(server_side, bool):
+            raise TypeError(f"server_side must be a bool or None, not {server_side!r}")
         self._version = version
+        self._server_side = server_side
         self._tls13 = version == TLS_1_3_VERSION
         self._hs_buf = bytearray()  # a post-handshake message spread over records
         self._warnings = 0  # warning alerts in a row
+        self._key_updates = 0  # KeyUpdates since the last non-empty application_data record
+        self._empty_records = 0  # empty application_data records since the last non-empty one
         self._eof = False  # close_notify received (or a suppressed ragged EOF)
         self._sending_closed = False  # close_notify (or a fatal alert) sent or due
         self._key_update_due = False  # the peer asked for our KeyUpdate
         self._error: BaseException | None = None
         self._alert_owed: int | None = None  # the fatal alert the peer is owed
+        # fail(), fatal_alert() and close_notify() may run in two threads at once (a receiver
+        # failing while a sender fails or shuts down): each test-and-set is one step, so the
+        # first error stays and one alert at most goes out.
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         state = "poisoned" if self._error is not None else "eof" if self._eof else "open"
@@ -190,6 +219,11 @@ class Session:
     @property
     def version(self) -> int:
         return self._version
+
+    @property
+    def server_side(self) -> bool | None:
+        """Our role: True (server), False (client) or None (not known: no role rule applies)."""
+        return self._server_side
 
     @property
     def error(self) -> BaseException | None:
@@ -233,7 +267,7 @@ class Session:
                 f"record of content type {content_type} inside a fragmented handshake message",
             )
         if content_type == ContentType.application_data:
-            return [ApplicationData(payload)] if len(payload) else []
+            return self._application_data(payload)
         if content_type == ContentType.alert:
             return self._alert(bytes(payload))
         if content_type == ContentType.handshake:
@@ -242,6 +276,18 @@ class Session:
             AlertDescription.unexpected_message,
             f"unexpected record of content type {content_type} after the handshake",
         )
+
+    def _application_data(self, payload: bytes | bytearray | memoryview) -> list[Event]:
+        if len(payload):
+            self._key_updates = self._empty_records = 0  # data: the peer is not just flooding
+            return [ApplicationData(payload)]
+        self._empty_records += 1
+        if self._empty_records > MAX_EMPTY_RECORDS:
+            raise TLSProtocolError(
+                AlertDescription.unexpected_message,
+                f"{self._empty_records} empty application_data records in a row",
+            )
+        return []
 
     @_poisoning
     def receive_eof(self, *, suppress_ragged_eofs: bool = True) -> None:
@@ -297,6 +343,11 @@ class Session:
         return events
 
     def _handshake_message(self, msg_type: int, body: bytes) -> Event:
+        if self._server_side and msg_type in _SERVER_ONLY:
+            raise TLSProtocolError(
+                AlertDescription.unexpected_message,
+                f"a {_SERVER_ONLY[msg_type]} from the client (only a server sends one)",
+            )
         if msg_type == HandshakeType.new_session_ticket and self._tls13:
             return NewSessionTicket(body)
         if msg_type == HandshakeType.hello_request and not self._tls13:
@@ -311,6 +362,12 @@ class Session:
                     else AlertDescription.illegal_parameter
                 )
                 raise TLSProtocolError(alert, "malformed KeyUpdate")
+            self._key_updates += 1
+            if self._key_updates > MAX_KEY_UPDATES:
+                raise TLSProtocolError(
+                    AlertDescription.unexpected_message,
+                    f"{self._key_updates} KeyUpdates without application data between",
+                )
             requested = body[0] == 1
             if requested and not self.sending_closed:
                 self._key_update_due = True
@@ -339,6 +396,36 @@ class Session:
                 "this connection's sending side is shut down (close_notify sent or due)",
             )
 
+    def records_to_seal(
+        self,
+        records_left: int,
+        records_per_key: int,
+        *,
+        at_least: int = 1,
+        cannot_update: str | None = None,
+    ) -> int:
+        """How many application_data records the current send key may still seal.
+
+        ``records_left`` is what is left of the key's ``records_per_key``, counted by whoever
+        seals (the record layer in algif mode, the kernel's TX sequence number under kTLS). The
+        key's last record is kept: for our KeyUpdate (TLS 1.3) or for close_notify (TLS 1.2).
+        Returns that room when it is at least ``at_least`` (a socket that may close a record
+        left open asks for more), else 0: send :meth:`key_update` first, then ask again. Raises
+        :class:`~afalg.errors.KeyLimitReached`, nothing changed, where no KeyUpdate can go:
+        TLS 1.2, or ``cannot_update`` (the socket's reason it cannot send one)."""
+        room = records_left - 1
+        if room >= at_least:
+            return room
+        if not self._tls13:
+            raise KeyLimitReached(
+                f"the TLS 1.2 send key may seal {records_per_key} records and has "
+                f"{max(records_left, 0)} left, kept for close_notify; TLS 1.2 cannot update "
+                "keys: nothing was sent, close this connection and open a new one"
+            )
+        if cannot_update is not None:
+            raise KeyLimitReached(f"{cannot_update}; nothing was sent")
+        return 0
+
     def key_update(self, *, request_peer: bool = False) -> bytes:
         """The KeyUpdate message to send now, in a handshake record under the current send
         keys (``request_peer``: update_requested). Nothing changes until
@@ -348,6 +435,16 @@ class Session:
         self.check_send()
         return key_update_message(request_peer)
 
+    def key_update_answer(self) -> bytes | None:
+        """The KeyUpdate (update_not_requested) that answers the peer's requests, when one is
+        due and may still be sent; None otherwise. Send it under the current keys, then call
+        :meth:`key_update_sent`: before the next application data record at the latest, or as
+        soon as the records read so far are handled if no other thread is sending (one answer
+        for all the requests read meanwhile, RFC 8446 4.6.3)."""
+        if not self._key_update_due or self.sending_closed:
+            return None
+        return key_update_message(False)
+
     def key_update_sent(self) -> None:
         """Our KeyUpdate is out (the next send keys take over): it answers any request."""
         self._key_update_due = False
@@ -355,9 +452,10 @@ class Session:
     def close_notify(self) -> bytes | None:
         """The close_notify alert to send (its two bytes), once; None when it was sent already
         or the session is poisoned. From now on no application data may be sent."""
-        if self._sending_closed or self._error is not None:
-            return None
-        self._sending_closed = True
+        with self._lock:
+            if self._sending_closed or self._error is not None:
+                return None
+            self._sending_closed = True
         return bytes([AlertLevel.warning, AlertDescription.close_notify])
 
     # -- errors --
@@ -365,20 +463,31 @@ class Session:
         """Poison the session with ``exc`` (an error found by the socket: a record that failed
         authentication, a kernel refusal...), owing the peer the fatal ``alert`` if one is
         given. The first error stays: it is what this returns, and what every later call
-        raises."""
-        if self._error is None:
-            self._error = exc
-            self._key_update_due = False
-            if alert is not None:
-                self._alert_owed = int(alert)
-            if alert is not None or isinstance(exc, TLSAlertReceived):
-                self._sending_closed = True  # a fatal alert ends our side too
-        return self._error
+        raises. Thread-safe: of two threads failing at once, one error and one alert win."""
+        with self._lock:
+            if self._error is None:
+                self._error = exc
+                self._key_update_due = False
+                if alert is not None:
+                    self._alert_owed = int(alert)
+                if alert is not None or isinstance(exc, TLSAlertReceived):
+                    self._sending_closed = True  # a fatal alert ends our side too
+            return self._error
 
     def fatal_alert(self) -> bytes | None:
-        """The fatal alert the peer is owed (its two bytes), once; None if there is none."""
-        alert, self._alert_owed = self._alert_owed, None
+        """The fatal alert the peer is owed (its two bytes), once, to one caller of any number
+        of threads; None if there is none."""
+        with self._lock:
+            alert, self._alert_owed = self._alert_owed, None
         return None if alert is None else bytes([AlertLevel.fatal, alert])
+
+
+# Post-handshake messages that only a server sends (RFC 8446 4.6.1, RFC 5246 7.4.1.1); a server
+# that receives one answers unexpected_message.
+_SERVER_ONLY: dict[int, str] = {
+    HandshakeType.new_session_ticket: "NewSessionTicket",
+    HandshakeType.hello_request: "HelloRequest",
+}
 
 
 def _description(value: int) -> AlertDescription | int:

@@ -18,8 +18,10 @@ import socket
 import ssl
 import struct
 import termios
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from _env import SLOW, WRAP_MODES
@@ -27,7 +29,9 @@ from test_tls_helpers import Bg, connect, recv_exactly
 
 import afalg
 from afalg.errors import AlertDescription as A
-from afalg.session import MAX_WARNING_ALERTS
+from afalg.errors import KeyUpdateUnsupported
+from afalg.ktls import supports_rekey
+from afalg.session import MAX_EMPTY_RECORDS, MAX_KEY_UPDATES, MAX_WARNING_ALERTS
 from afalg.wire import ContentType, key_update_message
 
 HELLO = b"GET / HTTP/1.0\r\n\r\n"
@@ -298,3 +302,227 @@ def test_a_poisoned_connection_keeps_no_buffer_of_the_caller(mode: tuple[str, st
                 ours.sendall(data)
             buf.extend(b"x")  # BufferError if a view of it were still alive
             data.extend(b"x")
+
+
+class WatchedLock:
+    """A socket's TX lock that tells when a thread other than its holder waits for it (so a
+    test knows, without a timer, that a sender has passed its checks and waits for the lock)."""
+
+    def __init__(self, lock: Any) -> None:
+        self._lock = lock
+        self.contended = threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking=False):  # free, or held by this thread (an RLock)
+            return True
+        if not blocking:
+            return False
+        self.contended.set()
+        return bool(self._lock.acquire(True, timeout))
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> WatchedLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def records_to_eof(theirs: Any) -> list[int]:
+    """The content types of every record the peer gets until the connection ends, opened by its
+    record layer (no session: nothing is refused, so whatever came after an alert shows)."""
+    wire = bytearray()
+    while data := theirs._sock.recv(2**16):
+        wire += data
+    layer = theirs.record_layer
+    layer.feed(bytes(wire))
+    types = []
+    while (record := layer.next_record()) is not None:
+        types.append(record.content_type)
+    return types
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+@pytest.mark.parametrize("how", ["send", "sendall", "sendfile"])
+def test_no_application_data_after_our_fatal_alert(
+    mode: tuple[str, str], how: str, tmp_path: Any
+) -> None:
+    """One thread sends while another receives (as with ssl): a sender that passed its checks
+    and waits for the TX lock while the receiver fails the connection (a forged record: our
+    fatal alert goes out) must not seal its data after that alert: it raises the session's
+    error, and the peer reads the alert and nothing after it. (The error is the session's, a
+    Finished after the handshake: the record layer itself is not poisoned.)"""
+    path = tmp_path / "late"
+    path.write_bytes(b"LATE DATA")
+    ours, theirs = connect(mode, "client", peer="afalg")
+    with ours, theirs, path.open("rb") as file:
+        calls = {
+            "send": lambda: ours.send(b"LATE DATA"),
+            "sendall": lambda: ours.sendall(b"LATE DATA"),
+            "sendfile": lambda: ours.sendfile(file),
+        }
+        lock = ours._tx_lock = WatchedLock(ours._tx_lock)
+        theirs._sock.sendall(theirs.record_layer.seal(22, b"\x14\x00\x00\x00"))
+        with lock:  # a send in progress, as far as the sending thread can tell
+            sender = Bg(calls[how])
+            assert lock.contended.wait(60 * SLOW), sender.result()
+            with pytest.raises(afalg.TLSProtocolError) as info:
+                ours.recv(100)  # this thread holds the lock: the alert goes out now
+            assert info.value.alert is A.unexpected_message
+        with pytest.raises(afalg.TLSProtocolError) as late:
+            sender.result(120)
+        assert late.value is info.value
+        ours.close()
+        assert records_to_eof(theirs) == [ContentType.alert]
+
+
+def key_updates(theirs: Any, n: int) -> bytes:
+    """``n`` KeyUpdates (update_not_requested) from the peer, each in its own record under the
+    keys the one before announced (the peer's record layer moves on after each)."""
+    layer = theirs.record_layer
+    wire = b""
+    for _ in range(n):
+        wire += layer.seal(ContentType.handshake, key_update_message(False))
+        layer.rekey_tx()
+    return wire
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_key_updates_in_a_row_are_bounded(mode: tuple[str, str]) -> None:
+    """MAX_KEY_UPDATES (32) KeyUpdates in a row, then data: all taken; 33 in a row: the 33rd is
+    refused with unexpected_message (raised and sent), whatever follows it unread. (kTLS on
+    Linux 6.14+ only: older kernels cannot take the first.)"""
+    ours, theirs = connect(mode, "client", peer="afalg")
+    with ours, theirs:
+        layer = theirs.record_layer
+        theirs._sock.sendall(key_updates(theirs, MAX_KEY_UPDATES) + layer.seal(23, b"data"))
+        if mode[0] == "ktls" and not supports_rekey():
+            with pytest.raises(KeyUpdateUnsupported):
+                ours.recv(100)
+            return
+        assert recv_exactly(ours, 4) == b"data"
+        theirs._sock.sendall(key_updates(theirs, MAX_KEY_UPDATES + 1) + layer.seal(23, b"late"))
+        with pytest.raises(afalg.TLSProtocolError) as info:
+            ours.recv(100)
+        assert info.value.alert is A.unexpected_message
+        assert "33 KeyUpdates" in str(info.value)
+        assert_poisoned(ours)
+        peer_gets_alert(theirs, A.unexpected_message)
+
+
+def empty_records(theirs: Any, n: int) -> bytes:
+    layer = theirs.record_layer
+    return b"".join(layer.seal(ContentType.application_data, b"") for _ in range(n))
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+def test_empty_records_in_a_row(mode: tuple[str, str], version: str) -> None:
+    """MAX_EMPTY_RECORDS (32) empty application_data records in a row, then data: the data comes
+    out. 33 in a row: in algif mode the 33rd is refused (unexpected_message, raised and sent).
+    Under kTLS the kernel never hands an empty record to recvmsg: it opens it (the receive
+    sequence number moves on) and reads on within the same call, so the session never sees it
+    and the data after 33 (or 100) of them comes out; pinned here on each kernel."""
+    ours, theirs = connect(mode, "client", peer="afalg", version=version)
+    with ours, theirs:
+        layer = theirs.record_layer
+        theirs._sock.sendall(empty_records(theirs, MAX_EMPTY_RECORDS) + layer.seal(23, b"data"))
+        assert recv_exactly(ours, 4) == b"data"
+        if mode[0] == "ktls":
+            before = ours.kernel_state().rx_seq
+            theirs._sock.sendall(empty_records(theirs, 100) + layer.seal(23, b"late"))
+            assert recv_exactly(ours, 4) == b"late"
+            assert ours.kernel_state().rx_seq == before + 101
+            return
+        theirs._sock.sendall(empty_records(theirs, MAX_EMPTY_RECORDS + 1) + layer.seal(23, b"late"))
+        with pytest.raises(afalg.TLSProtocolError) as info:
+            ours.recv(100)
+        assert info.value.alert is A.unexpected_message
+        assert "33 empty application_data records" in str(info.value)
+        assert_poisoned(ours)
+        peer_gets_alert(theirs, A.unexpected_message)
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [("TLSv1.3", b"\x04\x00\x00\x08" + bytes(8)), ("TLSv1.2", b"\x00\x00\x00\x00")],
+    ids=["NewSessionTicket", "HelloRequest"],
+)
+def test_a_server_refuses_what_only_servers_send(
+    mode: tuple[str, str], version: str, message: bytes
+) -> None:
+    """The role comes from the hand-off: our server, sent a NewSessionTicket (TLS 1.3) or a
+    HelloRequest (TLS 1.2) by the client, answers unexpected_message (raised and sent); before,
+    the ticket was buffered then dropped and the HelloRequest ignored."""
+    ours, theirs = connect(mode, "server", peer="afalg", version=version)
+    with ours, theirs:
+        assert ours.server_side and ours.tls_session.server_side is True
+        assert theirs.tls_session.server_side is False
+        theirs._sock.sendall(theirs.record_layer.seal(ContentType.handshake, message))
+        with pytest.raises(afalg.TLSProtocolError) as info:
+            ours.recv(100)
+        assert info.value.alert is A.unexpected_message
+        assert "from the client" in str(info.value)
+        assert_poisoned(ours)
+        peer_gets_alert(theirs, A.unexpected_message)
+
+
+# --- KeyUpdates across a key change (RFC 8446 5.1: a handshake message must not span one) -----
+
+
+def two_key_updates_one_record_future_keys(layer: Any) -> bytes:
+    """tlsfuzzer's "two KeyUpdates in one record with future keys": one record holding a
+    KeyUpdate and a second one, sealed under the keys the first announces."""
+    layer.rekey_tx()
+    return layer.seal(22, key_update_message(False) + key_update_message(True))
+
+
+def first_fragmented_second_under_new_keys(layer: Any) -> bytes:
+    """tlsfuzzer's "two KeyUpdates, first fragmented, second fragment under new keys together
+    with second KeyUpdate": the first KeyUpdate's first byte under the current keys, the rest
+    of it and a second KeyUpdate in one record under the next keys."""
+    message = key_update_message(False)
+    wire = layer.seal(22, message[:1])
+    layer.rekey_tx()
+    return wire + layer.seal(22, message[1:] + key_update_message(True))
+
+
+def two_key_updates_one_record(layer: Any) -> bytes:
+    """tlsfuzzer's "two KeyUpdates in one record", both under the current keys."""
+    return layer.seal(22, key_update_message(False) + key_update_message(True))
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+@pytest.mark.parametrize(
+    ("forge", "alerts"),
+    [
+        (two_key_updates_one_record_future_keys, {A.bad_record_mac}),
+        (first_fragmented_second_under_new_keys, {A.bad_record_mac, A.unexpected_message}),
+        (two_key_updates_one_record, {A.unexpected_message}),
+    ],
+    ids=["one-record-future-keys", "first-fragmented", "one-record"],
+)
+@pytest.mark.parametrize("timeout", [None, 30.0 * SLOW], ids=["blocking", "timeout"])
+def test_key_updates_spanning_a_key_change(
+    mode: tuple[str, str], forge: Callable[[Any], bytes], alerts: set[A], timeout: float | None
+) -> None:
+    """RFC 8446 5.1 (and 4.6.3): no handshake message may span a key change, and a record
+    holding anything after a KeyUpdate is refused. Each of tlsfuzzer's three cases ends the
+    connection (bad_record_mac where the record cannot be opened under the keys in force,
+    unexpected_message where it can), raised and sent; the data after it is never read."""
+    ours, theirs = connect(mode, "server", peer="afalg")
+    with ours, theirs:
+        ours.settimeout(timeout)  # Python polls before reading with a timeout: another path
+        layer = theirs.record_layer
+        theirs._sock.sendall(layer.seal(23, b"before"))
+        assert recv_exactly(ours, 6) == b"before"
+        theirs._sock.sendall(forge(layer) + layer.seal(23, HELLO))
+        with pytest.raises(afalg.TLSProtocolError) as info:
+            ours.recv(100)
+        assert info.value.alert in alerts
+        assert_poisoned(ours)
+        peer_gets_alert(theirs, info.value.alert)

@@ -233,9 +233,9 @@ def test_ktls_on_both_ends_one_reply_to_many_requests() -> None:
         counters = Counters()
         for _ in range(5):
             a.key_update(request_peer=True)
-        exchange(a, b, 20000, 3)  # b read five KeyUpdates (and owes one)
-        assert counters.delta() == expect(tx=5, rx=5)
-        exchange(b, a, 20000, 4)  # b's one KeyUpdate first, then data
+        exchange(a, b, 20000, 3)  # b read five KeyUpdates, then data: it answered once
+        assert counters.delta() == expect(tx=6, rx=5)
+        exchange(b, a, 20000, 4)  # a reads b's one KeyUpdate, then data
         assert counters.delta() == expect(tx=6, rx=6)
         for _ in range(10):
             b.key_update()
@@ -444,10 +444,10 @@ def test_openssl_s_client_updates_both_ways() -> None:
                 proc.stdin.write(b"%d%d%d%d\n" % ((i + 2,) * 4))
                 proc.stdin.flush()
                 assert recv_exactly(conn, 5) == b"%d%d%d%d\n" % ((i + 2,) * 4)
-                conn.key_update()  # ours, which also answers "K"'s request
+                conn.key_update()  # ours ("K"'s request was answered as soon as read)
                 conn.sendall(b"ours\n")
                 assert read_stdout(proc, 5) == b"ours\n"
-            assert counters.delta() == expect(tx=2, rx=2)
+            assert counters.delta() == expect(tx=3, rx=2)
             proc.stdin.close()  # close_notify under its latest keys
             assert conn.recv(1) == b""
         proc.wait(30 * SLOW)

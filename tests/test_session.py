@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import ssl
+import threading
 
 import pytest
 from hypothesis import given
@@ -18,6 +19,8 @@ from hypothesis import strategies as st
 import afalg
 from afalg.errors import AlertDescription as A
 from afalg.session import (
+    MAX_EMPTY_RECORDS,
+    MAX_KEY_UPDATES,
     MAX_POST_HANDSHAKE_MESSAGE,
     MAX_WARNING_ALERTS,
     AlertReceived,
@@ -364,6 +367,118 @@ def test_key_update_is_tls13_only_and_refusing_it_poisons_nothing() -> None:
     session.check_send()
 
 
+# --- roles ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [(TLS13, TICKET), (TLS12, b"\x00\x00\x00\x00")],
+    ids=["NewSessionTicket", "HelloRequest"],
+)
+def test_a_server_refuses_what_only_servers_send(version: int, message: bytes) -> None:
+    """A TLS 1.3 NewSessionTicket and a TLS 1.2 HelloRequest go from server to client only
+    (RFC 8446 4.6.1, RFC 5246 7.4.1.1): a server that gets one answers unexpected_message; a
+    client takes it, and so does a session whose role is not known."""
+    for server_side in (False, None):
+        assert len(Session(version, server_side=server_side).receive(CT_HANDSHAKE, message)) == 1
+    server = Session(version, server_side=True)
+    assert server.server_side is True
+    refused(server, A.unexpected_message, CT_HANDSHAKE, message)
+
+
+def test_a_server_takes_key_updates() -> None:
+    server = Session(TLS13, server_side=True)
+    assert server.receive(CT_HANDSHAKE, KEY_UPDATE_REQUESTED) == [KeyUpdate(True)]
+
+
+@pytest.mark.parametrize("server_side", [1, "server", 0])
+def test_role_checked_at_the_edge(server_side: object) -> None:
+    with pytest.raises(TypeError, match="server_side"):
+        Session(TLS13, server_side=server_side)  # type: ignore[arg-type]
+
+
+# --- floods ----------------------------------------------------------------------------------
+
+
+def test_key_updates_in_a_row_are_bounded() -> None:
+    """MAX_KEY_UPDATES (32, BoringSSL's kMaxKeyUpdates) KeyUpdates in a row are taken, the next
+    one is refused; a non-empty application_data record starts the count again, an empty one,
+    a NewSessionTicket or an alert do not."""
+    session = Session(TLS13)
+    for _ in range(3):
+        for i in range(MAX_KEY_UPDATES):
+            assert session.receive(CT_HANDSHAKE, KEY_UPDATE_REQUESTED) == [KeyUpdate(True)], i
+            session.key_update_sent()
+        assert session.receive(CT_APPDATA, b"x") == [ApplicationData(b"x")]
+    for _ in range(MAX_KEY_UPDATES - 1):
+        session.receive(CT_HANDSHAKE, KEY_UPDATE)
+    session.receive(CT_APPDATA, b"")
+    session.receive(CT_HANDSHAKE, TICKET)
+    session.receive(CT_ALERT, bytes([1, A.user_canceled]))
+    session.receive(CT_HANDSHAKE, KEY_UPDATE)  # the 32nd
+    refused(session, A.unexpected_message, CT_HANDSHAKE, KEY_UPDATE)
+
+
+@pytest.mark.parametrize("version", [TLS12, TLS13])
+def test_empty_records_in_a_row_are_bounded(version: int) -> None:
+    """MAX_EMPTY_RECORDS (32, OpenSSL's MAX_EMPTY_RECORDS) empty application_data records in a
+    row carry nothing and are taken; the next one is refused; data starts the count again."""
+    session = Session(version)
+    for _ in range(3):
+        for _ in range(MAX_EMPTY_RECORDS):
+            assert session.receive(CT_APPDATA, b"") == []
+        assert session.receive(CT_APPDATA, b"x") == [ApplicationData(b"x")]
+    for _ in range(MAX_EMPTY_RECORDS):
+        session.receive(CT_APPDATA, b"")
+    refused(session, A.unexpected_message, CT_APPDATA, b"")
+
+
+def test_the_two_flood_counts_are_apart() -> None:
+    """Empty records do not count as KeyUpdates nor the reverse: 32 of each, mixed, are taken."""
+    session = Session(TLS13)
+    for _ in range(MAX_KEY_UPDATES):
+        session.receive(CT_APPDATA, b"")
+        session.receive(CT_HANDSHAKE, KEY_UPDATE)
+    assert session.error is None
+
+
+def test_key_update_answer() -> None:
+    """What answers the peer's requests, one rule for both sockets: one KeyUpdate
+    (update_not_requested) while one is due and sending is open, none after it is sent, none
+    after our close_notify."""
+    session = Session(TLS13)
+    assert session.key_update_answer() is None
+    session.receive(CT_HANDSHAKE, KEY_UPDATE_REQUESTED)
+    session.receive(CT_HANDSHAKE, KEY_UPDATE_REQUESTED)
+    assert session.key_update_answer() == KEY_UPDATE
+    session.key_update_sent()
+    assert session.key_update_answer() is None
+    session.receive(CT_HANDSHAKE, KEY_UPDATE_REQUESTED)
+    session.close_notify()
+    assert session.key_update_answer() is None
+
+
+# --- the send-key budget -----------------------------------------------------------------------
+
+
+def test_records_to_seal_keeps_the_keys_last_record() -> None:
+    """The send-key budget, one rule for both sockets: the key's last record is kept (for our
+    KeyUpdate in TLS 1.3, for close_notify in TLS 1.2); 0 asks for a KeyUpdate first; where
+    none can go, KeyLimitReached names why and that nothing was sent."""
+    tls13, tls12 = Session(TLS13), Session(TLS12)
+    assert tls13.records_to_seal(10, 10) == 9
+    assert tls13.records_to_seal(2, 10) == 1
+    assert tls13.records_to_seal(1, 10) == 0
+    assert tls13.records_to_seal(2, 10, at_least=2) == 0  # kTLS: a send may close two
+    assert tls13.records_to_seal(3, 10, at_least=2) == 2
+    with pytest.raises(afalg.errors.KeyLimitReached, match="no rekeying here; nothing was sent"):
+        tls13.records_to_seal(1, 10, cannot_update="no rekeying here")
+    assert tls12.records_to_seal(2, 10) == 1
+    with pytest.raises(afalg.errors.KeyLimitReached, match=r"TLS 1\.2 .*has 1 left"):
+        tls12.records_to_seal(1, 10)
+    assert tls13.error is None and tls12.error is None  # refusing poisons nothing
+
+
 # --- errors found by the socket -----------------------------------------------------------------
 
 
@@ -404,3 +519,35 @@ def test_a_bug_inside_receive_poisons_with_internal_error(monkeypatch: pytest.Mo
         session.receive(CT_HANDSHAKE, TICKET)
     assert session.error is info.value
     assert session.fatal_alert() == bytes([2, A.internal_error])
+
+
+def _fail_at_once(threads: int) -> list[tuple[Session, BaseException, bytes | None]]:
+    """``threads`` threads fail one session at the same moment, each with its own error, then
+    ask for the fatal alert: (session, the error fail() returned, the alert) per thread."""
+    session = Session(TLS13)
+    barrier = threading.Barrier(threads)
+    results: list[tuple[Session, BaseException, bytes | None]] = []
+
+    def fail(i: int) -> None:
+        barrier.wait()
+        kept = session.fail(afalg.TLSProtocolError(A.unexpected_message, str(i)), 10)
+        results.append((session, kept, session.fatal_alert()))
+
+    workers = [threading.Thread(target=fail, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return results
+
+
+def test_threads_failing_at_once_owe_one_alert() -> None:
+    """A receiver and a sender (or two of each) may fail the session at the same moment: one
+    error wins, every thread gets that one back, and one fatal alert is owed, to one thread.
+    (Under the GIL of CPython 3.11 the unlocked code could not be caught interleaving here; a
+    free-threaded build can, which is what the session's lock is for.)"""
+    for _ in range(200):
+        results = _fail_at_once(8)
+        session = results[0][0]
+        assert {id(kept) for _, kept, _ in results} == {id(session.error)}
+        assert [alert for _, _, alert in results if alert is not None] == [b"\x02\x0a"]

@@ -31,7 +31,7 @@ import afalg
 from afalg.errors import AlertDescription, KeyUpdateUnsupported
 from afalg.keys import TLS_1_3_VERSION
 from afalg.ktls import tls_stats
-from afalg.wire import AlertLevel
+from afalg.wire import AlertLevel, key_update_message
 
 BIG = 8 * 2**20
 
@@ -359,3 +359,43 @@ def test_malformed_key_update(mode: tuple[str, str]) -> None:
             ours.recv(10)
         with pytest.raises(afalg.TLSAlertReceived, match="illegal_parameter"):
             theirs.recv(10)
+
+
+def _read_record(peer: Any) -> tuple[int, bytes]:
+    """The next record the peer's record layer opens, read from its TCP socket (raw: the
+    peer's session does not see it), past our server's NewSessionTickets."""
+    layer = peer.record_layer
+    while True:
+        while (record := layer.next_record()) is None:
+            data = peer._sock.recv(2**16)
+            if not data:
+                raise EOFError("the connection ended before a whole record")
+            layer.feed(data)
+        if record.content_type != 22 or record.payload[:1] != b"\x04":
+            return record.content_type, bytes(record.payload)
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_key_update_request_answered_while_we_wait_for_data(mode: tuple[str, str]) -> None:
+    """tlsfuzzer's "app data split" conversation: the peer sends part of a request, then a
+    KeyUpdate request, and waits for our KeyUpdate before sending the rest. We answer as soon
+    as we read the request (the send lock is free), not only before our next data: otherwise
+    both sides wait."""
+    ours, theirs = connect(mode, "server", peer="afalg")
+    with ours, theirs:
+        layer = theirs.record_layer
+        wire = layer.seal(23, b"GET / ") + layer.seal(22, key_update_message(True))
+        layer.rekey_tx()
+        theirs._sock.sendall(wire)
+        assert recv_exactly(ours, 6) == b"GET / "
+        if mode[0] == "ktls" and not _kernel_can_rekey():
+            with pytest.raises(KeyUpdateUnsupported):
+                ours.recv(100)
+            return
+        rest = Bg(lambda: recv_exactly(ours, 12))  # waits for the rest of the request
+        assert _read_record(theirs) == (22, key_update_message(False))
+        layer.rekey_rx()
+        theirs._sock.sendall(layer.seal(23, b"HTTP/1.0\r\n\r\n"))
+        assert rest.result() == b"HTTP/1.0\r\n\r\n"
+        ours.sendall(b"reply")  # under our next keys, with no second KeyUpdate before it
+        assert _read_record(theirs) == (23, b"reply")
