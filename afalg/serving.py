@@ -199,7 +199,9 @@ class ServeDir:
         """The path under the root a request target (``/a/b?query``, percent-encoded) names,
         ``..`` and symlinks resolved; None if it leaves the root or is not an absolute path.
         Whether it exists and what it is, :meth:`open` finds out."""
-        path = urllib.parse.unquote(urllib.parse.urlsplit(target).path)
+        # Origin-form (RFC 9112, 3.2.1): the target is a path, then "?query". Not urlsplit():
+        # it reads "//x/f" as host x and path /f, and raises ValueError on "//[x/".
+        path = urllib.parse.unquote(target.partition("?")[0].partition("#")[0])
         if "\x00" in path or not path.startswith("/"):
             return None
         full = os.path.realpath(os.path.join(self.root, path.lstrip("/")))

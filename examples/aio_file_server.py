@@ -52,7 +52,8 @@ class FileServer:
         self.served = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One connection: admitted or closed at once, one request within its deadline."""
+        """One connection: admitted or closed at once; one request, then the close, within the
+        request's deadline (past it, the connection is aborted); the slot is freed after."""
         peer = writer.get_extra_info("peername")
         address = peer[0] if peer else "?"
         refused = self.admission.admit(address)
@@ -62,19 +63,27 @@ class FileServer:
             return
         try:
             outcome = await asyncio.wait_for(
-                self._request(reader, writer), self.limits.request_timeout
+                self._request_and_close(reader, writer), self.limits.request_timeout
             )
         except TimeoutError:
             outcome = "request-timeout"
-            writer.transport.abort()
         except (ConnectionError, ssl.SSLError) as exc:
             outcome = f"error:{type(exc).__name__}"
         finally:
+            # A close that did not finish (a peer that never reads keeps the response and the
+            # close_notify queued) ends here, before the slot is freed.
+            writer.transport.abort()
             self.admission.release(address)
         log.info("%s %s", address, outcome)
-        writer.close()
+
+    async def _request_and_close(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> str:
+        outcome = await self._request(reader, writer)
+        writer.close()  # what is queued, then close_notify: still inside the deadline
         with contextlib.suppress(ConnectionError, ssl.SSLError):
             await writer.wait_closed()
+        return outcome
 
     async def _request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
         request = FileRequest()
@@ -89,6 +98,11 @@ class FileServer:
             f = self.files.open(request.target)
         except RequestRefused as exc:
             return await self._respond(writer, exc.status, exc.reason)
+        except (ConnectionError, ssl.SSLError):
+            raise
+        except Exception:  # a bug: the client still gets a status, the log the traceback
+            log.exception("request from %s failed", writer.get_extra_info("peername"))
+            return await self._respond(writer, 500, "Internal Server Error")
         with f:
             size = os.fstat(f.fileno()).st_size
             writer.write(response_head(200, "OK", size))

@@ -11,13 +11,14 @@ kernel AEAD; ``auto``: kTLS where the kernel offers the suite). ``--mode userspa
 Python ``ssl`` end to end, the reference the other modes are compared against.
 
 The protocol: each read is echoed back in one record (reads are at most 2^14 bytes, one TLS
-record). With ``--serve-dir DIR``, a connection whose first line is ``GET /path`` (optionally
-``GET /path HTTP/1.x`` followed by headers, so ``curl`` works too) gets an ``HTTP/1.0`` response
-with the file sent by ``sendfile()`` (kTLS: the kernel encrypts the page cache straight into the
-socket) and is then closed. The file checks are :class:`afalg.serving.ServeDir`'s: no path may
-leave DIR, symlinks swapped in are refused (``O_NOFOLLOW``), a FIFO or device does not block
-(``O_NONBLOCK``, then a regular file is required), a file that cannot be opened gets an HTTP
-error status (404, 403, 500).
+record). With ``--serve-dir DIR``, a connection whose first bytes are ``GET /path`` (optionally
+``GET /path HTTP/1.x`` followed by headers, so ``curl`` works too; split into records in any
+way: while what arrived is a prefix of ``GET `` the server waits for more) gets an ``HTTP/1.0``
+response with the file sent by ``sendfile()`` (kTLS: the kernel encrypts the page cache straight
+into the socket) and is then closed. The file checks are :class:`afalg.serving.ServeDir`'s: no
+path may leave DIR, symlinks swapped in are refused (``O_NOFOLLOW``), a FIFO or device does not
+block (``O_NONBLOCK``, then a regular file is required), a file that cannot be opened gets an
+HTTP error status (404, 403, 500).
 
 Design (robust, and honest about its limits):
 
@@ -456,18 +457,30 @@ class EchoServer:
         return tls
 
     def _serve(self, conn: Connection, tls: Any) -> str:
-        first = True
+        # Echo or a file request: decided on the first bytes, however the peer split them into
+        # records (a stream may come one byte a record). While what arrived is a prefix of
+        # "GET " nothing is decided and nothing echoed; no timer: the next bytes decide.
+        undecided = b"" if self.files is not None else None
         while True:
             data = tls.recv(MAX_RECORD)
             if not data:
+                if undecided:  # a prefix of "GET " then the end: echoed like any bytes
+                    self._echo(conn, tls, undecided)
                 return "ok"
             conn.bytes_in += len(data)
-            if first and self.files is not None and data.startswith(b"GET "):
-                self._set_deadline(conn, "request", self.request_timeout)
-                return self._serve_file(conn, tls, data)
-            first = False
-            tls.sendall(data)  # <= 2^14 bytes: one record
-            conn.bytes_out += len(data)
+            if undecided is not None:
+                data, undecided = undecided + data, None
+                if data.startswith(b"GET "):
+                    self._set_deadline(conn, "request", self.request_timeout)
+                    return self._serve_file(conn, tls, data)
+                if b"GET ".startswith(data):
+                    undecided = data
+                    continue
+            self._echo(conn, tls, data)
+
+    def _echo(self, conn: Connection, tls: Any, data: bytes) -> None:
+        tls.sendall(data)  # one read: <= 2^14 bytes, one record (+3 after a prefix of "GET ")
+        conn.bytes_out += len(data)
 
     def _serve_file(self, conn: Connection, tls: Any, data: bytes) -> str:
         assert self.files is not None

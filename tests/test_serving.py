@@ -7,6 +7,8 @@ import socket
 import threading
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from afalg.serving import (
     ConnectionLimits,
@@ -196,3 +198,70 @@ def test_response_head():
     assert response_head(404, "Not Found") == (
         b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
+
+
+# --- request targets that look like URLs (origin-form is a path, not a URL) -----------------------
+
+
+def test_origin_form_target_is_a_path(files):
+    """``//x/f`` names ``x/f`` under the root, never ``/f`` (``urlsplit`` read ``x`` as a host);
+    ``//[x/`` is a path too, refused with 404 (``urlsplit`` raised ValueError)."""
+    d = ServeDir(files)
+    (files / "f").write_bytes(b"top-level f")
+    assert refused(d, "//x/f") == 404
+    assert refused(d, "//[x/") == 404
+    assert refused(d, "//[::1]:80/f") == 404
+    (files / "x").mkdir()
+    (files / "x" / "f").write_bytes(b"x/f")
+    with d.open("//x/f") as f:
+        assert f.read() == b"x/f"
+    with d.open("/f?a=//b#frag") as f:  # query and fragment are not part of the path
+        assert f.read() == b"top-level f"
+    for url in ("http://h/f", "https:/f", "f", "*", "?x", ""):  # not origin-form
+        assert refused(d, url) == 404, url
+
+
+_PIECES = [
+    "",
+    ".",
+    "..",
+    "[",
+    "]",
+    "%",
+    "%2f",
+    "%2e%2e",
+    "%00",
+    "%ff",
+    "?",
+    "#",
+    ":",
+    "@",
+    "small.txt",
+    "sub",
+    "x",
+    "//",
+    "[::1]",
+    "%5b",
+    "http:",
+]
+TARGETS = st.text(st.characters(max_codepoint=0xFF), max_size=40) | st.builds(
+    lambda parts: "/" + "/".join(parts), st.lists(st.sampled_from(_PIECES), max_size=8)
+)
+
+
+@given(target=TARGETS)
+@example(target="//[x/")
+@example(target="//x/small.txt")
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_open_any_target_gives_a_file_or_a_status(files, target):
+    """Whatever the target (latin-1 text, as the servers decode it), open() returns a file
+    under the root or refuses with 404, 403 or 500; it never raises anything else."""
+    d = ServeDir(files)
+    try:
+        f = d.open(target)
+    except RequestRefused as exc:
+        assert exc.status in (403, 404, 500), (target, exc)
+        return
+    with f:
+        real = os.path.realpath(f"/proc/self/fd/{f.fileno()}")
+        assert os.path.commonpath([d.root, real]) == d.root, (target, real)
