@@ -204,6 +204,10 @@ class Session:
         self._eof = False  # close_notify received (or a suppressed ragged EOF)
         self._sending_closed = False  # close_notify (or a fatal alert) sent or due
         self._key_update_due = False  # the peer asked for our KeyUpdate
+        # Our send key came from our own KeyUpdate and has sealed no application data since:
+        # a request read now is answered by that update already (RFC 8446 4.6.3: a silent
+        # receiver of several requests answers with a single update).
+        self._tx_key_unused = False
         self._error: BaseException | None = None
         self._alert_owed: int | None = None  # the fatal alert the peer is owed
         # fail(), fatal_alert() and close_notify() may run in two threads at once (a receiver
@@ -369,7 +373,7 @@ class Session:
                     f"{self._key_updates} KeyUpdates without application data between",
                 )
             requested = body[0] == 1
-            if requested and not self.sending_closed:
+            if requested and not self.sending_closed and not self._tx_key_unused:
                 self._key_update_due = True
             return KeyUpdate(requested)
         if msg_type == HandshakeType.certificate_request and self._tls13:
@@ -412,7 +416,11 @@ class Session:
         Returns that room when it is at least ``at_least`` (a socket that may close a record
         left open asks for more), else 0: send :meth:`key_update` first, then ask again. Raises
         :class:`~afalg.errors.KeyLimitReached`, nothing changed, where no KeyUpdate can go:
-        TLS 1.2, or ``cannot_update`` (the socket's reason it cannot send one)."""
+        TLS 1.2, or ``cannot_update`` (the socket's reason it cannot send one).
+
+        Ask before sealing application data: the send key then counts as used, so the peer's
+        next KeyUpdate request gets an answer of its own."""
+        self._tx_key_unused = False
         room = records_left - 1
         if room >= at_least:
             return room
@@ -440,7 +448,9 @@ class Session:
         due and may still be sent; None otherwise. Send it under the current keys, then call
         :meth:`key_update_sent`: before the next application data record at the latest, or as
         soon as the records read so far are handled if no other thread is sending (one answer
-        for all the requests read meanwhile, RFC 8446 4.6.3)."""
+        for all the requests read meanwhile, RFC 8446 4.6.3). A request read while our send
+        key is one our KeyUpdate installed and no data was sealed since owes no answer: that
+        update answers it (the silent receiver's single update)."""
         if not self._key_update_due or self.sending_closed:
             return None
         return key_update_message(False)
@@ -448,6 +458,7 @@ class Session:
     def key_update_sent(self) -> None:
         """Our KeyUpdate is out (the next send keys take over): it answers any request."""
         self._key_update_due = False
+        self._tx_key_unused = True
 
     def close_notify(self) -> bytes | None:
         """The close_notify alert to send (its two bytes), once; None when it was sent already

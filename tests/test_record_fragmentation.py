@@ -210,12 +210,10 @@ def test_key_updates_in_a_row_one_answer(server: Running) -> None:
 
 
 @pytest.mark.parametrize("server", KEY_UPDATE_MODES, indirect=True)
-def test_key_updates_one_too_many(server: Running, request: pytest.FixtureRequest) -> None:
+def test_key_updates_one_too_many(server: Running) -> None:
     """The 33rd KeyUpdate in a row (no application data between) is fatal: unexpected_message.
     kTLS before 6.14: internal_error at the first."""
     can = _server_can_follow(server.server.mode)
-    if can:  # the bound (issue 25, item 3) comes with the session branch
-        request.applymarker(pytest.mark.xfail(strict=True, reason="needs session branch"))
     peer = Peer(server.port)
     try:
         for _ in range(MAX_KEY_UPDATES + 1 if can else 1):  # else the first is fatal
