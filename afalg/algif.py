@@ -140,7 +140,7 @@ class AlgTLSSocket(TLSSocketBase):
         with memoryview(data).cast("B") as whole, self._tx_lock:  # released however this ends
             # Again under the lock: another thread may have failed the connection (its fatal
             # alert sealed) or sent close_notify while this one waited for the lock.
-            self._session.check_send()
+            self._session.sending_data()
             deadline = self._deadline()
             if not self._write_out(deadline):
                 raise self._unsent()  # nothing of data taken

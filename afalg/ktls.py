@@ -514,7 +514,7 @@ class KTLSSocket(TLSSocketBase):
         with self._tx_lock:
             # Again under the lock: another thread may have failed the connection (its fatal
             # alert sent) or sent close_notify while this one waited for the lock.
-            self._session.check_send()
+            self._session.sending_data()
             try:
                 self._answer_key_update()
                 with memoryview(data).cast("B") as view:
@@ -559,7 +559,7 @@ class KTLSSocket(TLSSocketBase):
             try:
                 self._answer_key_update()
                 while count is None or total < count:
-                    self._session.check_send()  # under the lock, before each chunk
+                    self._session.sending_data()  # under the lock, before each chunk
                     want = _SENDFILE_CHUNK if count is None else min(_SENDFILE_CHUNK, count - total)
                     try:
                         sent = os.sendfile(sock_fd, fd, offset + total, self._tx_allowance(want))
@@ -593,7 +593,7 @@ class KTLSSocket(TLSSocketBase):
         event loops (:func:`afalg.aio.sendfile`)."""
         self._check_send()
         with self._tx_lock:
-            self._session.check_send()  # again under the lock (another thread may have failed)
+            self._session.sending_data()  # again under the lock (another thread may have failed)
             try:
                 self._answer_key_update()
                 return os.sendfile(self._sock.fileno(), fd, offset, self._tx_allowance(count))

@@ -400,6 +400,13 @@ class Session:
                 "this connection's sending side is shut down (close_notify sent or due)",
             )
 
+    def sending_data(self) -> None:
+        """:meth:`check_send`, called under the send lock just before application data is
+        sealed: from then on the send key counts as used, so the peer's next KeyUpdate request
+        is owed an answer of its own."""
+        self.check_send()
+        self._tx_key_unused = False
+
     def records_to_seal(
         self,
         records_left: int,
@@ -416,11 +423,7 @@ class Session:
         Returns that room when it is at least ``at_least`` (a socket that may close a record
         left open asks for more), else 0: send :meth:`key_update` first, then ask again. Raises
         :class:`~afalg.errors.KeyLimitReached`, nothing changed, where no KeyUpdate can go:
-        TLS 1.2, or ``cannot_update`` (the socket's reason it cannot send one).
-
-        Ask before sealing application data: the send key then counts as used, so the peer's
-        next KeyUpdate request gets an answer of its own."""
-        self._tx_key_unused = False
+        TLS 1.2, or ``cannot_update`` (the socket's reason it cannot send one)."""
         room = records_left - 1
         if room >= at_least:
             return room

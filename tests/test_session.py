@@ -345,7 +345,7 @@ def test_one_reply_to_many_requests() -> None:
     assert not session.key_update_due
     session.receive(CT_HANDSHAKE, KEY_UPDATE_REQUESTED)
     assert not session.key_update_due  # still silent: the reply we sent answers it
-    assert session.records_to_seal(100, 100) == 99  # about to seal data under that key
+    session.sending_data()  # about to seal data under that key
     session.receive(CT_HANDSHAKE, KEY_UPDATE_REQUESTED)
     assert session.key_update_due  # the key has sealed data now: a reply of its own
     assert session.key_update(request_peer=True) == KEY_UPDATE_REQUESTED
