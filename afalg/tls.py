@@ -216,10 +216,15 @@ def wrap(
     Raises what ssl raises for a failed handshake, :class:`afalg.keys.UnsupportedCipherSuite`
     for a non-AEAD suite; when the mode asked for cannot run (:class:`afalg.errors.KTLSError`,
     :class:`afalg.AlgorithmNotAvailable`) the peer first gets a fatal ``internal_error`` alert.
+    Before a byte is sent it refuses what ``context.wrap_socket`` refuses
+    (:func:`afalg.handoff.check_arguments`: ``ValueError("check_hostname requires
+    server_hostname")`` ...), an :class:`ssl.SSLSocket` (already TLS) and an unconnected
+    socket; ``sock`` stays the caller's then.
     """
     check_options(mode, algif_backend, records_per_key)
-    if not isinstance(sock, socket.socket):
-        raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
+    handoff.check_arguments(
+        sock, context, server_side=server_side, server_hostname=server_hostname, session=session
+    )  # as ssl: a refused argument leaves sock to the caller
     try:
         h = handoff.handshake(
             sock, context, server_side=server_side, server_hostname=server_hostname,
