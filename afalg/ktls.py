@@ -55,7 +55,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 from afalg import _uapi
 from afalg._socket import TLSSocketBase
@@ -476,8 +476,8 @@ class KTLSSocket(TLSSocketBase):
     ``sock``. ``recv`` returns application data only; see the module docstring for the rest.
     """
 
-    mode = "ktls"
-    backend = "kernel"  # the kernel's TLS does the crypto
+    mode: Literal["ktls"] = "ktls"
+    backend: Literal["kernel"] = "kernel"  # the kernel's TLS does the crypto
 
     def __init__(
         self,
