@@ -98,10 +98,9 @@ def test_algif_over_a_socketpair_holds_no_kernel_tls() -> None:
     """algif mode runs over any connected stream socket, a Unix socketpair too; its
     ``kernel_state()`` says ``ulp=None`` there as over TCP."""
     a, b = socket.socketpair()
-    peer = Bg(lambda: tls.wrap(b, server_context(), server_side=True, mode="algif",
-                               algif_backend="cryptography"))  # fmt: skip
-    ours = tls.wrap(a, client_context(), server_hostname="localhost", mode="algif",
-                    algif_backend="cryptography")  # fmt: skip
+    options: dict[str, Any] = {"mode": "algif", "algif_backend": "cryptography"}
+    peer = Bg(lambda: tls.wrap(b, server_context(), server_side=True, **options))
+    ours = tls.wrap(a, client_context(), server_hostname="localhost", **options)
     with ours, peer.result(60) as theirs:
         assert_no_tls(ours.kernel_state())
         assert_no_tls(theirs.kernel_state())

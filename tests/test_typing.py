@@ -56,11 +56,9 @@ def mypy(where: Path, *files: str) -> subprocess.CompletedProcess[str]:
     """``mypy --strict`` on ``files`` in ``where``, finding this checkout's afalg."""
     config = where / "mypy.ini"
     config.write_text(CONFIG.format(cache=ROOT / ".mypy_cache" / "snippets"))
-    return subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--config-file", str(config), *files],
-        cwd=where, env={"MYPYPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    command = [sys.executable, "-m", "mypy", "--strict", "--config-file", str(config), *files]
+    env = {"MYPYPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    return subprocess.run(command, cwd=where, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
