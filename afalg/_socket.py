@@ -18,7 +18,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 from afalg._uapi import TLS_1_3_VERSION
 from afalg.errors import ClosedError, TLSProtocolError
@@ -164,7 +164,7 @@ class TLSSocketBase:
             f"{self.version() or '?'} {cipher[0] if cipher else '?'}>"
         )
 
-    def __enter__(self) -> TLSSocketBase:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

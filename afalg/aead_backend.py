@@ -27,6 +27,7 @@ from afalg.keys import CipherSuite
 __all__ = [
     "TAG_SIZE",
     "Backend",
+    "ChosenBackend",
     "CryptographyAEAD",
     "KernelAEAD",
     "RecordAEAD",
@@ -37,6 +38,9 @@ __all__ = [
 TAG_SIZE = 16
 
 Backend = Literal["auto", "kernel", "cryptography"]
+"""Where a record AEAD may run (``algif_backend=``): the kernel if it can, else cryptography."""
+ChosenBackend = Literal["kernel", "cryptography"]
+"""Where a connection's record AEAD runs (``conn.backend``)."""
 
 
 class RecordAEAD(Protocol):

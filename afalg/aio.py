@@ -166,14 +166,14 @@ def _positive(name: str, value: float | None, default: float) -> float:
 def _client_hostname(host: Any, server_hostname: Any) -> str | None:
     """asyncio's rule for the name checked in the server's certificate: ``server_hostname``,
     else the host connected to; neither (``sock=``, or no host): ValueError. An empty
-    ``server_hostname`` turns the name check off on purpose (None for the handshake)."""
+    ``server_hostname`` turns the name check off on purpose (the handshake's own opt-out)."""
     if server_hostname is not None and not isinstance(server_hostname, str):
         raise TypeError(f"server_hostname must be a str, not {type(server_hostname).__name__}")
     if server_hostname is None:
         if not host:
             raise ValueError("You must set server_hostname when using ssl without a host")
         server_hostname = host
-    return server_hostname or None
+    return server_hostname
 
 
 def _check_ktls_runs() -> None:

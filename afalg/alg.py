@@ -654,7 +654,7 @@ class AEAD(_AlgSocket):
         if type(iv) is not bytes:
             iv = _bytes(iv, "iv")
         if type(aad) is not bytes:
-            aad = _bytes(aad, "aad")
+            aad = b"" if aad is None else _bytes(aad, "aad")  # None: none, as cryptography's
         spec = self._spec
         if spec is None:
             return iv, aad
@@ -673,8 +673,9 @@ class AEAD(_AlgSocket):
             )
         return iv, aad + iv
 
-    def encrypt(self, iv: Buffer, plaintext: Buffer, aad: Buffer = b"") -> bytes:
-        """``ciphertext || tag`` of ``plaintext`` (``tag_size`` bytes longer)."""
+    def encrypt(self, iv: Buffer, plaintext: Buffer, aad: Buffer | None = b"") -> bytes:
+        """``ciphertext || tag`` of ``plaintext`` (``tag_size`` bytes longer). ``aad`` None is
+        no associated data, as for cryptography's ``AESGCM``."""
         if type(iv) is bytes and type(aad) is bytes and len(iv) == self._fastiv:
             kiv, assoc = iv, aad  # the common case, checked: plain AEAD, bytes, right IV size
         else:
@@ -682,7 +683,7 @@ class AEAD(_AlgSocket):
         data = plaintext if type(plaintext) is bytes else _view(plaintext, "plaintext")
         return self._crypt(_ENCRYPT, kiv, assoc, data, len(data) + self.tag_size, None)  # type: ignore[return-value]
 
-    def decrypt(self, iv: Buffer, ciphertext_and_tag: Buffer, aad: Buffer = b"") -> bytes:
+    def decrypt(self, iv: Buffer, ciphertext_and_tag: Buffer, aad: Buffer | None = b"") -> bytes:
         """The plaintext, or :class:`afalg.InvalidTag` if the tag does not verify (or the input
         is shorter than the tag). Unauthenticated plaintext is never returned."""
         if type(iv) is bytes and type(aad) is bytes and len(iv) == self._fastiv:
@@ -692,7 +693,9 @@ class AEAD(_AlgSocket):
         data = self._ciphertext(ciphertext_and_tag)
         return self._crypt(_DECRYPT, kiv, assoc, data, len(data) - self.tag_size, None)  # type: ignore[return-value]
 
-    def encrypt_into(self, out: Buffer, iv: Buffer, plaintext: Buffer, aad: Buffer = b"") -> int:
+    def encrypt_into(
+        self, out: Buffer, iv: Buffer, plaintext: Buffer, aad: Buffer | None = b""
+    ) -> int:
         """Encrypt into ``out`` as the kernel writes its output: ``aad || ciphertext || tag``
         at the start of ``out`` (a writable bytes-like object of at least ``len(aad) +
         len(plaintext) + tag_size`` bytes); returns that length, as
@@ -714,7 +717,7 @@ class AEAD(_AlgSocket):
         return self._crypt(_ENCRYPT, kiv, assoc, data, size, out)  # type: ignore[return-value]
 
     def decrypt_into(
-        self, out: Buffer, iv: Buffer, ciphertext_and_tag: Buffer, aad: Buffer = b""
+        self, out: Buffer, iv: Buffer, ciphertext_and_tag: Buffer, aad: Buffer | None = b""
     ) -> int:
         """Decrypt into ``out``, laid out as :meth:`encrypt_into`'s: ``aad || plaintext`` (at
         least ``len(aad) + len(ciphertext_and_tag) - tag_size`` bytes); returns that length.

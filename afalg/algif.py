@@ -16,10 +16,11 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 from afalg._socket import TLSSocketBase
 from afalg._uapi import TLS_1_3_VERSION
+from afalg.aead_backend import Backend, ChosenBackend
 from afalg.errors import TLSProtocolError, WantRead, WantWrite
 from afalg.handoff import TicketFeed
 from afalg.keys import TrafficKeys
@@ -45,7 +46,7 @@ class AlgTLSSocket(TLSSocketBase):
     Thread-safety as for ssl sockets: one thread may send while another receives.
     """
 
-    mode = "algif"
+    mode: Literal["algif"] = "algif"
 
     def __init__(
         self,
@@ -55,7 +56,7 @@ class AlgTLSSocket(TLSSocketBase):
         *,
         ssl_object: ssl.SSLObject | None = None,
         suppress_ragged_eofs: bool = True,
-        backend: str = "kernel",
+        backend: Backend = "kernel",
         tickets: TicketFeed | None = None,
         records_per_key: int | None = None,
         server_side: bool | None = None,
@@ -63,7 +64,7 @@ class AlgTLSSocket(TLSSocketBase):
         if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
             raise TypeError("sock must be a connected SOCK_STREAM socket.socket")
         self._layer = RecordLayer(
-            tx=tx, rx=rx, backend=backend,  # type: ignore[arg-type]
+            tx=tx, rx=rx, backend=backend,
             records_per_key=records_per_key or default_records_per_key(tx.cipher_suite),
         )  # fmt: skip
         super().__init__(
@@ -77,9 +78,9 @@ class AlgTLSSocket(TLSSocketBase):
         return super().__repr__()[:-1] + f" backend={self._layer.backend}>"
 
     @property
-    def backend(self) -> str:
+    def backend(self) -> ChosenBackend:
         """The AEAD that protects the records: ``"kernel"`` (AF_ALG) or ``"cryptography"``."""
-        return self._layer.backend
+        return "kernel" if self._layer.backend == "kernel" else "cryptography"
 
     @property
     def record_layer(self) -> RecordLayer:

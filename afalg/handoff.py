@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import functools
 import os
 import socket
@@ -75,7 +76,8 @@ from afalg.wire import (
 )
 
 __all__ = [
-    "Handoff", "Handshake", "KeyLog", "Receive", "Send", "TicketFeed", "handshake", "keylog_for",
+    "Handoff", "Handshake", "KeyLog", "Receive", "Send", "TicketFeed", "check_arguments",
+    "handshake", "keylog_for",
 ]  # fmt: skip
 
 _CONTENT_TYPES = frozenset(ContentType)
@@ -521,6 +523,10 @@ class Handshake:
     fails raises what ssl raises from :meth:`receive`/:meth:`receive_eof`, with the alert ssl
     produced still in :meth:`data_to_send` (send it, best effort); one that is abandoned (a
     timeout, a cancelled task) must be :meth:`close`-d, which forgets its secrets.
+
+    A client whose ``context.check_hostname`` is True needs ``server_hostname`` (else
+    ``ValueError("check_hostname requires server_hostname")``, as ssl's ``wrap_socket``);
+    ``server_hostname=""`` checks the chain and no name, on purpose (asyncio's convention).
     """
 
     def __init__(
@@ -533,11 +539,16 @@ class Handshake:
     ) -> None:
         if not isinstance(context, ssl.SSLContext):
             raise TypeError(f"context must be an ssl.SSLContext, not {type(context).__name__}")
+        # ssl's wrap_bio() checks no name when none is given, even with check_hostname: a
+        # client would then accept any certificate the CAs signed. Refuse as wrap_socket()
+        # does; "" is the caller saying so on purpose (asyncio's convention).
+        if not server_side and context.check_hostname and server_hostname is None:
+            raise ValueError("check_hostname requires server_hostname")
         self._keylog = keylog_for(context)
         self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.ssl_object = context.wrap_bio(
             self._incoming, self._outgoing, server_side=server_side,
-            server_hostname=server_hostname, session=session,
+            server_hostname=server_hostname or None, session=session,
         )  # fmt: skip
         self._server_side = server_side
         self._sent, self._received = _Direction(), _Direction()
@@ -709,6 +720,50 @@ class Handshake:
                 self._keylog.discard(self._client_random, self._server_side)
 
 
+def check_arguments(
+    sock: socket.socket,
+    context: ssl.SSLContext,
+    *,
+    server_side: bool = False,
+    server_hostname: str | None = None,
+    session: ssl.SSLSession | None = None,
+) -> None:
+    """Refuse, before a byte is sent, what ``context.wrap_socket(sock, ...)`` refuses and a
+    socket that cannot carry the handshake.
+
+    ssl's rules (``ValueError``): ``server_hostname`` and ``session`` only in client mode;
+    ``context.check_hostname`` requires a non-empty ``server_hostname``. ``sock`` must be a
+    ``socket.socket`` not yet wrapped by ssl (``TypeError``: an :class:`ssl.SSLSocket` is
+    already TLS), a stream (``ValueError``) and connected (``OSError`` ENOTCONN)."""
+    if not isinstance(sock, socket.socket):
+        raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
+    if isinstance(sock, ssl.SSLSocket):
+        raise TypeError(
+            "sock is already a TLS socket (ssl.SSLSocket): pass the plain TCP socket, "
+            "before ssl wraps it"
+        )
+    if not isinstance(context, ssl.SSLContext):
+        raise TypeError(f"context must be an ssl.SSLContext, not {type(context).__name__}")
+    if server_side:
+        if server_hostname:
+            raise ValueError("server_hostname can only be specified in client mode")
+        if session is not None:
+            raise ValueError("session can only be specified in client mode")
+    if context.check_hostname and not server_hostname:
+        raise ValueError("check_hostname requires server_hostname")
+    if sock.type != socket.SOCK_STREAM:
+        raise ValueError("the hand-off needs a SOCK_STREAM (TCP) socket")
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        raise OSError(
+            errno.ENOTCONN,
+            "sock is not connected: connect() it (or take it from accept()) first",
+        ) from None
+
+
 def handshake(
     sock: socket.socket,
     context: ssl.SSLContext,
@@ -723,12 +778,12 @@ def handshake(
     socket (timeout 0) is refused, set it non-blocking after the hand-off. Raises what ssl
     raises (:class:`ssl.SSLError`, :class:`ssl.SSLCertVerificationError`, ...), ``TimeoutError``,
     or :class:`afalg.errors.UnsupportedCipherSuite` when the negotiated suite is not AEAD.
-    Nothing is read from ``sock`` past the last handshake record.
+    Nothing is read from ``sock`` past the last handshake record. Arguments are checked first
+    (:func:`check_arguments`: ssl's rules, an unconnected socket, an :class:`ssl.SSLSocket`).
     """
-    if not isinstance(context, ssl.SSLContext):
-        raise TypeError(f"context must be an ssl.SSLContext, not {type(context).__name__}")
-    if sock.type != socket.SOCK_STREAM:
-        raise ValueError("the hand-off needs a SOCK_STREAM (TCP) socket")
+    check_arguments(
+        sock, context, server_side=server_side, server_hostname=server_hostname, session=session
+    )
     if sock.gettimeout() == 0.0:
         raise ValueError(
             "the handshake needs a blocking socket or one with a timeout; "

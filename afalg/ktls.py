@@ -55,7 +55,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 from afalg import _uapi
 from afalg._socket import TLSSocketBase
@@ -269,9 +269,16 @@ def kernel_state(sock: socket.socket) -> KernelTLSState:
 
     The kernel answers ``TLS_TX``/``TLS_RX`` with the whole crypto_info, key included; that
     buffer is zeroed right after the version, cipher and sequence number are read from it, and
-    no key byte reaches the result. Raises :class:`OSError` (EBADF) for a closed socket.
+    no key byte reaches the result. A socket that is not TCP (a Unix socketpair carrying algif
+    mode, UDP) has no ULP: ``ulp=None``. Raises :class:`OSError` (EBADF) for a closed socket.
     """
-    name = sock.getsockopt(_uapi.SOL_TCP, _uapi.TCP_ULP, TCP_ULP_NAME_MAX)
+    try:
+        name = sock.getsockopt(_uapi.SOL_TCP, _uapi.TCP_ULP, TCP_ULP_NAME_MAX)
+    except OSError as exc:
+        # Only TCP knows TCP_ULP: other sockets answer EOPNOTSUPP (or ENOPROTOOPT)
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOPROTOOPT):
+            raise
+        name = b""
     ulp = name.split(b"\0", 1)[0].decode("ascii", "replace") or None
     if ulp != "tls":
         return KernelTLSState(ulp, False, False, None, None, None, None, None, None)
@@ -468,8 +475,8 @@ class KTLSSocket(TLSSocketBase):
     ``sock``. ``recv`` returns application data only; see the module docstring for the rest.
     """
 
-    mode = "ktls"
-    backend = "kernel"  # the kernel's TLS does the crypto
+    mode: Literal["ktls"] = "ktls"
+    backend: Literal["kernel"] = "kernel"  # the kernel's TLS does the crypto
 
     def __init__(
         self,

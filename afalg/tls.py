@@ -42,11 +42,11 @@ import contextlib
 import errno
 import socket
 import ssl
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 from afalg import handoff, ktls
 from afalg._uapi import TLS_1_3_VERSION
-from afalg.aead_backend import kernel_refusal
+from afalg.aead_backend import Backend, ChosenBackend, kernel_refusal
 from afalg.algif import AlgTLSSocket
 from afalg.errors import AlgError, KTLSError, TLSAlertReceived
 from afalg.keys import CipherSuite, TrafficKeys
@@ -58,7 +58,11 @@ __all__ = [
     "BACKENDS",
     "MODES",
     "AlgTLSSocket",
+    "Backend",
+    "ChosenBackend",
+    "ChosenMode",
     "KTLSSocket",
+    "Mode",
     "TLSAlertReceived",
     "check_options",
     "choose_mode",
@@ -67,13 +71,19 @@ __all__ = [
     "wrap",
 ]
 
-MODES = ("auto", "ktls", "algif")
-BACKENDS = ("auto", "kernel", "cryptography")
+Mode = Literal["auto", "ktls", "algif"]
+"""Where records may be protected (``mode=``): kTLS if it can run, else algif; or only one."""
+ChosenMode = Literal["ktls", "algif"]
+"""Where a connection's records are protected (``conn.mode``)."""
+# Backend and ChosenBackend (afalg.aead_backend): algif_backend= and conn.backend
+
+MODES: tuple[Mode, ...] = get_args(Mode)
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
 
 
 def choose_mode(
-    version: int, suite: CipherSuite, mode: str = "auto", algif_backend: str = "auto"
-) -> tuple[str, str]:
+    version: int, suite: CipherSuite, mode: Mode = "auto", algif_backend: Backend = "auto"
+) -> tuple[ChosenMode, ChosenBackend]:
     """Where the records of a connection using ``suite`` in ``version`` (``0x0303``/``0x0304``)
     are protected: ``(mode, backend)``, one of ``("ktls", "kernel")``, ``("algif", "kernel")``,
     ``("algif", "cryptography")``. The one definition of ``mode="auto"``:
@@ -144,8 +154,8 @@ def hand_off(
     sock: socket.socket,
     handoff: handoff.Handoff,
     *,
-    mode: str = "auto",
-    algif_backend: str = "auto",
+    mode: Mode | str = "auto",
+    algif_backend: Backend | str = "auto",
     suppress_ragged_eofs: bool = True,
     records_per_key: int | None = None,
 ) -> KTLSSocket | AlgTLSSocket:
@@ -157,6 +167,8 @@ def hand_off(
     kTLS attaches to established connections only: with ``mode="auto"``, a peer that
     half-closed before the hand-off (sent its data and FIN at once) gets algif mode instead."""
     check_options(mode, algif_backend, records_per_key)
+    # checked: a Mode and a Backend (str too until afalg.aio's options carry the Literals)
+    mode, algif_backend = cast(Mode, mode), cast(Backend, algif_backend)
     h = handoff
     common: dict[str, Any] = {
         "ssl_object": h.ssl_object,
@@ -196,10 +208,10 @@ def wrap(
     *,
     server_side: bool = False,
     server_hostname: str | None = None,
-    mode: str = "auto",
+    mode: Mode = "auto",
     suppress_ragged_eofs: bool = True,
     session: ssl.SSLSession | None = None,
-    algif_backend: str = "auto",
+    algif_backend: Backend = "auto",
     records_per_key: int | None = None,
 ) -> KTLSSocket | AlgTLSSocket:
     """Handshake on the connected TCP socket ``sock`` with ``context`` and return a TLS socket
@@ -216,10 +228,15 @@ def wrap(
     Raises what ssl raises for a failed handshake, :class:`afalg.keys.UnsupportedCipherSuite`
     for a non-AEAD suite; when the mode asked for cannot run (:class:`afalg.errors.KTLSError`,
     :class:`afalg.AlgorithmNotAvailable`) the peer first gets a fatal ``internal_error`` alert.
+    Before a byte is sent it refuses what ``context.wrap_socket`` refuses
+    (:func:`afalg.handoff.check_arguments`: ``ValueError("check_hostname requires
+    server_hostname")`` ...), an :class:`ssl.SSLSocket` (already TLS) and an unconnected
+    socket; ``sock`` stays the caller's then.
     """
     check_options(mode, algif_backend, records_per_key)
-    if not isinstance(sock, socket.socket):
-        raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
+    handoff.check_arguments(
+        sock, context, server_side=server_side, server_hostname=server_hostname, session=session
+    )  # as ssl: a refused argument leaves sock to the caller
     try:
         h = handoff.handshake(
             sock, context, server_side=server_side, server_hostname=server_hostname,

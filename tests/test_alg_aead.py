@@ -268,3 +268,19 @@ def test_encrypt_into_writes_the_kernels_layout(aad: bytes) -> None:
             aead.decrypt_into(out, iv, bytes(spoiled), aad)
         assert out == bytes(len(out))
         assert aead.decrypt(iv, sealed, aad) == pt  # still usable
+
+
+@pytest.mark.parametrize(("name", "ref"), [(GCM, AESGCM), (CHACHA, ChaCha20Poly1305)])
+def test_none_is_no_associated_data(name: str, ref: type[AESGCM | ChaCha20Poly1305]) -> None:
+    """``associated_data=None`` means none, as in cryptography's AEADs (the same call works on
+    either): encrypt, decrypt and their ``_into`` forms."""
+    key, iv, pt = os.urandom(32), os.urandom(12), b"plaintext"
+    expected = ref(key).encrypt(iv, pt, None)
+    with AEAD(name, key) as aead:
+        assert aead.encrypt(iv, pt, None) == expected
+        assert aead.decrypt(iv, expected, None) == pt
+        out = bytearray(len(expected))
+        assert aead.encrypt_into(out, iv, pt, None) == len(expected)
+        assert out == expected
+        assert aead.decrypt_into(out, iv, expected, None) == len(pt)
+        assert out[: len(pt)] == pt

@@ -9,6 +9,7 @@ ssl refusing our record (bad_record_mac) or our tag check failing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import ssl
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _env import SLOW, scaled
@@ -733,3 +735,156 @@ def test_pre_fork_server_works_in_every_worker() -> None:
         for _log, _pid, inode in (line.split() for line in lines if line.startswith("log "))
     }
     assert len(inodes) == 2 and parent_inode not in inodes  # a memfd per process
+
+
+# --- ssl's rules for the arguments of the blocking entry points --------------------------------
+
+
+def _nothing_sent(peer: socket.socket) -> bool:
+    peer.setblocking(False)
+    try:
+        return peer.recv(1) == b""  # EOF would mean closed, which is also "nothing sent"
+    except BlockingIOError:
+        return True
+
+
+def _wrap(sock: socket.socket, ctx: ssl.SSLContext, **kw: Any) -> Any:
+    from afalg import tls
+
+    return tls.wrap(sock, ctx, mode="algif", algif_backend="cryptography", **kw)
+
+
+ENTRY_POINTS: dict[str, Callable[..., Any]] = {
+    "wrap": _wrap,
+    "handshake": handoff.handshake,
+    "Handshake": lambda sock, ctx, **kw: handoff.Handshake(ctx, **kw),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_check_hostname_requires_server_hostname(entry: str) -> None:
+    """As ``ctx.wrap_socket(sock)``: a client context that checks host names, and no name to
+    check, is refused before a byte is sent (and the socket is left to the caller, as ssl
+    leaves it)."""
+    csock, ssock = tcp_pair()
+    with csock, ssock:
+        with pytest.raises(ValueError, match=r"^check_hostname requires server_hostname$"):
+            ENTRY_POINTS[entry](csock, client_context())
+        assert _nothing_sent(ssock)
+        assert csock.fileno() != -1
+
+
+@pytest.mark.parametrize("entry", ["wrap", "handshake"])
+def test_empty_server_hostname_is_refused_as_ssl_refuses_it(entry: str) -> None:
+    csock, ssock = tcp_pair()
+    with csock, ssock:
+        with pytest.raises(ValueError, match=r"^check_hostname requires server_hostname$"):
+            ENTRY_POINTS[entry](csock, client_context(), server_hostname="")
+        assert _nothing_sent(ssock)
+
+
+@pytest.mark.parametrize("entry", ["wrap", "handshake"])
+def test_server_side_arguments_follow_ssl(entry: str) -> None:
+    csock, ssock = tcp_pair()
+    with csock, ssock:
+        with pytest.raises(ValueError, match=r"^server_hostname can only be specified in client"):
+            ENTRY_POINTS[entry](ssock, server_context(), server_side=True, server_hostname="x")
+        with pytest.raises(ValueError, match=r"^check_hostname requires server_hostname$"):
+            ENTRY_POINTS[entry](ssock, server_context(check_hostname=True), server_side=True)
+        assert _nothing_sent(csock)
+
+
+def test_check_arguments_is_ssls_rules_before_a_byte() -> None:
+    """handoff.check_arguments alone: what ctx.wrap_socket refuses, refused the same way, and
+    what it accepts, accepted; nothing sent either way."""
+    csock, ssock = tcp_pair()
+    with csock, ssock:
+        handoff.check_arguments(csock, client_context(), server_hostname="localhost")
+        handoff.check_arguments(ssock, server_context(), server_side=True)
+        for sock, ctx, kwargs, error, match in [
+            (csock, client_context(), {}, ValueError, "^check_hostname requires server_hostname$"),
+            (csock, client_context(), {"server_hostname": ""}, ValueError, "requires"),
+            (
+                ssock,
+                server_context(),
+                {"server_side": True, "server_hostname": "x"},
+                ValueError,
+                "only be specified in client",
+            ),
+            (csock, object(), {}, TypeError, "must be an ssl.SSLContext"),
+            (object(), client_context(), {}, TypeError, "must be a socket.socket"),
+        ]:
+            with pytest.raises(error, match=match):
+                handoff.check_arguments(sock, ctx, **kwargs)  # type: ignore[arg-type]
+        assert _nothing_sent(csock) and _nothing_sent(ssock)
+
+
+def test_core_empty_server_hostname_turns_the_check_off_on_purpose() -> None:
+    """The sans-I/O core takes asyncio's convention (its drivers apply asyncio's rules):
+    ``server_hostname=""`` verifies the chain and checks no name."""
+    hs = handoff.Handshake(client_context(), server_hostname="")
+    assert hs.ssl_object.server_hostname is None
+    hs.close()
+
+
+@pytest.mark.parametrize("entry", ["wrap", "handshake"])
+def test_certificate_for_another_host_is_refused(entry: str) -> None:
+    """The name is checked: the test certificate names localhost, not example.org."""
+    csock, ssock = tcp_pair()
+    with csock, ssock:
+        t, res = run_peer(lambda: server_context().wrap_socket(ssock, server_side=True))
+        with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+            ENTRY_POINTS[entry](csock, client_context(), server_hostname="example.org")
+        with pytest.raises(ssl.SSLError):
+            peer_result(t, res)  # it heard our bad_certificate alert
+
+
+@pytest.mark.parametrize("entry", ["wrap", "handshake"])
+def test_check_hostname_off_needs_no_server_hostname(entry: str) -> None:
+    csock, ssock = tcp_pair()
+    with csock, ssock:
+        t, res = run_peer(lambda: server_context().wrap_socket(ssock, server_side=True))
+        ours = ENTRY_POINTS[entry](csock, client_context(check_hostname=False))
+        peer = peer_result(t, res)
+        assert isinstance(peer, ssl.SSLSocket)
+        if entry == "wrap":
+            ours.sendall(b"ping")
+            assert peer.recv(4) == b"ping"
+        else:
+            assert isinstance(ours, handoff.Handoff)
+            assert ours.ssl_object.server_hostname is None
+        peer.close()
+
+
+# --- sockets that cannot carry the handshake ---------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["wrap", "handshake"])
+def test_an_ssl_socket_is_already_tls(entry: str) -> None:
+    csock, ssock = tcp_pair()
+    with csock, ssock:
+        t, res = run_peer(lambda: server_context().wrap_socket(ssock, server_side=True))
+        with client_context().wrap_socket(csock, server_hostname="localhost") as tlssock:
+            peer = peer_result(t, res)
+            assert isinstance(peer, ssl.SSLSocket)
+            with pytest.raises(TypeError, match="already a TLS socket"):
+                ENTRY_POINTS[entry](tlssock, client_context(), server_hostname="localhost")
+            tlssock.sendall(b"still usable")  # refused before anything was sent on it
+            assert peer.recv(12) == b"still usable"
+            peer.close()
+
+
+@pytest.mark.parametrize("entry", ["wrap", "handshake"])
+@pytest.mark.parametrize("state", ["fresh", "listening"])
+@pytest.mark.parametrize("server_side", [False, True], ids=["client", "server"])
+def test_an_unconnected_socket_is_named(entry: str, state: str, server_side: bool) -> None:
+    ctx = server_context() if server_side else client_context()
+    hostname = None if server_side else "localhost"
+    with socket.socket() as sock:
+        if state == "listening":
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+        with pytest.raises(OSError, match="not connected") as info:
+            ENTRY_POINTS[entry](sock, ctx, server_side=server_side, server_hostname=hostname)
+        assert info.value.errno == errno.ENOTCONN
+        assert not isinstance(info.value, BrokenPipeError)

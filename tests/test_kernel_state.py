@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import itertools
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -76,6 +77,33 @@ def test_algif_on_the_host_holds_no_kernel_tls() -> None:
         assert_no_tls(ours.kernel_state())  # traffic changes nothing: no ULP, no keys
     with pytest.raises(ClosedError):
         ours.kernel_state()
+
+
+@pytest.mark.parametrize("family", ["socketpair", "udp", "unconnected-tcp"])
+def test_sockets_without_tcp_have_no_ulp(family: str) -> None:
+    """A socket that is not a TCP connection has no ULP: ``ulp=None``, as the docs promise,
+    not the kernel's EOPNOTSUPP for ``TCP_ULP`` on a non-TCP socket."""
+    if family == "socketpair":
+        sock, other = socket.socketpair()
+        other.close()
+    elif family == "udp":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    else:
+        sock = socket.socket()
+    with sock:
+        assert_no_tls(ktls.kernel_state(sock))
+
+
+def test_algif_over_a_socketpair_holds_no_kernel_tls() -> None:
+    """algif mode runs over any connected stream socket, a Unix socketpair too; its
+    ``kernel_state()`` says ``ulp=None`` there as over TCP."""
+    a, b = socket.socketpair()
+    options: dict[str, Any] = {"mode": "algif", "algif_backend": "cryptography"}
+    peer = Bg(lambda: tls.wrap(b, server_context(), server_side=True, **options))
+    ours = tls.wrap(a, client_context(), server_hostname="localhost", **options)
+    with ours, peer.result(60) as theirs:
+        assert_no_tls(ours.kernel_state())
+        assert_no_tls(theirs.kernel_state())
 
 
 @kernel
