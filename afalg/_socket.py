@@ -474,7 +474,11 @@ class TLSSocketBase:
         close() that leaves unread input with a TCP reset instead of a FIN, which throws away
         what is still on its way to the peer (close_notify too) and gives the peer
         ConnectionResetError. Bounded by the socket's timeout and by twice its receive buffer
-        (a peer that keeps sending gets its reset); a read error stops it (best effort)."""
+        (a peer that keeps sending gets its reset); a read error stops it (best effort). A
+        failed connection is left as it is: no record is opened after its error (under kTLS a
+        read would try the forged record again), and the peer has our fatal alert."""
+        if self._session.error is not None:
+            return
         timeout = self._sock.gettimeout()
         deadline = time.monotonic() + timeout if timeout else None
         budget = 2 * self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
