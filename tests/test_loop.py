@@ -389,8 +389,33 @@ def test_loop_sendfile(mode: Mode, big_file: tuple[str, bytes]) -> None:
                     hashlib.sha256(await got).digest()
                     == hashlib.sha256(data + data[5000:6000]).digest()
                 )
+                if mode[0] != "ktls":  # asyncio's answer where the kernel's sendfile cannot run
+                    with pytest.raises(asyncio.SendfileNotAvailableError):
+                        await loop.sendfile(writer.transport, f, fallback=False)
                 writer.close()
                 with pytest.raises(RuntimeError, match="closing"):
                     await loop.sendfile(writer.transport, f)
 
     run_on(factory_for(mode), main())
+
+
+def test_loop_sendfile_without_tls_is_asyncios(big_file: tuple[str, bytes]) -> None:
+    """A plain TCP transport on afalg's loop: asyncio's own loop.sendfile."""
+    path, data = big_file
+
+    async def main() -> None:
+        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            got.set_result(await reader.readexactly(len(data)))
+            writer.close()
+
+        server = await asyncio.start_server(receive, "127.0.0.1", 0)
+        async with server:
+            _, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
+            with open(path, "rb") as f:
+                await asyncio.get_running_loop().sendfile(writer.transport, f)
+            assert await got == data
+            writer.close()
+
+    run_on(aio.new_event_loop, main())
