@@ -127,7 +127,7 @@ class _LoopTLS:
         tls_sock = await self._secure(
             adopt.sock, o, server_side=False, server_hostname=hostname, peer=peer
         )
-        protocol = protocol_factory()
+        protocol = _made(protocol_factory, tls_sock)
         transport, waiter = self._transport(tls_sock, protocol, o, adopt.extra)
         try:
             await waiter
@@ -189,11 +189,10 @@ class _LoopTLS:
             logger.debug("afalg: a client's handshake failed: %s", repr(exc))
             return
         try:
-            protocol = protocol_factory()
+            protocol = _made(protocol_factory, tls_sock)
         except Exception as exc:
-            tls_sock.close()
             self.loop.call_exception_handler(
-                {"message": "protocol factory failed", "exception": exc}
+                {"message": "the protocol factory failed", "exception": exc}
             )
             return
         self._transport(tls_sock, protocol, o, extra)
@@ -218,7 +217,7 @@ class _LoopTLS:
         sock.setblocking(False)
         extra = {"peername": _address(sock.getpeername), "sockname": _address(sock.getsockname)}
         tls_sock = await self._secure(sock, o, server_side=True, peer=extra["peername"])
-        protocol = protocol_factory()
+        protocol = _made(protocol_factory, tls_sock)
         transport, waiter = self._transport(tls_sock, protocol, o, extra)
         try:
             await waiter
@@ -289,6 +288,15 @@ class _LoopTLS:
                 f"{transport.get_extra_info('mode')}"
             )
         return await transport.sendfile(file, offset, count)
+
+
+def _made(protocol_factory: Callable[[], asyncio.BaseProtocol], tls_sock: Any) -> Any:
+    """The protocol from ``protocol_factory``; if it raises, ``tls_sock`` is closed."""
+    try:
+        return protocol_factory()
+    except BaseException:
+        tls_sock.close()
+        raise
 
 
 def _address(get: Callable[[], Any]) -> Any:

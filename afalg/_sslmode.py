@@ -121,6 +121,27 @@ class SSLObjectSocket:
     def getsockname(self) -> Any:
         return self._sock.getsockname()
 
+    @property
+    def family(self) -> int:
+        return self._sock.family
+
+    @property
+    def type(self) -> int:
+        return self._sock.type
+
+    @property
+    def proto(self) -> int:
+        return self._sock.proto
+
+    def setsockopt(self, *args: Any) -> None:
+        self._sock.setsockopt(*args)
+
+    def getsockopt(self, *args: Any) -> Any:
+        return self._sock.getsockopt(*args)
+
+    def gettimeout(self) -> float | None:
+        return self._sock.gettimeout()
+
     def setblocking(self, flag: bool) -> None:
         self._sock.setblocking(flag)
 

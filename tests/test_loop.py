@@ -419,3 +419,29 @@ def test_loop_sendfile_without_tls_is_asyncios(big_file: tuple[str, bytes]) -> N
             writer.close()
 
     run_on(aio.new_event_loop, main())
+
+
+def test_a_failing_protocol_factory_leaks_nothing() -> None:
+    """create_connection whose protocol factory raises: that error, and the connection is
+    closed (the server sees its end)."""
+
+    def broken() -> asyncio.Protocol:
+        raise ZeroDivisionError
+
+    async def main() -> None:
+        ended: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            ended.set_result(await reader.read())
+            writer.close()
+
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_context())
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            with pytest.raises(ZeroDivisionError):
+                await asyncio.get_running_loop().create_connection(
+                    broken, "127.0.0.1", port, ssl=client_context(), server_hostname="localhost"
+                )
+            assert await ended == b""
+
+    run_on(aio.new_event_loop, main())

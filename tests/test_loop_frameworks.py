@@ -164,6 +164,34 @@ def test_aiohttp_file_response(mode: Mode, big_file: tuple[Path, bytes], monkeyp
         assert sum(moved) == 0  # sealed in chunks by the record layer
 
 
+def test_aiohttp_cbc_suite_runs_mode_ssl(big_file: tuple[Path, bytes], monkeypatch: Any) -> None:
+    """A server that allows only a TLS 1.2 CBC suite (afalg cannot seal it): aiohttp serves
+    on, in mode "ssl" (the file sealed in userspace by ssl), byte for byte."""
+    path, data = big_file
+    made = transports_made(monkeypatch)
+
+    async def file(request: web.Request) -> web.StreamResponse:
+        assert request.secure
+        return web.FileResponse(path)
+
+    async def main() -> list[dict[str, Any]]:
+        app = web.Application()
+        app.router.add_get("/big", file)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        ctx = server_context("TLSv1.2", "ECDHE-ECDSA-AES128-SHA256")
+        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
+        try:
+            return await fetch(port, ("/big", {}))
+        finally:
+            await runner.cleanup()
+
+    (whole,) = run_on(aio.new_event_loop, main())
+    assert whole["status"] == 200 and whole["sha256"] == hashlib.sha256(data).hexdigest()
+    assert made == [("ssl", True)]
+
+
 @pytest.mark.parametrize("mode", WRAP_MODES)
 def test_aiohttp_client_session(mode: Mode, monkeypatch: Any) -> None:
     """aiohttp's ClientSession on afalg's loop against an aiohttp server on it: both roles."""
@@ -256,14 +284,15 @@ def test_uvicorn_config_loop(mode: Mode, tmp_path: Path, monkeypatch: Any) -> No
     uvicorn = pytest.importorskip("uvicorn")
     (tmp_path / "asgi_app.py").write_text(APP)
     monkeypatch.syspath_prepend(str(tmp_path))
-    factory_module = tmp_path / "afalg_loops.py"
+    name = f"afalg_loops_{mode[0]}_{mode[1]}"  # one module per mode: imports are cached
+    factory_module = tmp_path / f"{name}.py"
     factory_module.write_text(
         f"from afalg import aio\nfactory = aio.loop_factory(mode={mode[0]!r}, "
         f"algif_backend={mode[1]!r})\n"
     )
     port = free_port()
     config = uvicorn.Config(
-        "asgi_app:app", host="127.0.0.1", port=port, loop="afalg_loops:factory",
+        "asgi_app:app", host="127.0.0.1", port=port, loop=f"{name}:factory",
         ssl_keyfile=str(CERTS / "server.key"), ssl_certfile=str(CERTS / "server.pem"),
         log_level="warning",
     )  # fmt: skip
