@@ -18,10 +18,13 @@ from typing import Any
 
 import pytest
 from _env import SLOW, WRAP_MODES
-from test_tls_helpers import client_context, pattern, server_context, tcp_pair
+from test_aio_limits import can_rekey
+from test_key_limits import LIMIT, read_per_key
+from test_tls_helpers import Bg, client_context, pattern, server_context, tcp_pair
 
-from afalg import aio
+from afalg import aio, handoff
 from afalg._transport import TLSTransport
+from afalg.errors import KeyLimitReached
 
 Mode = tuple[str, str]
 T = 60 * SLOW
@@ -445,3 +448,96 @@ def test_a_failing_protocol_factory_leaks_nothing() -> None:
             assert await ended == b""
 
     run_on(aio.new_event_loop, main())
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_loop_sendfile_keeps_the_limit(mode: Mode, tmp_path: Any) -> None:
+    """loop.sendfile on a loop made with records_per_key=8, counted at an independent peer
+    (ssl's handshake, then a bare record layer): no key seals more than 8 records; where keys
+    cannot be updated (kTLS before 6.14) KeyLimitReached, the file's position after exactly
+    what the peer received."""
+    body = pattern(2**20, 13)
+    path = tmp_path / "body"
+    path.write_bytes(body)
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        csock, ssock = tcp_pair(timeout=T)
+        csock.setblocking(False)
+        sctx = server_context("TLSv1.3", None, num_tickets=0)
+        peer = Bg(lambda: handoff.handshake(ssock, sctx, server_side=True))
+        loop = asyncio.get_running_loop()
+        with ssock:
+            _, writer = await asyncio.open_connection(
+                sock=csock, ssl=client_context(), server_hostname="localhost"
+            )
+            h = await loop.run_in_executor(None, peer.result, T)
+            counted = Bg(lambda: read_per_key(ssock, h))
+            with open(path, "rb") as f:
+                if can_rekey(mode):
+                    assert await loop.sendfile(writer.transport, f) == len(body)
+                    result["sent"] = len(body)
+                else:
+                    with pytest.raises(KeyLimitReached, match=r"6\.14"):
+                        await loop.sendfile(writer.transport, f)
+                    result["sent"] = f.tell()
+            writer.close()
+            await writer.wait_closed()
+            result["peer"] = await loop.run_in_executor(None, counted.result, T)
+
+    factory = aio.loop_factory(mode=mode[0], algif_backend=mode[1], records_per_key=LIMIT)
+    run_on(factory, main())
+    data, counts, closed = result["peer"]
+    assert closed
+    assert max(counts) <= LIMIT, counts
+    assert data == body[: result["sent"]]
+    if can_rekey(mode):
+        assert len(counts) > 1, counts  # KeyUpdates went first
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_loop_sendfile_cancelled(mode: Mode, big_file: tuple[str, bytes]) -> None:
+    """loop.sendfile cancelled while the client does not read: CancelledError, the file's
+    position after exactly what was sent (kTLS) or queued (algif); the client then receives
+    that prefix, then what is written next, and a clean end."""
+    path, content = big_file
+    state: dict[str, Any] = {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        served: asyncio.Future[tuple[Any, Any]] = loop.create_future()
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            served.set_result((reader, writer))
+
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_context())
+        async with server:
+            sock = socket.socket()  # a small receive window: sendfile stalls soon
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, server.sockets[0].getsockname())
+            reader, client = await asyncio.open_connection(
+                sock=sock, ssl=client_context(), server_hostname="localhost", limit=32 * 1024
+            )
+            _, writer = await served
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+            with open(path, "rb") as f:
+                task = asyncio.ensure_future(loop.sendfile(writer.transport, f))
+                while client.transport.is_reading():  # file data came: the reader is full
+                    await asyncio.sleep(0.05)
+                assert not task.done()
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                state["sent"] = f.tell()
+            writer.write(b"AFTER")
+            writer.close()
+            got = bytearray()
+            while data := await reader.read(2**18):  # a bad record would raise here
+                got += data
+            client.close()
+            sent = state["sent"]
+            assert 0 < sent < len(content)
+            assert bytes(got) == content[:sent] + b"AFTER"
+
+    run_on(factory_for(mode), main())
