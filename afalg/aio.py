@@ -46,6 +46,10 @@ rest of the keyword arguments go to :meth:`loop.create_connection` /
   transport registered in the loop's private ``_transports``, which makes the loop refuse the
   transport's own ``add_reader``/``add_writer``. Use :func:`sendfile`, which is native and
   keeps both.
+- afalg's event loop (:func:`new_event_loop`, :func:`patch_loop`, :func:`loop_factory`) runs
+  asyncio's own ``ssl=`` calls (``create_server``, ``create_connection``, ``start_tls``,
+  ``connect_accepted_socket``, so :func:`asyncio.start_server` and frameworks) on this
+  transport, and its ``loop.sendfile`` is :func:`sendfile`: see the Frameworks guide.
 - Cancellation loses and duplicates nothing: a cancelled read leaves the data in the reader; a
   cancelled ``drain()`` leaves what was written queued, and it goes out; a cancelled
   :func:`sendfile` raises :class:`asyncio.CancelledError` with the file's position after
