@@ -250,7 +250,7 @@ class _LoopTLS:
         if not isinstance(sslcontext, _ssl.SSLContext):
             raise TypeError(f"sslcontext is expected to be an instance of ssl.SSLContext, "
                             f"got {sslcontext!r}")  # fmt: skip
-        hostname = server_hostname or None
+        hostname = None if server_side else server_hostname  # "": no name checked, on purpose
         o = self._options(sslcontext, ssl_handshake_timeout, ssl_shutdown_timeout, hostname)
         transport.pause_reading()
         await _drained(transport)  # what was written before goes out in the clear first
