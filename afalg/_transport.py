@@ -35,6 +35,7 @@ from asyncio import transports as _transports
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from afalg._sslmode import SSLObjectSocket
 from afalg.algif import AlgTLSSocket
 from afalg.errors import KeyLimitReached
 from afalg.ktls import KTLSSocket
@@ -103,7 +104,8 @@ class TLSTransport(_transports._FlowControlMixin):
     ``write_eof()`` and keeps the transport open at the peer's close_notify when the protocol's
     ``eof_received()`` asks; else, as asyncio's TLS, that close_notify closes it. ``close()``
     ends within ``shutdown_timeout`` seconds, else aborts (``connection_lost`` gets a
-    :class:`TimeoutError`).
+    :class:`TimeoutError`). ``connection_made=False`` (for ``loop.start_tls()``) leaves the
+    protocol's ``connection_made`` uncalled.
     """
 
     # asyncio's loop.sendfile() works through its fallback (reads the file, calls write());
@@ -123,13 +125,14 @@ class TLSTransport(_transports._FlowControlMixin):
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        tls_sock: KTLSSocket | AlgTLSSocket,
+        tls_sock: KTLSSocket | AlgTLSSocket | SSLObjectSocket,
         protocol: asyncio.BaseProtocol,
         extra: dict[str, Any] | None = None,
         waiter: asyncio.Future[None] | None = None,
         *,
         half_close: bool = False,
         shutdown_timeout: float = SHUTDOWN_TIMEOUT,
+        connection_made: bool = True,
     ) -> None:
         super().__init__(extra, loop)
         self._tls = tls_sock
@@ -161,8 +164,10 @@ class TLSTransport(_transports._FlowControlMixin):
                 self._extra[key] = get()
             except OSError:  # the peer reset already: the address accept() gave, or None
                 self._extra.setdefault(key, None)
-        loop.call_soon(self._protocol.connection_made, self)
+        if connection_made:  # not for loop.start_tls(), which asyncio documents so
+            loop.call_soon(self._protocol.connection_made, self)
         loop.call_soon(self._start_reading)
+        loop.call_soon(self._advance)  # output queued already (mode "ssl": the last flight)
         if waiter is not None:
             loop.call_soon(_set_result_unless_cancelled, waiter)
 
