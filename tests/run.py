@@ -46,7 +46,13 @@ FULL_TEST_TIMEOUT = 5 * 60 * 60
 FULL_VM_TIMEOUT = 16 * 60 * 60
 PASSED_ENV = ("AFALG_TEST_SCALE", "AFALG_FUZZ_EXAMPLES")  # exported into the VM when set
 PYTHONS = ("3.12", "3.13")  # host stages beside the one running this, from pyenv
-ONCE = ("tests/test_lint.py", "tests/test_docs.py", "tests/test_packaging.py")  # one Python
+# Run under one Python only: lint, docs and packaging, and the VM's install (its own extra)
+ONCE = (
+    "tests/test_lint.py",
+    "tests/test_docs.py",
+    "tests/test_packaging.py",
+    "tests/test_vm_install.py",
+)
 
 
 @dataclass(frozen=True)
