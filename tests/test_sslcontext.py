@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+import requests.adapters
 import urllib3
 from _env import CERTS, scaled
 from test_tls_helpers import Bg, client_context, server_context, tcp_pair
@@ -156,6 +158,31 @@ def test_urllib3_keeps_one_connection_alive(mode: str, served_file: tuple[Path, 
         missing = pool.request("GET", f"https://localhost:{port}/absent")
         assert missing.status == 404
     assert len(peers) == 1  # every request over the first connection
+
+
+class _ContextAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter that hands urllib3 an ssl_context (requests has no option for it)."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context = context
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["ssl_context"] = self._context
+        super().init_poolmanager(*args, **kwargs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_requests_with_an_adapter(mode: str, served_file: tuple[Path, str]) -> None:
+    path, digest = served_file
+    ctx = afalg_client(mode)
+    with http_server(afalg_server(mode), path.parent) as (port, peers), requests.Session() as s:
+        s.mount("https://", _ContextAdapter(ctx))
+        for _ in range(2):
+            r = s.get(f"https://localhost:{port}/{path.name}", verify=str(CERTS / "ca.pem"))
+            assert r.status_code == 200
+            assert hashlib.sha256(r.content).hexdigest() == digest
+    assert len(peers) == 1 and peers[0].mode == mode
 
 
 @pytest.mark.parametrize("mode", MODES)
