@@ -40,8 +40,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
 import ssl
+import sys
+import threading
 from typing import Any, Literal, cast, get_args
 
 from afalg import handoff, ktls
@@ -63,9 +66,11 @@ __all__ = [
     "ChosenMode",
     "KTLSSocket",
     "Mode",
+    "SSLContext",
     "TLSAlertReceived",
     "check_options",
     "choose_mode",
+    "create_default_context",
     "hand_off",
     "tls_stats",
     "wrap",
@@ -249,3 +254,290 @@ def wrap(
     except BaseException:
         sock.close()
         raise
+
+
+# --- the ssl-shaped face: an ssl.SSLContext whose wrap_socket is wrap() ----------------------
+
+# The families the hand-off serves; any other stream socket (AF_UNIX) stays Python's ssl.
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
+def _takes_over(sock: Any) -> bool:
+    """Whether afalg wraps ``sock`` (else Python's ssl does, with ssl's own errors): a TCP
+    socket; objects that are no socket and ssl sockets go to afalg's checks, which name the
+    mistake."""
+    if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
+        return True
+    return sock.family in _TCP_FAMILIES and sock.type == socket.SOCK_STREAM
+
+
+class SSLContext(ssl.SSLContext):
+    """:class:`ssl.SSLContext` whose :meth:`wrap_socket` runs the handshake with ssl and hands
+    the connection to the kernel as :func:`afalg.tls.wrap` does (kTLS or algif, ``conn.mode``).
+
+    Same constructor and settings as ssl's (``protocol`` defaults to ``PROTOCOL_TLS_CLIENT``),
+    plus ``mode`` (``"auto"``, ``"ktls"``, ``"algif"``) and ``records_per_key`` (see
+    :func:`afalg.tls.wrap`), checked here and kept as attributes. Like ssl's, a bare context
+    loads no CA certificates: :func:`create_default_context` does. ``wrap_bio`` stays ssl's
+    (asyncio uses it). A negotiated suite afalg cannot seal (not AEAD) raises
+    :class:`afalg.errors.UnsupportedCipherSuite` from :meth:`wrap_socket`.
+    """
+
+    mode: Mode
+    records_per_key: int | None
+
+    def __new__(cls, protocol: int = ssl.PROTOCOL_TLS_CLIENT, *args: Any, **kwargs: Any) -> Any:
+        return super().__new__(cls, protocol)
+
+    def __init__(
+        self,
+        protocol: int = ssl.PROTOCOL_TLS_CLIENT,
+        *,
+        mode: Mode = "auto",
+        records_per_key: int | None = None,
+    ) -> None:
+        check_options(mode, "auto", records_per_key)
+        self.mode = mode
+        self.records_per_key = records_per_key
+
+    def wrap_socket(  # type: ignore[override]  # returns afalg's sockets, not ssl.SSLSocket
+        self,
+        sock: socket.socket,
+        server_side: bool = False,
+        do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> Any:
+        """Wrap ``sock`` as :meth:`ssl.SSLContext.wrap_socket` does, afalg's way.
+
+        A connected TCP socket: with ``do_handshake_on_connect`` (the default) the handshake
+        runs now and the result is :func:`afalg.tls.wrap`'s socket
+        (:class:`afalg.tls.KTLSSocket` or :class:`afalg.tls.AlgTLSSocket`); else a proxy that
+        runs it on ``do_handshake()`` or on first I/O. An unconnected TCP socket gives the
+        proxy too: ``connect()`` (handshake per ``do_handshake_on_connect``), or, listening,
+        ``accept()`` returning afalg TLS sockets as ``SSLSocket.accept`` does. Any other stream
+        socket (AF_UNIX) is Python's own :class:`ssl.SSLSocket`, decided before the handshake.
+        Errors: ssl's (``ValueError("check_hostname requires server_hostname")``, ...), a
+        ``TypeError`` for an object that is no socket or is already an ssl socket.
+        """
+        if not _takes_over(sock):
+            return super().wrap_socket(
+                sock,
+                server_side,
+                do_handshake_on_connect,
+                suppress_ragged_eofs,
+                server_hostname,
+                session,
+            )
+        try:
+            handoff.check_arguments(
+                sock,
+                self,
+                server_side=server_side,
+                server_hostname=server_hostname,
+                session=session,
+            )
+            connected = True
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
+            connected = False  # everything else was checked before connectedness
+        options = _Options(server_side, suppress_ragged_eofs, server_hostname, session)
+        if connected and do_handshake_on_connect:
+            return self._hand_off(sock, options)
+        return _PendingTLSSocket(sock, self, options, do_handshake_on_connect, connected)
+
+    def _hand_off(self, sock: socket.socket, options: _Options) -> Any:
+        """:func:`afalg.tls.wrap` with this context's options (the handshake, now)."""
+        return wrap(
+            sock,
+            self,
+            server_side=options.server_side,
+            server_hostname=options.server_hostname,
+            mode=self.mode,
+            suppress_ragged_eofs=options.suppress_ragged_eofs,
+            session=options.session,
+            records_per_key=self.records_per_key,
+        )
+
+
+class _Options:
+    """The per-socket arguments of ``wrap_socket`` kept for a later handshake."""
+
+    def __init__(
+        self,
+        server_side: bool,
+        suppress_ragged_eofs: bool,
+        server_hostname: str | None,
+        session: ssl.SSLSession | None,
+    ) -> None:
+        self.server_side = server_side
+        self.suppress_ragged_eofs = suppress_ragged_eofs
+        self.server_hostname = server_hostname
+        self.session = session
+
+
+# Names a socket not yet through its handshake answers itself: nothing here sends or reads data.
+_SOCKET_LEVEL = frozenset(
+    [
+        "fileno",
+        "family",
+        "type",
+        "proto",
+        "getsockname",
+        "getpeername",
+        "gettimeout",
+        "settimeout",
+        "setblocking",
+        "getblocking",
+        "setsockopt",
+        "getsockopt",
+        "bind",
+        "listen",
+    ]
+)
+
+
+class _PendingTLSSocket:
+    """A TCP socket wrapped by :class:`SSLContext` whose handshake has not run yet.
+
+    Socket-level calls go to the TCP socket; ``do_handshake()``, and any other attribute
+    (``send``, ``recv``, ``makefile``, ``getpeercert``, ...) on a connected socket, run the
+    handshake, after which every attribute is the afalg TLS socket's. Before it no byte of
+    application data can pass: only the names in ``_SOCKET_LEVEL`` reach the TCP socket.
+    A listening socket's ``accept()`` returns afalg TLS sockets."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        context: SSLContext,
+        options: _Options,
+        do_handshake_on_connect: bool,
+        connected: bool,
+    ) -> None:
+        self._sock = sock
+        self.context = context
+        self._options = options
+        self.do_handshake_on_connect = do_handshake_on_connect
+        self._connected = connected
+        self._conn: Any = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        state = "handed off" if self._conn is not None else "before the handshake"
+        return f"<afalg pending TLS socket fd={self._sock.fileno()} {state}>"
+
+    @property
+    def server_side(self) -> bool:
+        return self._options.server_side
+
+    @property
+    def server_hostname(self) -> str | None:
+        return self._options.server_hostname
+
+    # What ssl reports before the handshake: nothing negotiated yet (no implicit handshake).
+    def version(self) -> str | None:
+        return None if self._conn is None else self._conn.version()
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        return None if self._conn is None else self._conn.cipher()
+
+    def selected_alpn_protocol(self) -> str | None:
+        return None if self._conn is None else self._conn.selected_alpn_protocol()
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        """The peer's certificate (``ssl.SSLSocket.getpeercert``); ``ValueError`` before the
+        handshake, as ssl."""
+        if self._conn is None:
+            raise ValueError("handshake not done yet")
+        return self._conn.getpeercert(binary_form)
+
+    def do_handshake(self) -> None:
+        """Run the handshake and hand the connection off (once; later calls do nothing)."""
+        with self._lock:
+            if self._conn is not None:
+                return
+            if not self._connected:
+                raise OSError(errno.ENOTCONN, "the TLS socket is not connected")
+            self._conn = self.context._hand_off(self._sock, self._options)
+
+    def connect(self, address: Any) -> None:
+        """Connect the TCP socket, then handshake per ``do_handshake_on_connect``; as in ssl,
+        a server-side or already connected socket refuses (``ValueError``)."""
+        if self._options.server_side:
+            raise ValueError("can't connect in server-side mode")
+        if self._connected:
+            raise ValueError("attempt to connect already-connected SSLSocket!")
+        self._sock.connect(address)
+        self._connected = True
+        if self.do_handshake_on_connect:
+            self.do_handshake()
+
+    def accept(self) -> tuple[Any, Any]:
+        """Accept a connection on the listening socket and wrap it server-side with the same
+        context and options (handshake per ``do_handshake_on_connect``), as
+        ``ssl.SSLSocket.accept`` does. A failed handshake closes the new socket and raises."""
+        newsock, addr = self._sock.accept()
+        conn = self.context.wrap_socket(
+            newsock,
+            server_side=True,
+            do_handshake_on_connect=self.do_handshake_on_connect,
+            suppress_ragged_eofs=self._options.suppress_ragged_eofs,
+        )
+        return conn, addr
+
+    def close(self) -> None:
+        """Close the TLS socket if handed off (close_notify), else the TCP socket."""
+        (self._conn if self._conn is not None else self._sock).close()
+
+    def detach(self) -> int:
+        """Give up the file descriptor (see ``socket.detach``)."""
+        return (self._conn if self._conn is not None else self._sock).detach()
+
+    def __enter__(self) -> _PendingTLSSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if self._conn is not None:
+            return getattr(self._conn, name)
+        if name in _SOCKET_LEVEL:
+            return getattr(self._sock, name)
+        if name.startswith("_") or not self._connected:
+            raise AttributeError(name)
+        self.do_handshake()  # first I/O: as ssl's implicit handshake in SSL_read/SSL_write
+        return getattr(self._conn, name)
+
+
+def create_default_context(
+    purpose: ssl.Purpose = ssl.Purpose.SERVER_AUTH,
+    *,
+    cafile: str | None = None,
+    capath: str | None = None,
+    cadata: str | bytes | None = None,
+    mode: Mode = "auto",
+    records_per_key: int | None = None,
+) -> SSLContext:
+    """An afalg :class:`SSLContext` with ssl's defaults, as :func:`ssl.create_default_context`:
+    ``Purpose.SERVER_AUTH`` (for clients) verifies certificates and host names; CA
+    certificates are ``cafile``/``capath``/``cadata`` if given, else the system's;
+    ``SSLKEYLOGFILE`` is honoured. ``purpose`` not an ``ssl.Purpose``: ``TypeError``."""
+    if not isinstance(purpose, ssl.Purpose):
+        raise TypeError(purpose)
+    protocol = ssl.PROTOCOL_TLS_CLIENT
+    if purpose == ssl.Purpose.CLIENT_AUTH:
+        protocol = ssl.PROTOCOL_TLS_SERVER
+    ctx = SSLContext(protocol, mode=mode, records_per_key=records_per_key)
+    if sys.version_info >= (3, 13):  # ssl's stricter defaults from 3.13 on
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
+    if cafile or capath or cadata:
+        ctx.load_verify_locations(cafile, capath, cadata)
+    elif ctx.verify_mode != ssl.CERT_NONE:
+        ctx.load_default_certs(purpose)
+    keylogfile = os.environ.get("SSLKEYLOGFILE")
+    if keylogfile and not sys.flags.ignore_environment:
+        ctx.keylog_filename = keylogfile
+    return ctx
