@@ -48,11 +48,19 @@ class _Options:
 
     @classmethod
     def check(
-        cls, context: Any, *, mode: str, algif_backend: str, suppress_ragged_eofs: bool,
-        records_per_key: int | None, handshake_timeout: float | None,
-        shutdown_timeout: float | None, limit: int, half_close: bool,
+        cls,
+        context: Any,
+        *,
+        mode: str,
+        algif_backend: str,
+        suppress_ragged_eofs: bool,
+        records_per_key: int | None,
+        handshake_timeout: float | None,
+        shutdown_timeout: float | None,
+        limit: int,
+        half_close: bool,
         server_hostname: str | None = None,
-    ) -> _Options:  # fmt: skip
+    ) -> _Options:
         """``context``: an :class:`ssl.SSLContext`, or True for asyncio's default client
         context (no name checked when ``server_hostname`` is ""); the timeouts and ``limit``
         as asyncio checks them; the rest as :func:`afalg.tls.check_options` checks them.
@@ -78,8 +86,17 @@ class _Options:
             )
         if mode == "ktls":
             _check_ktls_runs()
-        return cls(context, mode, algif_backend, suppress_ragged_eofs, records_per_key,
-                   handshake, shutdown, limit, half_close)  # fmt: skip
+        return cls(
+            context,
+            mode,
+            algif_backend,
+            suppress_ragged_eofs,
+            records_per_key,
+            handshake,
+            shutdown,
+            limit,
+            half_close,
+        )
 
 
 def _positive(name: str, value: float | None, default: float) -> float:
@@ -213,9 +230,13 @@ async def _secure(
             ) from None
         try:
             return tls.hand_off(
-                sock, h, mode=o.mode, algif_backend=o.algif_backend,
-                suppress_ragged_eofs=o.suppress_ragged_eofs, records_per_key=o.records_per_key,
-            )  # fmt: skip
+                sock,
+                h,
+                mode=o.mode,
+                algif_backend=o.algif_backend,
+                suppress_ragged_eofs=o.suppress_ragged_eofs,
+                records_per_key=o.records_per_key,
+            )
         except Exception as exc:
             if server_side:
                 raise _HandOffFailed(str(exc), getattr(exc, "errno", None)) from None

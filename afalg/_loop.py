@@ -77,11 +77,17 @@ class _LoopTLS:
         self, context: Any, handshake_timeout: Any, shutdown_timeout: Any, hostname: Any = None
     ) -> _connect._Options:
         return _connect._Options.check(
-            context, mode=self.mode, algif_backend=self.algif_backend,
-            suppress_ragged_eofs=True, records_per_key=self.records_per_key,
-            handshake_timeout=handshake_timeout, shutdown_timeout=shutdown_timeout,
-            limit=_connect._DEFAULT_LIMIT, half_close=False, server_hostname=hostname,
-        )  # fmt: skip
+            context,
+            mode=self.mode,
+            algif_backend=self.algif_backend,
+            suppress_ragged_eofs=True,
+            records_per_key=self.records_per_key,
+            handshake_timeout=handshake_timeout,
+            shutdown_timeout=shutdown_timeout,
+            limit=_connect._DEFAULT_LIMIT,
+            half_close=False,
+            server_hostname=hostname,
+        )
 
     async def _secure(self, sock: socket.socket, o: _connect._Options, **kw: Any) -> Any:
         return await _connect._secure(self.loop, sock, o, userspace=o.mode == "auto", **kw)
@@ -91,9 +97,14 @@ class _LoopTLS:
     ) -> tuple[TLSTransport, asyncio.Future[None]]:
         waiter: asyncio.Future[None] = self.loop.create_future()
         transport = TLSTransport(
-            self.loop, tls_sock, protocol, dict(extra), waiter=waiter,
-            shutdown_timeout=o.shutdown_timeout, **kw,
-        )  # fmt: skip
+            self.loop,
+            tls_sock,
+            protocol,
+            dict(extra),
+            waiter=waiter,
+            shutdown_timeout=o.shutdown_timeout,
+            **kw,
+        )
         return transport, waiter
 
     # -- the replaced methods --
@@ -113,10 +124,16 @@ class _LoopTLS:
         """:meth:`asyncio.loop.create_connection`; with ``ssl=`` over TCP, afalg's TLS."""
         if not ssl or (sock is not None and not _is_tcp(sock)):
             return await self.base["create_connection"](
-                protocol_factory, host, port, ssl=ssl, server_hostname=server_hostname,
+                protocol_factory,
+                host,
+                port,
+                ssl=ssl,
+                server_hostname=server_hostname,
                 ssl_handshake_timeout=ssl_handshake_timeout,
-                ssl_shutdown_timeout=ssl_shutdown_timeout, sock=sock, **kwds,
-            )  # fmt: skip
+                ssl_shutdown_timeout=ssl_shutdown_timeout,
+                sock=sock,
+                **kwds,
+            )
         hostname = _connect._client_hostname(host, server_hostname)
         o = self._options(ssl, ssl_handshake_timeout, ssl_shutdown_timeout, hostname)
         _, adopt = await self.base["create_connection"](
@@ -152,10 +169,15 @@ class _LoopTLS:
         client (a client whose handshake fails loses only its connection)."""
         if ssl is None or (sock is not None and not _is_tcp(sock)):
             return await self.base["create_server"](
-                protocol_factory, host, port, ssl=ssl,
+                protocol_factory,
+                host,
+                port,
+                ssl=ssl,
                 ssl_handshake_timeout=ssl_handshake_timeout,
-                ssl_shutdown_timeout=ssl_shutdown_timeout, sock=sock, **kwds,
-            )  # fmt: skip
+                ssl_shutdown_timeout=ssl_shutdown_timeout,
+                sock=sock,
+                **kwds,
+            )
         if isinstance(ssl, bool):
             raise TypeError("ssl argument must be an SSLContext or None")  # asyncio's words
         o = self._options(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
@@ -210,9 +232,12 @@ class _LoopTLS:
         (server side)."""
         if not ssl or not _is_tcp(sock):
             return await self.base["connect_accepted_socket"](
-                protocol_factory, sock, ssl=ssl, ssl_handshake_timeout=ssl_handshake_timeout,
+                protocol_factory,
+                sock,
+                ssl=ssl,
+                ssl_handshake_timeout=ssl_handshake_timeout,
                 ssl_shutdown_timeout=ssl_shutdown_timeout,
-            )  # fmt: skip
+            )
         o = self._options(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
         sock.setblocking(False)
         extra = {"peername": _address(sock.getpeername), "sockname": _address(sock.getsockname)}
@@ -243,13 +268,18 @@ class _LoopTLS:
         raw = transport.get_extra_info("socket")
         if not isinstance(transport, asyncio.Transport) or not _is_tcp(raw):
             return await self.base["start_tls"](
-                transport, protocol, sslcontext, server_side=server_side,
-                server_hostname=server_hostname, ssl_handshake_timeout=ssl_handshake_timeout,
+                transport,
+                protocol,
+                sslcontext,
+                server_side=server_side,
+                server_hostname=server_hostname,
+                ssl_handshake_timeout=ssl_handshake_timeout,
                 ssl_shutdown_timeout=ssl_shutdown_timeout,
-            )  # fmt: skip
+            )
         if not isinstance(sslcontext, _ssl.SSLContext):
-            raise TypeError(f"sslcontext is expected to be an instance of ssl.SSLContext, "
-                            f"got {sslcontext!r}")  # fmt: skip
+            raise TypeError(
+                f"sslcontext is expected to be an instance of ssl.SSLContext, got {sslcontext!r}"
+            )
         hostname = None if server_side else server_hostname  # "": no name checked, on purpose
         o = self._options(sslcontext, ssl_handshake_timeout, ssl_shutdown_timeout, hostname)
         transport.pause_reading()

@@ -78,9 +78,13 @@ class SSLObjectSocket:
             raise ValueError("the handshake did not finish")
         # The Handshake's BIOs are its own (private): this is the one place that takes them.
         return cls(
-            sock, hs.ssl_object, hs._incoming, hs._outgoing, pending_out=hs.data_to_send(),
+            sock,
+            hs.ssl_object,
+            hs._incoming,
+            hs._outgoing,
+            pending_out=hs.data_to_send(),
             suppress_ragged_eofs=suppress_ragged_eofs,
-        )  # fmt: skip
+        )
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._sock.fileno()}"
