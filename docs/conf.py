@@ -12,10 +12,13 @@ guides be Markdown, which reads the same on GitHub and is what the tests extract
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import sys
 from pathlib import Path
 
 from sphinx.application import Sphinx
+from sphinx.util.inspect import safe_getattr
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -126,12 +129,43 @@ def _home(obj: object) -> str | None:
     return None
 
 
+def _source_module(obj: object) -> str | None:
+    """The module whose source defines ``obj``: a public face (afalg.alg) sets its ``__module__``
+    to itself, and its functions' globals still say where they were written (afalg._alg.*)."""
+    if inspect.isclass(obj):
+        for value in vars(obj).values():
+            value = getattr(value, "fget", None) or getattr(value, "__func__", value)
+            if inspect.isfunction(value) and value.__qualname__.startswith(obj.__qualname__):
+                module = value.__globals__["__name__"]
+                if module.startswith("afalg"):  # not a namedtuple's generated methods
+                    return module
+        return None
+    return obj.__globals__["__name__"] if inspect.isfunction(obj) else None
+
+
+def _class_attr(obj: type, name: str, *default: object) -> object:
+    """autodoc's getattr for classes: a class's ``__module__`` is the module that defines it, so
+    that its members are listed in source order (autodoc reads that module)."""
+    if name == "__module__":
+        return _source_module(obj) or getattr(obj, name, *default)
+    return safe_getattr(obj, name, *default)
+
+
+def _follow_imported(app: Sphinx, modname: str, attribute: str) -> str | None:
+    """viewcode's [source] link: the module that defines the object, not its public face."""
+    try:
+        obj: object = importlib.import_module(modname)
+        for part in attribute.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    return _source_module(obj)
+
+
 def _lookup(target: str, context: str | None) -> str | None:
     """``afalg.InvalidTag`` -> ``afalg.errors.InvalidTag``; ``InvalidTag`` seen from a module
     that imports it -> its home; ``SKCipher.encryptor`` seen from afalg.alg ->
     ``afalg.alg.SKCipher.encryptor``."""
-    import importlib
-
     candidates = [target] + ([f"{context}.{target}"] if context else [])
     for name in candidates:
         parts = name.split(".")
@@ -172,3 +206,5 @@ def setup(app: Sphinx) -> None:
     app.connect("config-inited", _write_api_pages)
     app.connect("source-read", _api_page)
     app.connect("missing-reference", _resolve_reexport)
+    app.connect("viewcode-follow-imported", _follow_imported)
+    app.add_autodoc_attrgetter(type, _class_attr)

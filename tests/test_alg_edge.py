@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from afalg import alg
+from afalg._alg import base
 
 KEY = bytes(16)
 REAL_BIND = alg.bind  # before the fixture below replaces it
@@ -23,7 +24,7 @@ def no_socket(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
         opened.append((kind, name))
         raise AssertionError(f"a socket was opened for {kind} {name!r} before the check")
 
-    monkeypatch.setattr(alg, "bind", refuse)
+    monkeypatch.setattr(base, "bind", refuse)  # what the classes call
     return opened
 
 

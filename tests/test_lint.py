@@ -41,24 +41,36 @@ LAZY_IMPORTS = {("cli", "probe"), ("cli", "_uapi"), ("cli", "ktls"), ("cli", "vm
                 ("cli", "cli_crypto"), ("ktls", "netlink")}  # fmt: skip
 
 
+def module_name(path: Path) -> str:
+    """A module's name under afalg/: ``alg``, ``_alg.base``, ``_alg`` (a package's __init__)."""
+    parts = path.relative_to(ROOT / "afalg").with_suffix("").parts
+    return ".".join(parts[:-1] if len(parts) > 1 and parts[-1] == "__init__" else parts)
+
+
 def afalg_imports() -> dict[str, tuple[set[str], set[str]]]:
-    """Per module of afalg/: (modules imported at the top, modules imported inside code)."""
+    """Per module of afalg/ and its subpackages: (modules imported at the top, modules imported
+    inside code)."""
+    paths = sorted((ROOT / "afalg").rglob("*.py"))
+    modules = {module_name(path) for path in paths}
     found: dict[str, tuple[set[str], set[str]]] = {}
-    for path in sorted((ROOT / "afalg").glob("*.py")):
+    for path in paths:
+        name = module_name(path)
         top: set[str] = set()
         inner: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                if node.module == "afalg":
-                    names = {
-                        a.name for a in node.names if (ROOT / "afalg" / f"{a.name}.py").exists()
-                    }
-                elif node.module.startswith("afalg."):
-                    names = {node.module.split(".")[1]}
-                else:
+                if node.module != "afalg" and not node.module.startswith("afalg."):
                     continue
+                package = node.module.removeprefix("afalg").lstrip(".")
+                names = set()
+                for alias in node.names:  # a module imported from a package, or the package
+                    sub = f"{package}.{alias.name}".lstrip(".")
+                    if sub in modules:
+                        names.add(sub)
+                    elif package:
+                        names.add(package)
                 (top if node.col_offset == 0 else inner).update(names)
-        found[path.stem] = (top - {path.stem}, inner)
+        found[name] = (top - {name}, inner)
     return found
 
 

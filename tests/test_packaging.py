@@ -31,11 +31,12 @@ from packaging.version import Version
 import afalg
 
 ROOT = Path(__file__).resolve().parent.parent
-# Every module of the package, by its file in the checkout (afalg/__main__.py runs the CLI).
+# Every module of the package and its private subpackages, by its file in the checkout
+# (afalg/__main__.py runs the CLI).
 SOURCE_MODULES = sorted(
-    "afalg" if p.stem == "__init__" else f"afalg.{p.stem}"
-    for p in (ROOT / "afalg").glob("*.py")
-    if p.stem != "__main__"
+    ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    for p in (ROOT / "afalg").rglob("*.py")
+    if p.name != "__main__.py"
 )
 
 
@@ -170,7 +171,7 @@ def test_wheel_has_every_module_and_no_tests(built: Built) -> None:
     with zipfile.ZipFile(built.wheel) as whl:
         names = set(whl.namelist())
     modules = {
-        "afalg" if n == "afalg/__init__.py" else n[:-3].replace("/", ".")
+        n[:-3].replace("/", ".").removesuffix(".__init__")
         for n in names
         if n.startswith("afalg/") and n.endswith(".py") and n != "afalg/__main__.py"
     }
@@ -180,7 +181,7 @@ def test_wheel_has_every_module_and_no_tests(built: Built) -> None:
 
 
 def test_installed_wheel_imports_every_public_module(built: Built, tmp_path: Path) -> None:
-    public = [m for m in SOURCE_MODULES if not m.rsplit(".", 1)[-1].startswith("_")]
+    public = [m for m in SOURCE_MODULES if not any(p.startswith("_") for p in m.split(".")[1:])]
     assert set(api_modules()) <= set(public)
     script = (
         "import importlib, json, sys\n"

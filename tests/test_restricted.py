@@ -40,6 +40,7 @@ from test_tls_helpers import client_context, server_context, tcp_pair
 
 import afalg
 from afalg import alg, cli, ktls, tls
+from afalg._alg import refusal  # where the refusal messages look up the sysctl and the rest
 from afalg.alg import AEAD, RNG, Hash
 from afalg.keys import TLS_1_3_VERSION, CipherSuite, TrafficKeys
 from afalg.probe import AlgStatus, Capabilities, format_report, probe
@@ -51,10 +52,10 @@ GCM = "gcm(aes)"
 
 
 def test_refusal_names_the_sysctl_its_value_and_the_remedies(monkeypatch) -> None:
-    monkeypatch.setattr(alg, "af_alg_restrict", lambda: 1)
-    monkeypatch.setattr(alg, "kernel_lacks", lambda name: None)
-    monkeypatch.setattr(alg, "_in_proc_crypto", lambda name: True)
-    monkeypatch.setattr(alg, "privileged", lambda: True)
+    monkeypatch.setattr(refusal, "af_alg_restrict", lambda: 1)
+    monkeypatch.setattr(refusal, "kernel_lacks", lambda name: None)
+    monkeypatch.setattr(refusal, "_in_proc_crypto", lambda name: True)
+    monkeypatch.setattr(refusal, "privileged", lambda: True)
     exc = alg.not_available("aead", GCM)
     assert isinstance(exc, afalg.AlgorithmNotAvailable) and exc.errno == errno.ENOENT
     assert exc.af_alg_restrict == 1
@@ -64,19 +65,19 @@ def test_refusal_names_the_sysctl_its_value_and_the_remedies(monkeypatch) -> Non
     assert "sysctl crypto.af_alg_restrict=0" in text
     assert 'backend="cryptography"' in text and "kTLS" in text
 
-    monkeypatch.setattr(alg, "privileged", lambda: False)
+    monkeypatch.setattr(refusal, "privileged", lambda: False)
     text = str(alg.not_available("hash", "sha256"))
     assert "shorter allowlist" in text and "without CAP_SYS_ADMIN or CAP_NET_ADMIN" in text
 
 
 def test_level_2_is_reported_as_af_alg_disabled_by_the_sysctl(monkeypatch) -> None:
-    monkeypatch.setattr(alg, "af_alg_restrict", lambda: 2)
+    monkeypatch.setattr(refusal, "af_alg_restrict", lambda: 2)
     exc = alg.socket_error(OSError(errno.EAFNOSUPPORT, "Address family not supported"))
     assert isinstance(exc, afalg.AlgorithmNotAvailable) and exc.errno == errno.EAFNOSUPPORT
     assert exc.af_alg_restrict == 2
     assert "AF_ALG is disabled by the sysctl crypto.af_alg_restrict=2" in str(exc)
     assert "sysctl crypto.af_alg_restrict=0" in str(exc)
-    monkeypatch.setattr(alg, "af_alg_restrict", lambda: None)  # no such sysctl: plain absence
+    monkeypatch.setattr(refusal, "af_alg_restrict", lambda: None)  # no such sysctl: plain absence
     exc = alg.socket_error(OSError(errno.EAFNOSUPPORT, "Address family not supported"))
     assert exc.af_alg_restrict is None and "not available here" in str(exc)
 
@@ -84,8 +85,8 @@ def test_level_2_is_reported_as_af_alg_disabled_by_the_sysctl(monkeypatch) -> No
 def test_a_kernel_built_without_the_drbg_is_named(monkeypatch, tmp_path) -> None:
     config = tmp_path / "config"
     config.write_text("CONFIG_CRYPTO_JITTERENTROPY=m\n# CONFIG_CRYPTO_DRBG is not set\n")
-    monkeypatch.setattr(alg, "_kernel_config", lambda: (str(config), config.read_text()))
-    monkeypatch.setattr(alg, "af_alg_restrict", lambda: 0)
+    monkeypatch.setattr(refusal, "_kernel_config", lambda: (str(config), config.read_text()))
+    monkeypatch.setattr(refusal, "af_alg_restrict", lambda: 0)
     assert alg.kernel_lacks("stdrng") == f"CONFIG_CRYPTO_DRBG is not set in {config}"
     assert alg.kernel_lacks("drbg_pr_sha256") == alg.kernel_lacks("stdrng")
     assert alg.kernel_lacks("jitterentropy_rng") is None and alg.kernel_lacks(GCM) is None
@@ -93,7 +94,7 @@ def test_a_kernel_built_without_the_drbg_is_named(monkeypatch, tmp_path) -> None
     assert "the kernel has no rng algorithm 'stdrng'" in text
     assert "CONFIG_CRYPTO_DRBG is not set" in text and "jitterentropy_rng" in text
     # the kernel lacks it: that is the reason given, even under the allowlist
-    monkeypatch.setattr(alg, "af_alg_restrict", lambda: 1)
+    monkeypatch.setattr(refusal, "af_alg_restrict", lambda: 1)
     exc = alg.not_available("rng", "stdrng")
     assert exc.af_alg_restrict is None and "also restricted" in str(exc)
 
