@@ -31,6 +31,11 @@ cipher and selected_alpn_protocol. A peer's fatal alert raises :class:`afalg.TLS
 EOF too unless ``suppress_ragged_eofs=False`` (then :class:`ssl.SSLEOFError`), as in ssl.
 Non-blocking sockets raise ``BlockingIOError`` like plain sockets.
 
+For libraries that take an :class:`ssl.SSLContext` (http.client, urllib3, http.server),
+:class:`SSLContext` is one whose ``wrap_socket`` does what :func:`wrap` does, and never fails
+where ssl's would have worked (a suite afalg cannot seal goes on in userspace, mode
+``"ssl"``); :func:`inject_into_ssl` gives every ssl context that ``wrap_socket``.
+
 Sessions stay ssl's: pass ``session=conn.session`` to resume (TLS 1.2 and 1.3). A TLS 1.3
 server sends its NewSessionTickets after the hand-off, so the kernel (or the record layer) opens
 them; :class:`afalg.handoff.TicketFeed` gives them back to ssl, which stores the session.
