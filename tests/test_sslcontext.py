@@ -1,5 +1,8 @@
 """afalg.tls.SSLContext with the blocking libraries that take an ssl.SSLContext unchanged:
-http.client, urllib3, http.server; ALPN on both sides; ssl's errors for ssl's mistakes.
+http.client, urllib3 (keep-alive, chunked, a connection the server closes), requests,
+http.server read by Python's ssl and by curl; ALPN on both sides; mode "ssl" where afalg cannot
+seal the suite; ssl's own sockets where afalg cannot take the socket; ssl's errors, with ssl's
+messages, for ssl's mistakes.
 
 Host: algif mode on pyca/cryptography (``mode="algif"`` picks it where AF_ALG is missing);
 the VM runs the kernel modes (kTLS, algif on the kernel's AEAD).
