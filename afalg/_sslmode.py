@@ -5,16 +5,23 @@ Whether afalg can protect a connection's records is known only once its handshak
 suite that is not AEAD (TLS 1.2 CBC) or a version before TLS 1.2 cannot go to the kernel, and
 no public API lets asyncio (or :mod:`ssl`) take over a finished :class:`ssl.SSLObject`. Such a
 connection goes on over that ssl object and its MemoryBIOs: OpenSSL seals and opens every
-record, as asyncio's own TLS would. The socket offers what :class:`afalg.aio.TLSTransport` and
-a blocking caller use (send, recv_into, pending_output, flush, shutdown, close, the ssl facts),
-blocking or non-blocking as the TCP socket is.
+record, as asyncio's own TLS would (or :class:`ssl.SSLSocket`). The socket offers what
+:class:`afalg.aio.TLSTransport` uses (send, recv_into, pending_output, flush, shutdown, close,
+the ssl facts) and what a blocking caller of :class:`afalg.tls.SSLContext` uses, as afalg's
+other TLS sockets do (sendall, recv, makefile, sendfile, unwrap, timeouts), blocking or
+non-blocking as the TCP socket is. As with ssl, one thread may send while another receives.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
+import select
 import socket
 import ssl
+import threading
+import time
 from typing import Any
 
 __all__ = ["SSLObjectSocket"]
@@ -41,7 +48,8 @@ class SSLObjectSocket:
     ``pending_out`` is what the handshake produced and has not sent yet (its last flight).
     ``recv_into`` returns 0 at the peer's close_notify (and at a TCP end without it, unless
     ``suppress_ragged_eofs`` is False: :class:`ssl.SSLEOFError`); on a non-blocking socket
-    ``send``/``recv_into``/``flush`` raise :class:`BlockingIOError` when they cannot go on."""
+    ``send``/``recv_into``/``flush`` raise :class:`BlockingIOError` when they cannot go on.
+    Blocking, the socket's timeout applies to each read and write (:class:`TimeoutError`)."""
 
     mode = "ssl"
     backend = "openssl"
@@ -63,9 +71,16 @@ class SSLObjectSocket:
         self._out = bytearray(pending_out)
         self._eof = False
         self._close_notify_sent = False
-        self._closed = False
+        self._closed = False  # close() was called (files from makefile() may keep it open)
+        self._released = False  # the TCP socket is closed, or given back by unwrap()
+        self._io_refs = 0
         self.suppress_ragged_eofs = suppress_ragged_eofs
         self.tls_session = _Failure()
+        # The ssl object, its BIOs and the sealed output are one state (_lock); one thread
+        # writes the socket (_tx_lock) and one reads it (_rx_lock), as with ssl.SSLSocket.
+        self._lock = threading.Lock()
+        self._tx_lock = threading.Lock()
+        self._rx_lock = threading.Lock()
 
     @classmethod
     def from_handshake(
@@ -87,8 +102,9 @@ class SSLObjectSocket:
         )
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"fd={self._sock.fileno()}"
-        return f"<SSLObjectSocket {state} mode=ssl {self.version()}>"
+        state = "closed" if self._sock.fileno() < 0 else f"fd={self._sock.fileno()}"
+        cipher = self.cipher()
+        return f"<SSLObjectSocket {state} mode=ssl {self.version()} {cipher[0] if cipher else '?'}>"
 
     # -- the ssl facts --
     @property
@@ -100,8 +116,23 @@ class SSLObjectSocket:
         return self._ssl.context
 
     @property
+    def server_side(self) -> bool:
+        return self._ssl.server_side
+
+    @property
+    def server_hostname(self) -> str | None:
+        return self._ssl.server_hostname
+
+    @property
     def session(self) -> ssl.SSLSession | None:
         return self._ssl.session
+
+    @property
+    def session_reused(self) -> bool:
+        return self._ssl.session_reused
+
+    def do_handshake(self) -> None:
+        """Nothing to do: the handshake is done (as ssl's ``do_handshake`` once done)."""
 
     def getpeercert(self, binary_form: bool = False) -> Any:
         return self._ssl.getpeercert(binary_form)
@@ -149,6 +180,13 @@ class SSLObjectSocket:
     def setblocking(self, flag: bool) -> None:
         self._sock.setblocking(flag)
 
+    def getblocking(self) -> bool:
+        return self._sock.getblocking()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def settimeout(self, timeout: float | None) -> None:
         self._sock.settimeout(timeout)
 
@@ -164,66 +202,115 @@ class SSLObjectSocket:
         plaintext bytes taken. Non-blocking, with too much sealed output queued:
         :class:`BlockingIOError` (nothing taken)."""
         self._check_open()
+        if flags:
+            raise ValueError("flags are not supported on SSLObjectSocket")
         if len(self._out) >= _HIGH_WATER:
             self.flush()
             if len(self._out) >= _HIGH_WATER:
                 raise BlockingIOError("the socket takes no more now")
-        view = memoryview(data).cast("B")[:_CHUNK]
-        if not view:
-            return 0
-        n = self._ssl.write(view)
-        self._out += self._outgoing.read()
+        with memoryview(data).cast("B") as whole, whole[:_CHUNK] as view:
+            if not view:
+                return 0
+            with self._lock:
+                n = self._ssl.write(view)
+                self._out += self._outgoing.read()
         with contextlib.suppress(BlockingIOError, InterruptedError):
             self.flush()
         return n
 
     def sendall(self, data: Any, flags: int = 0) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            view = view[self.send(view) :]
+        """Send all of ``data``: returns once the socket took every sealed byte."""
+        with memoryview(data).cast("B") as view:
+            sent = 0
+            while sent < len(view):
+                with view[sent:] as rest:
+                    sent += self.send(rest, flags)
         self.flush()
+
+    def write(self, data: Any) -> int:
+        return self.send(data)
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        """Send a file (opened in binary mode) as :meth:`socket.socket.sendfile` does, by reading
+        and sealing it in chunks (ssl's way: no zero-copy in userspace TLS). The file position
+        ends after the last byte sent; a non-blocking socket is refused (``ValueError``)."""
+        self._check_open()
+        if self._sock.gettimeout() == 0.0:
+            raise ValueError("non-blocking sockets are not supported")
+        if offset:
+            file.seek(offset)
+        total = 0
+        buf = memoryview(bytearray(_CHUNK))
+        try:
+            while count is None or total < count:
+                n = file.readinto(buf[: _CHUNK if count is None else min(_CHUNK, count - total)])
+                if not n:
+                    break
+                self.sendall(buf[:n])
+                total += n
+        finally:
+            if total > 0 and getattr(file, "seekable", bool)():
+                file.seek(offset + total)
+        return total
 
     def pending_output(self) -> int:
         """Sealed bytes not yet written to the socket."""
         return len(self._out)
 
     def flush(self) -> None:
-        """Write out the sealed bytes: all of them (blocking socket), or what the socket takes
-        (non-blocking: :class:`BlockingIOError` if some remain)."""
-        while self._out:
-            if self._sock.gettimeout() != 0.0:
-                self._sock.sendall(self._out)
-                self._out.clear()
-                return
-            n = self._sock.send(self._out)
-            del self._out[:n]
+        """Write out the sealed bytes: all of them (blocking socket, within its timeout), or
+        what the socket takes (non-blocking: :class:`BlockingIOError` if some remain)."""
+        with self._tx_lock:  # only here are bytes taken off the front of _out
+            while True:
+                with self._lock:
+                    chunk = bytes(self._out[:_HIGH_WATER])
+                if not chunk:
+                    return
+                if self._sock.gettimeout() != 0.0:
+                    self._sock.sendall(chunk)
+                    n = len(chunk)
+                else:
+                    n = self._sock.send(chunk)
+                with self._lock:
+                    del self._out[:n]
 
     # -- receiving --
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         """Open records into ``buffer``: the plaintext bytes, 0 at the end."""
         self._check_open()
-        view = memoryview(buffer).cast("B")
-        size = nbytes or len(view)
-        while not self._eof:
-            try:
-                n = int(self._ssl.read(size, view))  # with a buffer: a count
-            except ssl.SSLWantReadError:
-                self._fill()
-                continue
-            except ssl.SSLZeroReturnError:  # close_notify
-                self._eof = True
-            except ssl.SSLEOFError:  # TCP's end without close_notify
-                self._eof = True
-                if not self.suppress_ragged_eofs:
-                    raise
-            else:
-                self._answer()
-                return n
-        return 0
+        if flags:
+            raise ValueError("flags are not supported on SSLObjectSocket")
+        with memoryview(buffer).cast("B") as view, self._rx_lock:
+            if nbytes < 0 or nbytes > len(view):
+                raise ValueError("nbytes out of range for the buffer")
+            size = nbytes or len(view)
+            while not self._eof and size:
+                try:
+                    with self._lock:
+                        n = int(self._ssl.read(size, view))  # with a buffer: a count
+                except ssl.SSLWantReadError:
+                    self._fill()
+                    continue
+                except ssl.SSLZeroReturnError:  # close_notify
+                    self._eof = True
+                except ssl.SSLEOFError:  # TCP's end without close_notify
+                    self._eof = True
+                    if not self.suppress_ragged_eofs:
+                        raise
+                else:
+                    self._answer()
+                    return n
+            return 0
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if bufsize < 0:
+            raise ValueError("negative buffersize in recv")
         buf = bytearray(bufsize)
-        return bytes(buf[: self.recv_into(buf)])
+        del buf[self.recv_into(buf, bufsize, flags) :]
+        return bytes(buf)
+
+    def read(self, n: int = 1024) -> bytes:
+        return self.recv(n)
 
     def pending(self) -> int:
         return self._ssl.pending()
@@ -231,18 +318,62 @@ class SSLObjectSocket:
     def _fill(self) -> None:
         """Move what the socket holds into ssl's BIO (BlockingIOError when nothing is there)."""
         data = self._sock.recv(256 * 1024)
-        if data:
-            self._in.write(data)
-        else:
-            self._in.write_eof()
+        with self._lock:
+            if data:
+                self._in.write(data)
+            else:
+                self._in.write_eof()
 
     def _answer(self) -> None:
         """Queue and try to send what reading produced (a KeyUpdate's answer)."""
-        out = self._outgoing.read()
-        if out:
+        with self._lock:
+            out = self._outgoing.read()
             self._out += out
+        if out:
             with contextlib.suppress(BlockingIOError, InterruptedError, OSError):
                 self.flush()
+
+    def makefile(
+        self,
+        mode: str = "r",
+        buffering: int | None = None,
+        *,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> Any:
+        """A file object over the TLS connection, as :meth:`socket.socket.makefile` (it keeps
+        the connection open until it is closed too)."""
+        if not set(mode) <= {"r", "w", "b"}:
+            raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
+        writing = "w" in mode
+        reading = "r" in mode or not writing
+        raw = socket.SocketIO(self, ("r" if reading else "") + ("w" if writing else ""))  # type: ignore[arg-type]
+        self._io_refs += 1
+        if buffering is None or buffering < 0:
+            buffering = io.DEFAULT_BUFFER_SIZE
+        if buffering == 0:
+            if "b" not in mode:
+                raise ValueError("unbuffered streams must be binary")
+            return raw
+        buffer: Any
+        if reading and writing:
+            buffer = io.BufferedRWPair(raw, raw, buffering)
+        elif reading:
+            buffer = io.BufferedReader(raw, buffering)
+        else:
+            buffer = io.BufferedWriter(raw, buffering)
+        if "b" in mode:
+            return buffer
+        text = io.TextIOWrapper(buffer, io.text_encoding(encoding), errors, newline)
+        text.mode = mode  # type: ignore[misc]
+        return text
+
+    def _decref_socketios(self) -> None:
+        if self._io_refs > 0:
+            self._io_refs -= 1
+        if self._closed:
+            self.close()
 
     # -- ending --
     def shutdown(self, how: int) -> None:
@@ -254,27 +385,75 @@ class SSLObjectSocket:
         self._sock.shutdown(how)
 
     def _queue_close_notify(self) -> None:
-        if self._close_notify_sent:
-            return
-        self._close_notify_sent = True
-        with contextlib.suppress(ssl.SSLError):
-            self._ssl.unwrap()  # writes close_notify; then wants the peer's (not awaited)
-        self._out += self._outgoing.read()
+        with self._lock:
+            if self._close_notify_sent:
+                return
+            self._close_notify_sent = True
+            with contextlib.suppress(ssl.SSLError):
+                self._ssl.unwrap()  # writes close_notify; then wants the peer's (not awaited)
+            self._out += self._outgoing.read()
+
+    def unwrap(self) -> socket.socket:
+        """End TLS as :meth:`ssl.SSLSocket.unwrap`: send close_notify, wait for the peer's
+        (within the socket's timeout), and return the plain TCP socket, which this object no
+        longer owns."""
+        self._check_open()
+        self._queue_close_notify()
+        self.flush()
+        with self._rx_lock:
+            while True:
+                try:
+                    with self._lock:
+                        self._ssl.unwrap()
+                    break
+                except ssl.SSLWantReadError:
+                    self._fill()
+        self._released = self._closed = True
+        return self._sock
+
+    def detach(self) -> int:
+        raise io.UnsupportedOperation(
+            "SSLObjectSocket cannot give its socket back with TLS on it: unwrap() ends TLS first"
+        )
 
     def close(self) -> None:
         """Send close_notify unless the connection failed, without waiting on a non-blocking
-        socket, and close the socket. Idempotent."""
-        if self._closed:
-            return
+        socket, and close the socket. Idempotent; files from :meth:`makefile` keep the
+        connection open until they are closed."""
         self._closed = True
+        if self._io_refs > 0 or self._released:
+            return
+        self._released = True
         try:
             if self.tls_session.error is None:
                 self._queue_close_notify()
                 with contextlib.suppress(OSError):
                     self.flush()
+                self._discard_input()
         finally:
             self._sock.close()
 
+    def _discard_input(self) -> None:
+        """Read and drop what the peer sent that nobody read, without waiting: Linux answers a
+        close() that leaves unread input with a reset, which can throw away our close_notify
+        on its way (the peer sees ConnectionResetError). Bounded by twice the receive buffer
+        and the socket's timeout; best effort."""
+        timeout = self._sock.gettimeout()
+        deadline = time.monotonic() + timeout if timeout else None
+        budget = 2 * self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        while budget > 0 and poller.poll(0):
+            try:
+                data = self._sock.recv(min(budget, 2**16), socket.MSG_DONTWAIT)
+            except OSError:
+                return
+            if not data:
+                return
+            budget -= len(data)
+            if deadline is not None and time.monotonic() > deadline:
+                return
+
     def _check_open(self) -> None:
-        if self._closed:
-            raise OSError(9, "the TLS socket is closed")  # EBADF, as a closed socket
+        if self._released or self._sock.fileno() < 0:
+            raise OSError(errno.EBADF, "the TLS socket is closed")  # as a closed socket

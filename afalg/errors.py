@@ -17,6 +17,7 @@
     ├── WantRead, WantWrite (ssl.SSLWantReadError/SSLWantWriteError and BlockingIOError)
     │                                                  a non-blocking socket must wait
     ├── UnsupportedCipherSuite (also ValueError)      no kernel record protection for the suite
+    ├── AlreadyWrapped (ssl.SSLError, also TypeError)  the socket given is already TLS
     └── ClosedError (OSError EBADF, also ValueError)  any afalg object used after close()
 
 Argument errors stay :class:`TypeError`/:class:`ValueError`; I/O conditions stay the standard
@@ -36,6 +37,7 @@ __all__ = [
     "AlertDescription",
     "AlgError",
     "AlgorithmNotAvailable",
+    "AlreadyWrapped",
     "ClosedError",
     "HandoffError",
     "InvalidTag",
@@ -162,6 +164,20 @@ class UnsupportedCipherSuite(AfalgError, ValueError):
             "(TLS 1.3 offers only TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384 and "
             "TLS_CHACHA20_POLY1305_SHA256 by default; keep CCM suites out of OpenSSL's "
             "Ciphersuites)"
+        )
+
+
+class AlreadyWrapped(AfalgError, ssl.SSLError, TypeError):
+    """The socket given to be wrapped is already a TLS socket (an :class:`ssl.SSLSocket` or
+    an afalg one); refused before a byte is sent. An :class:`ssl.SSLError`, as ssl's own
+    ``wrap_socket`` raises for the same mistake (after a handshake that breaks the
+    connection), and a :class:`TypeError` (the wrong kind of object)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            errno.EISCONN,
+            f"sock is already a TLS socket ({what}): pass the plain TCP socket, before it is "
+            "wrapped",
         )
 
 

@@ -50,7 +50,7 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 
 from afalg._keylog import KeyLog, keylog_for
-from afalg.errors import HandoffError, UnsupportedCipherSuite
+from afalg.errors import AlreadyWrapped, HandoffError, UnsupportedCipherSuite
 from afalg.keys import (
     TLS_1_2_VERSION,
     TLS_1_3_VERSION,
@@ -484,15 +484,13 @@ def check_arguments(
 
     ssl's rules (``ValueError``): ``server_hostname`` and ``session`` only in client mode;
     ``context.check_hostname`` requires a non-empty ``server_hostname``. ``sock`` must be a
-    ``socket.socket`` not yet wrapped by ssl (``TypeError``: an :class:`ssl.SSLSocket` is
-    already TLS), a stream (``ValueError``) and connected (``OSError`` ENOTCONN)."""
+    ``socket.socket`` (``TypeError``) not yet wrapped by ssl (an :class:`ssl.SSLSocket` is
+    already TLS: :class:`afalg.errors.AlreadyWrapped`, a ``TypeError`` and an
+    :class:`ssl.SSLError`), a stream (``ValueError``) and connected (``OSError`` ENOTCONN)."""
     if not isinstance(sock, socket.socket):
         raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
     if isinstance(sock, ssl.SSLSocket):
-        raise TypeError(
-            "sock is already a TLS socket (ssl.SSLSocket): pass the plain TCP socket, "
-            "before ssl wraps it"
-        )
+        raise AlreadyWrapped("ssl.SSLSocket")
     if not isinstance(context, ssl.SSLContext):
         raise TypeError(f"context must be an ssl.SSLContext, not {type(context).__name__}")
     if server_side:
@@ -535,14 +533,27 @@ def handshake(
     check_arguments(
         sock, context, server_side=server_side, server_hostname=server_hostname, session=session
     )
+    _check_blocking(sock)
+    hs = Handshake(
+        context, server_side=server_side, server_hostname=server_hostname, session=session
+    )
+    return _drive(sock, hs)
+
+
+def _check_blocking(sock: socket.socket) -> None:
+    """The blocking handshake refuses a non-blocking socket (``ValueError``)."""
     if sock.gettimeout() == 0.0:
         raise ValueError(
             "the handshake needs a blocking socket or one with a timeout; "
             "make it non-blocking after wrap()"
         )
-    hs = Handshake(
-        context, server_side=server_side, server_hostname=server_hostname, session=session
-    )
+
+
+def _drive(sock: socket.socket, hs: Handshake) -> Handoff:
+    """Run ``hs``'s :meth:`Handshake.steps` on the connected, blocking ``sock`` (afalg's
+    blocking driver, shared with :class:`afalg.tls.SSLContext`, which keeps ``hs`` to carry a
+    suite afalg cannot seal on in userspace). A socket timeout raises ssl's
+    ``TimeoutError("The handshake operation timed out")``."""
     steps = hs.steps()
     n: int | None = None
     try:
@@ -552,13 +563,17 @@ def handshake(
             except StopIteration as done:
                 return done.value
             n = None
-            if isinstance(step, Receive):
-                n = sock.recv_into(step.buffer)
-            elif step.best_effort:
-                with contextlib.suppress(OSError):
+            try:
+                if isinstance(step, Receive):
+                    n = sock.recv_into(step.buffer)
+                elif step.best_effort:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(step.data)
+                else:
                     sock.sendall(step.data)
-            else:
-                sock.sendall(step.data)
+            except TimeoutError:
+                # ssl's words for the same event (SSLSocket.do_handshake on a socket timeout)
+                raise TimeoutError("The handshake operation timed out") from None
     finally:
         steps.close()
 

@@ -31,6 +31,11 @@ cipher and selected_alpn_protocol. A peer's fatal alert raises :class:`afalg.TLS
 EOF too unless ``suppress_ragged_eofs=False`` (then :class:`ssl.SSLEOFError`), as in ssl.
 Non-blocking sockets raise ``BlockingIOError`` like plain sockets.
 
+For libraries that take an :class:`ssl.SSLContext` (http.client, urllib3, http.server),
+:class:`SSLContext` is one whose ``wrap_socket`` does what :func:`wrap` does, and never fails
+where ssl's would have worked (a suite afalg cannot seal goes on in userspace, mode
+``"ssl"``); :func:`inject_into_ssl` gives every ssl context that ``wrap_socket``.
+
 Sessions stay ssl's: pass ``session=conn.session`` to resume (TLS 1.2 and 1.3). A TLS 1.3
 server sends its NewSessionTickets after the hand-off, so the kernel (or the record layer) opens
 them; :class:`afalg.handoff.TicketFeed` gives them back to ssl, which stores the session.
@@ -48,10 +53,18 @@ import threading
 from typing import Any, Literal, cast, get_args
 
 from afalg import handoff, ktls
+from afalg._socket import TLSSocketBase
+from afalg._sslmode import SSLObjectSocket
 from afalg._uapi import TLS_1_3_VERSION
 from afalg.aead_backend import Backend, ChosenBackend, kernel_refusal
 from afalg.algif import AlgTLSSocket
-from afalg.errors import AlgError, KTLSError, TLSAlertReceived
+from afalg.errors import (
+    AlgError,
+    AlreadyWrapped,
+    KTLSError,
+    TLSAlertReceived,
+    UnsupportedCipherSuite,
+)
 from afalg.keys import CipherSuite, TrafficKeys
 from afalg.ktls import KTLSSocket, tls_stats
 from afalg.record import RecordLayer
@@ -71,7 +84,9 @@ __all__ = [
     "check_options",
     "choose_mode",
     "create_default_context",
+    "extract_from_ssl",
     "hand_off",
+    "inject_into_ssl",
     "tls_stats",
     "wrap",
 ]
@@ -261,14 +276,119 @@ def wrap(
 # The families the hand-off serves; any other stream socket (AF_UNIX) stays Python's ssl.
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
+# ssl's own wrap_socket, whatever inject_into_ssl() has put on ssl.SSLContext since.
+_SSL_WRAP_SOCKET = ssl.SSLContext.wrap_socket
+
 
 def _takes_over(sock: Any) -> bool:
-    """Whether afalg wraps ``sock`` (else Python's ssl does, with ssl's own errors): a TCP
-    socket; objects that are no socket and ssl sockets go to afalg's checks, which name the
-    mistake."""
+    """Whether afalg wraps ``sock`` (else Python's ssl does, with ssl's own behaviour and
+    errors): a blocking (or timeout) TCP socket. A non-blocking one stays ssl's: its caller
+    drives the handshake with ``do_handshake()`` and ``SSLWantReadError``, which afalg's
+    blocking handshake does not offer. Objects that are no socket go to afalg's checks, which
+    name the mistake."""
     if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
         return True
-    return sock.family in _TCP_FAMILIES and sock.type == socket.SOCK_STREAM
+    return (
+        sock.family in _TCP_FAMILIES
+        and sock.type == socket.SOCK_STREAM
+        and sock.gettimeout() != 0.0
+    )
+
+
+def _check_not_tls(sock: Any) -> None:
+    """An afalg TLS socket given to be wrapped again: :class:`afalg.errors.AlreadyWrapped`
+    (an ssl socket is refused by :func:`afalg.handoff.check_arguments`)."""
+    if isinstance(sock, (TLSSocketBase, SSLObjectSocket, _PendingTLSSocket)):
+        raise AlreadyWrapped(f"afalg's {type(sock).__name__}")
+
+
+class _Options:
+    """The per-socket arguments of ``wrap_socket`` and the context's afalg options, kept for
+    a later handshake."""
+
+    def __init__(
+        self,
+        server_side: bool,
+        suppress_ragged_eofs: bool,
+        server_hostname: str | None,
+        session: ssl.SSLSession | None,
+        mode: Mode,
+        records_per_key: int | None,
+    ) -> None:
+        self.server_side = server_side
+        self.suppress_ragged_eofs = suppress_ragged_eofs
+        self.server_hostname = server_hostname
+        self.session = session
+        self.mode = mode
+        self.records_per_key = records_per_key
+
+
+def _wrap_socket(
+    context: ssl.SSLContext,
+    sock: socket.socket,
+    server_side: bool,
+    do_handshake_on_connect: bool,
+    suppress_ragged_eofs: bool,
+    server_hostname: str | None,
+    session: ssl.SSLSession | None,
+    mode: Mode,
+    records_per_key: int | None,
+) -> Any:
+    """``context.wrap_socket(sock, ...)`` afalg's way (:meth:`SSLContext.wrap_socket`, and
+    every ssl context's after :func:`inject_into_ssl`)."""
+    _check_not_tls(sock)
+    if not _takes_over(sock):
+        return _SSL_WRAP_SOCKET(
+            context, sock, server_side, do_handshake_on_connect, suppress_ragged_eofs,
+            server_hostname, session,
+        )  # fmt: skip
+    try:
+        handoff.check_arguments(
+            sock, context, server_side=server_side, server_hostname=server_hostname,
+            session=session,
+        )  # fmt: skip
+        connected = True
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        connected = False  # everything else was checked before connectedness
+    options = _Options(
+        server_side, suppress_ragged_eofs, server_hostname, session, mode, records_per_key
+    )
+    if connected and do_handshake_on_connect:
+        return _handshake(sock, context, options)
+    return _PendingTLSSocket(sock, context, options, do_handshake_on_connect, connected)
+
+
+def _handshake(
+    sock: socket.socket, context: ssl.SSLContext, options: _Options
+) -> KTLSSocket | AlgTLSSocket | SSLObjectSocket:
+    """:func:`wrap`, never failing where ssl would not: a finished handshake whose suite afalg
+    cannot seal (not AEAD, TLS before 1.2) goes on in userspace over its ssl object (mode
+    "ssl", :class:`afalg._sslmode.SSLObjectSocket`). The result owns ``sock``, closed on
+    failure."""
+    o = options
+    try:
+        handoff._check_blocking(sock)
+        hs = handoff.Handshake(
+            context, server_side=o.server_side, server_hostname=o.server_hostname,
+            session=o.session,
+        )  # fmt: skip
+        try:
+            h = handoff._drive(sock, hs)
+        except UnsupportedCipherSuite:
+            conn = SSLObjectSocket.from_handshake(
+                sock, hs, suppress_ragged_eofs=o.suppress_ragged_eofs
+            )
+            conn.flush()  # the handshake's last flight (a TLS 1.2 server's Finished)
+            return conn
+        return hand_off(
+            sock, h, mode=o.mode, suppress_ragged_eofs=o.suppress_ragged_eofs,
+            records_per_key=o.records_per_key,
+        )  # fmt: skip
+    except BaseException:
+        sock.close()
+        raise
 
 
 class SSLContext(ssl.SSLContext):
@@ -279,8 +399,10 @@ class SSLContext(ssl.SSLContext):
     plus ``mode`` (``"auto"``, ``"ktls"``, ``"algif"``) and ``records_per_key`` (see
     :func:`afalg.tls.wrap`), checked here and kept as attributes. Like ssl's, a bare context
     loads no CA certificates: :func:`create_default_context` does. ``wrap_bio`` stays ssl's
-    (asyncio uses it). A negotiated suite afalg cannot seal (not AEAD) raises
-    :class:`afalg.errors.UnsupportedCipherSuite` from :meth:`wrap_socket`.
+    (asyncio uses it). Never a failure where ssl's own context would have worked: a negotiated
+    suite afalg cannot seal (not AEAD, or TLS before 1.2) goes on in userspace over ssl's
+    object (``conn.mode == "ssl"``), and a socket afalg cannot take is ssl's own
+    :class:`ssl.SSLSocket` (see :meth:`wrap_socket`).
     """
 
     mode: Mode
@@ -311,71 +433,24 @@ class SSLContext(ssl.SSLContext):
     ) -> Any:
         """Wrap ``sock`` as :meth:`ssl.SSLContext.wrap_socket` does, afalg's way.
 
-        A connected TCP socket: with ``do_handshake_on_connect`` (the default) the handshake
-        runs now and the result is :func:`afalg.tls.wrap`'s socket
-        (:class:`afalg.tls.KTLSSocket` or :class:`afalg.tls.AlgTLSSocket`); else a proxy that
-        runs it on ``do_handshake()`` or on first I/O. An unconnected TCP socket gives the
-        proxy too: ``connect()`` (handshake per ``do_handshake_on_connect``), or, listening,
-        ``accept()`` returning afalg TLS sockets as ``SSLSocket.accept`` does. Any other stream
-        socket (AF_UNIX) is Python's own :class:`ssl.SSLSocket`, decided before the handshake.
-        Errors: ssl's (``ValueError("check_hostname requires server_hostname")``, ...), a
-        ``TypeError`` for an object that is no socket or is already an ssl socket.
+        A connected, blocking (or timeout) TCP socket: with ``do_handshake_on_connect`` (the
+        default) the handshake runs now and the result is :func:`afalg.tls.wrap`'s socket
+        (:class:`afalg.tls.KTLSSocket` or :class:`afalg.tls.AlgTLSSocket`), or, for a suite
+        afalg cannot seal, a socket of the same methods whose records ssl protects in
+        userspace (``mode == "ssl"``); else a proxy that runs it on ``do_handshake()`` or on
+        first I/O. An unconnected TCP socket gives the proxy too: ``connect()`` (handshake per
+        ``do_handshake_on_connect``), or, listening, ``accept()`` returning afalg TLS sockets as
+        ``SSLSocket.accept`` does. Any other stream socket (AF_UNIX) and a non-blocking one are
+        Python's own :class:`ssl.SSLSocket`, decided before the handshake.
+        Errors: ssl's (``ValueError("check_hostname requires server_hostname")``,
+        ``NotImplementedError`` for a datagram socket, ``TimeoutError("The handshake operation
+        timed out")``, ...), :class:`afalg.errors.AlreadyWrapped` (an :class:`ssl.SSLError`)
+        for a socket that is already TLS, ``TypeError`` for an object that is no socket.
         """
-        if not _takes_over(sock):
-            return super().wrap_socket(
-                sock,
-                server_side,
-                do_handshake_on_connect,
-                suppress_ragged_eofs,
-                server_hostname,
-                session,
-            )
-        try:
-            handoff.check_arguments(
-                sock,
-                self,
-                server_side=server_side,
-                server_hostname=server_hostname,
-                session=session,
-            )
-            connected = True
-        except OSError as exc:
-            if exc.errno != errno.ENOTCONN:
-                raise
-            connected = False  # everything else was checked before connectedness
-        options = _Options(server_side, suppress_ragged_eofs, server_hostname, session)
-        if connected and do_handshake_on_connect:
-            return self._hand_off(sock, options)
-        return _PendingTLSSocket(sock, self, options, do_handshake_on_connect, connected)
-
-    def _hand_off(self, sock: socket.socket, options: _Options) -> Any:
-        """:func:`afalg.tls.wrap` with this context's options (the handshake, now)."""
-        return wrap(
-            sock,
-            self,
-            server_side=options.server_side,
-            server_hostname=options.server_hostname,
-            mode=self.mode,
-            suppress_ragged_eofs=options.suppress_ragged_eofs,
-            session=options.session,
-            records_per_key=self.records_per_key,
-        )
-
-
-class _Options:
-    """The per-socket arguments of ``wrap_socket`` kept for a later handshake."""
-
-    def __init__(
-        self,
-        server_side: bool,
-        suppress_ragged_eofs: bool,
-        server_hostname: str | None,
-        session: ssl.SSLSession | None,
-    ) -> None:
-        self.server_side = server_side
-        self.suppress_ragged_eofs = suppress_ragged_eofs
-        self.server_hostname = server_hostname
-        self.session = session
+        return _wrap_socket(
+            self, sock, server_side, do_handshake_on_connect, suppress_ragged_eofs,
+            server_hostname, session, self.mode, self.records_per_key,
+        )  # fmt: skip
 
 
 # Names a socket not yet through its handshake answers itself: nothing here sends or reads data.
@@ -411,7 +486,7 @@ class _PendingTLSSocket:
     def __init__(
         self,
         sock: socket.socket,
-        context: SSLContext,
+        context: ssl.SSLContext,
         options: _Options,
         do_handshake_on_connect: bool,
         connected: bool,
@@ -460,7 +535,7 @@ class _PendingTLSSocket:
                 return
             if not self._connected:
                 raise OSError(errno.ENOTCONN, "the TLS socket is not connected")
-            self._conn = self.context._hand_off(self._sock, self._options)
+            self._conn = _handshake(self._sock, self.context, self._options)
 
     def connect(self, address: Any) -> None:
         """Connect the TCP socket, then handshake per ``do_handshake_on_connect``; as in ssl,
@@ -479,12 +554,11 @@ class _PendingTLSSocket:
         context and options (handshake per ``do_handshake_on_connect``), as
         ``ssl.SSLSocket.accept`` does. A failed handshake closes the new socket and raises."""
         newsock, addr = self._sock.accept()
-        conn = self.context.wrap_socket(
-            newsock,
-            server_side=True,
-            do_handshake_on_connect=self.do_handshake_on_connect,
-            suppress_ragged_eofs=self._options.suppress_ragged_eofs,
-        )
+        o = self._options
+        conn = _wrap_socket(
+            self.context, newsock, True, self.do_handshake_on_connect, o.suppress_ragged_eofs,
+            None, None, o.mode, o.records_per_key,
+        )  # fmt: skip
         return conn, addr
 
     def close(self) -> None:
@@ -541,3 +615,71 @@ def create_default_context(
     if keylogfile and not sys.flags.ignore_environment:
         ctx.keylog_filename = keylogfile
     return ctx
+
+
+# --- inject_into_ssl: every ssl context's wrap_socket hands off ---------------------------------
+#
+# truststore replaces the class ssl.SSLContext. Here that would break ssl itself: its property
+# setters (verify_mode, options, minimum_version, ...) call
+# super(SSLContext, SSLContext).<name>.__set__ with the module's *current* SSLContext, which
+# for a subclass of the real one finds the real property again, and recurses without end
+# (ssl.create_default_context() raises RecursionError); and contexts made before the swap would
+# stop being isinstance(ctx, ssl.SSLContext) (asyncio's start_tls checks that). Replacing the
+# one method that matters, ssl.SSLContext.wrap_socket, reaches every context (made before or
+# after, and subclasses that keep ssl's wrap_socket) and changes nothing else: wrap_bio, and so
+# asyncio's TLS, stays ssl's.
+
+_injection_lock = threading.Lock()
+_injected: tuple[Mode, int | None] | None = None  # (mode, records_per_key) while injected
+
+
+def _injected_wrap_socket(
+    self: ssl.SSLContext,
+    sock: socket.socket,
+    server_side: bool = False,
+    do_handshake_on_connect: bool = True,
+    suppress_ragged_eofs: bool = True,
+    server_hostname: str | None = None,
+    session: ssl.SSLSession | None = None,
+) -> Any:
+    """ssl.SSLContext.wrap_socket while :func:`inject_into_ssl` is in force."""
+    injected = _injected
+    if injected is None:  # extracted meanwhile
+        return _SSL_WRAP_SOCKET(
+            self, sock, server_side, do_handshake_on_connect, suppress_ragged_eofs,
+            server_hostname, session,
+        )  # fmt: skip
+    return _wrap_socket(
+        self, sock, server_side, do_handshake_on_connect, suppress_ragged_eofs,
+        server_hostname, session, *injected,
+    )  # fmt: skip
+
+
+def inject_into_ssl(*, mode: Mode = "auto", records_per_key: int | None = None) -> None:
+    """Make every :class:`ssl.SSLContext`'s ``wrap_socket`` afalg's, for programs and
+    libraries that build their own contexts (``ssl.create_default_context()``, urllib3,
+    requests, smtplib, ...): each TLS socket they open is then handed to the kernel as
+    :meth:`SSLContext.wrap_socket` does, with ``mode`` and ``records_per_key``. Idempotent (a
+    second call changes only the options); :func:`extract_from_ssl` undoes it.
+
+    For applications, at start-up, never for libraries: it changes every context of the
+    process. What changes: those sockets are afalg's, not :class:`ssl.SSLSocket` (code that
+    checks ``isinstance(sock, ssl.SSLSocket)`` or calls SSLSocket-only methods sees the
+    difference); a non-blocking or non-TCP socket stays ssl's. What does not: ``wrap_bio``,
+    and so asyncio's own TLS; the class ``ssl.SSLContext`` itself (isinstance checks, its
+    settings); contexts whose class overrides ``wrap_socket`` (afalg's own, truststore's).
+    Bad options: ``ValueError``/``TypeError`` as :func:`check_options`, nothing injected."""
+    global _injected
+    check_options(mode, "auto", records_per_key)
+    with _injection_lock:
+        _injected = (mode, records_per_key)
+        ssl.SSLContext.wrap_socket = _injected_wrap_socket  # type: ignore[method-assign,assignment]
+
+
+def extract_from_ssl() -> None:
+    """Undo :func:`inject_into_ssl`: ``ssl.SSLContext.wrap_socket`` is ssl's own again (sockets
+    already wrapped stay as they are). Idempotent."""
+    global _injected
+    with _injection_lock:
+        ssl.SSLContext.wrap_socket = _SSL_WRAP_SOCKET  # type: ignore[method-assign]
+        _injected = None
