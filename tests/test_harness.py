@@ -262,7 +262,7 @@ def test_stages_start_longest_first(tmp_path) -> None:
     assert [r.name for r in runner.longest_first(runs, {})] == [
         "kernel-6.1", "kernel-6.12", "host", "py"
     ]  # fmt: skip
-    for r, seconds in zip(runs, (40, 500, 1000, 200)):
+    for r, seconds in zip(runs, (40, 500, 1000, 200), strict=True):
         r.seconds = seconds
     runner.record_seconds(tmp_path, runs[1:])  # host not recorded: its estimate stays
     recorded = runner.recorded_seconds(tmp_path)
