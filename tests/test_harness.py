@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -269,3 +270,19 @@ def test_stages_start_longest_first(tmp_path) -> None:
     assert recorded == {"junit-kernel-6.1": 500, "junit-kernel-6.12": 1000, "junit-py": 200}
     order = [r.name for r in runner.longest_first(runs, recorded)]
     assert order == ["kernel-6.12", "kernel-6.1", "py", "host"]
+
+
+def test_a_split_kernel_runs_every_test_file_once(monkeypatch) -> None:
+    """A kernel in SPLIT runs as two VM stages whose --ignore lists partition the test files:
+    each file (a new one too) runs in exactly one of them."""
+    runner = _runner()
+    monkeypatch.setattr(runner, "SPLIT", {"6.12": ("tests/test_aio.py", "tests/test_docs.py")})
+    first, second = runner.stages("6.12")
+    assert (first.name, second.name) == ("kernel-6.12", "kernel-6.12-2")
+    files = set(runner.test_files())
+    assert "tests/test_harness.py" in files and len(files) > 10
+    assert set(first.ignore) | set(second.ignore) == files
+    assert not set(first.ignore) & set(second.ignore)
+    assert set(first.ignore) == {"tests/test_aio.py", "tests/test_docs.py"}
+    argv = runner.vm_command(second, 1, Path("junit.xml"), [], None, 60)
+    assert "--ignore=tests/test_harness.py" in argv and "--ignore=tests/test_aio.py" not in argv
