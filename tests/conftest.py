@@ -2,7 +2,10 @@
 
 Tests marked ``kernel`` need AF_ALG (and, for TLS, the ``tls`` ULP). The test command
 (``make test``) runs them natively where the kernel has both, else inside a Debian kernel booted
-with ``afalg vm``; unmarked tests need no kernel and run on the host.
+with ``afalg vm``; unmarked tests need no kernel and run on the host. Kernel tests whose outcome
+cannot depend on the kernel (nothing of theirs reaches AF_ALG or kTLS) are also marked
+``kernel_independent``: ``tests/run.py`` runs them under one kernel only, and here they fail if
+they reach AF_ALG or kTLS after all (:class:`KernelUse`).
 """
 
 from __future__ import annotations

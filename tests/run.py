@@ -6,10 +6,10 @@
   AFALG_REQUIRE_KERNEL=1 so that a kernel test that skips there fails instead. 7.3 runs twice:
   the whole kernel suite with ``crypto.af_alg_restrict=0``, and the ``restricted``-marked tests
   with the sysctl at its default (1, the allowlist). The ``kernel_independent`` tests (kernel
-  tests only for root or namespaces: their outcome cannot differ between kernels; conftest.py
-  checks the claim) run under one kernel, ``ONCE_KERNEL``. All stages, host and VM, go two at
-  a time (one vCPU per VM), longest first by the last whole run's times, their output printed
-  whole as each finishes.
+  tests of which nothing reaches AF_ALG or kTLS, so that their outcome cannot differ between
+  kernels; conftest.py checks the claim) run under one kernel, ``ONCE_KERNEL``. All stages,
+  host and VM, go two at a time (one vCPU per VM), longest first by the last whole run's
+  times, their output printed whole as each finishes.
 
 The host stage runs again under each other CPython at hand (pyenv's 3.12 and 3.13, in
 ``~/.pyenv/versions``; those missing are named and left out), each from its own virtualenv
@@ -81,7 +81,7 @@ class Stage:
         return f"kernel-{self.kernel}{self.suffix}"
 
 
-def test_files() -> tuple[str, ...]:
+def suite_files() -> tuple[str, ...]:
     """Every test file, relative to the checkout (``tests/test_x.py``)."""
     return tuple(sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")))
 
@@ -96,7 +96,7 @@ def stages(kernel: str) -> list[Stage]:
     sysctls = (("crypto.af_alg_restrict", "0"),) if kernel == "7.3" else ()
     if kernel in SPLIT:
         second = SPLIT[kernel]
-        first = tuple(path for path in test_files() if path not in second)
+        first = tuple(path for path in suite_files() if path not in second)
         runs = [
             Stage(kernel, whole, sysctls, estimate=estimate * (1 - SPLIT_SHARE), ignore=second),
             Stage(kernel, whole, sysctls, "-2", estimate=estimate * SPLIT_SHARE, ignore=first),

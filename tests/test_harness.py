@@ -279,7 +279,7 @@ def test_a_split_kernel_runs_every_test_file_once(monkeypatch) -> None:
     monkeypatch.setattr(runner, "SPLIT", {"6.12": ("tests/test_aio.py", "tests/test_docs.py")})
     first, second = runner.stages("6.12")
     assert (first.name, second.name) == ("kernel-6.12", "kernel-6.12-2")
-    files = set(runner.test_files())
+    files = set(runner.suite_files())
     assert "tests/test_harness.py" in files and len(files) > 10
     assert set(first.ignore) | set(second.ignore) == files
     assert not set(first.ignore) & set(second.ignore)
