@@ -495,7 +495,7 @@ def main() -> int:
         ]  # fmt: skip
         pythons = args.python or ([] if args.kernel else list(PYTHONS))
         runs[1:1] = python_runs(pythons, args.select, outdir, extra, may_be_empty)
-    whole = not may_be_empty and not args.kernel and not args.python
+    whole = not may_be_empty and not args.kernel and not args.python and args.scale != "full"
     order = longest_first(runs, recorded_seconds(outdir))
     print("afalg tests: " + ", ".join(f"{r.name} ~{r.estimate:.0f} s" for r in order), flush=True)
     run_all(order)
