@@ -51,6 +51,18 @@ WRAP_MODES = [
     pytest.param(("algif", "cryptography"), id="algif-host"),
 ]
 
+
+def independent_of_the_kernel(params: list, *ids: str) -> list:
+    """``params`` (e.g. WRAP_MODES), those of ``ids`` also marked ``kernel_independent``: for a
+    test whose outcome in these modes cannot depend on the kernel (it fails before any key
+    reaches AF_ALG or kTLS), run under one kernel only (tests/run.py; conftest.py checks it)."""
+    return [
+        pytest.param(*p.values, id=p.id, marks=(*p.marks, pytest.mark.kernel_independent))
+        if p.id in ids else p
+        for p in params
+    ]  # fmt: skip
+
+
 # The server modes the kernel-only suites (conformance, interop) run;
 # AFALG_CONFORMANCE_MODES=userspace runs them against the reference (plain ssl) server.
 CONFORMANCE_MODES = os.environ.get("AFALG_CONFORMANCE_MODES", "ktls,algif").split(",")

@@ -5,8 +5,11 @@
   inside a VM on each Debian kernel (``afalg vm``: 6.1, 6.12 and 7.3), with
   AFALG_REQUIRE_KERNEL=1 so that a kernel test that skips there fails instead. 7.3 runs twice:
   the whole kernel suite with ``crypto.af_alg_restrict=0``, and the ``restricted``-marked tests
-  with the sysctl at its default (1, the allowlist). The VM runs go two at a time, one vCPU
-  each, longest first, their output printed whole as each finishes.
+  with the sysctl at its default (1, the allowlist). The ``kernel_independent`` tests (kernel
+  tests of which nothing reaches AF_ALG or kTLS, so that their outcome cannot differ between
+  kernels; conftest.py checks the claim) run under one kernel, ``ONCE_KERNEL``. All stages,
+  host and VM, go two at a time (one vCPU per VM), longest first by the last whole run's
+  times, their output printed whole as each finishes.
 
 The host stage runs again under each other CPython at hand (pyenv's 3.12 and 3.13, in
 ``~/.pyenv/versions``; those missing are named and left out), each from its own virtualenv
@@ -27,6 +30,7 @@ are the last two).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -47,6 +51,10 @@ PARALLEL = 2  # VM runs at once: TCG is CPU-bound and pytest is one thread
 FULL_TEST_TIMEOUT = 5 * 60 * 60
 FULL_VM_TIMEOUT = 16 * 60 * 60
 PASSED_ENV = ("AFALG_TEST_SCALE", "AFALG_FUZZ_EXAMPLES")  # exported into the VM when set
+# The kernel that runs the kernel_independent tests too (the others run only the rest): 6.1,
+# Debian 12's own kernel, the one whose userland the VM shares, and the shortest stage.
+ONCE_KERNEL = "6.1"
+INDEPENDENT = "kernel_independent"
 PYTHONS = ("3.12", "3.13")  # host stages beside the one running this, from pyenv
 # Run under one Python only: lint, docs and packaging, and the VM's install (its own extra)
 ONCE = (
@@ -65,20 +73,40 @@ class Stage:
     marker: str = "kernel"
     sysctls: tuple[tuple[str, str], ...] = ()
     suffix: str = ""
+    estimate: float = 0.0  # seconds, when no whole run has recorded this stage's (STAGE_SECONDS)
+    ignore: tuple[str, ...] = ()  # test files left to the kernel's other part (SPLIT)
 
     @property
     def name(self) -> str:
         return f"kernel-{self.kernel}{self.suffix}"
 
 
+def suite_files() -> tuple[str, ...]:
+    """Every test file, relative to the checkout (``tests/test_x.py``)."""
+    return tuple(sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")))
+
+
 def stages(kernel: str) -> list[Stage]:
-    """The VM runs for one kernel: 7.3 (AF_ALG allowlisted by default) runs twice."""
-    if kernel == "7.3":
-        return [
-            Stage(kernel, sysctls=(("crypto.af_alg_restrict", "0"),)),
-            Stage(kernel, "kernel and restricted", suffix="-restricted"),
+    """The VM runs for one kernel: 7.3 (AF_ALG allowlisted by default) runs twice. Only
+    ``ONCE_KERNEL`` runs the ``kernel_independent`` tests; the allowlist run has none (each
+    ``restricted`` test is about AF_ALG). A kernel in ``SPLIT`` runs its kernel tests in two VM
+    runs, by test file: the files SPLIT names, and all the others (new files included)."""
+    whole = "kernel" if kernel == ONCE_KERNEL else f"kernel and not {INDEPENDENT}"
+    estimate = ESTIMATES["kernel"] + (ESTIMATES[INDEPENDENT] if kernel == ONCE_KERNEL else 0)
+    sysctls = (("crypto.af_alg_restrict", "0"),) if kernel == "7.3" else ()
+    if kernel in SPLIT:
+        second = SPLIT[kernel]
+        first = tuple(path for path in suite_files() if path not in second)
+        runs = [
+            Stage(kernel, whole, sysctls, estimate=estimate * (1 - SPLIT_SHARE), ignore=second),
+            Stage(kernel, whole, sysctls, "-2", estimate=estimate * SPLIT_SHARE, ignore=first),
         ]
-    return [Stage(kernel)]
+    else:
+        runs = [Stage(kernel, whole, sysctls, estimate=estimate)]
+    if kernel == "7.3":
+        runs.append(Stage(kernel, "kernel and restricted", suffix="-restricted",
+                          estimate=ESTIMATES["restricted"]))  # fmt: skip
+    return runs
 
 
 def counts(junit: Path) -> dict[str, int]:
@@ -160,7 +188,8 @@ def vm_command(
         "--timeout", str(timeout), *sysctls,
         "--env", "AFALG_IN_VM=1", "--env", "AFALG_REQUIRE_KERNEL=1",
         "--env", "PYTHONDONTWRITEBYTECODE=1", *(arg for kv in passed for arg in ("--env", kv)),
-        "--", *pytest_argv(junit, ["-m", marker, "-p", "no:cacheprovider", *extra]),
+        "--", *pytest_argv(junit, ["-m", marker, "-p", "no:cacheprovider",
+                                   *(f"--ignore={path}" for path in stage.ignore), *extra]),
     ]  # fmt: skip
 
 
@@ -174,6 +203,7 @@ class Run:
     log: Path | None = None  # output goes here (then printed) when runs overlap
     env: dict[str, str] = field(default_factory=dict)  # set on top of this process's
     may_be_empty: bool = False  # exit 5 (nothing collected) is no failure here
+    estimate: float = 0.0  # seconds it should take (the scheduler starts the longest first)
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     seconds: float = 0.0
@@ -252,7 +282,8 @@ def python_runs(
                 "-m", selected("not kernel", select), *ignored, *extra]  # fmt: skip
         label = f"host-{name} ({python_label(python)})"
         log = outdir / f"host-{name}.log"
-        runs.append(Run(label, argv, junit, log=log, may_be_empty=may_be_empty))
+        runs.append(Run(label, argv, junit, log=log, may_be_empty=may_be_empty,
+                        estimate=ESTIMATES["host-other"]))  # fmt: skip
     return runs
 
 
@@ -304,11 +335,57 @@ def durations_report(runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- scheduling: every stage shares PARALLEL slots, the longest first ---------------------------
+
+# Seconds per stage (wall, VM boot included) when no whole run has recorded its own yet: a kernel
+# stage without the kernel_independent tests, what those add, the 7.3 allowlist run, the host
+# stage (lint, docs and packaging included) and the host stage under another Python. From the
+# quiet 2-core run at 18a3ddd (docs/guides/testing.md, "Budget").
+ESTIMATES = {"kernel": 1230.0, INDEPENDENT: 15.0, "restricted": 185.0, "host": 160.0,
+             "host-other": 100.0}  # fmt: skip
+# A kernel whose kernel tests run as two VM runs (the files named here, and the rest), so that
+# three kernel stages of about the same length do not leave one slot idle while the other runs
+# two of them end to end; SPLIT_SHARE: the named files' share of the kernel's time.
+# 7.3, the longest; the files: the hostile load, aio, the guides' shell blocks, adversarial TLS
+# and skcipher (an estimate from test counts and the known slow tests: docs/guides/testing.md).
+SPLIT: dict[str, tuple[str, ...]] = {
+    "7.3": (
+        "tests/test_adversarial_tls.py", "tests/test_aio.py", "tests/test_alg_skcipher.py",
+        "tests/test_docs.py", "tests/test_hostile_load.py",
+    ),
+}  # fmt: skip
+SPLIT_SHARE = 0.5
+STAGE_SECONDS = "stage-seconds.json"  # in .vmtmp: each stage's wall time in the last whole run
+
+
+def recorded_seconds(outdir: Path) -> dict[str, float]:
+    """Each stage's wall time in the last whole run, by JUnit file stem (none if unreadable)."""
+    try:
+        data = json.loads((outdir / STAGE_SECONDS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: float(v) for k, v in data.items() if isinstance(v, (int, float))}
+
+
+def record_seconds(outdir: Path, runs: list[Run]) -> None:
+    """Keep each finished stage's wall time for the next run's order (a whole run's only: a
+    narrowed one's stages are shorter than they will be)."""
+    data = {**recorded_seconds(outdir), **{run.junit.stem: round(run.seconds, 1) for run in runs}}
+    (outdir / STAGE_SECONDS).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def longest_first(runs: list[Run], recorded: dict[str, float]) -> list[Run]:
+    """``runs`` in the order to start them: the longest expected first (the last whole run's
+    wall time where recorded, else the run's estimate). Greedy longest-first on ``PARALLEL``
+    slots: the long kernel stages start at once, the short ones fill the gaps they leave."""
+    for run in runs:
+        run.estimate = recorded.get(run.junit.stem, run.estimate)
+    return sorted(runs, key=lambda run: -run.estimate)
+
+
 def run_all(runs: list[Run]) -> None:
-    """The first run (host or native) alone, then the rest ``PARALLEL`` at a time."""
-    runs[0].start()
-    runs[0].wait()
-    pending, active = list(runs[1:]), []
+    """``runs`` ``PARALLEL`` at a time, in their order (:func:`longest_first`)."""
+    pending, active = list(runs), []
     while pending or active:
         while pending and len(active) < PARALLEL:
             active.append(pending.pop(0))
@@ -405,20 +482,25 @@ def main() -> int:
         host_run = host_command(selected("not kernel", args.select), junit("host"), extra)
         host = Run(
             f"host ({python_label(sys.executable)})", host_run, junit("host"),
-            may_be_empty=may_be_empty,
+            log=outdir / "host.log", may_be_empty=may_be_empty, estimate=ESTIMATES["host"],
         )  # fmt: skip
         todo = [stage for k in kernels for stage in stages(k)]
-        todo.sort(key=lambda stage: stage.marker != "kernel")  # whole runs first: the longest
         cpus = 1 if len(todo) > 1 else 2
         runs = [host] + [
             Run(f"{s.name} ({release(s.kernel)})",
                 vm_command(s, cpus, junit(s.name), extra, args.select, timeout),
-                junit(s.name), log=outdir / f"{s.name}.log", may_be_empty=may_be_empty)
+                junit(s.name), log=outdir / f"{s.name}.log", may_be_empty=may_be_empty,
+                estimate=s.estimate)
             for s in todo
         ]  # fmt: skip
         pythons = args.python or ([] if args.kernel else list(PYTHONS))
         runs[1:1] = python_runs(pythons, args.select, outdir, extra, may_be_empty)
-    run_all(runs)
+    whole = not may_be_empty and not args.kernel and not args.python and args.scale != "full"
+    order = longest_first(runs, recorded_seconds(outdir))
+    print("afalg tests: " + ", ".join(f"{r.name} ~{r.estimate:.0f} s" for r in order), flush=True)
+    run_all(order)
+    if whole:
+        record_seconds(outdir, runs)
     # Under the VM, and natively as root, every capability is there: a skip means a test did
     # not run.
     status = summarize(runs, skips_fail=not native or caveat is None, caveat=caveat)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -194,3 +195,94 @@ def test_xfails_are_counted_and_the_slowest_tests_reported(tmp_path, capsys) -> 
     report = runner.durations_report([run])
     assert "| xfail | 3 |" in report and "the 15 slowest tests" in report
     assert "test_known_bug" in report and "junit-xfail.xml" in report
+
+
+def test_a_wrong_kernel_independent_marker_fails(tmp_path) -> None:
+    """conftest.py fails a ``kernel_independent`` test that opens an AF_ALG socket (even one the
+    kernel refuses, as here on a host without AF_ALG), sets the tls ULP, or has a module fixture
+    that does; an honest one, and an unmarked one that opens AF_ALG, pass."""
+    import shutil
+    from pathlib import Path
+
+    runner = _runner()
+    tests = Path(__file__).parent
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    for name in ("conftest.py", "_env.py"):
+        shutil.copy(tests / name, suite / name)
+    source = (
+        "import contextlib, socket, pytest\n"
+        "once = pytest.mark.kernel_independent\n"
+        "def alg():\n"
+        "    with contextlib.suppress(OSError):\n"
+        "        socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET).close()\n"
+        "@pytest.fixture(scope='module')\n"
+        "def shared():\n"
+        "    alg()\n"
+        "@once\ndef test_alg():\n    alg()\n"
+        "@once\ndef test_ulp():\n"
+        "    with socket.socket() as s, contextlib.suppress(OSError):\n"
+        "        s.setsockopt(socket.SOL_TCP, 31, b'tls')\n"
+        "@once\ndef test_module_fixture(shared):\n    pass\n"
+        "@once\ndef test_honest():\n"
+        "    with socket.socket() as s:\n"
+        "        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "def test_unmarked():\n    alg()\n"
+    )
+    run = _pytest_stage(runner, suite, source, "marked")
+    assert runner.counts(run.junit)["failed"] == 3, run.log.read_text()
+    log = run.log.read_text()
+    for name in ("test_alg", "test_ulp", "test_module_fixture"):
+        assert f"ERROR at teardown of {name}" in log, log
+    assert "reached the kernel (socket(AF_ALG))" in log
+    assert "reached the kernel (setsockopt(6, 31))" in log
+    assert "ERROR at teardown of test_honest" not in log
+    assert "ERROR at teardown of test_unmarked" not in log
+    assert "3 errors" in log, log  # each call passed: its teardown fails it
+
+
+def test_kernel_independent_tests_run_under_one_kernel() -> None:
+    """ONCE_KERNEL's stage selects every kernel test; the others' leave the kernel_independent
+    ones out, and the 7.3 allowlist run keeps its own selection."""
+    runner = _runner()
+    markers = {s.name: s.marker for k in runner.KERNELS for s in runner.stages(k)}
+    once = f"kernel-{runner.ONCE_KERNEL}"
+    assert markers.pop(once) == "kernel"
+    assert markers.pop("kernel-7.3-restricted") == "kernel and restricted"
+    assert markers and set(markers.values()) == {"kernel and not kernel_independent"}
+
+
+def test_stages_start_longest_first(tmp_path) -> None:
+    """The scheduler's order: the last whole run's wall time where recorded, else the estimate."""
+    runner = _runner()
+
+    def run(name: str, estimate: float):
+        return runner.Run(name, ["true"], tmp_path / f"junit-{name}.xml", estimate=estimate)
+
+    runs = [run("host", 170), run("kernel-6.1", 1300), run("kernel-6.12", 900), run("py", 110)]
+    assert [r.name for r in runner.longest_first(runs, {})] == [
+        "kernel-6.1", "kernel-6.12", "host", "py"
+    ]  # fmt: skip
+    for r, seconds in zip(runs, (40, 500, 1000, 200), strict=True):
+        r.seconds = seconds
+    runner.record_seconds(tmp_path, runs[1:])  # host not recorded: its estimate stays
+    recorded = runner.recorded_seconds(tmp_path)
+    assert recorded == {"junit-kernel-6.1": 500, "junit-kernel-6.12": 1000, "junit-py": 200}
+    order = [r.name for r in runner.longest_first(runs, recorded)]
+    assert order == ["kernel-6.12", "kernel-6.1", "py", "host"]
+
+
+def test_a_split_kernel_runs_every_test_file_once(monkeypatch) -> None:
+    """A kernel in SPLIT runs as two VM stages whose --ignore lists partition the test files:
+    each file (a new one too) runs in exactly one of them."""
+    runner = _runner()
+    monkeypatch.setattr(runner, "SPLIT", {"6.12": ("tests/test_aio.py", "tests/test_docs.py")})
+    first, second = runner.stages("6.12")
+    assert (first.name, second.name) == ("kernel-6.12", "kernel-6.12-2")
+    files = set(runner.suite_files())
+    assert "tests/test_harness.py" in files and len(files) > 10
+    assert set(first.ignore) | set(second.ignore) == files
+    assert not set(first.ignore) & set(second.ignore)
+    assert set(first.ignore) == {"tests/test_aio.py", "tests/test_docs.py"}
+    argv = runner.vm_command(second, 1, Path("junit.xml"), [], None, 60)
+    assert "--ignore=tests/test_harness.py" in argv and "--ignore=tests/test_aio.py" not in argv

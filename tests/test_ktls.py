@@ -66,6 +66,7 @@ def test_ulp_twice_and_keys_twice() -> None:
         assert info.value.errno == errno.EBUSY
 
 
+@pytest.mark.kernel_independent  # refused by afalg before the kernel is asked
 def test_not_tcp() -> None:
     a, b = socket.socketpair()
     with a, b, pytest.raises(KTLSError, match="TCP"):
