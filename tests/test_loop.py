@@ -25,6 +25,8 @@ from test_tls_helpers import Bg, client_context, pattern, server_context, tcp_pa
 from afalg import aio, handoff
 from afalg._transport import TLSTransport
 from afalg.errors import KeyLimitReached
+from afalg.record import RecordLayer
+from afalg.wire import ContentType, HandshakeType, key_update_message
 
 Mode = tuple[str, str]
 T = 60 * SLOW
@@ -278,8 +280,13 @@ def test_connect_accepted_socket_and_start_tls(mode: Mode) -> None:
 # --- fallbacks ---
 
 
-def test_unix_socket_runs_asyncio_tls(tmp_path: Any) -> None:
-    """A Unix socket is not afalg's: asyncio's own TLS takes it, before the handshake."""
+WHERE = [pytest.param("host"), pytest.param("kernel", marks=pytest.mark.kernel)]
+
+
+@pytest.mark.parametrize("where", WHERE)
+def test_unix_socket_runs_asyncio_tls(where: str, tmp_path: Any) -> None:
+    """A Unix socket is not afalg's: asyncio's own TLS takes it, before the handshake (in the
+    VM too, where afalg's TLS would run for TCP)."""
 
     async def main() -> None:
         path = str(tmp_path / "s")
@@ -304,10 +311,12 @@ def test_unix_socket_runs_asyncio_tls(tmp_path: Any) -> None:
     run_on(aio.new_event_loop, main())
 
 
+@pytest.mark.parametrize("where", WHERE)
 @pytest.mark.parametrize("role", ["afalg-server", "afalg-client", "both"])
-def test_cbc_suite_runs_mode_ssl(role: str) -> None:
-    """TLS 1.2 CBC (not AEAD): afalg cannot seal it; the finished handshake carries on in
-    userspace, mode "ssl", against asyncio's TLS or afalg's loop at the other end."""
+def test_cbc_suite_runs_mode_ssl(role: str, where: str) -> None:
+    """TLS 1.2 CBC (not AEAD): neither the kernel nor afalg can seal it; the finished handshake
+    carries on in userspace, mode "ssl", against asyncio's TLS or afalg's loop at the other
+    end (in the VM too, where an AEAD suite would run kTLS)."""
     cbc = "ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA"
 
     def ctx(server: bool) -> ssl.SSLContext:
@@ -541,3 +550,128 @@ def test_loop_sendfile_cancelled(mode: Mode, big_file: tuple[str, bytes]) -> Non
             assert bytes(got) == content[:sent] + b"AFTER"
 
     run_on(factory_for(mode), main())
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_peer_key_update_during_loop_sendfile(mode: Mode, tmp_path: Any) -> None:
+    """The peer (an independent record layer) reads the first 64 KiB of a 4 MiB
+    loop.sendfile, then sends a KeyUpdate asking for ours. The sendfile cannot have finished
+    (the socket buffers hold far less than the file): our answer (update_not_requested) comes
+    in the middle, the rest of the file under our next key, byte for byte, then close_notify.
+    Where kTLS cannot follow the peer's key (before 6.14) that is test_aio_limits' case."""
+    if not can_rekey(mode):
+        pytest.skip("kTLS follows a peer's KeyUpdate from Linux 6.14 (test_aio_limits)")
+    body = pattern(4 * 2**20, 19)
+    path = tmp_path / "body"
+    path.write_bytes(body)
+    first = 64 * 1024
+    result: dict[str, Any] = {}
+
+    def peer(sock: socket.socket, h: handoff.Handoff) -> list[tuple[int, int, bytes]]:
+        layer = RecordLayer(tx=h.tx, rx=h.rx, backend="cryptography")
+        events: list[tuple[int, int, bytes]] = []
+        generation, received, asked = 0, 0, False
+        with layer:
+            while chunk := sock.recv(2**16):
+                layer.feed(chunk)
+                while (record := layer.next_record()) is not None:
+                    events.append((generation, record.content_type, record.payload))
+                    if record.content_type == ContentType.application_data:
+                        received += len(record.payload)
+                    elif record.content_type == ContentType.handshake:
+                        assert record.payload[0] == HandshakeType.key_update
+                        layer.rekey_rx()
+                        generation += 1
+                if received >= first and not asked:
+                    asked = True
+                    sock.sendall(layer.seal(ContentType.handshake, key_update_message(True)))
+                    layer.rekey_tx()
+        return events
+
+    async def main() -> None:
+        csock, ssock = tcp_pair(timeout=T)
+        csock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        ssock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        csock.setblocking(False)
+        sctx = server_context("TLSv1.3", None, num_tickets=0)
+        shake = Bg(lambda: handoff.handshake(ssock, sctx, server_side=True))
+        loop = asyncio.get_running_loop()
+        with ssock:
+            reader, writer = await asyncio.open_connection(
+                sock=csock, ssl=client_context(), server_hostname="localhost"
+            )
+            h = await loop.run_in_executor(None, shake.result, T)
+            events = Bg(lambda: peer(ssock, h))
+            with open(path, "rb") as f:
+                result["sent"] = await loop.sendfile(writer.transport, f)
+            writer.close()
+            await writer.wait_closed()
+            result["events"] = await loop.run_in_executor(None, events.result, T)
+
+    run_on(factory_for(mode), main())
+    events = result["events"]
+    assert result["sent"] == len(body)
+    data = b"".join(p for _, kind, p in events if kind == ContentType.application_data)
+    assert data == body
+    updates = [i for i, (_, kind, _) in enumerate(events) if kind == ContentType.handshake]
+    assert len(updates) == 1, updates
+    (i,) = updates
+    assert events[i][2] == key_update_message(False)  # an answer asks for nothing
+    before = sum(len(p) for gen, kind, p in events[:i] if kind == ContentType.application_data)
+    assert first <= before < len(body) - 2**20  # in the middle: most of the file after it
+    assert all(gen == 1 for gen, _, _ in events[i + 1 :])  # the rest under our next key
+    assert events[-1][1:] == (ContentType.alert, b"\x01\x00")  # close_notify
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_100_concurrent_clients(mode: Mode) -> None:
+    """100 clients at once (asyncio's own TLS, on a plain loop in another thread) against
+    asyncio.start_server(ssl=) on afalg's loop: each gets its own bytes back; every server
+    transport is afalg's, in the mode asked for. The handshake timeout is generous: under a
+    loaded host, 100 handshakes queue on one loop."""
+    n = 100
+    ready: list[int] = []
+    done = threading.Event()
+    modes: list[str] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        modes.append(writer.get_extra_info("mode"))
+        await echo(reader, writer)
+
+    async def serve() -> None:
+        server = await asyncio.start_server(
+            handler, "127.0.0.1", 0, ssl=server_context(), backlog=2 * n,
+            ssl_handshake_timeout=30 * T,
+        )  # fmt: skip
+        ready.append(server.sockets[0].getsockname()[1])
+        async with server:
+            await asyncio.get_running_loop().run_in_executor(None, done.wait)
+
+    async def one(port: int, i: int) -> bool:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context(), server_hostname="localhost",
+            ssl_handshake_timeout=30 * T,
+        )  # fmt: skip
+        data = pattern(10_000 + i, i)
+        writer.write(data)
+        ok = await reader.readexactly(len(data)) == data
+        writer.close()
+        await writer.wait_closed()
+        return ok
+
+    async def clients(port: int) -> list[bool]:
+        return await asyncio.gather(*(one(port, i) for i in range(n)))
+
+    thread = threading.Thread(target=run_on, args=(factory_for(mode), serve()))
+    thread.start()
+    try:
+        while not ready and thread.is_alive():
+            threading.Event().wait(0.01)
+        assert ready, "the server did not start"
+        with asyncio.Runner() as runner:
+            results = runner.run(asyncio.wait_for(clients(ready[0]), 30 * T))
+    finally:
+        done.set()
+        thread.join()
+    assert results == [True] * n
+    assert modes == [mode[0]] * n
