@@ -7,10 +7,12 @@ Host tests run algif on the cryptography backend; the VM runs kTLS and algif on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
 import ssl
+import sys
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -597,7 +599,7 @@ def test_peer_key_update_during_loop_sendfile(mode: Mode, tmp_path: Any) -> None
         shake = Bg(lambda: handoff.handshake(ssock, sctx, server_side=True))
         loop = asyncio.get_running_loop()
         with ssock:
-            reader, writer = await asyncio.open_connection(
+            _, writer = await asyncio.open_connection(
                 sock=csock, ssl=client_context(), server_hostname="localhost"
             )
             h = await loop.run_in_executor(None, shake.result, T)
@@ -675,3 +677,145 @@ def test_100_concurrent_clients(mode: Mode) -> None:
         thread.join()
     assert results == [True] * n
     assert modes == [mode[0]] * n
+
+
+# --- asyncio.Server counts afalg's connections ---
+
+
+def counted(server: asyncio.Server) -> int:
+    """The connections ``server`` counts (asyncio's private count: 3.13 keeps the transports)."""
+    if sys.version_info >= (3, 13):
+        return len(server._clients)  # type: ignore[attr-defined]
+    return int(server._active_count)  # type: ignore[attr-defined]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Until ``condition()`` holds (the caller's wait_for bounds it): no timing assumed."""
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
+async def afalg_server(how: str, handler: Any) -> asyncio.Server:
+    """A server of afalg's: asyncio.start_server on afalg's loop, or afalg.aio.start_server."""
+    if how == "loop":
+        return await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_context())
+    return await aio.start_server(handler, "127.0.0.1", 0, ssl=server_context())
+
+
+SERVERS = [("loop", aio.new_event_loop), ("aio", asyncio.new_event_loop)]
+
+
+@pytest.mark.parametrize(("how", "factory"), SERVERS, ids=[h for h, _ in SERVERS])
+def test_server_counts_afalg_connections(how: str, factory: Any) -> None:
+    """asyncio.Server counts a client of afalg's from its accept (in its handshake) to the end
+    of its transport, once; after close(), wait_closed() waits for it (3.12.1+, as asyncio)."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await afalg_server(how, handler)
+        port = server.sockets[0].getsockname()[1]
+        raw = socket.create_connection(("127.0.0.1", port))  # no handshake yet
+        await until(lambda: counted(server) == 1)
+        raw.close()  # its handshake fails: no longer counted
+        await until(lambda: counted(server) == 0)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context(), server_hostname="localhost"
+        )
+        await until(lambda: len(writers) == 1)
+        assert counted(server) == 1  # the transport, not also the handshake or asyncio's
+        server.close()
+        closed = asyncio.ensure_future(server.wait_closed())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        if sys.version_info >= (3, 12, 1):
+            assert not closed.done()  # the connection is open
+        writers[0].close()
+        assert await reader.read() == b""  # close_notify
+        writer.close()
+        await closed
+        await until(lambda: counted(server) == 0)
+        del loop
+
+    run_on(factory, main())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 13), reason="Server.close_clients() is 3.13's")
+@pytest.mark.parametrize("abort", [False, True], ids=["close_clients", "abort_clients"])
+@pytest.mark.parametrize(("how", "factory"), SERVERS, ids=[h for h, _ in SERVERS])
+def test_close_clients_reaches_afalg_connections(how: str, factory: Any, abort: bool) -> None:
+    """Server.close_clients() closes afalg's transports (the client reads close_notify: a
+    clean end) and a client in its handshake (its socket sees the end); abort_clients() drops
+    them (no close_notify: the client reads an error or a bare end). wait_closed() returns."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the end, whoever makes it
+
+    async def main() -> None:
+        server = await afalg_server(how, handler)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context(), server_hostname="localhost"
+        )
+        await until(lambda: counted(server) == 1)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=T)  # stays in its handshake
+        await until(lambda: counted(server) == 2)
+        server.close()
+        server.abort_clients() if abort else server.close_clients()  # type: ignore[attr-defined]
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, raw.recv, 100) == b""
+        raw.close()
+        if abort:  # an error, or the end without close_notify
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                assert await reader.read() == b""
+        else:
+            assert await reader.read() == b""
+        writer.close()
+        await server.wait_closed()
+        assert counted(server) == 0
+
+    run_on(factory, main())
+
+
+@pytest.mark.parametrize(("how", "factory"), SERVERS, ids=[h for h, _ in SERVERS])
+def test_handshake_ending_after_server_close_is_served(how: str, factory: Any) -> None:
+    """A client whose handshake began before Server.close() and ends after it is served (as
+    asyncio serves a connection accepted before close()), and wait_closed() waits for it."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"served")
+        writer.close()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await afalg_server(how, handler)
+        port = server.sockets[0].getsockname()[1]
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = client_context("TLSv1.3").wrap_bio(incoming, outgoing, server_hostname="localhost")
+        with socket.create_connection(("127.0.0.1", port), timeout=T) as sock:
+            with pytest.raises(ssl.SSLWantReadError):
+                obj.do_handshake()
+            sock.sendall(outgoing.read())  # the ClientHello
+            while True:  # the server's flight: the server is in its handshake
+                incoming.write(await loop.run_in_executor(None, sock.recv, 65536))
+                try:
+                    obj.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    pass
+            server.close()
+            sock.sendall(outgoing.read())  # our Finished, after close()
+            got = b""
+            while data := await loop.run_in_executor(None, sock.recv, 65536):
+                incoming.write(data)
+                with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                    got += obj.read(65536)
+                    got += obj.read(65536)
+            assert got == b"served"
+        await server.wait_closed()
+        assert counted(server) == 0
+
+    run_on(factory, main())
