@@ -14,7 +14,7 @@ import socket
 import ssl as _ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from afalg import handoff as _handoff
 from afalg import ktls, tls
@@ -289,7 +289,8 @@ class _Adopt(asyncio.Protocol):
         self._then = then
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # An asyncio.Transport in shape (uvloop's transports do not subclass it)
+        transport = cast(asyncio.Transport, transport)
         server = getattr(transport, "_server", None)  # asyncio's Server, for a server's client
         if self._then is not None and transport.is_closing():
             return  # the server closed it before it was made (Server.abort_clients())

@@ -20,6 +20,11 @@ The :class:`asyncio.Server` counts afalg's connections as it counts asyncio's tr
 (``_attach``/``_detach``, whose argument appeared in 3.13): a client in its handshake
 (:class:`afalg._connect._Handshaking`), then its transport, so ``wait_closed()`` waits for
 them and ``close_clients()``/``abort_clients()`` (3.13) close them.
+
+uvloop: ``loop_factory(uvloop.new_event_loop)`` works (``uvloop.Loop`` is a Python class, so
+its methods can be replaced per instance; its transports are asyncio transports in shape). Its
+``Server`` does not count afalg's connections (uvloop keeps that count in C), and its
+``start_tls`` keeps uvloop's own TLS (afalg takes only asyncio's transports there).
 """
 
 from __future__ import annotations

@@ -819,3 +819,37 @@ def test_handshake_ending_after_server_close_is_served(how: str, factory: Any) -
         assert counted(server) == 0
 
     run_on(factory, main())
+
+
+# --- uvloop ---
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_uvloop_base(mode: Mode, big_file: tuple[str, bytes]) -> None:
+    """afalg.aio.loop_factory(uvloop.new_event_loop): asyncio's streams with ssl= run afalg's
+    transport on uvloop's loop (both ends), byte for byte, and loop.sendfile too."""
+    uvloop = pytest.importorskip("uvloop")
+    path, data = big_file
+    factory = aio.loop_factory(uvloop.new_event_loop, mode=mode[0], algif_backend=mode[1])
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, uvloop.Loop)
+        server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=server_context())
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client_context(), server_hostname="localhost"
+            )
+            assert isinstance(writer.transport, TLSTransport)
+            assert writer.get_extra_info("mode") == mode[0]
+            writer.write(b"hello uvloop")
+            assert await reader.readexactly(12) == b"hello uvloop"
+            with open(path, "rb") as f:
+                assert await loop.sendfile(writer.transport, f) == len(data)
+            got = await reader.readexactly(len(data))
+            assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+            writer.close()
+            await writer.wait_closed()
+
+    run_on(factory, main())
