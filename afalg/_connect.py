@@ -14,12 +14,17 @@ import socket
 import ssl as _ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from afalg import handoff as _handoff
 from afalg import ktls, tls
 from afalg._sslmode import SSLObjectSocket
-from afalg._transport import SHUTDOWN_TIMEOUT, _set_result_unless_cancelled
+from afalg._transport import (
+    SHUTDOWN_TIMEOUT,
+    _set_result_unless_cancelled,
+    server_attach,
+    server_detach,
+)
 from afalg.algif import AlgTLSSocket
 from afalg.errors import KTLSError, UnsupportedCipherSuite
 from afalg.ktls import KTLSSocket
@@ -246,20 +251,49 @@ async def _secure(
         raise
 
 
+class _Handshaking:
+    """A server's client in its handshake, counted by the :class:`asyncio.Server` (as
+    asyncio's TLS counts its transport from the accept): ``wait_closed()`` waits for it, and
+    ``close_clients()``/``abort_clients()`` (3.13) cancel the handshake, which closes the
+    socket. Counted from :meth:`start` to the task's end."""
+
+    def __init__(self, server: Any, task: asyncio.Task[None]) -> None:
+        self._server = server
+        self._task = task
+
+    def start(self) -> None:
+        server = server_attach(self._server, self)
+        self._task.add_done_callback(lambda _: server_detach(server, self))
+
+    def close(self) -> None:
+        self._task.cancel()
+
+    abort = close
+
+
 class _Adopt(asyncio.Protocol):
     """Takes the connected socket from the transport asyncio made for it, before that
     transport reads a byte: a duplicate descriptor (non-blocking) for afalg, and asyncio's
     transport is closed (the connection lives on in the duplicate). ``extra`` keeps the
     addresses asyncio knew (a server's from ``accept()``): a peer that resets during the
-    handshake has no ``getpeername()`` afterwards, and the handler still gets its address."""
+    handshake has no ``getpeername()`` afterwards, and the handler still gets its address.
+    ``then(sock, extra, server)`` follows for a server's client: ``server`` the
+    :class:`asyncio.Server` that accepted it (None for a loop whose transports name none), to
+    count the connection (:class:`_Handshaking`)."""
 
-    def __init__(self, then: Callable[[socket.socket, dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self, then: Callable[[socket.socket, dict[str, Any], Any], None] | None = None
+    ) -> None:
         self.sock: socket.socket | None = None
         self.extra: dict[str, Any] = {}
         self._then = then
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # An asyncio.Transport in shape (uvloop's transports do not subclass it)
+        transport = cast(asyncio.Transport, transport)
+        server = getattr(transport, "_server", None)  # asyncio's Server, for a server's client
+        if self._then is not None and transport.is_closing():
+            return  # the server closed it before it was made (Server.abort_clients())
         transport.pause_reading()  # asyncio's transport starts reading only after this
         self.extra = {key: transport.get_extra_info(key) for key in ("peername", "sockname")}
         try:
@@ -270,4 +304,4 @@ class _Adopt(asyncio.Protocol):
             transport.abort()  # closes asyncio's descriptor; the duplicate stays
         self.sock = sock
         if self._then is not None:
-            self._then(sock, self.extra)
+            self._then(sock, self.extra, server)

@@ -16,8 +16,15 @@ on the loop as in :mod:`afalg.aio`; then the caller's protocol gets a
 :class:`~afalg.aio.TLSTransport` in the mode :func:`afalg.tls.choose_mode` picks, or mode
 "ssl" (:mod:`afalg._sslmode`) for a finished handshake whose suite afalg cannot seal.
 
-Limit: an :class:`asyncio.Server` does not count afalg's connections (its ``close_clients()``
-and ``wait_closed()`` see only asyncio's transports).
+The :class:`asyncio.Server` counts afalg's connections as it counts asyncio's transports
+(``_attach``/``_detach``, whose argument appeared in 3.13): a client in its handshake
+(:class:`afalg._connect._Handshaking`), then its transport, so ``wait_closed()`` waits for
+them and ``close_clients()``/``abort_clients()`` (3.13) close them.
+
+uvloop: ``loop_factory(uvloop.new_event_loop)`` works (``uvloop.Loop`` is a Python class, so
+its methods can be replaced per instance; its transports are asyncio transports in shape). Its
+``Server`` does not count afalg's connections (uvloop keeps that count in C), and its
+``start_tls`` keeps uvloop's own TLS (afalg takes only asyncio's transports there).
 """
 
 from __future__ import annotations
@@ -183,10 +190,11 @@ class _LoopTLS:
         o = self._options(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
         handshakes: set[asyncio.Task[None]] = set()  # strong references while they run
 
-        def accepted(raw: socket.socket, extra: dict[str, Any]) -> None:
-            task = self.loop.create_task(self._serve(raw, extra, protocol_factory, o))
+        def accepted(raw: socket.socket, extra: dict[str, Any], server: Any) -> None:
+            task = self.loop.create_task(self._serve(raw, extra, protocol_factory, o, server))
             handshakes.add(task)
             task.add_done_callback(handshakes.discard)
+            _connect._Handshaking(server, task).start()
 
         return await self.base["create_server"](
             lambda: _connect._Adopt(accepted), host, port, sock=sock, **kwds
@@ -198,8 +206,10 @@ class _LoopTLS:
         extra: dict[str, Any],
         protocol_factory: Callable[[], asyncio.BaseProtocol],
         o: _connect._Options,
+        server: Any,
     ) -> None:
-        """One accepted client: handshake, then the protocol over afalg's transport."""
+        """One accepted client: handshake, then the protocol over afalg's transport, counted
+        by ``server`` as asyncio's transports are."""
         peer = extra.get("peername")
         try:
             tls_sock = await self._secure(raw, o, server_side=True, peer=peer)
@@ -217,7 +227,7 @@ class _LoopTLS:
                 {"message": "the protocol factory failed", "exception": exc}
             )
             return
-        self._transport(tls_sock, protocol, o, extra)
+        self._transport(tls_sock, protocol, o, extra, server=server)
 
     async def connect_accepted_socket(
         self,

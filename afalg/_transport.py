@@ -29,6 +29,7 @@ import os
 import select
 import socket
 import stat
+import sys
 import threading
 from asyncio import constants as _constants
 from asyncio import transports as _transports
@@ -133,8 +134,10 @@ class TLSTransport(_transports._FlowControlMixin):
         half_close: bool = False,
         shutdown_timeout: float = SHUTDOWN_TIMEOUT,
         connection_made: bool = True,
+        server: Any = None,
     ) -> None:
         super().__init__(extra, loop)
+        self._server = server_attach(server, self)  # the asyncio.Server counting it, or None
         self._tls = tls_sock
         self._fd = tls_sock.fileno()
         self._protocol = protocol
@@ -511,7 +514,11 @@ class TLSTransport(_transports._FlowControlMixin):
         self._loop.call_soon(self._call_connection_lost, exc)
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
-        self._protocol.connection_lost(exc)  # type: ignore[arg-type]
+        try:
+            self._protocol.connection_lost(exc)  # type: ignore[arg-type]
+        finally:
+            server, self._server = self._server, None
+            server_detach(server, self)
 
     # -- sendfile --
     async def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
@@ -615,6 +622,30 @@ def _read_buffer() -> memoryview:
     if buf is None:
         buf = _per_thread.read_buffer = memoryview(bytearray(_READ_SIZE))
     return buf
+
+
+def server_attach(server: Any, client: Any) -> Any:
+    """Count ``client`` (a transport, or a connection in its handshake: ``close()`` and
+    ``abort()``) in the :class:`asyncio.Server` ``server`` as asyncio's transports count
+    themselves: ``wait_closed()`` waits for it, and from 3.13 ``close_clients()`` and
+    ``abort_clients()`` reach it. Returns the server that counts it: None for a server without
+    asyncio's counting (None, uvloop's)."""
+    if not isinstance(server, asyncio.base_events.Server):
+        return None
+    # As Server._attach() (whose argument appeared in 3.13), without its assertion that the
+    # server still listens: a handshake that began before close() may end after it, and the
+    # connection was counted all along (asyncio's transport from the accept, then ours).
+    if sys.version_info >= (3, 13):
+        server._clients.add(client)  # type: ignore[attr-defined]
+    else:
+        server._active_count += 1  # type: ignore[attr-defined]
+    return server
+
+
+def server_detach(server: Any, client: Any) -> None:
+    """``client`` ended: :func:`server_attach` undone (once per attach; None: nothing)."""
+    if server is not None:
+        server._detach(client) if sys.version_info >= (3, 13) else server._detach()
 
 
 def _set_result_unless_cancelled(fut: asyncio.Future[None]) -> None:

@@ -85,6 +85,7 @@ from afalg._connect import (
     _Adopt,
     _client_hostname,
     _HandOffFailed,
+    _Handshaking,
     _Options,
     _secure,
 )
@@ -124,6 +125,7 @@ def _streams(
     options: _Options,
     client_connected_cb: ClientConnectedCallback | None = None,
     extra: dict[str, Any] | None = None,
+    server: Any = None,
 ) -> tuple[asyncio.StreamReader, _StreamProtocol, TLSTransport, asyncio.Future[None]]:
     reader = asyncio.StreamReader(limit=options.limit, loop=loop)
     protocol = _StreamProtocol(reader, client_connected_cb, loop=loop)
@@ -136,6 +138,7 @@ def _streams(
         waiter=waiter,
         half_close=options.half_close,
         shutdown_timeout=options.shutdown_timeout,
+        server=server,
     )
     return reader, protocol, transport, waiter
 
@@ -251,7 +254,7 @@ async def start_server(
     loop = asyncio.get_running_loop()
     handshakes: set[asyncio.Task[None]] = set()  # strong references while they run
 
-    async def serve(sock: socket.socket, extra: dict[str, Any]) -> None:
+    async def serve(sock: socket.socket, extra: dict[str, Any], server: Any) -> None:
         peer = extra.get("peername")
         try:
             tls_sock = await _secure(loop, sock, options, server_side=True, peer=peer)
@@ -263,9 +266,9 @@ async def start_server(
         except Exception as exc:  # that client's loss only
             logger.debug("afalg.aio: a client's handshake failed: %s", repr(exc))
             return
-        _streams(loop, tls_sock, options, client_connected_cb, extra)
+        _streams(loop, tls_sock, options, client_connected_cb, extra, server)
 
-    def accepted(sock: socket.socket, extra: dict[str, Any]) -> None:
+    def accepted(sock: socket.socket, extra: dict[str, Any], server: Any) -> None:
         if max_handshakes is not None and len(handshakes) >= max_handshakes:
             logger.debug(
                 "afalg.aio: %s closed: %d handshakes pending",
@@ -274,9 +277,10 @@ async def start_server(
             )
             sock.close()
             return
-        task = loop.create_task(serve(sock, extra))
+        task = loop.create_task(serve(sock, extra, server))
         handshakes.add(task)
         task.add_done_callback(handshakes.discard)
+        _Handshaking(server, task).start()
 
     return await loop.create_server(lambda: _Adopt(accepted), host, port, **kwds)  # type: ignore[arg-type]
 

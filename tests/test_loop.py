@@ -7,10 +7,12 @@ Host tests run algif on the cryptography backend; the VM runs kTLS and algif on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
 import ssl
+import sys
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,7 +26,9 @@ from test_tls_helpers import Bg, client_context, pattern, server_context, tcp_pa
 
 from afalg import aio, handoff
 from afalg._transport import TLSTransport
-from afalg.errors import KeyLimitReached
+from afalg.errors import KeyLimitReached, KeyUpdateUnsupported
+from afalg.record import RecordLayer
+from afalg.wire import ContentType, HandshakeType, key_update_message
 
 Mode = tuple[str, str]
 T = 60 * SLOW
@@ -194,6 +198,15 @@ def test_handshake_errors_as_asyncio(mode: Mode) -> None:
                 await asyncio.open_connection("127.0.0.1", port, ssl="yes")
             with pytest.raises(TypeError, match="SSLContext"):
                 await asyncio.start_server(echo, "127.0.0.1", 0, ssl=True)
+            loop = asyncio.get_running_loop()
+            with pytest.raises(TypeError, match="SSLContext"):
+                await loop.create_server(asyncio.Protocol, "127.0.0.1", 0, ssl="yes")
+            with pytest.raises(TypeError, match="SSLContext"):
+                await loop.create_connection(asyncio.Protocol, "127.0.0.1", port, ssl=b"ctx")
+            plain, proto = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+            with pytest.raises(TypeError, match="SSLContext"):
+                await loop.start_tls(plain, proto, "ctx")  # type: ignore[arg-type]
+            plain.close()
 
     run_on(factory_for(mode), main())
 
@@ -279,8 +292,13 @@ def test_connect_accepted_socket_and_start_tls(mode: Mode) -> None:
 # --- fallbacks ---
 
 
-def test_unix_socket_runs_asyncio_tls(tmp_path: Any) -> None:
-    """A Unix socket is not afalg's: asyncio's own TLS takes it, before the handshake."""
+WHERE = [pytest.param("host"), pytest.param("kernel", marks=pytest.mark.kernel)]
+
+
+@pytest.mark.parametrize("where", WHERE)
+def test_unix_socket_runs_asyncio_tls(where: str, tmp_path: Any) -> None:
+    """A Unix socket is not afalg's: asyncio's own TLS takes it, before the handshake (in the
+    VM too, where afalg's TLS would run for TCP)."""
 
     async def main() -> None:
         path = str(tmp_path / "s")
@@ -305,10 +323,12 @@ def test_unix_socket_runs_asyncio_tls(tmp_path: Any) -> None:
     run_on(aio.new_event_loop, main())
 
 
+@pytest.mark.parametrize("where", WHERE)
 @pytest.mark.parametrize("role", ["afalg-server", "afalg-client", "both"])
-def test_cbc_suite_runs_mode_ssl(role: str) -> None:
-    """TLS 1.2 CBC (not AEAD): afalg cannot seal it; the finished handshake carries on in
-    userspace, mode "ssl", against asyncio's TLS or afalg's loop at the other end."""
+def test_cbc_suite_runs_mode_ssl(role: str, where: str) -> None:
+    """TLS 1.2 CBC (not AEAD): neither the kernel nor afalg can seal it; the finished handshake
+    carries on in userspace, mode "ssl", against asyncio's TLS or afalg's loop at the other
+    end (in the VM too, where an AEAD suite would run kTLS)."""
     cbc = "ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA"
 
     def ctx(server: bool) -> ssl.SSLContext:
@@ -542,3 +562,321 @@ def test_loop_sendfile_cancelled(mode: Mode, big_file: tuple[str, bytes]) -> Non
             assert bytes(got) == content[:sent] + b"AFTER"
 
     run_on(factory_for(mode), main())
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_peer_key_update_during_loop_sendfile(mode: Mode, tmp_path: Any) -> None:
+    """The peer (an independent record layer) reads the first 64 KiB of a 4 MiB
+    loop.sendfile, then sends a KeyUpdate asking for ours. The sendfile cannot have finished
+    (the socket buffers hold far less than the file): our answer (update_not_requested) comes
+    in the middle, the rest of the file under our next key, byte for byte, then close_notify.
+    Where kTLS cannot follow the peer's key (before 6.14): the sendfile fails, the reader gets
+    KeyUpdateUnsupported naming 6.14, and the peer received a prefix of the file, no answer."""
+    rekeys = can_rekey(mode)
+    body = pattern(4 * 2**20, 19)
+    path = tmp_path / "body"
+    path.write_bytes(body)
+    first = 64 * 1024
+    result: dict[str, Any] = {}
+
+    def peer(sock: socket.socket, h: handoff.Handoff) -> list[tuple[int, int, bytes]]:
+        layer = RecordLayer(tx=h.tx, rx=h.rx, backend="cryptography")
+        events: list[tuple[int, int, bytes]] = []
+        generation, received, asked = 0, 0, False
+        with layer:
+            while True:
+                try:
+                    chunk = sock.recv(2**16)
+                except ConnectionResetError:  # closed with our KeyUpdate unread (kTLS < 6.14)
+                    break
+                if not chunk:
+                    break
+                layer.feed(chunk)
+                while (record := layer.next_record()) is not None:
+                    events.append((generation, record.content_type, record.payload))
+                    if record.content_type == ContentType.application_data:
+                        received += len(record.payload)
+                    elif record.content_type == ContentType.handshake:
+                        assert record.payload[0] == HandshakeType.key_update
+                        layer.rekey_rx()
+                        generation += 1
+                if received >= first and not asked:
+                    asked = True
+                    sock.sendall(layer.seal(ContentType.handshake, key_update_message(True)))
+                    layer.rekey_tx()
+        return events
+
+    async def main() -> None:
+        csock, ssock = tcp_pair(timeout=T)
+        csock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        ssock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        csock.setblocking(False)
+        sctx = server_context("TLSv1.3", None, num_tickets=0)
+        shake = Bg(lambda: handoff.handshake(ssock, sctx, server_side=True))
+        loop = asyncio.get_running_loop()
+        with ssock:
+            reader, writer = await asyncio.open_connection(
+                sock=csock, ssl=client_context(), server_hostname="localhost"
+            )
+            h = await loop.run_in_executor(None, shake.result, T)
+            events = Bg(lambda: peer(ssock, h))
+            with open(path, "rb") as f:
+                if rekeys:
+                    result["sent"] = await loop.sendfile(writer.transport, f)
+                else:
+                    with pytest.raises((ConnectionError, KeyUpdateUnsupported)):
+                        await loop.sendfile(writer.transport, f)
+                    with pytest.raises(KeyUpdateUnsupported, match=r"6\.14"):
+                        await reader.read()
+            writer.close()
+            with contextlib.suppress(*(() if rekeys else (KeyUpdateUnsupported,))):
+                await writer.wait_closed()
+            result["events"] = await loop.run_in_executor(None, events.result, T)
+
+    run_on(factory_for(mode), main())
+    events = result["events"]
+    data = b"".join(p for _, kind, p in events if kind == ContentType.application_data)
+    updates = [i for i, (_, kind, _) in enumerate(events) if kind == ContentType.handshake]
+    if not rekeys:
+        assert first <= len(data) < len(body) and data == body[: len(data)]
+        assert updates == []  # no answer: the connection failed
+        return
+    assert result["sent"] == len(body)
+    assert data == body
+    assert len(updates) == 1, updates
+    (i,) = updates
+    assert events[i][2] == key_update_message(False)  # an answer asks for nothing
+    before = sum(len(p) for gen, kind, p in events[:i] if kind == ContentType.application_data)
+    assert first <= before < len(body) - 2**20  # in the middle: most of the file after it
+    assert all(gen == 1 for gen, _, _ in events[i + 1 :])  # the rest under our next key
+    assert events[-1][1:] == (ContentType.alert, b"\x01\x00")  # close_notify
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_100_concurrent_clients(mode: Mode) -> None:
+    """100 clients at once (asyncio's own TLS, on a plain loop in another thread) against
+    asyncio.start_server(ssl=) on afalg's loop: each gets its own bytes back; every server
+    transport is afalg's, in the mode asked for. The handshake timeout is generous: under a
+    loaded host, 100 handshakes queue on one loop."""
+    n = 100
+    ready: list[int] = []
+    done = threading.Event()
+    modes: list[str] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        modes.append(writer.get_extra_info("mode"))
+        await echo(reader, writer)
+
+    async def serve() -> None:
+        server = await asyncio.start_server(
+            handler, "127.0.0.1", 0, ssl=server_context(), backlog=2 * n,
+            ssl_handshake_timeout=30 * T,
+        )  # fmt: skip
+        ready.append(server.sockets[0].getsockname()[1])
+        async with server:
+            await asyncio.get_running_loop().run_in_executor(None, done.wait)
+
+    async def one(port: int, i: int) -> bool:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context(), server_hostname="localhost",
+            ssl_handshake_timeout=30 * T,
+        )  # fmt: skip
+        data = pattern(10_000 + i, i)
+        writer.write(data)
+        ok = await reader.readexactly(len(data)) == data
+        writer.close()
+        await writer.wait_closed()
+        return ok
+
+    async def clients(port: int) -> list[bool]:
+        return await asyncio.gather(*(one(port, i) for i in range(n)))
+
+    thread = threading.Thread(target=run_on, args=(factory_for(mode), serve()))
+    thread.start()
+    try:
+        while not ready and thread.is_alive():
+            threading.Event().wait(0.01)
+        assert ready, "the server did not start"
+        with asyncio.Runner() as runner:
+            results = runner.run(asyncio.wait_for(clients(ready[0]), 30 * T))
+    finally:
+        done.set()
+        thread.join()
+    assert results == [True] * n
+    assert modes == [mode[0]] * n
+
+
+# --- asyncio.Server counts afalg's connections ---
+
+
+def counted(server: asyncio.Server) -> int:
+    """The connections ``server`` counts (asyncio's private count: 3.13 keeps the transports)."""
+    if sys.version_info >= (3, 13):
+        return len(server._clients)  # type: ignore[attr-defined]
+    return int(server._active_count)  # type: ignore[attr-defined]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Until ``condition()`` holds (the caller's wait_for bounds it): no timing assumed."""
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
+async def afalg_server(how: str, handler: Any) -> asyncio.Server:
+    """A server of afalg's: asyncio.start_server on afalg's loop, or afalg.aio.start_server."""
+    if how == "loop":
+        return await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_context())
+    return await aio.start_server(handler, "127.0.0.1", 0, ssl=server_context())
+
+
+SERVERS = [("loop", aio.new_event_loop), ("aio", asyncio.new_event_loop)]
+
+
+@pytest.mark.parametrize(("how", "factory"), SERVERS, ids=[h for h, _ in SERVERS])
+def test_server_counts_afalg_connections(how: str, factory: Any) -> None:
+    """asyncio.Server counts a client of afalg's from its accept (in its handshake) to the end
+    of its transport, once; after close(), wait_closed() waits for it (3.12.1+, as asyncio)."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await afalg_server(how, handler)
+        port = server.sockets[0].getsockname()[1]
+        raw = socket.create_connection(("127.0.0.1", port))  # no handshake yet
+        await until(lambda: counted(server) == 1)
+        raw.close()  # its handshake fails: no longer counted
+        await until(lambda: counted(server) == 0)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context(), server_hostname="localhost"
+        )
+        await until(lambda: len(writers) == 1)
+        assert counted(server) == 1  # the transport, not also the handshake or asyncio's
+        server.close()
+        closed = asyncio.ensure_future(server.wait_closed())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        if sys.version_info >= (3, 12, 1):
+            assert not closed.done()  # the connection is open
+        writers[0].close()
+        assert await reader.read() == b""  # close_notify
+        writer.close()
+        await closed
+        await until(lambda: counted(server) == 0)
+        del loop
+
+    run_on(factory, main())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 13), reason="Server.close_clients() is 3.13's")
+@pytest.mark.parametrize("abort", [False, True], ids=["close_clients", "abort_clients"])
+@pytest.mark.parametrize(("how", "factory"), SERVERS, ids=[h for h, _ in SERVERS])
+def test_close_clients_reaches_afalg_connections(how: str, factory: Any, abort: bool) -> None:
+    """Server.close_clients() closes afalg's transports (the client reads close_notify: a
+    clean end) and a client in its handshake (its socket sees the end); abort_clients() drops
+    them (no close_notify: the client reads an error or a bare end). wait_closed() returns."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the end, whoever makes it
+
+    async def main() -> None:
+        server = await afalg_server(how, handler)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context(), server_hostname="localhost"
+        )
+        await until(lambda: counted(server) == 1)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=T)  # stays in its handshake
+        await until(lambda: counted(server) == 2)
+        server.close()
+        server.abort_clients() if abort else server.close_clients()  # type: ignore[attr-defined]
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, raw.recv, 100) == b""
+        raw.close()
+        if abort:  # an error, or the end without close_notify
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                assert await reader.read() == b""
+        else:
+            assert await reader.read() == b""
+        writer.close()
+        await server.wait_closed()
+        assert counted(server) == 0
+
+    run_on(factory, main())
+
+
+@pytest.mark.parametrize(("how", "factory"), SERVERS, ids=[h for h, _ in SERVERS])
+def test_handshake_ending_after_server_close_is_served(how: str, factory: Any) -> None:
+    """A client whose handshake began before Server.close() and ends after it is served (as
+    asyncio serves a connection accepted before close()), and wait_closed() waits for it."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"served")
+        writer.close()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await afalg_server(how, handler)
+        port = server.sockets[0].getsockname()[1]
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = client_context("TLSv1.3").wrap_bio(incoming, outgoing, server_hostname="localhost")
+        with socket.create_connection(("127.0.0.1", port), timeout=T) as sock:
+            with pytest.raises(ssl.SSLWantReadError):
+                obj.do_handshake()
+            sock.sendall(outgoing.read())  # the ClientHello
+            while True:  # the server's flight: the server is in its handshake
+                incoming.write(await loop.run_in_executor(None, sock.recv, 65536))
+                try:
+                    obj.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    pass
+            server.close()
+            sock.sendall(outgoing.read())  # our Finished, after close()
+            got = b""
+            while data := await loop.run_in_executor(None, sock.recv, 65536):
+                incoming.write(data)
+                with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                    got += obj.read(65536)
+                    got += obj.read(65536)
+            assert got == b"served"
+        await server.wait_closed()
+        assert counted(server) == 0
+
+    run_on(factory, main())
+
+
+# --- uvloop ---
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_uvloop_base(mode: Mode, big_file: tuple[str, bytes]) -> None:
+    """afalg.aio.loop_factory(uvloop.new_event_loop): asyncio's streams with ssl= run afalg's
+    transport on uvloop's loop (both ends), byte for byte, and loop.sendfile too."""
+    uvloop = pytest.importorskip("uvloop")
+    path, data = big_file
+    factory = aio.loop_factory(uvloop.new_event_loop, mode=mode[0], algif_backend=mode[1])
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, uvloop.Loop)
+        server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=server_context())
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client_context(), server_hostname="localhost"
+            )
+            assert isinstance(writer.transport, TLSTransport)
+            assert writer.get_extra_info("mode") == mode[0]
+            writer.write(b"hello uvloop")
+            assert await reader.readexactly(12) == b"hello uvloop"
+            with open(path, "rb") as f:
+                assert await loop.sendfile(writer.transport, f) == len(data)
+            got = await reader.readexactly(len(data))
+            assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+            writer.close()
+            await writer.wait_closed()
+
+    run_on(factory, main())

@@ -219,6 +219,84 @@ def test_aiohttp_client_session(mode: Mode, monkeypatch: Any) -> None:
     assert sorted(made) == [(mode[0], False), (mode[0], True)]  # client and server: afalg's
 
 
+@pytest.fixture(scope="module")
+def file_64mib(tmp_path_factory: Any) -> Iterator[tuple[Path, str]]:
+    path = tmp_path_factory.mktemp("files64") / "64mib.bin"
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(64):
+            chunk = os.urandom(2**20)
+            digest.update(chunk)
+            f.write(chunk)
+    yield path, digest.hexdigest()
+
+
+@pytest.mark.kernel
+def test_aiohttp_file_response_64mib(file_64mib: tuple[Path, str], monkeypatch: Any) -> None:
+    """web.FileResponse of 64 MiB under kTLS: the sha256 checked by a separate client, every
+    byte moved by the kernel's sendfile in the server (os.sendfile counted), then a range."""
+    path, digest = file_64mib
+    moved = counting_sendfile(monkeypatch)
+    made = transports_made(monkeypatch)
+
+    async def file(request: web.Request) -> web.StreamResponse:
+        assert request.secure
+        return web.FileResponse(path)
+
+    async def main() -> list[dict[str, Any]]:
+        app = web.Application()
+        app.router.add_get("/big", file)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=server_context()).start()
+        try:
+            return await fetch(port, ("/big", {}), ("/big", {"Range": "bytes=-100"}))
+        finally:
+            await runner.cleanup()
+
+    before = ktls.tls_stats()
+    whole, tail = run_on(aio.loop_factory(mode="ktls"), main())
+    assert made == [("ktls", True)]
+    assert whole["status"] == 200 and whole["len"] == 64 * 2**20
+    assert whole["sha256"] == digest
+    assert tail["status"] == 206 and tail["len"] == 100
+    assert sum(moved) == 64 * 2**20 + 100
+    assert ktls.tls_stats()["TlsTxSw"] > before.get("TlsTxSw", 0)
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_aiohttp_client_session_against_the_example_server(mode: Mode, tmp_path: Path) -> None:
+    """aiohttp's ClientSession on afalg's loop, against examples/aio_file_server.py (afalg.aio
+    on the same loop): the file byte for byte, a 404; the client's transport is afalg's."""
+    from aio_file_server import FileServer
+
+    from afalg.serving import ServerLimits
+
+    served = tmp_path / "www"
+    served.mkdir()
+    blob = os.urandom(1_000_003)
+    (served / "blob.bin").write_bytes(blob)
+
+    async def main() -> None:
+        server = FileServer(str(served), ServerLimits())
+        listening = await server.start(server_context(), "127.0.0.1", 0, mode=mode[0])
+        async with listening:
+            port = listening.sockets[0].getsockname()[1]
+            async with aiohttp.ClientSession() as session:
+                url = f"https://localhost:{port}"
+                async with session.get(f"{url}/blob.bin", ssl=client_context()) as r:
+                    assert r.status == 200
+                    assert r.connection is not None and r.connection.transport is not None
+                    t = r.connection.transport
+                    assert isinstance(t, TLSTransport) and t.get_extra_info("mode") == mode[0]
+                    assert await r.read() == blob
+                async with session.get(f"{url}/missing", ssl=client_context()) as r:
+                    assert r.status == 404
+
+    run_on(factory_for(mode), main())
+
+
 # --- uvicorn ---
 
 APP = textwrap.dedent(
