@@ -541,20 +541,21 @@ class KTLSSocket(TLSSocketBase):
                 else:
                     self._tx_budget -= cost
                 if n < len(view):
-                    view = view[:n]
-                timeout = self._sock.gettimeout()
-                if timeout:  # send first, poll only while the socket is full
-                    return self._send_timed(view, flags, timeout)
-                return self._sock.send(view, flags)
+                    with view[:n] as part:  # released even if an error keeps this frame
+                        return self._send_view(part, flags)
+                return self._send_view(view, flags)
             except BlockingIOError:
                 raise WantWrite(errno.EAGAIN, "the socket takes no more now") from None
             except OSError as exc:
                 raise self._translate(exc) from exc
 
-    def _send_timed(self, view: memoryview, flags: int, timeout: float) -> int:
-        """``send`` on a socket with a timeout: Python would poll before every send; the twin
-        (:meth:`_twin`) sends at once, and polls only while the socket has no room, within the
-        timeout (:class:`TimeoutError` after)."""
+    def _send_view(self, view: memoryview, flags: int) -> int:
+        """One ``send``. With a timeout Python would poll before it: the twin (:meth:`_twin`)
+        sends at once, and polls only while the socket has no room, within the timeout
+        (:class:`TimeoutError` after)."""
+        timeout = self._sock.gettimeout()
+        if not timeout:
+            return self._sock.send(view, flags)
         twin = self._twin()
         deadline = time.monotonic() + timeout
         while True:
