@@ -343,11 +343,13 @@ def main() -> int:
     modes = args.modes or modes_here()
     import platform
 
+    import afalg
     from afalg.probe import probe
 
     caps = probe()
     print(f"# profile_small: {platform.release()}, Python {platform.python_version()}, "
-          f"AF_ALG {caps.af_alg}, kTLS {caps.ktls}, modes {' '.join(modes)}\n")  # fmt: skip
+          f"AF_ALG {caps.af_alg}, kTLS {caps.ktls}, modes {' '.join(modes)}, "
+          f"afalg from {Path(afalg.__file__).parent}\n")  # fmt: skip
     t0 = time.time()
     per_call(modes, tuple(args.sizes), args.rounds, args.calls)
     components(modes, 2000)
