@@ -96,6 +96,7 @@ _SENDFILE_CHUNK = 2**24  # bytes per os.sendfile loop (checked against the key u
 _NOT_A_FILE = (errno.EINVAL, errno.ESPIPE)
 _RECORD_BUF = 2**14 + 1024  # one whole record's plaintext fits
 _APPLICATION_DATA = int(ContentType.application_data)
+_DONTWAIT = int(socket.MSG_DONTWAIT)  # an int: | on the IntFlag runs enum's Python code
 
 
 def _record_type(ancdata: list[tuple[int, int, bytes]]) -> int:
@@ -560,7 +561,7 @@ class KTLSSocket(TLSSocketBase):
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return twin.send(view, flags | socket.MSG_DONTWAIT)
+                return twin.send(view, flags | _DONTWAIT)
             except BlockingIOError:
                 _wait_writable(twin.fileno(), max(0.0, deadline - time.monotonic()))
 
