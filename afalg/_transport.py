@@ -39,7 +39,8 @@ from typing import Any
 from afalg._sslmode import SSLObjectSocket
 from afalg.algif import AlgTLSSocket
 from afalg.errors import KeyLimitReached
-from afalg.ktls import KTLSSocket
+from afalg.ktls import KTLSSocket, supports_rekey
+from afalg.session import Session
 
 __all__ = ["TLSTransport"]
 
@@ -152,6 +153,8 @@ class TLSTransport(_transports._FlowControlMixin):
         self._lost_writes = 0  # write() after the end, for asyncio's warning
         self._deadline: asyncio.TimerHandle | None = None  # the closing deadline
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []  # (buffer size, future)
+        # The session of a socket whose short reads leave nothing behind (else None)
+        self._drains = _short_read_drains(tls_sock)
         self._extra.update(
             sslcontext=tls_sock.context,
             ssl_object=tls_sock.ssl_object,
@@ -254,11 +257,12 @@ class TLSTransport(_transports._FlowControlMixin):
 
     def _read_ready(self) -> None:
         buf = _read_buffer()
+        tls = self._tls
         for _ in range(_READS_PER_CALL):
             if self._read_state is not _Read.ACTIVE:
                 return
             try:
-                n = self._tls.recv_into(buf)
+                n = tls.recv_into(buf)
             except (BlockingIOError, InterruptedError):
                 return  # WantRead: no whole record yet
             except (SystemExit, KeyboardInterrupt):
@@ -276,6 +280,15 @@ class TLSTransport(_transports._FlowControlMixin):
             except BaseException as exc:
                 self._fatal_error(exc, "protocol.data_received() failed")
                 return
+            session = self._drains  # algif may have opened an end or an error already
+            if (
+                n < _READ_SIZE
+                and session is not None
+                and not tls.pending()
+                and session.error is None
+                and not session.eof
+            ):
+                return  # nothing more now that the loop's next poll would not report
         self._loop.call_soon(self._read_ready)  # more may be there: after the others' turn
 
     def _read_eof(self) -> None:
@@ -311,6 +324,24 @@ class TLSTransport(_transports._FlowControlMixin):
                 logger.warning("afalg TLS transport: write() on a closed connection")
             self._lost_writes += 1
             return
+        if not self._writer_on and not self._buffer and isinstance(data, (bytes, bytearray)):
+            # Nothing queued: straight to the socket, as asyncio's transports try, and only
+            # what it does not take is copied (the caller may reuse a bytearray)
+            try:
+                n = self._tls.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0  # WantWrite: nothing taken
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "fatal write error on the TLS connection")
+                return
+            if n == len(data):
+                if self._tls.pending_output():  # algif: sealed records the socket has not taken
+                    self._advance()
+                    self._maybe_pause_protocol()
+                return
+            data = memoryview(data)[n:]
         view = memoryview(bytes(data))  # bytes() copies, one byte an item
         self._buffer.append(view)
         self._buffer_size += len(view)
@@ -607,6 +638,26 @@ class TLSTransport(_transports._FlowControlMixin):
     def _check_sendfile(self) -> None:
         if self._write_state is not _Write.SENDFILE:
             raise ConnectionError("the connection was closed during sendfile")
+
+
+def _short_read_drains(tls_sock: Any) -> Session | None:
+    """The socket's session where a read that returned less than the buffer leaves nothing
+    that the loop's next poll would not report (a readable event then needs one read, not one
+    more that says "nothing"); else None.
+
+    Algif mode: every complete record received is opened before the read returns (into
+    ``pending()``, or the end or error the transport checks), and what TCP holds more is
+    readable. kTLS: the kernel reads on while whole records wait and stops early only before a
+    record of another type, which poll() reports (it waits in the kernel's rx_list), except
+    where the kernel pauses reading after a TLS 1.3 KeyUpdate (Linux 6.14+): it stopped before
+    the KeyUpdate, decrypted it, and poll() reports nothing until the next keys are in; there
+    the transport reads until the socket would block, as in mode "ssl"."""
+    if isinstance(tls_sock, AlgTLSSocket) or (
+        isinstance(tls_sock, KTLSSocket)
+        and (tls_sock.version() != "TLSv1.3" or not supports_rekey())
+    ):
+        return tls_sock.tls_session
+    return None
 
 
 _per_thread = threading.local()

@@ -100,20 +100,40 @@ class AlgTLSSocket(TLSSocketBase):
         """Write sealed bytes until none are left or ``deadline`` (``time.monotonic()``; None:
         none) passes; a deadline in the past writes only what the socket takes now. True when
         all are out. Called with the TX lock."""
-        # A socket with a timeout polls before each send, for as long as its timeout, even
-        # with MSG_DONTWAIT: poll here first, with what is left of the deadline.
-        timed = self._sock.gettimeout() not in (None, 0.0)
+        # A socket with a timeout polls before each send, even with MSG_DONTWAIT: its twin
+        # (timeout 0) sends at once, and polls only while there is no room.
+        sock = self._twin() if self._sock.gettimeout() else self._sock
         while self._out:
-            if timed and not _wait_writable(self._sock, deadline):
-                return False
             try:
-                n = self._sock.send(self._out, 0 if timed else socket.MSG_DONTWAIT)
+                n = sock.send(self._out, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                if not _wait_writable(self._sock, deadline):
+                if not _wait_writable(sock, deadline):
                     return False
                 continue
             del self._out[:n]
         return True
+
+    def _write_sealed(self, sealed: bytes, deadline: float | None) -> None:
+        """Write ``sealed`` records after what is queued, within ``deadline``; what the
+        socket does not take stays queued. With nothing queued they go straight out, without
+        a copy into the queue. Called with the TX lock."""
+        if not self._out:
+            sock = self._twin() if self._sock.gettimeout() else self._sock
+            try:
+                n = sock.send(sealed, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._out += sealed  # as when queued first: the error is raised, they stay
+                raise
+            if n == len(sealed):
+                return
+            self._out += memoryview(sealed)[n:]
+            if deadline is not None and deadline <= time.monotonic():
+                return  # non-blocking: the rest waits for the next call
+        else:
+            self._out += sealed
+        self._write_out(deadline)
 
     def _deadline(self) -> float | None:
         """When a write started now must give up: the socket's timeout from now (None:
@@ -137,22 +157,23 @@ class AlgTLSSocket(TLSSocketBase):
         duplicates."""
         if flags:
             raise ValueError("flags are not supported on an afalg TLS socket")
-        self._check_send()
+        self._check_open()
         with memoryview(data).cast("B") as whole, self._tx_lock:  # released however this ends
-            # Again under the lock: another thread may have failed the connection (its fatal
-            # alert sealed) or sent close_notify while this one waited for the lock.
+            # The session's one check, under the lock: another thread may have failed the
+            # connection (its fatal alert sealed) or sent close_notify while this one waited.
             self._session.sending_data()
             deadline = self._deadline()
-            if not self._write_out(deadline):
+            if self._out and not self._write_out(deadline):
                 raise self._unsent()  # nothing of data taken
-            self._answer_key_update()  # the peer asked: ours before our next data
+            if self._session.key_update_due:
+                self._answer_key_update()  # the peer asked: ours before our next data
             n = min(len(whole), _SEND_CHUNK, self._data_room() * MAX_PLAINTEXT)
             with whole[:n] as view:
                 try:
-                    self._out += self._layer.seal(ContentType.application_data, view)
+                    sealed = self._layer.seal(ContentType.application_data, view)
                 except TLSProtocolError as exc:
                     raise self._fatal(exc.alert, exc) from exc
-            self._write_out(deadline)  # taken: the rest goes out on the next call
+            self._write_sealed(sealed, deadline)  # taken: the rest goes out on the next call
         return n
 
     def _data_room(self) -> int:
@@ -250,26 +271,37 @@ class AlgTLSSocket(TLSSocketBase):
             return self._recv_into(view)
 
     def _recv_into(self, view: memoryview) -> int:
-        self._flush_nowait()
+        if self._out:
+            self._flush_nowait()
+        session = self._session
         with self._rx_lock:
+            n = 0
             while not self._plain:
-                if self._session.error is not None:
-                    raise self._session.error
-                if self._session.eof or not view:
+                if session.error is not None:
+                    raise session.error
+                if session.eof or not view:
                     return 0
                 record = self._next_record()
                 if record is None:
                     return self._ragged_eof()
                 if record.content_type == ContentType.application_data:
-                    if self._receive(record.content_type, record.payload):
-                        self._plain += record.payload  # empty: read on
+                    payload = record.payload
+                    if not self._data_record(len(payload)):
+                        continue  # empty: read on
+                    if len(payload) <= len(view):  # all of it to the caller, no copy kept
+                        n = len(payload)
+                        view[:n] = payload
+                        break
+                    self._plain += payload
                 elif self._control_record(record.content_type, record.payload):
                     return 0  # close_notify
             self._open_buffered()  # raises nothing: what it finds is for the next call
-            n = min(len(view), len(self._plain))
-            view[:n] = self._plain[:n]
-            del self._plain[:n]
-        self._answer_key_update(wait=False)  # after every record read so far: one answer
+            if not n:
+                n = min(len(view), len(self._plain))
+                view[:n] = self._plain[:n]
+                del self._plain[:n]
+        if session.key_update_due:
+            self._answer_key_update(wait=False)  # after every record read so far: one answer
         return n
 
     def _flush_nowait(self) -> None:
@@ -291,15 +323,35 @@ class AlgTLSSocket(TLSSocketBase):
                 raise self._fatal(exc.alert, exc) from exc
             if record is not None:
                 return record
-            if not self._readable_now():
+            if self._session.key_update_due and not self._readable_now():
                 self._answer_key_update(wait=False)  # before waiting: the peer may wait for it
             try:
-                data = self._sock.recv(_RECV_CHUNK)
+                data = self._read_some()
             except BlockingIOError:
                 raise WantRead(errno.EAGAIN, "no whole record yet: wait until readable") from None
             if not data:
                 return None
             self._layer.feed(data)
+
+    def _read_some(self) -> bytes:
+        """What the TCP socket has, up to 64 KiB. With a timeout, Python would poll before
+        every read: the twin (timeout 0) reads first, and a poll follows only when there was
+        nothing (:class:`TimeoutError` when the timeout passes)."""
+        timeout = self._sock.gettimeout()
+        if not timeout:
+            return self._sock.recv(_RECV_CHUNK)
+        twin = self._twin()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return twin.recv(_RECV_CHUNK, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+            left = deadline - time.monotonic()
+            poller = select.poll()
+            poller.register(twin, select.POLLIN)
+            if left <= 0 or not poller.poll(max(1, math.ceil(left * 1000))):
+                raise TimeoutError("timed out")
 
     def _open_buffered(self) -> None:
         """Open the complete records already received, without reading the socket, and act on
@@ -312,7 +364,7 @@ class AlgTLSSocket(TLSSocketBase):
                 if record is None:
                     return
                 if record.content_type == ContentType.application_data:
-                    if self._receive(record.content_type, record.payload):
+                    if self._data_record(len(record.payload)):
                         self._plain += record.payload
                 else:
                     self._control_record(record.content_type, record.payload)

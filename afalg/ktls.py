@@ -95,6 +95,17 @@ _SENDFILE_CHUNK = 2**24  # bytes per os.sendfile loop (checked against the key u
 # os.sendfile's errors for an input it cannot read from (a pipe, a socket, a character device)
 _NOT_A_FILE = (errno.EINVAL, errno.ESPIPE)
 _RECORD_BUF = 2**14 + 1024  # one whole record's plaintext fits
+_APPLICATION_DATA = int(ContentType.application_data)
+_DONTWAIT = int(socket.MSG_DONTWAIT)  # an int: | on the IntFlag runs enum's Python code
+
+
+def _record_type(ancdata: list[tuple[int, int, bytes]]) -> int:
+    """The record type kTLS reports (TLS_GET_RECORD_TYPE) in ``recvmsg``'s control messages;
+    application_data when there is none (a bare end of file)."""
+    for level, kind, data in ancdata:
+        if level == _uapi.SOL_TLS and kind == _uapi.TLS_GET_RECORD_TYPE:
+            return parse_record_type(data)
+    return _APPLICATION_DATA
 
 
 def tls_stats() -> dict[str, int]:
@@ -501,7 +512,6 @@ class KTLSSocket(TLSSocketBase):
         self._rx_keys = rx.with_seq(0) if rx.secret is not None else None
         self._scratch: memoryview | None = None  # one record's room, for small reads
         self._rx_paused = False  # EKEYEXPIRED seen and the current keys installed again
-        self._reader: socket.socket | None = None  # a duplicate for reads with a timeout
         self._cipher_type = tx.cipher_suite.ktls_cipher_type
         self._records_per_key = records_per_key or default_records_per_key(tx.cipher_suite)
         self._tx_budget = 0  # records surely left to the send key (re-read from the kernel)
@@ -517,19 +527,43 @@ class KTLSSocket(TLSSocketBase):
 
     # -- sending --
     def send(self, data: Any, flags: int = 0) -> int:
-        self._check_send()
-        with self._tx_lock:
-            # Again under the lock: another thread may have failed the connection (its fatal
-            # alert sent) or sent close_notify while this one waited for the lock.
+        self._check_open()
+        with memoryview(data).cast("B") as view, self._tx_lock:
+            # The session's one check, under the lock: another thread may have failed the
+            # connection (its fatal alert sent) or sent close_notify while this one waited.
             self._session.sending_data()
             try:
-                self._answer_key_update()
-                with memoryview(data).cast("B") as view:
-                    return self._sock.send(view[: self._tx_allowance(len(view))], flags)
+                if self._session.key_update_due:
+                    self._answer_key_update()
+                n = len(view)
+                cost = -(-n // MAX_PLAINTEXT) + 1
+                if cost > self._tx_budget:
+                    n = self._tx_allowance(n)
+                else:
+                    self._tx_budget -= cost
+                if n < len(view):
+                    with view[:n] as part:  # released even if an error keeps this frame
+                        return self._send_view(part, flags)
+                return self._send_view(view, flags)
             except BlockingIOError:
                 raise WantWrite(errno.EAGAIN, "the socket takes no more now") from None
             except OSError as exc:
                 raise self._translate(exc) from exc
+
+    def _send_view(self, view: memoryview, flags: int) -> int:
+        """One ``send``. With a timeout Python would poll before it: the twin (:meth:`_twin`)
+        sends at once, and polls only while the socket has no room, within the timeout
+        (:class:`TimeoutError` after)."""
+        timeout = self._sock.gettimeout()
+        if not timeout:
+            return self._sock.send(view, flags)
+        twin = self._twin()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return twin.send(view, flags | _DONTWAIT)
+            except BlockingIOError:
+                _wait_writable(twin.fileno(), max(0.0, deadline - time.monotonic()))
 
     def _send_alert(self, level: int, description: int, *, wait: bool) -> None:
         self._send_record(ContentType.alert, bytes([level, description]), wait=wait)
@@ -622,21 +656,25 @@ class KTLSSocket(TLSSocketBase):
             view[:n] = self._plain[:n]
             del self._plain[:n]
             return n
-        if self._session.error is not None:
-            raise self._session.error
-        if self._session.eof or not view:
+        session = self._session
+        if session.error is not None:
+            raise session.error
+        if session.eof or not view:
             return 0
         while True:
-            if self._session.key_update_due and not self._readable_now():
+            if session.key_update_due and not self._readable_now():
                 self._answer_key_update(wait=False)  # before waiting: the peer may wait for it
-            small = len(view) < _RECORD_BUF
+            # A read of at least a record's plaintext goes straight into the caller's buffer;
+            # a shorter one reads whole records (a control record must come whole) and keeps
+            # the rest for the next calls (pending()).
+            small = len(view) < MAX_PLAINTEXT
             target = view
             if small:
                 if self._scratch is None:
                     self._scratch = memoryview(bytearray(_RECORD_BUF))
                 target = self._scratch
             try:
-                n, ancdata = self._recvmsg(target)
+                n, content_type = self._read(target)
             except BlockingIOError:
                 raise WantRead(errno.EAGAIN, "no whole record yet: wait until readable") from None
             except OSError as exc:
@@ -644,17 +682,12 @@ class KTLSSocket(TLSSocketBase):
                     continue
                 raise self._translate(exc) from exc
             self._rx_paused = False
-            content_type: int = ContentType.application_data
-            for level, kind, data in ancdata:
-                if level == _uapi.SOL_TLS and kind == _uapi.TLS_GET_RECORD_TYPE:
-                    content_type = parse_record_type(data)
-            if n == 0 and not ancdata:
-                return self._ragged_eof()
             if content_type == ContentType.application_data:
-                with target[:n] as plaintext:  # released even if an error keeps it
-                    if not self._receive(content_type, plaintext):
-                        continue  # an empty application_data record carries nothing
-                self._answer_key_update(wait=False)  # after the records read so far: one answer
+                if not n:
+                    return self._ragged_eof()  # the kernel never returns an empty record
+                self._data_record(n)  # n > 0: True, or it raises
+                if session.key_update_due:
+                    self._answer_key_update(wait=False)  # after the records read: one answer
                 if small:
                     k = min(n, len(view))
                     view[:k] = target[:k]
@@ -668,42 +701,49 @@ class KTLSSocket(TLSSocketBase):
             if content_type == ContentType.handshake and payload[:1] == b"\x18":
                 self._follow_kernel_pause(rx_generation)
 
-    def _recvmsg(self, target: memoryview) -> tuple[int, list[tuple[int, int, bytes]]]:
-        """One ``recvmsg`` (with room for the record type). With a timeout, Python polls before
-        reading; but poll() does not report a socket that the kernel paused for a KeyUpdate,
-        even when that KeyUpdate waits decrypted in the kernel (read together with the data
-        before it). So with a timeout the read comes first (non-blocking, on a duplicate whose
-        own timeout is 0) and poll() only when there was nothing to read."""
+    def _read(self, target: memoryview) -> tuple[int, int]:
+        """One read into ``target``: (bytes, record type). The kernel hands application data to
+        a plain ``recv`` and refuses any other record with EIO when no control buffer is given
+        (Documentation/networking/tls.rst; the record stays queued), so a plain ``recv_into``
+        comes first and ``recvmsg`` with room for the record type (TLS_GET_RECORD_TYPE) only
+        after EIO. With a timeout, Python would poll before reading; but poll() does not report
+        a socket that the kernel paused for a KeyUpdate, even when that KeyUpdate waits
+        decrypted in the kernel (read together with the data before it). So with a timeout the
+        read comes first (non-blocking, on the twin, whose own timeout is 0) and poll() only
+        when there was nothing to read."""
         timeout = self._sock.gettimeout()
         if not timeout:  # blocking (the kernel hands out decrypted records first) or 0
+            try:
+                return self._sock.recv_into(target), _APPLICATION_DATA
+            except OSError as exc:
+                if exc.errno != errno.EIO:
+                    raise
             n, ancdata, _flags, _addr = self._sock.recvmsg_into([target], _ANCBUFSIZE)
-            return n, ancdata
-        if self._reader is None:
-            self._reader = socket.fromfd(
-                self._sock.fileno(), self._sock.family, self._sock.type, self._sock.proto
-            )
-            self._reader.settimeout(0.0)  # the shared O_NONBLOCK is set already (a timeout)
+            return n, _record_type(ancdata)
+        twin = self._twin()
         deadline = time.monotonic() + timeout
         while True:
             try:
-                n, ancdata, _flags, _addr = self._reader.recvmsg_into(
+                try:
+                    return twin.recv_into(target, 0, socket.MSG_DONTWAIT), _APPLICATION_DATA
+                except OSError as exc:
+                    if exc.errno != errno.EIO:
+                        raise
+                n, ancdata, _flags, _addr = twin.recvmsg_into(
                     [target], _ANCBUFSIZE, socket.MSG_DONTWAIT
                 )
-                return n, ancdata
+                return n, _record_type(ancdata)
             except BlockingIOError:
                 pass
             left = deadline - time.monotonic()
             poller = select.poll()
-            poller.register(self._reader, select.POLLIN | select.POLLPRI)
+            poller.register(twin, select.POLLIN | select.POLLPRI)
             if left <= 0 or not poller.poll(max(1, int(left * 1000))):
                 raise TimeoutError("timed out")
 
     def _release(self) -> None:
         super()._release()
         self._scratch = None
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
 
     def _cannot_rekey(self, what: str) -> str:
         return (

@@ -367,6 +367,10 @@ class RecordLayer:
                 f"{self.records_per_key} records ({self.tx_records_left} left): update the keys "
                 "first (TLS 1.3 KeyUpdate) or end the connection"
             )
+        if count == 1 and self._padding is None:  # the common case: one record, as it is
+            if tx.version == TLS_1_3_VERSION:
+                return self._seal13(tx, ctype, view, 0)
+            return self._seal12(tx, ctype, view)
         fragments = [view] if count == 1 else [
             view[i : i + MAX_PLAINTEXT] for i in range(0, n, MAX_PLAINTEXT)
         ]  # fmt: skip
@@ -394,7 +398,7 @@ class RecordLayer:
     ) -> bytes:
         if pad is None:
             pad = self._pad(ctype, len(content))
-        inner = b"".join((content, _TYPE_BYTE[ctype], bytes(pad)))
+        inner = b"".join((content, _TYPE_BYTE[ctype], bytes(pad) if pad else b""))
         header = HEADER.pack(23, TLS_1_2_VERSION, len(inner) + TAG_SIZE)
         seq = tx.seq
         out = self._encrypt(tx, tx.nonce(seq), inner, header)

@@ -281,6 +281,32 @@ class Session:
             f"unexpected record of content type {content_type} after the handshake",
         )
 
+    def application_data(self, length: int) -> bool:
+        """:meth:`receive` of an application_data record of ``length`` plaintext bytes, for a
+        socket that has the plaintext where the caller wants it already: True when it carries
+        data, False for an empty record (read on). The same rules, errors and poisoning as
+        :meth:`receive`, without an event; the common case (data, no handshake message
+        pending) is one test."""
+        if length and self._error is None and not self._hs_buf:
+            self._warnings = self._key_updates = self._empty_records = 0
+            return True
+        return self._application_data_checked(length)
+
+    @_poisoning
+    def _application_data_checked(self, length: int) -> bool:
+        """:meth:`application_data` where the one test failed: poisoned, a handshake message
+        pending, or an empty record."""
+        if self._hs_buf:
+            raise TLSProtocolError(
+                AlertDescription.unexpected_message,
+                f"record of content type {ContentType.application_data} inside a fragmented "
+                "handshake message",
+            )
+        if length:  # not reached: the fast path takes it
+            self._warnings = self._key_updates = self._empty_records = 0
+            return True
+        return bool(self._application_data(b""))
+
     def _application_data(self, payload: bytes | bytearray | memoryview) -> list[Event]:
         if len(payload):
             self._key_updates = self._empty_records = 0  # data: the peer is not just flooding

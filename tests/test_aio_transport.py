@@ -6,15 +6,16 @@ closing connection, at either end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from typing import Any
 
 import pytest
 from _env import SLOW, WRAP_MODES, scaled
 from test_aio import close, connect, kw, no_fd_leak, run, serving
-from test_tls_helpers import client_context, pattern
+from test_tls_helpers import Bg, client_context, pattern, server_context, tcp_pair
 
-from afalg import aio
+from afalg import aio, tls
 from afalg.algif import AlgTLSSocket
 from afalg.keys import CipherSuite, TrafficKeys
 from afalg.record import RecordLayer
@@ -208,3 +209,43 @@ def test_handshake_connects_with_a_context_check_hostname_off() -> None:
                 await aio.open_connection(sock=client, ssl=ctx, **kw(("algif", "cryptography")))
 
         run(main())
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+def test_records_of_other_types_in_one_burst(mode: Mode, version: str) -> None:
+    """Data, a user_canceled alert, data again and close_notify, in one TCP write: the reader
+    gets both data, then the end. A read stops before a record of another type (kTLS hands out
+    one type per read); where the kernel cannot pause for a KeyUpdate the transport reads once
+    per readable event when a read comes back short, so this pins that poll() reports the
+    record that stopped it (kept in the kernel's rx_list) and no record is left unread."""
+    csock, ssock = tcp_pair()
+    ctx = server_context(version)
+    peer = Bg(
+        lambda: tls.wrap(ssock, ctx, server_side=True, mode="algif", algif_backend="cryptography")
+    )
+
+    async def main() -> bytes:
+        reader, writer = await aio.open_connection(
+            sock=csock, ssl=client_context(version), server_hostname="localhost", **kw(mode)
+        )
+        theirs = peer.result(60)
+        layer = theirs.record_layer
+        burst = b"".join(
+            (
+                layer.seal(ContentType.application_data, b"a" * 1000),
+                layer.seal(ContentType.alert, bytes([1, 90])),  # warning, user_canceled
+                layer.seal(ContentType.application_data, b"b" * 1000),
+                layer.seal(ContentType.alert, bytes([1, 0])),  # close_notify
+            )
+        )
+        theirs._sock.sendall(burst)
+        try:
+            return await reader.read()  # to the end
+        finally:
+            await close(writer)
+            with contextlib.suppress(OSError):
+                theirs.close()
+
+    got = run(main(), timeout=60 * SLOW)
+    assert got == b"a" * 1000 + b"b" * 1000
