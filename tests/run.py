@@ -9,9 +9,12 @@
   each, longest first, their output printed whole as each finishes.
 
 The host stage runs again under each other CPython at hand (pyenv's 3.12 and 3.13, in
-``~/.pyenv/versions``; those missing are named and left out), each from its own virtualenv
+``~/.pyenv/versions``; as root, Debian sid's 3.14 and 3.15 with its OpenSSL, in a chroot that
+tests/_sid.py makes; those missing are named and left out), each from its own virtualenv
 (``.venv-3.12``, made and installed here; lint, docs and packaging run once, in the first).
-``--kernel`` (a partial run) leaves them out unless ``--python`` names them.
+The kernel tests that depend on ssl or asyncio run under sid's 3.15 on 7.3 too
+(``kernel-7.3-py3.15``). ``--kernel`` (a partial run) leaves them out unless ``--python`` names
+them.
 
 Every pytest run prints its own summary; the last line adds them up (strict xfails, known
 kernel bugs, apart), and the exit status is non-zero if any run failed, if a stage collected
@@ -33,8 +36,11 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import _sid
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ("6.1", "6.12", "7.3")
@@ -47,7 +53,7 @@ PARALLEL = 2  # VM runs at once: TCG is CPU-bound and pytest is one thread
 FULL_TEST_TIMEOUT = 5 * 60 * 60
 FULL_VM_TIMEOUT = 16 * 60 * 60
 PASSED_ENV = ("AFALG_TEST_SCALE", "AFALG_FUZZ_EXAMPLES")  # exported into the VM when set
-PYTHONS = ("3.12", "3.13")  # host stages beside the one running this, from pyenv
+PYTHONS = ("3.12", "3.13", *_sid.SERIES)  # host stages beside this one: pyenv's, Debian sid's
 # Run under one Python only: lint, docs and packaging, and the VM's install (its own extra)
 ONCE = (
     "tests/test_lint.py",
@@ -65,6 +71,7 @@ class Stage:
     marker: str = "kernel"
     sysctls: tuple[tuple[str, str], ...] = ()
     suffix: str = ""
+    python: str | None = None  # Debian sid's (tests/_sid.py), on _sid.KERNEL_TESTS only
 
     @property
     def name(self) -> str:
@@ -79,6 +86,20 @@ def stages(kernel: str) -> list[Stage]:
             Stage(kernel, "kernel and restricted", suffix="-restricted"),
         ]
     return [Stage(kernel)]
+
+
+def sid_label(stage: Stage) -> str:
+    """``, Python 3.15.2, OpenSSL 3.6.5 ...`` for a stage under sid's Python, else empty."""
+    if not stage.python:
+        return ""
+    return ", " + python_label(_sid.python(stage.python), _sid.host_wrap(stage.python))
+
+
+def sid_stage() -> Stage:
+    """The ssl- and asyncio-dependent kernel tests under sid's newest Python, on 7.3."""
+    newest = _sid.SERIES[-1]
+    return Stage("7.3", sysctls=(("crypto.af_alg_restrict", "0"),), suffix=f"-py{newest}",
+                 python=newest)  # fmt: skip
 
 
 def counts(junit: Path) -> dict[str, int]:
@@ -155,12 +176,15 @@ def vm_command(
     sysctls = [arg for key, value in stage.sysctls for arg in ("--sysctl", f"{key}={value}")]
     passed = [f"{k}={os.environ[k]}" for k in PASSED_ENV if k in os.environ]
     marker = selected(stage.marker, select)
+    command = pytest_argv(junit, ["-m", marker, "-p", "no:cacheprovider", *extra])
+    if stage.python:
+        command = _sid.vm_argv(stage.python, command[1:])
     return [
         sys.executable, "-m", "afalg", "vm", "--kernel", stage.kernel, "--cpus", str(cpus),
         "--timeout", str(timeout), *sysctls,
         "--env", "AFALG_IN_VM=1", "--env", "AFALG_REQUIRE_KERNEL=1",
         "--env", "PYTHONDONTWRITEBYTECODE=1", *(arg for kv in passed for arg in ("--env", kv)),
-        "--", *pytest_argv(junit, ["-m", marker, "-p", "no:cacheprovider", *extra]),
+        "--", *command,
     ]  # fmt: skip
 
 
@@ -200,11 +224,12 @@ class Run:
             sys.stdout.flush()
 
 
-def python_label(python: str | Path) -> str:
-    """``Python 3.12.1, OpenSSL 3.0.19 27 Jan 2026``: what ``python`` runs, asked of it."""
+def python_label(python: str | Path, wrap: Callable[[list[str]], list[str]] = list) -> str:
+    """``Python 3.12.1, OpenSSL 3.0.19 27 Jan 2026``: what ``python`` runs (through ``wrap``,
+    e.g. into the sid root), asked of it."""
     code = "import platform as p, ssl; print(f'Python {p.python_version()},', ssl.OPENSSL_VERSION)"
-    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+    argv = wrap([str(python), "-c", code])
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def pyenv_python(series: str) -> Path | None:
@@ -238,19 +263,28 @@ def python_venv(series: str, base: Path) -> Path:
 def python_runs(
     series: list[str], select: str | None, outdir: Path, extra: list[str], may_be_empty: bool
 ) -> list[Run]:
-    """The host stage under each of ``series`` found in pyenv (the missing ones named)."""
+    """The host stage under each of ``series``: pyenv's, or Debian sid's in its root
+    (tests/_sid.py); the missing ones named."""
     runs = []
     for name in series:
-        base = pyenv_python(name)
-        if base is None:
+        wrap: Callable[[list[str]], list[str]] = list
+        if name in _sid.SERIES:
+            why = _sid.setup(name)
+            if why:
+                print(f"afalg tests: Debian sid's CPython {name}: its host stage is not run: "
+                      f"{why}", flush=True)  # fmt: skip
+                continue
+            python, wrap = _sid.python(name), _sid.host_wrap(name)
+        elif (base := pyenv_python(name)) is None:
             print(f"afalg tests: no CPython {name} in pyenv: its host stage is not run", flush=True)
             continue
-        python = python_venv(name, base)
+        else:
+            python = python_venv(name, base)
         junit = outdir / f"junit-host-{name}.xml"
         ignored = [f"--ignore={path}" for path in ONCE]
-        argv = [str(python), "-m", "pytest", f"--junitxml={junit}",
-                "-m", selected("not kernel", select), *ignored, *extra]  # fmt: skip
-        label = f"host-{name} ({python_label(python)})"
+        argv = wrap([str(python), "-m", "pytest", f"--junitxml={junit}",
+                     "-m", selected("not kernel", select), *ignored, *extra])  # fmt: skip
+        label = f"host-{name} ({python_label(python, wrap)})"
         log = outdir / f"host-{name}.log"
         runs.append(Run(label, argv, junit, log=log, may_be_empty=may_be_empty))
     return runs
@@ -408,16 +442,24 @@ def main() -> int:
             may_be_empty=may_be_empty,
         )  # fmt: skip
         todo = [stage for k in kernels for stage in stages(k)]
+        pythons = args.python or ([] if args.kernel else list(PYTHONS))
+        python_stages = python_runs(pythons, args.select, outdir, extra, may_be_empty)
+        newest = sid_stage()
+        if newest.kernel in kernels and newest.python in pythons:
+            why = _sid.setup(newest.python)  # done by now if its host stage runs
+            if why:
+                print(f"afalg tests: {newest.name} is not run: {why}", flush=True)
+            else:
+                todo.append(newest)
         todo.sort(key=lambda stage: stage.marker != "kernel")  # whole runs first: the longest
         cpus = 1 if len(todo) > 1 else 2
         runs = [host] + [
-            Run(f"{s.name} ({release(s.kernel)})",
+            Run(f"{s.name} ({release(s.kernel)}{sid_label(s)})",
                 vm_command(s, cpus, junit(s.name), extra, args.select, timeout),
                 junit(s.name), log=outdir / f"{s.name}.log", may_be_empty=may_be_empty)
             for s in todo
         ]  # fmt: skip
-        pythons = args.python or ([] if args.kernel else list(PYTHONS))
-        runs[1:1] = python_runs(pythons, args.select, outdir, extra, may_be_empty)
+        runs[1:1] = python_stages
     run_all(runs)
     # Under the VM, and natively as root, every capability is there: a skip means a test did
     # not run.
