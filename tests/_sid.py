@@ -157,23 +157,25 @@ def chroot_argv(
 ) -> list[str]:
     """``argv`` run in the sid root, in the checkout, in a private mount namespace.
 
-    With ``series``, the PATH starts with that virtualenv's ``bin``. ``in_vm``: the root is
-    read-only (``afalg vm``), so ``/tmp`` and ``/run`` get a tmpfs."""
+    With ``series``, the PATH starts with that virtualenv's ``bin``. ``in_vm`` (``afalg vm``):
+    the guest hides /var/cache under a tmpfs, so the root is reached through a bind of ``/``
+    alone (no submounts), and being read-only it gets a tmpfs on ``/tmp`` and ``/run``."""
     path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     if series:
         path = f"{venv(series)}/bin:{path}"
-    binds = [("/proc", "/proc"), ("/sys", "/sys"), ("/dev", "/dev"), (str(ROOT), str(ROOT))]
-    script = [
-        f"mount --rbind {shlex.quote(src)} {shlex.quote(f'{SID}{dst}')}" for src, dst in binds
-    ]
+    script = [f"root={shlex.quote(str(SID))}"]
     if in_vm:
-        script += [f"mount -t tmpfs tmpfs {SID}/{d}" for d in ("tmp", "run")]
+        script += ['top="$(mktemp -d -p /run)"', 'mount --bind / "$top"', f'root="$top"{SID}']
+    binds = ["/proc", "/sys", "/dev", str(ROOT)]
+    script += [f'mount --rbind {shlex.quote(d)} "$root"{shlex.quote(d)}' for d in binds]
+    if in_vm:
+        script += [f'mount -t tmpfs tmpfs "$root"/{d}' for d in ("tmp", "run")]
     inner = f'cd {shlex.quote(str(ROOT))} && exec "$@"'
     # the host's pip settings (a find-links directory, a CA file) name paths the root lacks
     unset = " ".join(f"-u {name}" for name in sorted(os.environ) if name.startswith("PIP_"))
     script.append(
-        f"exec chroot {SID} /usr/bin/env {unset} PATH={shlex.quote(path)} HOME=/root TMPDIR=/tmp "
-        f'/bin/sh -c {shlex.quote(inner)} sh "$@"'
+        f'exec chroot "$root" /usr/bin/env {unset} PATH={shlex.quote(path)} HOME=/root '
+        f'TMPDIR=/tmp /bin/sh -c {shlex.quote(inner)} sh "$@"'
     )
     return [*UNSHARE, "/bin/sh", "-ec", "\n".join(script), "sh", *argv]
 
