@@ -63,12 +63,27 @@ def client_context(
     return ctx
 
 
+def _empty_name_refused() -> bool:
+    """Whether ssl's ``wrap_bio()`` refuses no name while ``check_hostname`` is on (Python
+    3.14+), as ``wrap_socket()`` always did. asyncio passes None for ``server_hostname=""``,
+    and so does afalg: both refuse "" then."""
+    try:
+        client_context().wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname=None)
+    except ValueError as exc:
+        assert "check_hostname requires server_hostname" in str(exc)
+        return True
+    return False
+
+
 def _restrict(ctx: ssl.SSLContext, version: str, cipher: str | None) -> None:
     if version == "TLSv1.2":
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         ctx.set_ciphers(cipher or "ECDHE+AESGCM:ECDHE+CHACHA20")
     elif cipher:
         raise ValueError("Python ssl cannot pick TLS 1.3 suites; use openssl")
+
+
+EMPTY_NAME_REFUSED = _empty_name_refused()
 
 
 def tcp_pair(timeout: float = 30) -> tuple[socket.socket, socket.socket]:
