@@ -107,7 +107,8 @@ def _read_key(args: argparse.Namespace, stdin_is_data: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# hash / hmac: coreutils' sha256sum (9.1), byte for byte, with names as bytes (not UTF-8 only)
+# hash / hmac: coreutils' sha256sum (9.10, and 9.1 but for --check's escaping), byte for byte,
+# with names as bytes (not UTF-8 only)
 # --------------------------------------------------------------------------------------------
 
 # Where a name does not need quoting in a message (gnulib's quotef: shell-escape style, ':' too).
@@ -158,9 +159,11 @@ def _quotef(name: bytes) -> bytes:
 
 
 def _escape(name: bytes, chars: bytes = b"\\\n\r") -> tuple[bytes, bytes]:
-    """coreutils' escaping of a name in a checksum line: (prefix, name). Hashing escapes names
-    with a backslash, newline or carriage return; ``--check`` output only those with a newline
-    (as sha256sum 9.1 does), though it then escapes all three."""
+    """coreutils' escaping of a name in a checksum line or a ``--check`` status line: (prefix,
+    name). A name with a backslash, newline or carriage return is escaped (``\\``, ``\\n``,
+    ``\\r``) and the line starts with a backslash, as sha256sum 9.10 does in both. (9.1 escaped
+    a ``--check`` status line only for a newline, printing a backslash or carriage return raw:
+    ambiguous, and a raw carriage return overwrites the line on a terminal.)"""
     if not any(b in chars for b in name):
         return b"", name
     return b"\\", name.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
@@ -437,8 +440,7 @@ def _check_one(args: argparse.Namespace, listing: bytes, state: _CheckState) -> 
             continue
         formatted = True
         digest, name = parsed
-        # sha256sum 9.1 escapes a name here only when it has a newline (not for \\ or \r)
-        prefix, shown = _escape(name) if b"\n" in name else (b"", name)
+        prefix, shown = _escape(name)
         try:
             actual = _digest_file(args, name).encode()
         except FileNotFoundError as exc:

@@ -277,7 +277,9 @@ class Handshake:
 
     A client whose ``context.check_hostname`` is True needs ``server_hostname`` (else
     ``ValueError("check_hostname requires server_hostname")``, as ssl's ``wrap_socket``);
-    ``server_hostname=""`` checks the chain and no name, on purpose (asyncio's convention).
+    ``server_hostname=""`` checks the chain and no name, on purpose (asyncio's convention),
+    where ssl allows it: from Python 3.14 its ``wrap_bio`` refuses it too while
+    ``check_hostname`` is on (the same ValueError), and so does asyncio.
     """
 
     def __init__(

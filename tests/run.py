@@ -12,9 +12,12 @@
   times, their output printed whole as each finishes.
 
 The host stage runs again under each other CPython at hand (pyenv's 3.12 and 3.13, in
-``~/.pyenv/versions``; those missing are named and left out), each from its own virtualenv
+``~/.pyenv/versions``; as root, Debian sid's 3.14 and 3.15 with its OpenSSL, in a chroot that
+tests/_sid.py makes; those missing are named and left out), each from its own virtualenv
 (``.venv-3.12``, made and installed here; lint, docs and packaging run once, in the first).
-``--kernel`` (a partial run) leaves them out unless ``--python`` names them.
+The kernel tests that depend on ssl or asyncio run under sid's 3.15 on 7.3 too
+(``kernel-7.3-py3.15``). ``--kernel`` (a partial run) leaves them out unless ``--python`` names
+them.
 
 Every pytest run prints its own summary; the last line adds them up (strict xfails, known
 kernel bugs, apart), and the exit status is non-zero if any run failed, if a stage collected
@@ -37,8 +40,11 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import _sid
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ("6.1", "6.12", "7.3")
@@ -55,7 +61,7 @@ PASSED_ENV = ("AFALG_TEST_SCALE", "AFALG_FUZZ_EXAMPLES")  # exported into the VM
 # Debian 12's own kernel, the one whose userland the VM shares, and the shortest stage.
 ONCE_KERNEL = "6.1"
 INDEPENDENT = "kernel_independent"
-PYTHONS = ("3.12", "3.13")  # host stages beside the one running this, from pyenv
+PYTHONS = ("3.12", "3.13", *_sid.SERIES)  # host stages beside this one: pyenv's, Debian sid's
 # Run under one Python only: lint, docs and packaging, and the VM's install (its own extra)
 ONCE = (
     "tests/test_lint.py",
@@ -75,6 +81,7 @@ class Stage:
     suffix: str = ""
     estimate: float = 0.0  # seconds, when no whole run has recorded this stage's (STAGE_SECONDS)
     ignore: tuple[str, ...] = ()  # test files left to the kernel's other part (SPLIT)
+    python: str | None = None  # Debian sid's (tests/_sid.py), on _sid.KERNEL_TESTS only
 
     @property
     def name(self) -> str:
@@ -107,6 +114,20 @@ def stages(kernel: str) -> list[Stage]:
         runs.append(Stage(kernel, "kernel and restricted", suffix="-restricted",
                           estimate=ESTIMATES["restricted"]))  # fmt: skip
     return runs
+
+
+def sid_label(stage: Stage) -> str:
+    """``, Python 3.15.2, OpenSSL 3.6.5 ...`` for a stage under sid's Python, else empty."""
+    if not stage.python:
+        return ""
+    return ", " + python_label(_sid.python(stage.python), _sid.host_wrap(stage.python))
+
+
+def sid_stage() -> Stage:
+    """The ssl- and asyncio-dependent kernel tests under sid's newest Python, on 7.3."""
+    newest = _sid.SERIES[-1]
+    return Stage("7.3", sysctls=(("crypto.af_alg_restrict", "0"),), suffix=f"-py{newest}",
+                 python=newest, estimate=ESTIMATES["sid-kernel"])  # fmt: skip
 
 
 def counts(junit: Path) -> dict[str, int]:
@@ -183,13 +204,16 @@ def vm_command(
     sysctls = [arg for key, value in stage.sysctls for arg in ("--sysctl", f"{key}={value}")]
     passed = [f"{k}={os.environ[k]}" for k in PASSED_ENV if k in os.environ]
     marker = selected(stage.marker, select)
+    ignored = [f"--ignore={path}" for path in stage.ignore]
+    command = pytest_argv(junit, ["-m", marker, "-p", "no:cacheprovider", *ignored, *extra])
+    if stage.python:
+        command = _sid.vm_argv(stage.python, command[1:])
     return [
         sys.executable, "-m", "afalg", "vm", "--kernel", stage.kernel, "--cpus", str(cpus),
         "--timeout", str(timeout), *sysctls,
         "--env", "AFALG_IN_VM=1", "--env", "AFALG_REQUIRE_KERNEL=1",
         "--env", "PYTHONDONTWRITEBYTECODE=1", *(arg for kv in passed for arg in ("--env", kv)),
-        "--", *pytest_argv(junit, ["-m", marker, "-p", "no:cacheprovider",
-                                   *(f"--ignore={path}" for path in stage.ignore), *extra]),
+        "--", *command,
     ]  # fmt: skip
 
 
@@ -230,11 +254,12 @@ class Run:
             sys.stdout.flush()
 
 
-def python_label(python: str | Path) -> str:
-    """``Python 3.12.1, OpenSSL 3.0.19 27 Jan 2026``: what ``python`` runs, asked of it."""
+def python_label(python: str | Path, wrap: Callable[[list[str]], list[str]] = list) -> str:
+    """``Python 3.12.1, OpenSSL 3.0.19 27 Jan 2026``: what ``python`` runs (through ``wrap``,
+    e.g. into the sid root), asked of it."""
     code = "import platform as p, ssl; print(f'Python {p.python_version()},', ssl.OPENSSL_VERSION)"
-    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+    argv = wrap([str(python), "-c", code])
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def pyenv_python(series: str) -> Path | None:
@@ -268,19 +293,28 @@ def python_venv(series: str, base: Path) -> Path:
 def python_runs(
     series: list[str], select: str | None, outdir: Path, extra: list[str], may_be_empty: bool
 ) -> list[Run]:
-    """The host stage under each of ``series`` found in pyenv (the missing ones named)."""
+    """The host stage under each of ``series``: pyenv's, or Debian sid's in its root
+    (tests/_sid.py); the missing ones named."""
     runs = []
     for name in series:
-        base = pyenv_python(name)
-        if base is None:
+        wrap: Callable[[list[str]], list[str]] = list
+        if name in _sid.SERIES:
+            why = _sid.setup(name)
+            if why:
+                print(f"afalg tests: Debian sid's CPython {name}: its host stage is not run: "
+                      f"{why}", flush=True)  # fmt: skip
+                continue
+            python, wrap = _sid.python(name), _sid.host_wrap(name)
+        elif (base := pyenv_python(name)) is None:
             print(f"afalg tests: no CPython {name} in pyenv: its host stage is not run", flush=True)
             continue
-        python = python_venv(name, base)
+        else:
+            python = python_venv(name, base)
         junit = outdir / f"junit-host-{name}.xml"
         ignored = [f"--ignore={path}" for path in ONCE]
-        argv = [str(python), "-m", "pytest", f"--junitxml={junit}",
-                "-m", selected("not kernel", select), *ignored, *extra]  # fmt: skip
-        label = f"host-{name} ({python_label(python)})"
+        argv = wrap([str(python), "-m", "pytest", f"--junitxml={junit}",
+                     "-m", selected("not kernel", select), *ignored, *extra])  # fmt: skip
+        label = f"host-{name} ({python_label(python, wrap)})"
         log = outdir / f"host-{name}.log"
         runs.append(Run(label, argv, junit, log=log, may_be_empty=may_be_empty,
                         estimate=ESTIMATES["host-other"]))  # fmt: skip
@@ -340,9 +374,10 @@ def durations_report(runs: list[Run]) -> str:
 # Seconds per stage (wall, VM boot included) when no whole run has recorded its own yet: a kernel
 # stage without the kernel_independent tests, what those add, the 7.3 allowlist run, the host
 # stage (lint, docs and packaging included) and the host stage under another Python. From the
-# quiet 2-core run at 18a3ddd (docs/guides/testing.md, "Budget").
+# quiet 2-core run at 18a3ddd (docs/guides/testing.md, "Budget"); sid-kernel, kernel-7.3-py3.15:
+# 1,483 s of tests under a load of ~15 (2026-12-06), so about 1,000 quiet (a guess).
 ESTIMATES = {"kernel": 1230.0, INDEPENDENT: 15.0, "restricted": 185.0, "host": 160.0,
-             "host-other": 100.0}  # fmt: skip
+             "host-other": 100.0, "sid-kernel": 1000.0}  # fmt: skip
 # A kernel whose kernel tests run as two VM runs (the files named here, and the rest), so that
 # three kernel stages of about the same length do not leave one slot idle while the other runs
 # two of them end to end; SPLIT_SHARE: the named files' share of the kernel's time.
@@ -485,16 +520,24 @@ def main() -> int:
             log=outdir / "host.log", may_be_empty=may_be_empty, estimate=ESTIMATES["host"],
         )  # fmt: skip
         todo = [stage for k in kernels for stage in stages(k)]
+        pythons = args.python or ([] if args.kernel else list(PYTHONS))
+        python_stages = python_runs(pythons, args.select, outdir, extra, may_be_empty)
+        newest = sid_stage()
+        if newest.kernel in kernels and newest.python in pythons:
+            why = _sid.setup(newest.python)  # done by now if its host stage runs
+            if why:
+                print(f"afalg tests: {newest.name} is not run: {why}", flush=True)
+            else:
+                todo.append(newest)
         cpus = 1 if len(todo) > 1 else 2
         runs = [host] + [
-            Run(f"{s.name} ({release(s.kernel)})",
+            Run(f"{s.name} ({release(s.kernel)}{sid_label(s)})",
                 vm_command(s, cpus, junit(s.name), extra, args.select, timeout),
                 junit(s.name), log=outdir / f"{s.name}.log", may_be_empty=may_be_empty,
                 estimate=s.estimate)
             for s in todo
         ]  # fmt: skip
-        pythons = args.python or ([] if args.kernel else list(PYTHONS))
-        runs[1:1] = python_runs(pythons, args.select, outdir, extra, may_be_empty)
+        runs[1:1] = python_stages
     whole = not may_be_empty and not args.kernel and not args.python and args.scale != "full"
     order = longest_first(runs, recorded_seconds(outdir))
     print("afalg tests: " + ", ".join(f"{r.name} ~{r.estimate:.0f} s" for r in order), flush=True)

@@ -19,7 +19,13 @@ from typing import Any
 import pytest
 from _env import CAFILE, SLOW, WRAP_MODES
 from test_aio import client_of, close, connect, echo, kw, no_fd_leak, run, serving
-from test_tls_helpers import client_context, pattern, server_context, tcp_pair
+from test_tls_helpers import (
+    EMPTY_NAME_REFUSED,
+    client_context,
+    pattern,
+    server_context,
+    tcp_pair,
+)
 
 from afalg import aio, ktls
 from afalg.errors import KTLSError
@@ -79,7 +85,19 @@ def test_empty_server_hostname_turns_the_check_off() -> None:
     """``server_hostname=""``: the certificate is verified, its name is not (asyncio's way to
     say so on purpose); a wrong name still fails; with a host, "" wins over the host."""
 
+    async def refused() -> None:  # Python 3.14+: ssl's wrap_bio refuses "", as asyncio does
+        for opener, extra in ((aio.open_connection, kw(HOST)), (asyncio.open_connection, {})):
+            client, peer = tcp_pair()
+            with client, peer:
+                with pytest.raises(ValueError, match="requires server_hostname"):
+                    await opener(sock=client, ssl=client_context(), server_hostname="", **extra)
+                peer.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    assert peer.recv(1) == b""  # no byte sent (the socket may be closed)
+
     async def main() -> None:
+        if EMPTY_NAME_REFUSED:
+            return await refused()
         server = await asyncio.start_server(echo, "127.0.0.2", 0, ssl=server_context())
         async with server:
             port = server.sockets[0].getsockname()[1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import select
 import shutil
 import socket
@@ -62,12 +63,27 @@ def client_context(
     return ctx
 
 
+def _empty_name_refused() -> bool:
+    """Whether ssl's ``wrap_bio()`` refuses no name while ``check_hostname`` is on (Python
+    3.14+), as ``wrap_socket()`` always did. asyncio passes None for ``server_hostname=""``,
+    and so does afalg: both refuse "" then."""
+    try:
+        client_context().wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname=None)
+    except ValueError as exc:
+        assert "check_hostname requires server_hostname" in str(exc)
+        return True
+    return False
+
+
 def _restrict(ctx: ssl.SSLContext, version: str, cipher: str | None) -> None:
     if version == "TLSv1.2":
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         ctx.set_ciphers(cipher or "ECDHE+AESGCM:ECDHE+CHACHA20")
     elif cipher:
         raise ValueError("Python ssl cannot pick TLS 1.3 suites; use openssl")
+
+
+EMPTY_NAME_REFUSED = _empty_name_refused()
 
 
 def tcp_pair(timeout: float = 30) -> tuple[socket.socket, socket.socket]:
@@ -174,10 +190,42 @@ def pattern(n: int, seed: int = 0) -> bytes:
 # --- openssl subprocesses ------------------------------------------------------------------------
 
 
-def suite_args(version: str, suite: str) -> list[str]:
+def suite_args(version: str, suite: str | None) -> list[str]:
+    """openssl's options for ``version`` and ``suite`` (None: its default suites and groups)."""
     if version == "TLSv1.3":
-        return ["-tls1_3", "-ciphersuites", suite]
-    return ["-tls1_2", "-cipher", suite]
+        return ["-tls1_3", *(["-ciphersuites", suite] if suite else [])]
+    return ["-tls1_2", *(["-cipher", suite] if suite else [])]
+
+
+def openssl_version() -> tuple[int, int]:
+    """(major, minor) of the openssl command."""
+    out = subprocess.run([require_openssl(), "version"], capture_output=True, text=True, check=True)
+    found = re.match(r"OpenSSL (\d+)\.(\d+)", out.stdout)
+    assert found, out.stdout
+    return int(found.group(1)), int(found.group(2))
+
+
+HYBRID = "X25519MLKEM768"  # OpenSSL 3.5+'s first default group: X25519 + ML-KEM-768
+
+
+def default_group(version: str) -> str:
+    """The group ssl's OpenSSL and the openssl command agree on with their defaults: the
+    hybrid X25519MLKEM768 in TLS 1.3 where both are 3.5 or later (its key share alone is
+    1,216 bytes), else X25519."""
+    modern = ssl.OPENSSL_VERSION_INFO >= (3, 5) and openssl_version() >= (3, 5)
+    return HYBRID if version == "TLSv1.3" and modern else "X25519"
+
+
+# s_client -brief prints "Negotiated TLS1.3 group: X25519MLKEM768" (3.5+) or "Server Temp Key:
+# X25519, 253 bits" (3.0) or "Peer Temp Key: X25519, 253 bits" (3.5+, TLS 1.2); s_server -brief
+# prints "Peer Temp Key: X25519MLKEM768" (3.5+, TLS 1.3 only)
+_GROUP = re.compile(rb"(?:Negotiated TLS1\.3 group|(?:Peer|Server) Temp Key): ([\w-]+)")
+
+
+def reported_group(stderr: bytes) -> str | None:
+    """The key exchange group an openssl -brief run printed on stderr, if it printed one."""
+    found = _GROUP.search(stderr)
+    return found.group(1).decode() if found else None
 
 
 def free_port() -> int:
@@ -186,7 +234,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def openssl_server(version: str, suite: str, *extra: str) -> Iterator[tuple[Any, socket.socket]]:
+def openssl_server(
+    version: str, suite: str | None, *extra: str
+) -> Iterator[tuple[Any, socket.socket]]:
     """``openssl s_server -quiet -naccept 1`` (stdin: what it sends, stdout: what it got) and a
     TCP socket connected to it."""
     port = free_port()
@@ -214,7 +264,9 @@ def openssl_server(version: str, suite: str, *extra: str) -> Iterator[tuple[Any,
 
 
 @contextlib.contextmanager
-def openssl_client(version: str, suite: str, *extra: str) -> Iterator[tuple[Any, socket.socket]]:
+def openssl_client(
+    version: str, suite: str | None, *extra: str
+) -> Iterator[tuple[Any, socket.socket]]:
     """``openssl s_client -brief`` connected to us (stdin: what it sends, "K" line: KeyUpdate,
     EOF: close_notify; stdout: what it got) and our accepted TCP socket."""
     with socket.create_server(("127.0.0.1", 0)) as listener:

@@ -1,7 +1,12 @@
 """afalg TLS sockets against ``openssl s_server`` / ``s_client`` (an independent TLS stack in
 another process): the three TLS 1.3 suites and TLS 1.2 AES-GCM and ChaCha20-Poly1305, both
 roles, data both ways right after the handshake, NewSessionTickets after the handshake (OpenSSL
-servers send two), close_notify, and a KeyUpdate from OpenSSL (``K`` on s_client's stdin)."""
+servers send two), close_notify, and a KeyUpdate from OpenSSL (``K`` on s_client's stdin).
+
+And both ends with their default suites and groups, the negotiated group checked in openssl's
+output: with OpenSSL 3.5 or later on both sides (Debian sid's 3.6, under its Python 3.14/3.15:
+tests/_sid.py) the hybrid X25519MLKEM768 in TLS 1.3, whose ClientHello carries a 1.2 KB key
+share; X25519 otherwise."""
 
 from __future__ import annotations
 
@@ -11,14 +16,17 @@ import socket
 import pytest
 from _env import WRAP_MODES
 from test_tls_helpers import (
+    HYBRID,
     TLS12_SUITES,
     TLS13_SUITES,
     client_context,
+    default_group,
     openssl_client,
     openssl_server,
     read_stdout,
     recv_all,
     recv_exactly,
+    reported_group,
     server_context,
     wait_stderr,
 )
@@ -150,3 +158,69 @@ def test_tls13_client_resumes_against_s_server(mode: tuple[str, str]) -> None:
             proc.stdin.write(b"2\n")
             proc.stdin.flush()
             assert recv_exactly(conn, 2) == b"2\n"
+
+
+def _peek(sock: socket.socket, n: int) -> bytes:
+    """The first ``n`` bytes waiting on ``sock``, left there."""
+    data = b""
+    while len(data) < n:
+        data = sock.recv(n, socket.MSG_PEEK)
+        if not data:
+            raise EOFError("the peer closed before sending anything")
+    return data
+
+
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_server_against_s_client_defaults(mode: tuple[str, str], version: str) -> None:
+    """s_client with its default suites and groups: OpenSSL 3.5+ opens TLS 1.3 with an
+    X25519MLKEM768 key share, a ClientHello record of over 1,200 bytes, which the hand-off
+    takes whole; the group both sides agree on is the one s_client reports."""
+    group = default_group(version)
+    with openssl_client(version, None) as (proc, sock):
+        header = _peek(sock, 5)
+        length = int.from_bytes(header[3:5], "big")
+        assert header[0] == 22 and (length > 1200) == (group == HYBRID), (header, length)
+        conn = tls.wrap(
+            sock, server_context(version), server_side=True, mode=mode[0], algif_backend=mode[1]
+        )
+        with conn:
+            assert conn.version() == version
+            conn.sendall(FROM_US)
+            proc.stdin.write(FROM_OPENSSL)
+            proc.stdin.flush()
+            assert read_stdout(proc, len(FROM_US)) == FROM_US
+            assert recv_exactly(conn, len(FROM_OPENSSL)) == FROM_OPENSSL
+            proc.stdin.close()  # s_client sends close_notify
+            assert recv_all(conn) == b""
+        proc.wait(30)
+        assert reported_group(proc.stderr.read()) == group
+
+
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_client_against_s_server_defaults(mode: tuple[str, str], version: str) -> None:
+    """ssl's default groups against s_server's: with OpenSSL 3.5+ on both sides our ClientHello
+    carries the hybrid key share and s_server reports X25519MLKEM768 (it names the group in
+    TLS 1.3 only, and before 3.5 not at all)."""
+    group = default_group(version)
+    with openssl_server(version, None, "-brief") as (proc, sock):
+        conn = tls.wrap(
+            sock, client_context(version), server_hostname="localhost", mode=mode[0],
+            algif_backend=mode[1],
+        )  # fmt: skip
+        with conn:
+            assert conn.version() == version
+            # s_server prints the summary only when the handshake ends on a read from us: its
+            # stdin stays empty until it has our data (a write would finish it silently)
+            conn.sendall(FROM_US)
+            assert read_stdout(proc, len(FROM_US)) == FROM_US
+            proc.stdin.write(FROM_OPENSSL)
+            proc.stdin.flush()
+            assert recv_exactly(conn, len(FROM_OPENSSL)) == FROM_OPENSSL
+        assert proc.wait(30) == 0  # our close_notify ended its session
+        shown = reported_group(proc.stderr.read())
+    if group == HYBRID:
+        assert shown == HYBRID
+    else:
+        assert shown in (None, group)
