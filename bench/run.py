@@ -1188,6 +1188,9 @@ def web_server(framework: str, loop: str, path: str, ready: str) -> None:
     socket listens already: a client waits in the backlog until the loop accepts)."""
     server_ctx, _ = contexts("1.3")
     sock = socket.create_server(("127.0.0.1", 0), backlog=512)
+    # accepted sockets inherit TCP_NODELAY: a response written as two records (head, body)
+    # must not wait for the client's delayed ACK (40 ms) on any loop
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     partial = Path(ready).with_suffix(".tmp")
     partial.write_text(f"127.0.0.1 {sock.getsockname()[1]}\n")
     if framework == "uvicorn":
@@ -1439,7 +1442,7 @@ def bench_frameworks(
                     for _ in range(rounds):
                         for lp in LOOPS:
                             small[lp].append(web_load(ports[lp], clients, seconds))
-                    what = f"{job}, 1 KiB response, {clients} client{'s' * (clients > 1)}"
+                    what = f"{framework}, 1 KiB response, {clients} client{'s' * (clients > 1)}"
                     for peer_loop in ("asyncio", "aiofastnet"):
                         for metric, unit, better in (("rps", "requests/s", "high"),
                                                      ("p99", "p99 ms", "low")):  # fmt: skip
