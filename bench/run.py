@@ -1413,7 +1413,7 @@ def bench_frameworks(
             with contextlib.ExitStack() as stack:
                 ports = {lp: stack.enter_context(web_process(framework, lp, path)) for lp in LOOPS}
                 for lp in LOOPS:  # warm-up, not counted: imports, first connections
-                    web_file(ports[lp])
+                    web_load(ports[lp], 1, 0.2)
                 files: dict[str, list[dict[str, float]]] = {lp: [] for lp in LOOPS}
                 opened: dict[str, dict[str, int]] = {lp: {} for lp in LOOPS}
                 for _ in range(rounds):
@@ -1428,6 +1428,8 @@ def bench_frameworks(
                 mine = LOOP_LABELS["afalg"]
                 for peer_loop, mbs_target in (("asyncio", 1.3), ("aiofastnet", 1.0)):
                     peer_label = LOOP_LABELS[peer_loop]
+                    note = (f"afalg's loop: {ktls_note('afalg', opened['afalg'])}; the peer: "
+                            f"{ktls_note(peer_loop, opened[peer_loop])}")  # fmt: skip
                     for metric, unit, better, target in (
                         ("mbs", "MB/s", "high", mbs_target),
                         ("cpu", "guest CPU s/GB", "low", 1.0),
@@ -1435,7 +1437,7 @@ def bench_frameworks(
                         rows.append(Row(section, f"{job}, {mib} MiB file", mine, peer_label,
                                         unit, [r[metric] for r in files["afalg"]],
                                         [r[metric] for r in files[peer_loop]], better=better,
-                                        target=target))  # fmt: skip
+                                        target=target, note=note))  # fmt: skip
                         print(_line(rows[-1]), flush=True)
                 for clients in counts:
                     small: dict[str, list[dict[str, float]]] = {lp: [] for lp in LOOPS}
@@ -1495,7 +1497,10 @@ def bench_urllib3(rounds: int, mib: int = 64) -> list[Row]:
             f.write(block)
         f.flush()
         with web_process("aiohttp", "afalg", Path(f.name)) as port:
-            download("afalg", port), download("ssl", port)  # warm-up
+            for kind in ("afalg", "ssl"):  # warm-up: imports, the server's first connection
+                pool = urllib3.PoolManager(ssl_context=context(kind), server_hostname="localhost")
+                pool.request("GET", f"https://127.0.0.1:{port}/small")
+                pool.clear()
             got: dict[str, list[tuple[float, float]]] = {"afalg": [], "ssl": []}
             rx0 = tls_stat().get("TlsRxSw", 0)
             for _ in range(rounds):
@@ -1552,8 +1557,10 @@ def run_here(args: argparse.Namespace) -> dict[str, Any]:
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=1))
 
-        # the cheap and the headline sections first: a VM timeout cuts the last ones
-        for section in sorted(args.sections, key="314657".index):
+        # the cheap, the headline and the new sections first: a VM timeout cuts the last ones
+        result["sections_asked"] = sorted(args.sections, key="316714".index)
+        result["sections_done"] = []
+        for section in result["sections_asked"]:
             if section == "3":
                 rows += bench_overhead(path, args.rounds, args.seconds)
             elif section == "6":
@@ -1573,6 +1580,7 @@ def run_here(args: argparse.Namespace) -> dict[str, Any]:
                                                        counts, args.web_mib)  # fmt: skip
                 rows += web_rows
                 result["notes"] += web_notes
+            result["sections_done"].append(section)
             save()
         assert size
     result["rows"] = [asdict(r) for r in rows]
@@ -1801,6 +1809,12 @@ def write_markdown(runs: list[dict[str, Any]], out: Path) -> None:
                   f"{m['vm']}; {m['cpus']} vCPUs of {m['cpu']}; Python {m['python']}, "
                   f"{m['openssl']}; crypto.af_alg_restrict: {m['af_alg_restrict']}; "
                   f"{run['seconds']} s in all.", ""]  # fmt: skip
+        missing = [
+            x for x in run.get("sections_asked", []) if x not in run.get("sections_done", [])
+        ]
+        if missing:
+            lines += [f"**Incomplete: sections {', '.join(missing)} did not run or finish (the "
+                      f"VM exited with status {run['host']['exit']}).**", ""]  # fmt: skip
         targets = [row for row in run["rows"] if row.target is not None]
         if targets:
             lines += ["Targets:", ""]
