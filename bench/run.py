@@ -1567,7 +1567,7 @@ def run_here(args: argparse.Namespace) -> dict[str, Any]:
                 Path(args.json).write_text(json.dumps(result, indent=1))
 
         # the cheap, the headline and the new sections first: a VM timeout cuts the last ones
-        result["sections_asked"] = sorted(args.sections, key="316714".index)
+        result["sections_asked"] = sorted(args.sections, key="316745".index)
         result["sections_done"] = []
         for section in result["sections_asked"]:
             if section == "3":
