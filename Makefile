@@ -47,9 +47,11 @@ docs: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) .venv-3.* .vmtmp .pytest_cache build *.egg-info docs/_build
 
-# Benchmarks (bench/run.py): on each kernel of make test in the VM (7.3 with
-# crypto.af_alg_restrict=0), ~40 min; writes bench/RESULTS.md and bench/results.png. Needs the
-# bench extra (matplotlib) and, as root, installs strace with apt. K="6.12" for one kernel.
+# Benchmarks (bench/run.py): one run on each kernel of make test in the VM (7.3 with
+# crypto.af_alg_restrict=0), five rounds per figure; writes bench/RESULTS.md (its header: the
+# commit, the time, the host's load before and after each VM) and bench/results.png. Needs the
+# bench extra (matplotlib, aiofastnet, the frameworks) and, as root, installs strace with apt.
+# K="6.12" for one kernel.
 $(VENV)/.bench-installed: $(VENV)/.installed setup.cfg
 	$(PY) -m pip install -q -e '.[bench]'
 	touch $@

@@ -15,11 +15,20 @@ with its range over the rounds. The sections (issue 14):
    128 KiB reads, algif ``sendfile``, Python ssl read + ``sendall`` (128 KiB). MB/s, and CPU
    seconds per GB for the whole guest (``/proc/stat``: kernel crypto may run outside the sender);
 2. the receive side: the same file received by kTLS ``recv_into``, algif ``recv_into`` and ssl;
-3. afalg's own overhead: each afalg call against a bare loop of the same system calls;
+3. afalg's own overhead: each afalg call against a bare loop of the same system calls (and
+   against ssl.SSLSocket's), at 16 KiB, 1 KiB and 64 B per call; a receive step delivers the
+   same bytes on both sides, and what afalg's 17 KiB read-ahead saves is a row of its own;
 4. system calls per 16 KiB record on every path (``strace -c -f``), and an io_submit batch;
 5. echo servers with 1, 10, 100 clients per mode: the threaded one (examples/tls_echo_server.py)
    against itself on Python ssl, and one on ``afalg.aio.start_server`` against asyncio's TLS;
-6. AF_ALG hash, skcipher and AEAD against hashlib and cryptography; file hashing by splice.
+6. AF_ALG hash, skcipher and AEAD against hashlib and cryptography (each keyed once per row);
+   file hashing by splice;
+7. frameworks: aiohttp's ``FileResponse`` and a uvicorn ASGI app on afalg's event loop against
+   asyncio's TLS and aiofastnet 1.2's loop (a 16 MiB file; a 1 KiB response at 1, 10, 100
+   clients), and urllib3 downloading 64 MiB over ``afalg.tls.SSLContext`` against ssl's.
+
+``make bench`` is one run at one commit, five rounds per figure; RESULTS.md states the commit,
+the time and the host's load before and after each VM, and refuses to merge runs.
 
 Speed targets live here (PASS/MISS per row), never in timed tests. Where this kernel lacks
 AF_ALG or kTLS the script re-runs itself under ``afalg vm`` once per ``--kernel`` (7.3 with
@@ -452,11 +461,20 @@ def overhead_pairs(size: int) -> dict[str, tuple[Callable[[], object], Callable[
 # (bytes per call, afalg's call, the peer's label, afalg, the peer)
 Pair = tuple[int, str, str, Callable[[], object], Callable[[], object]]
 SEEK_LABEL = "bare loop + lseek"
+READ_AHEAD = 2**14 + 1024  # afalg.ktls._RECORD_BUF: one whole record's plaintext
+AHEAD_LABEL = "bare loop + 17 KiB read-ahead"
 
 
 def ktls_pairs(size: int, path: Path) -> Iterator[Pair]:
-    """kTLS sendfile and recv_into against os.sendfile / socket.recv_into on the same socket;
-    the peer drains raw bytes (sendfile) or keeps sending (recv_into) in another process.
+    """kTLS sendfile, recv_into and (below 16 KiB) sendall against os.sendfile /
+    socket.recv_into / socket.sendall on the same socket, and recv_into and sendall against
+    ssl.SSLSocket's; the peer drains raw bytes or keeps sending in another process.
+
+    A receive step delivers exactly ``size`` bytes on both sides, in as many calls as it
+    takes: afalg reads up to 17 KiB ahead into a scratch buffer when asked for less and serves
+    the next calls from memory, a bare ``recv_into`` returns what one record holds. What that
+    read-ahead saves by itself is its own row: a bare loop with the same 17 KiB read-ahead
+    against the bare loop.
 
     ``KTLSSocket.sendfile`` keeps :meth:`socket.socket.sendfile`'s promise that the file
     position ends after the bytes sent: one ``lseek`` per call, which a bare ``os.sendfile``
@@ -508,28 +526,80 @@ def ktls_pairs(size: int, path: Path) -> Iterator[Pair]:
             while True:
                 conn.sendall(blob)
 
-    with peer(source) as sock:
+    with peer(source) as sock, peer(source) as ssl_sock:
         conn = wrap("ktls", sock, server_ctx, server=True)
+        ssl_conn = wrap("ssl", ssl_sock, server_ctx, server=True)
         buf = bytearray(size)
+        view = memoryview(buf)
         raw = socket.socket(fileno=os.dup(conn.fileno()))
 
-        def mine_rx() -> None:
-            conn.recv_into(buf, size)
+        def exactly(recv_into: Callable[[memoryview, int], int]) -> Callable[[], object]:
+            """A step that delivers exactly ``size`` bytes, in as many calls as it takes: each
+            side of a receive row hands the caller the same bytes per step."""
 
-        def bare_rx() -> None:
-            raw.recv_into(buf, size)
+            def step() -> None:
+                got = 0
+                while got < size:
+                    got += recv_into(view[got:], size - got)
 
+            return step
+
+        # afalg reads up to READ_AHEAD bytes into a scratch buffer when the caller asks for less
+        # (ktls._RECORD_BUF) and serves the next calls from memory: the same in a bare loop, so
+        # that what read-ahead itself saves is a row of its own
+        pending = bytearray()
+        scratch = memoryview(bytearray(READ_AHEAD))
+
+        def ahead_into(target: memoryview, want: int) -> int:
+            if not pending:
+                pending.extend(scratch[: raw.recv_into(scratch)])
+            k = min(want, len(pending))
+            target[:k] = pending[:k]
+            del pending[:k]
+            return k
+
+        mine_rx, bare_rx = exactly(conn.recv_into), exactly(raw.recv_into)
         yield size, "KTLSSocket.recv_into", "bare loop", mine_rx, bare_rx
+        yield (
+            size,
+            "KTLSSocket.recv_into",
+            "SSLSocket.recv_into",
+            mine_rx,
+            exactly(ssl_conn.recv_into),
+        )
+        yield size, AHEAD_LABEL, "bare loop", exactly(ahead_into), bare_rx
         raw.close()
-        with contextlib.suppress(OSError):
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        for s in (sock, ssl_sock):
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(s, socket.SHUT_RDWR)
         shut(conn)
+        shut(ssl_conn)
+
+    if size >= RECORD:
+        return  # the send rows below are the small-message path (issue 28); 16 KiB: sendfile
+    with peer(drain) as sock, peer(drain) as ssl_sock:
+        conn = wrap("ktls", sock, server_ctx, server=True)
+        ssl_conn = wrap("ssl", ssl_sock, server_ctx, server=True)
+        raw = socket.socket(fileno=os.dup(conn.fileno()))
+        data = os.urandom(size)
+        mine_tx = lambda: conn.sendall(data)  # noqa: E731
+        yield size, "KTLSSocket.sendall", "bare loop", mine_tx, lambda: raw.sendall(data)
+        yield (
+            size,
+            "KTLSSocket.sendall",
+            "SSLSocket.sendall",
+            mine_tx,
+            lambda: ssl_conn.sendall(data),
+        )
+        raw.close()
+        shut(conn)
+        shut(ssl_conn)
 
 
 def bench_overhead(path: Path, rounds: int, seconds: float) -> list[Row]:
     rows: list[Row] = []
-    for size in (RECORD, 64):
-        label = "16 KiB" if size == RECORD else f"{size} B"
+    for size in (RECORD, 1024, 64):
+        label = size_label(size)
         pairs = overhead_pairs(size)
         for name, (mine, bare) in pairs.items():
             mine_us, bare_us = paired(mine, bare, rounds, seconds)
@@ -541,7 +611,8 @@ def bench_overhead(path: Path, rounds: int, seconds: float) -> list[Row]:
         for n, name, peer_name, mine, bare in ktls_pairs(size, path):
             mine_us, bare_us = paired(mine, bare, rounds, seconds, time.process_time)
             job = f"{label} per call" if n == size else f"{n // 1024} KiB per call"
-            afalg_vs_bare = name != SEEK_LABEL and peer_name == "bare loop"  # the targeted rows
+            # the targeted rows: afalg against the bare loop
+            afalg_vs_bare = name not in (SEEK_LABEL, AHEAD_LABEL) and peer_name == "bare loop"
             rows.append(Row("3. afalg vs bare system calls", job, name,
                             peer_name, "us/call (process CPU)", mine_us, bare_us,
                             better="low",
@@ -999,7 +1070,7 @@ def bench_primitives(path: Path, rounds: int, seconds: float) -> list[Row]:
     def pair(job: str, mine_name: str, peer_name: str, mine: Callable[[], object],
              peer_call: Callable[[], object], n: int, note: str = "") -> None:  # fmt: skip
         try:
-            mine_us, peer_us = paired(mine, peer_call, rounds if n <= 1 << 20 else 2, seconds)
+            mine_us, peer_us = paired(mine, peer_call, rounds, seconds)
         except AlgError as exc:  # e.g. 1 MiB AEAD on 6.1: optmem_max=20480 refuses it
             print(f"bench: {job}, {mine_name}: {exc}", flush=True)
             refused.append(f"{job}, {mine_name}: refused here: {exc}")
@@ -1008,9 +1079,11 @@ def bench_primitives(path: Path, rounds: int, seconds: float) -> list[Row]:
                         [n / t for t in mine_us], [n / t for t in peer_us], note=note))  # fmt: skip
         print(_line(rows[-1]), flush=True)
 
-    def cbc(data: bytes) -> bytes:
-        enc = Cipher(algorithms.AES(key), modes.CBC(iv16)).encryptor()
-        return enc.update(data) + enc.finalize()
+    # the peer keyed once, as afalg's SKCipher (one keyed socket for the row): one encryptor
+    # for the whole row, whose CBC chain runs on (each call's IV is the last ciphertext
+    # block; cryptography cannot set a new IV on a live CBC context), no key schedule per call
+    cbc_encryptor = Cipher(algorithms.AES(key), modes.CBC(iv16)).encryptor()
+    cbc = cbc_encryptor.update
 
     for n in SIZES:
         data = os.urandom(n)
@@ -1021,8 +1094,10 @@ def bench_primitives(path: Path, rounds: int, seconds: float) -> list[Row]:
         pair(f"SHA-256, {label}", "one Hash: update + digest", "hashlib.sha256(data).digest()",
              lambda d=data: (kept.update(d), kept.digest()),
              lambda d=data: hashlib.sha256(d).digest(), n)  # fmt: skip
-        pair(f"AES-128-CBC encrypt, {label}", "SKCipher.encrypt", "cryptography Cipher",
-             lambda d=data: cipher.encrypt(iv16, d), lambda d=data: cbc(d), n)  # fmt: skip
+        pair(f"AES-128-CBC encrypt, {label}", "SKCipher.encrypt",
+             "cryptography: one encryptor, update()",
+             lambda d=data: cipher.encrypt(iv16, d), lambda d=data: cbc(d), n,
+             "both keyed once for the row")  # fmt: skip
         pair(f"AES-128-GCM seal, {label}", "AEAD.encrypt", "cryptography AESGCM",
              lambda d=data: aead.encrypt(iv, d),
              lambda d=data: aesgcm.encrypt(iv, d, None), n)  # fmt: skip
@@ -1064,6 +1139,394 @@ REFUSED: list[str] = []  # section 6 rows the kernel refused, for the report's n
 
 
 # ==============================================================================================
+# 7. Frameworks on afalg's event loop, and urllib3 over afalg.tls.SSLContext
+# ==============================================================================================
+
+# The loops of section 7: afalg's, and its two peers (aiofastnet 1.2's, asyncio's own TLS).
+LOOPS = ("afalg", "aiofastnet", "asyncio")
+LOOP_LABELS = {
+    "afalg": "afalg.aio.new_event_loop",
+    "aiofastnet": "aiofastnet.loop_factory()",
+    "asyncio": "asyncio's TLS",
+}
+FRAMEWORKS = ("aiohttp", "uvicorn")
+SMALL = 1024  # the small response's body
+
+
+def aiofastnet_loop() -> asyncio.AbstractEventLoop:
+    """A loop of aiofastnet's (uvicorn's ``--loop`` wants a zero-argument callable)."""
+    import aiofastnet
+
+    return aiofastnet.loop_factory()()
+
+
+def new_loop(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if name == "afalg":
+        from afalg import aio
+
+        return aio.new_event_loop
+    return aiofastnet_loop if name == "aiofastnet" else asyncio.new_event_loop
+
+
+def asgi_app(path: str) -> Callable[..., Any]:
+    """The uvicorn app: ``/file`` reads ``path`` in 128 KiB blocks into the response body
+    (ASGI has no sendfile in uvicorn), anything else a 1 KiB body."""
+    small, size = b"x" * SMALL, os.path.getsize(path)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = scope["path"] == "/file"
+        length = str(size if body else SMALL).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", length)]})  # fmt: skip
+        if not body:
+            await send({"type": "http.response.body", "body": small})
+            return
+        with open(path, "rb") as f:
+            while block := f.read(CHUNK):
+                await send({"type": "http.response.body", "body": block, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
+def web_server(framework: str, loop: str, path: str, ready: str) -> None:
+    """Serves ``/file`` (``path``) and a 1 KiB ``/small`` over TLS with ``framework`` on
+    ``loop`` (:data:`LOOPS`) until SIGTERM; writes ``HOST PORT`` to ``ready`` first (the
+    socket listens already: a client waits in the backlog until the loop accepts)."""
+    server_ctx, _ = contexts("1.3")
+    sock = socket.create_server(("127.0.0.1", 0), backlog=512)
+    # accepted sockets inherit TCP_NODELAY: a response written as two records (head, body)
+    # must not wait for the client's delayed ACK (40 ms) on any loop
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    partial = Path(ready).with_suffix(".tmp")
+    partial.write_text(f"127.0.0.1 {sock.getsockname()[1]}\n")
+    if framework == "uvicorn":
+        import uvicorn
+
+        loops = {"afalg": "afalg.aio:new_event_loop", "aiofastnet": "__main__:aiofastnet_loop"}
+        config = uvicorn.Config(asgi_app(path), loop=loops.get(loop, "asyncio"),
+                                ssl_certfile=str(CERTS / "server.pem"),
+                                ssl_keyfile=str(CERTS / "server.key"), log_level="warning",
+                                access_log=False, lifespan="off")  # fmt: skip
+        partial.rename(ready)
+        uvicorn.Server(config).run(sockets=[sock])
+        return
+    from aiohttp import web
+
+    async def main() -> None:
+        small = b"x" * SMALL
+
+        async def file(request: web.Request) -> web.StreamResponse:
+            return web.FileResponse(path)
+
+        async def tiny(request: web.Request) -> web.StreamResponse:
+            return web.Response(body=small)
+
+        app = web.Application()
+        app.router.add_get("/file", file)
+        app.router.add_get("/small", tiny)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.SockSite(runner, sock, ssl_context=server_ctx).start()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        partial.rename(ready)
+        await stop.wait()
+        await runner.cleanup()
+
+    with asyncio.Runner(loop_factory=new_loop(loop)) as runner:
+        runner.run(main())
+
+
+@contextlib.contextmanager
+def web_process(framework: str, loop: str, path: Path) -> Iterator[int]:
+    """:func:`web_server` in its own process; yields its port."""
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    ready = OUT_DIR / f"ready-{framework}-{loop}"
+    ready.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--web-server", framework, loop, str(path), str(ready)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, env=child_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{framework} on {loop}'s loop did not start")
+            time.sleep(0.1)
+        yield int(ready.read_text().split()[1])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class HTTPClient:
+    """HTTP/1.1 GETs, kept alive, over one blocking TLS socket (Python's ssl)."""
+
+    def __init__(self, port: int) -> None:
+        _, client_ctx = contexts("1.3")
+        raw = socket.create_connection(("127.0.0.1", port))
+        self.conn = client_ctx.wrap_socket(raw, server_hostname="localhost")
+        self.buf = bytearray()
+        self.block = bytearray(CHUNK)
+
+    def get(self, path: str) -> int:
+        """GET ``path``; the body's length (read whole, not kept)."""
+        self.conn.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        while (end := self.buf.find(b"\r\n\r\n")) < 0:
+            self._more()
+        head = bytes(self.buf[:end]).decode("latin-1").lower()
+        if not head.startswith("http/1.1 200"):
+            raise RuntimeError(f"GET {path}: {head.splitlines()[0]}")
+        length = int(head.split("content-length:")[1].split("\r\n")[0])
+        del self.buf[: end + 4]
+        got = min(length, len(self.buf))
+        del self.buf[:got]
+        while got < length:
+            n = self.conn.recv_into(self.block, min(CHUNK, length - got))
+            if not n:
+                raise ConnectionError(f"GET {path}: {got} of {length} bytes")
+            got += n
+        return length
+
+    def _more(self) -> None:
+        data = self.conn.recv(65536)
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        self.buf += data
+
+    def close(self) -> None:
+        shut(self.conn)
+
+
+def in_child(job: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``job()`` in a forked process (the client of a server row); its result."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(r)
+            os.write(w, json.dumps(job()).encode())
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    if not data:
+        raise RuntimeError("the client process failed (its traceback is above)")
+    return dict(json.loads(data))
+
+
+def web_file(port: int) -> dict[str, float]:
+    """One GET of ``/file`` by a client in another process, timed from the end of its
+    handshake (and of a first small GET) to the last byte: MB/s, guest CPU s/GB."""
+
+    def job() -> dict[str, float]:
+        client = HTTPClient(port)
+        client.get("/small")
+        cpu0, t0 = busy_seconds(), time.perf_counter()
+        size = client.get("/file")
+        elapsed, cpu = time.perf_counter() - t0, busy_seconds() - cpu0
+        client.close()
+        return {"mbs": size / elapsed / 1e6, "cpu": cpu / (size / 1e9)}
+
+    return in_child(job)
+
+
+def web_load(port: int, clients: int, seconds: float) -> dict[str, float]:
+    """``clients`` kept-alive connections in another process, a thread each, GETting the 1 KiB
+    ``/small`` for ``seconds`` after every handshake: requests/s, p50 and p99 (ms)."""
+
+    def job() -> dict[str, float]:
+        conns = [HTTPClient(port) for _ in range(clients)]
+        latencies: list[list[float]] = [[] for _ in conns]
+        start = threading.Barrier(clients + 1)
+        end = [0.0]
+
+        def client(i: int) -> None:
+            start.wait()
+            while (t := time.perf_counter()) < end[0]:
+                conns[i].get("/small")
+                latencies[i].append(time.perf_counter() - t)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        end[0] = time.perf_counter() + seconds
+        start.wait()
+        for t in threads:
+            t.join()
+        for c in conns:
+            c.close()
+        lat = sorted(x for each in latencies for x in each)
+        return {"rps": len(lat) / seconds, "p50": 1e3 * lat[len(lat) // 2],
+                "p99": 1e3 * lat[min(len(lat) - 1, int(len(lat) * 0.99))]}  # fmt: skip
+
+    return in_child(job)
+
+
+def tls_stat() -> dict[str, int]:
+    """The kernel's kTLS counters (/proc/net/tls_stat), empty where there are none."""
+    counters = {}
+    for line in (_read("/proc/net/tls_stat") or "").splitlines():
+        name, _, value = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            counters[name] = int(value.strip())
+    return counters
+
+
+def ktls_note(loop: str, opened: dict[str, int]) -> str:
+    """Whether ``loop``'s rows ran kTLS: the kTLS sockets the kernel counted while they ran."""
+    tx, rx = opened.get("TlsTxSw", 0) + opened.get("TlsTxDevice", 0), opened.get("TlsRxSw", 0)
+    seen = f"kTLS contexts opened during its rounds: {tx} TX, {rx} RX"
+    if loop != "aiofastnet":
+        return seen
+    why = ""
+    if not hasattr(ssl, "OP_ENABLE_KTLS"):
+        why = (f"no kTLS: it needs ssl.OP_ENABLE_KTLS (Python 3.12+; this is "
+               f"{platform.python_version()}) and an OpenSSL built with kTLS (Debian 12's "
+               f"{ssl.OPENSSL_VERSION.split()[1]} is not); ")  # fmt: skip
+    return why + seen
+
+
+def bench_frameworks(
+    rounds: int, seconds: float, counts: tuple[int, ...], mib: int
+) -> tuple[list[Row], list[str]]:
+    """aiohttp's FileResponse and a uvicorn ASGI app on each loop of :data:`LOOPS`, loaded in
+    turns by clients in another process: a ``mib`` MiB file (MB/s, guest CPU s/GB) and a
+    1 KiB response at each count of clients (requests/s, p99); then urllib3 downloading
+    64 MiB over afalg.tls.SSLContext and over ssl. Rows afalg against each peer."""
+    rows: list[Row] = []
+    notes: list[str] = []
+    section = "7. frameworks and libraries"
+    with tempfile.NamedTemporaryFile(prefix="afalg-bench-web-") as f:
+        block = os.urandom(1 << 20)
+        for _ in range(mib):
+            f.write(block)
+        f.flush()
+        path = Path(f.name)
+        for framework in FRAMEWORKS:
+            with contextlib.ExitStack() as stack:
+                ports = {lp: stack.enter_context(web_process(framework, lp, path)) for lp in LOOPS}
+                for lp in LOOPS:  # warm-up, not counted: imports, first connections
+                    web_load(ports[lp], 1, 0.2)
+                files: dict[str, list[dict[str, float]]] = {lp: [] for lp in LOOPS}
+                opened: dict[str, dict[str, int]] = {lp: {} for lp in LOOPS}
+                for _ in range(rounds):
+                    for lp in LOOPS:
+                        before = tls_stat()
+                        files[lp].append(web_file(ports[lp]))
+                        for k, v in tls_stat().items():
+                            opened[lp][k] = opened[lp].get(k, 0) + v - before.get(k, 0)
+                notes += [f"7. {framework} on {LOOP_LABELS[lp]}: {ktls_note(lp, opened[lp])}"
+                          for lp in LOOPS]  # fmt: skip
+                job = f"{framework} {'FileResponse' if framework == 'aiohttp' else 'ASGI app'}"
+                mine = LOOP_LABELS["afalg"]
+                for peer_loop, mbs_target in (("asyncio", 1.3), ("aiofastnet", 1.0)):
+                    peer_label = LOOP_LABELS[peer_loop]
+                    note = (f"afalg's loop: {ktls_note('afalg', opened['afalg'])}; the peer: "
+                            f"{ktls_note(peer_loop, opened[peer_loop])}")  # fmt: skip
+                    for metric, unit, better, target in (
+                        ("mbs", "MB/s", "high", mbs_target),
+                        ("cpu", "guest CPU s/GB", "low", 1.0),
+                    ):
+                        rows.append(Row(section, f"{job}, {mib} MiB file", mine, peer_label,
+                                        unit, [r[metric] for r in files["afalg"]],
+                                        [r[metric] for r in files[peer_loop]], better=better,
+                                        target=target, note=note))  # fmt: skip
+                        print(_line(rows[-1]), flush=True)
+                for clients in counts:
+                    small: dict[str, list[dict[str, float]]] = {lp: [] for lp in LOOPS}
+                    for _ in range(rounds):
+                        for lp in LOOPS:
+                            small[lp].append(web_load(ports[lp], clients, seconds))
+                    what = f"{framework}, 1 KiB response, {clients} client{'s' * (clients > 1)}"
+                    for peer_loop in ("asyncio", "aiofastnet"):
+                        for metric, unit, better in (("rps", "requests/s", "high"),
+                                                     ("p99", "p99 ms", "low")):  # fmt: skip
+                            target = 0.9 if peer_loop == "asyncio" else None
+                            rows.append(Row(section, what, LOOP_LABELS["afalg"],
+                                            LOOP_LABELS[peer_loop], unit,
+                                            [r[metric] for r in small["afalg"]],
+                                            [r[metric] for r in small[peer_loop]],
+                                            better=better, target=target))  # fmt: skip
+                            print(_line(rows[-1]), flush=True)
+    rows += bench_urllib3(rounds)
+    return rows, notes
+
+
+def bench_urllib3(rounds: int, mib: int = 64) -> list[Row]:
+    """urllib3 (``PoolManager(ssl_context=...)``) downloading a ``mib`` MiB file, over
+    ``afalg.tls.SSLContext`` against ``ssl.SSLContext``, in turns; the server (aiohttp's
+    FileResponse on afalg's loop, in another process) is the same for both. Client MB/s from
+    the request to the last byte (the connection's handshake excluded: a first small GET),
+    guest CPU s/GB."""
+    import urllib3
+
+    from afalg import tls
+
+    def context(kind: str) -> ssl.SSLContext:
+        maker = tls.create_default_context if kind == "afalg" else ssl.create_default_context
+        ctx = maker(cafile=str(CERTS / "ca.pem"))
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+        return ctx
+
+    def download(kind: str, port: int) -> tuple[float, float]:
+        pool = urllib3.PoolManager(ssl_context=context(kind), server_hostname="localhost")
+        url = f"https://127.0.0.1:{port}"
+        try:
+            pool.request("GET", f"{url}/small")
+            cpu0, t0 = busy_seconds(), time.perf_counter()
+            resp = pool.request("GET", f"{url}/file", preload_content=False)
+            total = sum(len(chunk) for chunk in resp.stream(CHUNK))
+            elapsed, cpu = time.perf_counter() - t0, busy_seconds() - cpu0
+            resp.release_conn()
+        finally:
+            pool.clear()
+        assert total == mib << 20, total
+        return total / elapsed / 1e6, cpu / (total / 1e9)
+
+    rows: list[Row] = []
+    with tempfile.NamedTemporaryFile(prefix="afalg-bench-urllib3-") as f:
+        block = os.urandom(1 << 20)
+        for _ in range(mib):
+            f.write(block)
+        f.flush()
+        with web_process("aiohttp", "afalg", Path(f.name)) as port:
+            for kind in ("afalg", "ssl"):  # warm-up: imports, the server's first connection
+                pool = urllib3.PoolManager(ssl_context=context(kind), server_hostname="localhost")
+                pool.request("GET", f"https://127.0.0.1:{port}/small")
+                pool.clear()
+            got: dict[str, list[tuple[float, float]]] = {"afalg": [], "ssl": []}
+            rx0 = tls_stat().get("TlsRxSw", 0)
+            for _ in range(rounds):
+                for kind in got:
+                    got[kind].append(download(kind, port))
+            rx = tls_stat().get("TlsRxSw", 0) - rx0
+        job = f"urllib3 GET, {mib} MiB file (client)"
+        note = f"kTLS RX contexts opened in its rounds: {rx}"
+        for i, (unit, better) in enumerate((("MB/s", "high"), ("guest CPU s/GB", "low"))):
+            rows.append(Row("7. frameworks and libraries", job, "afalg.tls.SSLContext",
+                            "ssl.SSLContext", unit, [g[i] for g in got["afalg"]],
+                            [g[i] for g in got["ssl"]], better=better, note=note))  # fmt: skip
+            print(_line(rows[-1]), flush=True)
+    return rows
+
+
+# ==============================================================================================
 # Running it all (in the VM), and the report (on the host)
 # ==============================================================================================
 
@@ -1080,6 +1543,11 @@ def run_here(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     started = time.time()
     result: dict[str, Any] = {"machine": machine(), "rows": [], "syscalls": [], "notes": []}
+    result["rounds"] = {
+        "per-call rows (3, 6)": args.rounds,
+        "transfers (1, 2)": args.transfer_rounds,
+        "servers and frameworks (5, 7)": args.server_rounds,
+    }
     rows: list[Row] = []
     with tempfile.NamedTemporaryFile(prefix="afalg-bench-") as f:
         size = args.mib << 20
@@ -1098,8 +1566,10 @@ def run_here(args: argparse.Namespace) -> dict[str, Any]:
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=1))
 
-        # the cheap and the headline sections first: a VM timeout cuts the last ones
-        for section in sorted(args.sections, key="31465".index):
+        # the cheap, the headline and the new sections first: a VM timeout cuts the last ones
+        result["sections_asked"] = sorted(args.sections, key="316745".index)
+        result["sections_done"] = []
+        for section in result["sections_asked"]:
             if section == "3":
                 rows += bench_overhead(path, args.rounds, args.seconds)
             elif section == "6":
@@ -1113,6 +1583,13 @@ def run_here(args: argparse.Namespace) -> dict[str, Any]:
             elif section == "5":
                 counts = (1, 10) if args.quick else (1, 10, 100)
                 rows += bench_servers(args.server_rounds, args.server_seconds, counts)
+            elif section == "7":
+                counts = (1, 10) if args.quick else (1, 10, 100)
+                web_rows, web_notes = bench_frameworks(args.server_rounds, args.web_seconds,
+                                                       counts, args.web_mib)  # fmt: skip
+                rows += web_rows
+                result["notes"] += web_notes
+            result["sections_done"].append(section)
             save()
         assert size
     result["rows"] = [asdict(r) for r in rows]
@@ -1133,7 +1610,8 @@ def _pass_on(args: argparse.Namespace) -> list[str]:
     out = ["--mib", str(args.mib), "--rounds", str(args.rounds), "--seconds", str(args.seconds),
            "--transfer-rounds", str(args.transfer_rounds), "--records", str(args.records),
            "--server-seconds", str(args.server_seconds), "--server-rounds",
-           str(args.server_rounds), "--sections", *args.sections]  # fmt: skip
+           str(args.server_rounds), "--web-seconds", str(args.web_seconds),
+           "--web-mib", str(args.web_mib), "--sections", *args.sections]  # fmt: skip
     return out + (["--quick"] if args.quick else [])
 
 
@@ -1159,15 +1637,18 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=64, help="file size for sections 1, 2, 6")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the per-call rows")
     parser.add_argument("--seconds", type=float, default=0.25, help="window per job and round")
-    parser.add_argument("--transfer-rounds", type=int, default=3, help="rounds of 1, 2 and 5")
+    parser.add_argument("--transfer-rounds", type=int, default=5, help="rounds of 1 and 2")
     parser.add_argument("--server-seconds", type=float, default=2.5, help="load per window")
-    parser.add_argument("--server-rounds", type=int, default=2, help="rounds of section 5")
+    parser.add_argument("--server-rounds", type=int, default=5, help="rounds of 5 and 7")
     parser.add_argument("--records", type=int, default=64, help="records per strace run")
-    parser.add_argument("--sections", nargs="+", default=["3", "1", "4", "5", "6"],
-                        choices=["1", "3", "4", "5", "6"], help="2 runs with 1")  # fmt: skip
+    parser.add_argument("--sections", nargs="+", default=["3", "1", "4", "5", "6", "7"],
+                        choices=["1", "3", "4", "5", "6", "7"], help="2 runs with 1")  # fmt: skip
+    parser.add_argument("--web-seconds", type=float, default=1.5,
+                        help="load per window of section 7's small responses")  # fmt: skip
+    parser.add_argument("--web-mib", type=int, default=16, help="section 7's file (MiB)")
     parser.add_argument("--quick", action="store_true", help="1 and 10 clients only")
     parser.add_argument("--cpus", type=int, default=2, help="VM vCPUs")
-    parser.add_argument("--timeout", type=int, default=2400, help="per VM run (s)")
+    parser.add_argument("--timeout", type=int, default=3000, help="per VM run (s)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     parser.add_argument("--chart", default=str(ROOT / "bench" / "results.png"))
     parser.add_argument("--here", action="store_true", help=argparse.SUPPRESS)
@@ -1175,9 +1656,9 @@ def main() -> int:
     parser.add_argument("--strace-job", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--aio-echo", nargs=3, help=argparse.SUPPRESS)  # MODE TLS READY_FILE
-    parser.add_argument("--report", nargs="*", help="only write the report from these JSONs")
-    parser.add_argument("--command", help="with --report: the command that measured them")
-    parser.add_argument("--note", action="append", default=[], help="a line for the report")
+    parser.add_argument("--web-server", nargs=4, help=argparse.SUPPRESS)  # FW LOOP FILE READY
+    parser.add_argument("--report", nargs="*",
+                        help="only write the report again from the JSONs of one run")  # fmt: skip
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
 
@@ -1188,12 +1669,15 @@ def main() -> int:
         mode, version, ready = args.aio_echo
         asyncio.run(aio_echo(mode, version, Path(ready)))
         return 0
+    if args.web_server:
+        web_server(*args.web_server)
+        return 0
     if args.here:
         run_here(args)
         return 0
     command = "python bench/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.report is not None:
-        return report([Path(p) for p in args.report], args, args.command or command)
+        return report([Path(p) for p in args.report], args)
 
     ensure_tools()
     OUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -1203,8 +1687,10 @@ def main() -> int:
     if args.native or (caps.af_alg and caps.ktls and not args.kernel):
         out = OUT_DIR / "native.json"
         args.json = str(out)
+        host = host_state(command)
         run_here(args)
-        return report([out], args, command)
+        stamp(out, host)
+        return report([out], args)
     from afalg import vm
 
     outputs = []
@@ -1216,12 +1702,48 @@ def main() -> int:
         out.unlink(missing_ok=True)
         cmd = vm_command(kernel, args, out)
         print(f"bench: kernel {kernel}: {shlex.join(cmd)}", flush=True)
-        started = time.time()
+        host = host_state(command)
         rc = subprocess.run(cmd, cwd=ROOT).returncode
-        print(f"bench: kernel {kernel} done in {time.time() - started:.0f} s (exit {rc})")
+        print(f"bench: kernel {kernel} done in {time.time() - host['started']:.0f} s (exit {rc})")
         if out.exists():
+            stamp(out, host, rc)
             outputs.append(out)
-    return report(outputs, args, command) if outputs else 1
+    return report(outputs, args) if outputs else 1
+
+
+def commit() -> str:
+    """The commit measured: HEAD, and whether tracked files differ from it."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=False).stdout.strip() or "unknown"  # fmt: skip
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+    return f"{head} plus uncommitted changes" if dirty else head
+
+
+def host_load() -> str:
+    """The host's load now: /proc/loadavg, and the QEMU VMs running (other than this run's,
+    when called between its VMs)."""
+    load = " ".join((_read("/proc/loadavg") or "?").split()[:3])
+    vms = 0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().startswith("qemu-system"):
+                    vms += 1
+    return f"load average {load} (1, 5, 15 min); {vms} QEMU VM{'s' * (vms != 1)} running"
+
+
+def host_state(command: str) -> dict[str, Any]:
+    return {"command": command, "commit": commit(), "started": time.time(),
+            "load_before": host_load()}  # fmt: skip
+
+
+def stamp(out: Path, host: dict[str, Any], rc: int = 0) -> None:
+    """Adds to a kernel's JSON what the host saw around its run: commit, times, load."""
+    run = json.loads(out.read_text())
+    run["host"] = dict(host, ended=time.time(), load_after=host_load(), exit=rc)
+    out.write_text(json.dumps(run, indent=1))
 
 
 # ==============================================================================================
@@ -1229,20 +1751,25 @@ def main() -> int:
 # ==============================================================================================
 
 
-def report(paths: list[Path], args: argparse.Namespace, command: str) -> int:
+def report(paths: list[Path], args: argparse.Namespace) -> int:
+    """RESULTS.md and the chart from the JSONs of one run: one per kernel, all of one command
+    at one commit (never merged runs: a kernel twice, or two commits, is refused)."""
     runs: list[dict[str, Any]] = []
-    for p in paths:  # runs of the same kernel (one cut short, one for the rest) are merged
+    for p in paths:
         run = json.loads(p.read_text())
         run["rows"] = [Row(**r) for r in run["rows"]]
-        same = [r for r in runs if r["machine"]["kernel"] == run["machine"]["kernel"]]
-        if not same:
-            runs.append(run)
-            continue
-        same[0]["rows"] += run["rows"]
-        same[0]["syscalls"] += run["syscalls"]
-        same[0]["notes"] += run["notes"]
-        same[0]["seconds"] += run["seconds"]
-    write_markdown(runs, Path(args.out), command, args.note)
+        if "host" not in run:
+            print(f"bench: {p} has no record of its run (commit, load)", file=sys.stderr)
+            return 1
+        runs.append(run)
+    kernels = [r["machine"]["kernel"] for r in runs]
+    commits = {r["host"]["commit"] for r in runs}
+    commands = {r["host"]["command"] for r in runs}
+    if len(set(kernels)) != len(kernels) or len(commits) != 1 or len(commands) != 1:
+        print(f"bench: not one run: kernels {kernels}, commits {sorted(commits)}, commands "
+              f"{sorted(commands)}", file=sys.stderr)  # fmt: skip
+        return 1
+    write_markdown(runs, Path(args.out))
     try:
         write_chart(runs, Path(args.chart))
     except ImportError:
@@ -1251,20 +1778,30 @@ def report(paths: list[Path], args: argparse.Namespace, command: str) -> int:
     return 0
 
 
-def write_markdown(
-    runs: list[dict[str, Any]],
-    out: Path,
-    command: str,
-    notes: tuple[str, ...] | list[str] = (),
-) -> None:
+def _utc(t: float) -> str:
+    return f"{datetime.datetime.fromtimestamp(t, datetime.UTC):%Y-%m-%d %H:%M} UTC"
+
+
+def write_markdown(runs: list[dict[str, Any]], out: Path) -> None:
     lines = ["# Benchmark results", ""]
-    releases = [r["machine"]["kernel"].split("-")[0].split(".") for r in runs]
-    kernels = " ".join(f"--kernel {'.'.join(v[:2])}" for v in releases)
+    first, last = runs[0]["host"], runs[-1]["host"]
+    rounds = runs[0].get("rounds", {})
     lines += [
-        f"Written by `{command}` on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
-        f"(kernels here: `python bench/run.py {kernels}`). `make bench` runs every kernel of",
-        "`make test` (`python bench/run.py --kernel 6.12 --kernel 7.3 --kernel 6.1`, 7.3 with",
-        "`crypto.af_alg_restrict=0`), installing what it needs (the bench extra, strace).",
+        f"One run of `{first['command']}` at commit {first['commit']}, "
+        f"{_utc(first['started'])} to {_utc(last['ended'])}; every figure below comes from it",
+        "(no merged runs, no rows added by hand). Rounds per figure: "
+        + (", ".join(f"{k} {v}" for k, v in rounds.items()) or "unknown")
+        + ".",
+        "The host's load around each kernel's VM: "
+        + "; ".join(
+            f"{r['machine']['kernel']}: before, {r['host']['load_before']}; after, "
+            f"{r['host']['load_after']} (this run's VM counted)"
+            for r in runs
+        )
+        + ".",
+        "`make bench` runs every kernel of `make test` (`python bench/run.py --kernel 6.12",
+        "--kernel 7.3 --kernel 6.1`, 7.3 with `crypto.af_alg_restrict=0`), installing what it",
+        "needs (the bench extra, strace); `make bench K=6.12` one kernel.",
         "",
         "Every figure is a ratio against a peer measured round-robin in the same run: the jobs",
         "of a row take turns, every round; a row gives the median of each side, and the",
@@ -1274,7 +1811,6 @@ def write_markdown(
         "ratios are this machine's; the same command runs natively on a kernel with AF_ALG and",
         "kTLS (`python bench/run.py --native`).",
         "",
-        *[f"**{note}**\n" for note in notes],
     ]
     for run in runs:
         m = run["machine"]
@@ -1282,6 +1818,12 @@ def write_markdown(
                   f"{m['vm']}; {m['cpus']} vCPUs of {m['cpu']}; Python {m['python']}, "
                   f"{m['openssl']}; crypto.af_alg_restrict: {m['af_alg_restrict']}; "
                   f"{run['seconds']} s in all.", ""]  # fmt: skip
+        missing = [
+            x for x in run.get("sections_asked", []) if x not in run.get("sections_done", [])
+        ]
+        if missing:
+            lines += [f"**Incomplete: sections {', '.join(missing)} did not run or finish (the "
+                      f"VM exited with status {run['host']['exit']}).**", ""]  # fmt: skip
         targets = [row for row in run["rows"] if row.target is not None]
         if targets:
             lines += ["Targets:", ""]
