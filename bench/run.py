@@ -1205,7 +1205,7 @@ def main() -> int:
         args.json = str(out)
         run_here(args)
         return report([out], args, command)
-    from afalg import vm
+    from afalg import _vm as vm
 
     outputs = []
     for kernel in args.kernel or KERNELS:
