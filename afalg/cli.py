@@ -94,7 +94,7 @@ def _cmd_stat(args: argparse.Namespace) -> int:
 
 
 def _cmd_vm(args: argparse.Namespace) -> int:
-    from afalg import vm
+    from afalg import _vm as vm
 
     argv = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not argv:
@@ -140,7 +140,7 @@ def _pair(text: str) -> tuple[str, str]:
 def _env_pair(text: str) -> tuple[str, str]:
     """An argparse type for ``--env NAME=VALUE``: NAME an identifier (the guest's shell exports
     it), the value anything (it is quoted)."""
-    from afalg import vm
+    from afalg import _vm as vm
 
     name, sep, value = text.partition("=")
     if not sep:
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     vmp.set_defaults(func=_cmd_vm)
 
     try:
-        from afalg.cli_crypto import add_parsers
+        from afalg._cli_crypto import add_parsers
     except ImportError:  # pragma: no cover - only while the crypto commands are absent
         pass
     else:

@@ -70,9 +70,16 @@ from afalg.wire import (
 )
 
 __all__ = [
-    "Handoff", "Handshake", "KeyLog", "Receive", "Send", "TicketFeed", "check_arguments",
-    "handshake", "keylog_for",
-]  # fmt: skip
+    "Handoff",
+    "Handshake",
+    "KeyLog",
+    "Receive",
+    "Send",
+    "TicketFeed",
+    "check_arguments",
+    "handshake",
+    "keylog_for",
+]
 
 # The key log's code is afalg._keylog's; it is documented here, where users import it from.
 KeyLog.__module__ = keylog_for.__module__ = __name__
@@ -300,9 +307,12 @@ class Handshake:
         self._keylog = keylog_for(context)
         self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.ssl_object = context.wrap_bio(
-            self._incoming, self._outgoing, server_side=server_side,
-            server_hostname=server_hostname or None, session=session,
-        )  # fmt: skip
+            self._incoming,
+            self._outgoing,
+            server_side=server_side,
+            server_hostname=server_hostname or None,
+            session=session,
+        )
         self._server_side = server_side
         self._sent, self._received = _Direction(), _Direction()
         self._hello_side = self._received if server_side else self._sent  # the ClientHello's
@@ -463,9 +473,15 @@ class Handshake:
             assert self._client_random is not None
             try:
                 self._result = _finish(
-                    self.ssl_object, self._incoming, self._keylog, self._client_random,
-                    self._sent, self._received, self._calls, self._server_side,
-                )  # fmt: skip
+                    self.ssl_object,
+                    self._incoming,
+                    self._keylog,
+                    self._client_random,
+                    self._sent,
+                    self._received,
+                    self._calls,
+                    self._server_side,
+                )
             except BaseException:
                 self._failed = True
                 raise

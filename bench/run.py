@@ -1691,7 +1691,7 @@ def main() -> int:
         run_here(args)
         stamp(out, host)
         return report([out], args)
-    from afalg import vm
+    from afalg import _vm as vm
 
     outputs = []
     for kernel in args.kernel or KERNELS:

@@ -45,12 +45,11 @@ API_MODULES = [
     "afalg.algif",
     "afalg.aio",
     "afalg.serving",
-    "afalg.vm",
     "afalg.cli",
 ]
 # Modules without an underscore that are not API: the CLI's own pieces (docs/cli.rst documents
 # the command itself, from its argparse parser).
-NOT_API = ["afalg.cli_crypto", "afalg.__main__"]
+NOT_API = ["afalg.__main__"]
 
 project = "afalg"
 author = "the afalg authors"

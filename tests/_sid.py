@@ -83,7 +83,7 @@ def unavailable() -> str | None:
 
 def mirror() -> str:
     sys.path.insert(0, str(ROOT))
-    from afalg import vm
+    from afalg import _vm as vm
 
     return vm._debian_mirror()
 

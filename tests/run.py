@@ -323,7 +323,7 @@ def python_runs(
 
 def release(kernel: str) -> str:
     """The release the VM boots for a kernel name (``uname -r`` there)."""
-    from afalg import vm
+    from afalg import _vm as vm
 
     image = vm.find_kernel(kernel)
     return vm.kernel_release(image) if image else "not installed"
@@ -507,7 +507,7 @@ def main() -> int:
         if caveat:
             print(f"afalg tests: {caveat}", flush=True)
     else:
-        from afalg import vm
+        from afalg import _vm as vm
 
         kernels = args.kernel or list(KERNELS)
         for kernel in kernels:  # before the host tests: they boot the VM too

@@ -67,8 +67,9 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("make", "error", "argument"), [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])  # fmt: skip
+@pytest.mark.parametrize(
+    ("make", "error", "argument"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_refused_before_any_socket(
     make: Callable[[], Any], error: type[Exception], argument: str, no_socket: list
 ) -> None:

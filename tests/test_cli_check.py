@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from afalg import cli_crypto
+from afalg import _cli_crypto as cli_crypto
 from afalg.cli import main
 
 A = b"alpha"

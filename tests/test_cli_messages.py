@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 import afalg
-from afalg import alg, vm
+from afalg import _vm as vm
+from afalg import alg
 from afalg.cli import build_parser
 from afalg.keys import CipherSuite, TrafficKeys
 from afalg.probe import AlgStatus, Capabilities, af_alg_absence, format_report

@@ -173,7 +173,7 @@ def test_keylog_collect_locked_and_discard() -> None:
 
 
 def test_add_parsers_adds_the_crypto_commands() -> None:
-    from afalg.cli_crypto import add_parsers
+    from afalg._cli_crypto import add_parsers
 
     parser = argparse.ArgumentParser()
     add_parsers(parser.add_subparsers(dest="command"))
@@ -276,7 +276,7 @@ def test_ticket_feed_gives_ssl_the_tickets_and_stops_at_a_refused_one() -> None:
 
 
 def test_vm_kernel_package_names_what_brings_the_kernel() -> None:
-    from afalg import vm
+    from afalg import _vm as vm
 
     assert vm.KERNELS["6.1"].package == "linux-image-amd64"
     assert vm.KERNELS["7.3"].package.startswith("linux-binary-7.3.")

@@ -327,11 +327,13 @@ def _unprivileged() -> dict:
     except afalg.AlgorithmNotAvailable as exc:
         refusal = str(exc)
     caps = probe()
-    return {"refusal": refusal, "privileged": caps.privileged,
-            "refused": [f"{a.type} {a.name}" for a in caps.refused],
-            "ids": [os.getresuid(), os.getresgid(), os.getgroups()],
-            "caps": {k: int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd",
-                                                      "CapAmb")}}  # fmt: skip
+    return {
+        "refusal": refusal,
+        "privileged": caps.privileged,
+        "refused": [f"{a.type} {a.name}" for a in caps.refused],
+        "ids": [os.getresuid(), os.getresgid(), os.getgroups()],
+        "caps": {k: int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
+    }
 
 
 @pytest.mark.kernel
@@ -357,8 +359,12 @@ def deny(af_alg: bool, tls_ulp: bool) -> None:
     and setsockopt(SOL_TCP, TCP_ULP) -> ENOENT, each when asked; anything else allowed."""
 
     class Insn(ctypes.Structure):
-        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8),
-                    ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]  # fmt: skip
+        _fields_ = [
+            ("code", ctypes.c_uint16),
+            ("jt", ctypes.c_uint8),
+            ("jf", ctypes.c_uint8),
+            ("k", ctypes.c_uint32),
+        ]
 
     class Prog(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
@@ -402,11 +408,15 @@ def _serve(version: str, mode: str, backend: str, deny_af_alg: bool, deny_tls_ul
     thread = threading.Thread(target=peer)
     thread.start()
     try:
-        conn = tls.wrap(server, server_context(version), server_side=True, mode=mode,
-                        algif_backend=backend)  # fmt: skip
+        conn = tls.wrap(
+            server, server_context(version), server_side=True, mode=mode, algif_backend=backend
+        )
     except OSError as exc:
-        seen["server"] = {"error": type(exc).__name__, "message": str(exc),
-                          "af_alg_restrict": getattr(exc, "af_alg_restrict", None)}  # fmt: skip
+        seen["server"] = {
+            "error": type(exc).__name__,
+            "message": str(exc),
+            "af_alg_restrict": getattr(exc, "af_alg_restrict", None),
+        }
     else:
         with conn:
             conn.sendall(b"ping")
@@ -415,8 +425,14 @@ def _serve(version: str, mode: str, backend: str, deny_af_alg: bool, deny_tls_ul
     return seen
 
 
-def serve(version: str = "TLSv1.3", *, mode: str = "auto", backend: str = "auto",
-          deny_af_alg: bool = False, deny_tls_ulp: bool = False) -> dict:  # fmt: skip
+def serve(
+    version: str = "TLSv1.3",
+    *,
+    mode: str = "auto",
+    backend: str = "auto",
+    deny_af_alg: bool = False,
+    deny_tls_ulp: bool = False,
+) -> dict:
     return in_child(lambda: _serve(version, mode, backend, deny_af_alg, deny_tls_ulp))
 
 

@@ -1,7 +1,7 @@
 """The VM runner's install list is complete: a machine that already has a package cannot hide a
 missing install step.
 
-``afalg vm --install`` installs what :data:`afalg.vm.REQUIREMENTS` and :data:`afalg.vm.KERNELS`
+``afalg vm --install`` installs what :data:`afalg._vm.REQUIREMENTS` and :data:`afalg._vm.KERNELS`
 name. Here a real boot of the 7.3 kernel (the one unpacked by afalg, which pulls in nothing) is
 traced with strace: every file the host opens or executes for it, QEMU's 9p server included (so
 what the guest runs from the host's filesystem is seen too), must come from a package on that
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from afalg import vm
+from afalg import _vm as vm
 
 ROOT = Path(__file__).resolve().parent.parent
 FRESH = ROOT / "tests" / "data" / "debian12-fresh-packages.txt"

@@ -200,9 +200,10 @@ class Hash(_AlgSocket):
                 raise _alg_error(exc, f"{self.name} update_file") from None
             if n is None:  # splice refused this file before moving a byte
                 return total + (
-                    self._read_into(fd, length) if isinstance(file, int) else
-                    self._read_object(file, None if length is None else length - total)
-                )  # fmt: skip
+                    self._read_into(fd, length)
+                    if isinstance(file, int)
+                    else self._read_object(file, None if length is None else length - total)
+                )
             if offset is not None and not isinstance(file, int):
                 file.seek(offset + n)  # past the bytes hashed; the reader's buffer stays true
             return total + n

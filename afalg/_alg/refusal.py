@@ -72,8 +72,11 @@ def _kernel_config() -> tuple[str, str] | None:
             return "/proc/config.gz", f.read()
     except OSError:
         pass
-    for path in (f"/boot/config-{release}", f"/usr/lib/modules/{release}/config",
-                 f"/lib/modules/{release}/build/.config"):  # fmt: skip
+    for path in (
+        f"/boot/config-{release}",
+        f"/usr/lib/modules/{release}/config",
+        f"/lib/modules/{release}/build/.config",
+    ):
         try:
             with open(path) as f:
                 return path, f.read()

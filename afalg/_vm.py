@@ -47,9 +47,18 @@ from pathlib import Path
 from typing import IO, TextIO
 
 __all__ = [
-    "KERNELS", "REQUIREMENTS", "Kernel", "Missing", "check_env_name", "find_busybox",
-    "find_kernel", "install", "kernel_release", "missing", "run",
-]  # fmt: skip
+    "KERNELS",
+    "REQUIREMENTS",
+    "Kernel",
+    "Missing",
+    "check_env_name",
+    "find_busybox",
+    "find_kernel",
+    "install",
+    "kernel_release",
+    "missing",
+    "run",
+]
 
 
 @dataclass(frozen=True)
@@ -303,8 +312,10 @@ def install_backports_kernel(spec: Kernel) -> Path:
     subprocess.run(["apt-get", *opts, "update"], check=True)
     names = subprocess.run(
         ["apt-cache", *opts, "pkgnames", f"linux-binary-{spec.backports}."],
-        check=True, capture_output=True, text=True,
-    ).stdout.split()  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     pattern = re.compile(rf"linux-binary-({re.escape(spec.backports)}\.\d+\+deb13-amd64)$")
     versions = sorted((m.group(1) for n in names if (m := pattern.match(n))), key=_version_key)
     if not versions:
@@ -375,9 +386,21 @@ def command_line(
         if key.startswith("crypto.af_alg"):
             script = f"modprobe -q af_alg; {script}"
     return [
-        vng, "--run", str(kernel_image), "--user", "root", "--disable-kvm",
-        "--cpus", str(cpus), "--memory", memory, "--rwdir", cwd, "--exec", script,
-    ]  # fmt: skip
+        vng,
+        "--run",
+        str(kernel_image),
+        "--user",
+        "root",
+        "--disable-kvm",
+        "--cpus",
+        str(cpus),
+        "--memory",
+        memory,
+        "--rwdir",
+        cwd,
+        "--exec",
+        script,
+    ]
 
 
 def run(
@@ -412,9 +435,15 @@ def run(
     # marks the start of the command in a file, and a lost boot is retried once.
     marker = Path(cwd, f".afalg-vm-started-{os.getpid()}-{os.urandom(4).hex()}")
     cmd = command_line(
-        argv, image, cwd=cwd, env=guest_env, cpus=cpus, memory=memory, started=str(marker),
+        argv,
+        image,
+        cwd=cwd,
+        env=guest_env,
+        cpus=cpus,
+        memory=memory,
+        started=str(marker),
         sysctls=sysctls,
-    )  # fmt: skip
+    )
     rc, booted = _run_vng(cmd, host_env, timeout, marker)
     if rc == 255 and not booted:
         print("afalg vm: the guest did not boot (vng exit 255); trying once more", file=sys.stderr)
@@ -437,9 +466,13 @@ def _wait(cmd: list[str], env: Mapping[str, str], timeout: float | None) -> int:
     # there (``afalg vm ... > log`` would lose what came before, as NUL bytes): its output
     # goes through pipes, copied to ours.
     proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=env, start_new_session=True,
-    )  # fmt: skip
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
     assert proc.stdout is not None and proc.stderr is not None
     copiers = [
         threading.Thread(
