@@ -1465,6 +1465,7 @@ def bench_frameworks(
                                             better=better, target=target))  # fmt: skip
                             print(_line(rows[-1]), flush=True)
     rows += bench_urllib3(rounds)
+    rows += bench_http_server(rounds, mib)
     return rows, notes
 
 
@@ -1523,6 +1524,89 @@ def bench_urllib3(rounds: int, mib: int = 64) -> list[Row]:
                             "ssl.SSLContext", unit, [g[i] for g in got["afalg"]],
                             [g[i] for g in got["ssl"]], better=better, note=note))  # fmt: skip
             print(_line(rows[-1]), flush=True)
+    return rows
+
+
+def bench_http_server(rounds: int, mib: int) -> list[Row]:
+    """``http.server.ThreadingHTTPServer`` with ``SimpleHTTPRequestHandler`` serving a ``mib``
+    MiB file, its listening socket wrapped by ``afalg.tls.SSLContext`` against
+    ``ssl.SSLContext``, in turns; the client is the same for both (urllib3 on Python's ssl, in
+    this process). Server-side figures: the download's MB/s and the guest's CPU s/GB.
+
+    SimpleHTTPRequestHandler reads the file and writes it (``shutil.copyfileobj``, 64 KiB at a
+    time): under kTLS the kernel seals what Python writes; a handler that calls the socket's
+    ``sendfile()`` (afalg.serving's) would not read the file into Python at all, which section 1
+    measures (kTLS sendfile against ssl read + sendall)."""
+    import functools
+    import http.server
+
+    import urllib3
+
+    from afalg import tls
+
+    def server_context(kind: str) -> ssl.SSLContext:
+        maker = tls.SSLContext if kind == "afalg" else ssl.SSLContext
+        ctx = maker(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(CERTS / "server.pem", CERTS / "server.key")
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+        return ctx
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    client = ssl.create_default_context(cafile=str(CERTS / "ca.pem"))
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="afalg-bench-httpd-") as root:
+        block = os.urandom(1 << 20)
+        with open(Path(root) / "file", "wb") as f:
+            for _ in range(mib):
+                f.write(block)
+        servers = {}
+        for kind in ("afalg", "ssl"):
+            handler = functools.partial(Quiet, directory=root)
+            httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+            httpd.daemon_threads = True
+            httpd.socket = server_context(kind).wrap_socket(httpd.socket, server_side=True)
+            threading.Thread(target=httpd.serve_forever, daemon=True).start()
+            servers[kind] = httpd
+
+        def download(kind: str) -> tuple[float, float]:
+            port = servers[kind].server_address[1]
+            pool = urllib3.PoolManager(ssl_context=client, server_hostname="localhost")
+            try:
+                pool.request("GET", f"https://127.0.0.1:{port}/")  # the handshake, not timed
+                cpu0, t0 = busy_seconds(), time.perf_counter()
+                resp = pool.request("GET", f"https://127.0.0.1:{port}/file", preload_content=False)
+                total = sum(len(chunk) for chunk in resp.stream(CHUNK))
+                elapsed, cpu = time.perf_counter() - t0, busy_seconds() - cpu0
+                resp.release_conn()
+            finally:
+                pool.clear()
+            assert total == mib << 20, total
+            return total / elapsed / 1e6, cpu / (total / 1e9)
+
+        try:
+            for kind in servers:  # warm-up: imports, the first connections
+                download(kind)
+            tx0 = tls_stat().get("TlsTxSw", 0)
+            got: dict[str, list[tuple[float, float]]] = {"afalg": [], "ssl": []}
+            for _ in range(rounds):
+                for kind in got:
+                    got[kind].append(download(kind))
+            tx = tls_stat().get("TlsTxSw", 0) - tx0
+        finally:
+            for httpd in servers.values():
+                httpd.shutdown()
+                httpd.server_close()
+    job = f"ThreadingHTTPServer, {mib} MiB file (server)"
+    note = (f"kTLS TX contexts opened in its rounds: {tx}; SimpleHTTPRequestHandler reads and "
+            "writes the file (no sendfile: section 1 shows what sendfile changes)")  # fmt: skip
+    for i, (unit, better) in enumerate((("MB/s", "high"), ("guest CPU s/GB", "low"))):
+        rows.append(Row("7. frameworks and libraries", job, "afalg.tls.SSLContext",
+                        "ssl.SSLContext", unit, [g[i] for g in got["afalg"]],
+                        [g[i] for g in got["ssl"]], better=better, note=note))  # fmt: skip
+        print(_line(rows[-1]), flush=True)
     return rows
 
 
