@@ -1,4 +1,6 @@
-"""The two AEAD backends of the record layer: the kernel's (AF_ALG, :class:`afalg.alg.AEAD`)
+"""The record layer's AEAD, in the kernel or in pyca/cryptography, behind one interface.
+
+The two AEAD backends of the record layer: the kernel's (AF_ALG, :class:`afalg.alg.AEAD`)
 and pyca/cryptography's, behind one interface::
 
     encrypt(nonce, plaintext, aad) -> ciphertext || 16-byte tag  (bytes or a fresh bytearray)

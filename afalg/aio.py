@@ -1,5 +1,7 @@
-"""asyncio streams over afalg's TLS: the records are sealed and opened in the kernel (kTLS, or
-the kernel's AEAD in algif mode), the handshake is Python's ssl, driven by the event loop.
+"""asyncio over afalg's TLS: streams, servers, sendfile, and an event loop for frameworks.
+
+The records are sealed and opened in the kernel (kTLS, or the kernel's AEAD in algif mode),
+the handshake is Python's ssl, driven by the event loop.
 
 Switching from asyncio's own TLS streams is one line::
 

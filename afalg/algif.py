@@ -1,4 +1,6 @@
-"""Algif mode: TLS over a plain TCP socket, records framed by :mod:`afalg.record` and sealed
+"""Algif mode: TLS records framed in Python and sealed by the kernel's AEAD through AF_ALG.
+
+TLS over a plain TCP socket, records framed by :mod:`afalg.record` and sealed
 and opened by the kernel's AEAD through AF_ALG (``gcm(aes)``, ``rfc7539(chacha20,poly1305)``),
 or by pyca/cryptography where the kernel refuses them. This is the design of the 2015 kernel RFC
 "Crypto kernel TLS socket" (algif_tls): the handshake in userspace, the record protection below

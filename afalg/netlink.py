@@ -1,4 +1,6 @@
-"""NETLINK_CRYPTO (``crypto_user``): ask the kernel about one registered algorithm; and
+"""Ask the kernel about one registered algorithm, and about one socket's kernel TLS.
+
+NETLINK_CRYPTO (``crypto_user``): ask the kernel about one registered algorithm; and
 NETLINK_SOCK_DIAG (``inet_diag``): what the tls ULP reports about one TCP socket
 (:func:`tls_ulp_info`).
 

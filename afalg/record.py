@@ -1,4 +1,6 @@
-"""The TLS record layer, sans I/O: bytes in, records out; records in, bytes out::
+"""The TLS record layer, sans I/O: bytes in, records out; records in, bytes out.
+
+In use::
 
     layer = RecordLayer(tx=keys_tx, rx=keys_rx)          # afalg.keys.TrafficKeys
     wire = layer.seal(ContentType.application_data, b"hello")

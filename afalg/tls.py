@@ -1,4 +1,6 @@
-"""TLS sockets whose record crypto runs in the kernel: the public face of afalg's TLS::
+"""TLS sockets whose record crypto runs in the kernel: the public face of afalg's TLS.
+
+In use::
 
     import socket, ssl
     from afalg import tls

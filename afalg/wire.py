@@ -1,5 +1,6 @@
-"""TLS wire facts, pure: the one home of content types, handshake types, alerts, the record
-header and the size limits, used by the hand-off, the record layer and the session.
+"""TLS wire facts, pure: content types, handshake types, alerts, record header, size limits.
+
+Their one home, used by the hand-off, the record layer and the session.
 
 Record header (RFC 8446 section 5.1, RFC 5246 section 6.2.1), 5 bytes, big-endian::
 
