@@ -12,12 +12,16 @@ guides be Markdown, which reads the same on GitHub and is what the tests extract
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import inspect
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from sphinx.application import Sphinx
+from sphinx.pycode import ModuleAnalyzer
 from sphinx.util.inspect import safe_getattr
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +51,17 @@ API_MODULES = [
     "afalg.serving",
     "afalg.cli",
 ]
+# The modules an application rarely imports itself: the pieces the others are built from, public
+# for tests, tools and the curious. docs/api.rst lists them apart from the rest of API_MODULES.
+BUILDING_BLOCKS = [
+    "afalg.netlink",
+    "afalg.aead_backend",
+    "afalg.cmsg",
+    "afalg.wire",
+    "afalg.handoff",
+    "afalg.session",
+    "afalg.cli",
+]
 # Modules without an underscore that are not API: the CLI's own pieces (docs/cli.rst documents
 # the command itself, from its argparse parser).
 NOT_API = ["afalg.__main__"]
@@ -68,7 +83,11 @@ exclude_patterns = ["_build"]
 myst_heading_anchors = 3
 
 # Every name of a module's __all__, with a docstring or not.
-autodoc_default_options = {"members": True, "undoc-members": True, "show-inheritance": True}
+autodoc_default_options: dict[str, bool | str] = {
+    "members": True,
+    "undoc-members": True,
+    "show-inheritance": True,
+}
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_typehints_format = "short"
@@ -91,12 +110,139 @@ html_theme_options = {"description": "The Linux kernel crypto API and kernel TLS
 API_DIR = Path(__file__).resolve().parent / "api"
 
 
+def _public(module: str) -> bool:
+    return module in API_MODULES
+
+
+def _imports_from_public_modules(module: str) -> dict[str, tuple[str, str]]:
+    """The names ``module`` imports from other public afalg modules: local name -> (module,
+    name there), read from its source (``from afalg.wire import ContentType``)."""
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None, module
+    found = {}
+    for node in ast.walk(ast.parse(Path(spec.origin).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and _public(node.module or ""):
+            for alias in node.names:
+                found[alias.asname or alias.name] = (str(node.module), alias.name)
+    return found
+
+
+def _reexports() -> dict[str, dict[str, str]]:
+    """For each API module, the names of its ``__all__`` that are another public module's:
+    name -> the documented name (``afalg.tls`` -> ``{"KTLSSocket": "afalg.ktls.KTLSSocket"}``).
+    Each name is documented once, in its home module; the other pages refer to it."""
+    imports = {m: _imports_from_public_modules(m) for m in API_MODULES if m != "afalg"}
+
+    def home(module: str, name: str) -> str:
+        while name in imports.get(module, {}):
+            module, name = imports[module][name]
+        return f"{module}.{name}"
+
+    found: dict[str, dict[str, str]] = {}
+    for module, imported in imports.items():
+        for name in importlib.import_module(module).__all__:
+            if name in imported:
+                found.setdefault(module, {})[name] = home(module, name)
+    return found
+
+
+REEXPORTS = _reexports()
+
+
+def _afalg(cls: type) -> bool:
+    return cls.__module__.split(".")[0] == "afalg"
+
+
+def _classes() -> Iterator[type]:
+    """Every class an API module's ``__all__`` names, and the classes nested in them."""
+    todo = [
+        obj
+        for module in API_MODULES
+        for name in getattr(importlib.import_module(module), "__all__", [])
+        if inspect.isclass(obj := getattr(importlib.import_module(module), name))
+    ]
+    seen = set()
+    while todo:
+        cls = todo.pop()
+        if cls not in seen:
+            seen.add(cls)
+            yield cls
+            todo += [v for v in vars(cls).values() if inspect.isclass(v) and _afalg(v)]
+
+
+def _private(cls: type) -> bool:
+    """An afalg class users cannot name: in a private module, or named with an underscore."""
+    module = cls.__module__
+    return _afalg(cls) and (
+        cls.__name__.startswith("_") or any(p.startswith("_") for p in module.split("."))
+    )
+
+
+def _inherited_members_stop() -> str:
+    """autodoc's ``inherited-members``: the bases whose members a class's entry leaves out.
+    A class lists what its private afalg bases give it (``KTLSSocket.sendall``, from
+    ``afalg._socket.TLSSocketBase``), and not what a public afalg base (documented on its own
+    entry, linked from "Bases") or a base outside afalg (socket, Exception, IntEnum) brings."""
+    mros = [cls.__mro__[1:] for cls in _classes()]
+    stop = {base.__name__ for mro in mros for base in mro if not _private(base)}
+    private = {base.__name__ for mro in mros for base in mro if _private(base)}
+    # autodoc matches these by __name__: a private base named like a stopped one would be cut.
+    assert not stop & private, stop & private
+    return ",".join(sorted(stop))
+
+
+autodoc_default_options["inherited-members"] = _inherited_members_stop()
+
+
+def _public_bases(app: Sphinx, name: str, obj: object, options: object, bases: list) -> None:
+    """The "Bases:" line names no private class: a private afalg base gives way to its bases."""
+    while any(inspect.isclass(b) and _private(b) for b in bases):
+        for i, base in enumerate(bases):
+            if inspect.isclass(base) and _private(base):
+                bases[i : i + 1] = [b for b in base.__bases__ if b not in bases]
+                break
+    if not bases:
+        bases.append(object)
+
+
+def _bare_data(module: str) -> list[str]:
+    """The names of a module's ``__all__`` that autodoc leaves out: data (a constant, a type
+    alias) with no doc comment in that module's source, not re-exported from a public module."""
+    mod = importlib.import_module(module)
+    documented = {name for _, name in ModuleAnalyzer.for_module(module).find_attr_docs()}
+    return [
+        name
+        for name in mod.__all__
+        if name not in documented
+        and name not in REEXPORTS.get(module, {})
+        and not inspect.isclass(getattr(mod, name))
+        and not inspect.isroutine(getattr(mod, name))
+    ]
+
+
 def _module_page(name: str) -> str:
     title = f"``{name}``"
     # The package's names are re-exports, documented in their home modules (afalg.probe is
     # both a module and, in the package, a function: documenting both would clash).
-    options = "   :no-members:\n" if name == "afalg" else ""
-    return f"{title}\n{'=' * len(title)}\n\n.. automodule:: {name}\n{options}"
+    if name == "afalg":
+        # (inherited-members asks for members too: off as well).
+        options = "   :no-members:\n   :no-inherited-members:\n"
+        return f"{title}\n{'=' * len(title)}\n\n.. automodule:: {name}\n{options}"
+    page = f"{title}\n{'=' * len(title)}\n\n.. automodule:: {name}\n"
+    reexports = REEXPORTS.get(name, {})
+    if reexports:
+        page += f"   :exclude-members: {', '.join(reexports)}\n"
+    bare = _bare_data(name)
+    if bare:
+        page += "\n.. rubric:: Constants and aliases\n\n"
+        page += "".join(f".. autodata:: {name}.{data}\n\n" for data in bare)
+    if reexports:
+        page += "\n.. rubric:: Also importable from here\n\n"
+        page += f"``{name}`` re-exports these names; each is documented in its home module:\n\n"
+        page += "".join(
+            f"- ``{local}``: :py:obj:`{home}`\n" for local, home in sorted(reexports.items())
+        )
+    return page
 
 
 def _write_api_pages(app: Sphinx, config: object) -> None:
@@ -113,11 +259,39 @@ def _write_api_pages(app: Sphinx, config: object) -> None:
             path.write_text(text)
 
 
+def _summary(module: str) -> str:
+    """The first line of a module's docstring: one sentence that says what it is for."""
+    doc = importlib.import_module(module).__doc__ or ""
+    lines = doc.strip().splitlines()
+    assert lines and lines[0].endswith(".") and (len(lines) == 1 or not lines[1].strip()), (
+        f"{module}'s docstring does not open with a one-line summary"
+    )
+    return lines[0]
+
+
+def _module_table(modules: list[str]) -> str:
+    rows = "".join(f"   * - :mod:`{m}`\n     - {_summary(m)}\n" for m in modules)
+    return (
+        ".. list-table::\n   :header-rows: 1\n   :widths: 25 75\n\n"
+        f"   * - Module\n     - What it is for\n{rows}\n"
+    )
+
+
 def _api_page(app: Sphinx, docname: str, source: list[str]) -> None:
-    """docs/api.rst ends with a table of contents of API_MODULES' pages, in that order."""
-    if docname == "api":
-        source[0] += "\n.. toctree::\n   :maxdepth: 1\n\n"
-        source[0] += "".join(f"   api/{name}\n" for name in API_MODULES)
+    """docs/api.rst ends with the modules, what each is for, and a table of contents: the
+    modules applications import, then the building blocks (BUILDING_BLOCKS)."""
+    if docname != "api":
+        return
+    users = [m for m in API_MODULES if m not in BUILDING_BLOCKS]
+    blocks = [m for m in API_MODULES if m in BUILDING_BLOCKS]
+    source[0] += "\nFor applications\n----------------\n\n" + _module_table(users)
+    source[0] += (
+        "\nBuilding blocks\n---------------\n\n"
+        "What the modules above are built from: public, and useful to tests, tools and readers "
+        "of the code; an application rarely imports them itself.\n\n" + _module_table(blocks)
+    )
+    source[0] += "\n.. toctree::\n   :hidden:\n\n"
+    source[0] += "".join(f"   api/{name}\n" for name in users + blocks)
 
 
 def _home(obj: object) -> str | None:
@@ -158,27 +332,40 @@ def _follow_imported(app: Sphinx, modname: str, attribute: str) -> str | None:
             obj = getattr(obj, part)
     except (ImportError, AttributeError):
         return None
+    if not (inspect.isclass(obj) or inspect.isroutine(obj)):
+        # Data has no source of its own; viewcode would take its type's module (an int's is
+        # builtins, a struct.Struct's _struct) and list those as pages that do not exist.
+        return modname
     return _source_module(obj)
 
 
 def _lookup(target: str, context: str | None) -> str | None:
     """``afalg.InvalidTag`` -> ``afalg.errors.InvalidTag``; ``InvalidTag`` seen from a module
     that imports it -> its home; ``SKCipher.encryptor`` seen from afalg.alg ->
-    ``afalg.alg.SKCipher.encryptor``."""
+    ``afalg.alg.SKCipher.encryptor``; ``afalg.tls.KTLSSocket.sendall`` (a re-export, a method
+    of a private base) -> ``afalg.ktls.KTLSSocket.sendall``."""
     candidates = [target] + ([f"{context}.{target}"] if context else [])
     for name in candidates:
         parts = name.split(".")
+        for split in range(len(parts) - 1, 0, -1):
+            module, attr = ".".join(parts[:split]), parts[split]
+            if attr in REEXPORTS.get(module, {}):
+                return ".".join([REEXPORTS[module][attr], *parts[split + 1 :]])
         for split in range(len(parts) - 1, 0, -1):
             try:
                 obj: object = importlib.import_module(".".join(parts[:split]))
             except ImportError:
                 continue
+            # The home of the outermost afalg object on the path, then the rest of the path.
             try:
-                for attr in parts[split:]:
+                for i, attr in enumerate(parts[split:], start=split + 1):
                     obj = getattr(obj, attr)
+                    home = _home(obj)
+                    if home is not None:
+                        return ".".join([home, *parts[i:]])
             except AttributeError:
                 break
-            return _home(obj)
+            return None
     return None
 
 
@@ -206,4 +393,5 @@ def setup(app: Sphinx) -> None:
     app.connect("source-read", _api_page)
     app.connect("missing-reference", _resolve_reexport)
     app.connect("viewcode-follow-imported", _follow_imported)
+    app.connect("autodoc-process-bases", _public_bases)
     app.add_autodoc_attrgetter(type, _class_attr)

@@ -14,12 +14,17 @@
 from __future__ import annotations
 
 import ast
+import html as html_text
+import importlib
+import inspect
 import os
 import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -65,24 +70,173 @@ def conf_list(name: str) -> list[str]:
     raise AssertionError(f"docs/conf.py has no {name}")
 
 
-def test_docs_build_with_warnings_as_errors(tmp_path: Path) -> None:
-    out = tmp_path / "html"
+@pytest.fixture(scope="module")
+def html(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The documentation built once for this module's tests, warnings as errors."""
+    tmp = tmp_path_factory.mktemp("docs")
+    out = tmp / "html"
     done = subprocess.run(
         [sys.executable, "-m", "sphinx", "-W", "-n", "--keep-going", "-q", "-b", "html",
-         "-d", str(tmp_path / "doctrees"), str(DOCS), str(out)],
+         "-d", str(tmp / "doctrees"), str(DOCS), str(out)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    return out
+
+
+def test_docs_build_with_warnings_as_errors(html: Path) -> None:
     for page in ["index", "api", "cli", *(f"guides/{p[:-3]}" for p in WHERE)]:
-        assert (out / f"{page}.html").is_file(), page
-    api = (out / "api.html").read_text()
+        assert (html / f"{page}.html").is_file(), page
+    api = (html / "api.html").read_text()
     for module in conf_list("API_MODULES"):
-        page = (out / "api" / f"{module}.html").read_text()
+        page = (html / "api" / f"{module}.html").read_text()
         assert f'id="module-{module}"' in page, f"{module} is not in the API reference"
-        assert f'href="api/{module}.html"' in api, f"api.html does not link {module}"
-    cli = (out / "cli.html").read_text()
+        assert f'href="api/{module}.html' in api, f"api.html does not link {module}"
+    cli = (html / "cli.html").read_text()
     for command in ("info", "vm", "list", "hash", "hmac", "enc", "aead-dec", "rng"):
         assert f'id="afalg-{command}"' in cli, command
+
+
+class _Page(HTMLParser):
+    """A built page's anchors (``id``, ``<a name>``) and the links it makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchors: set[str] = set()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        for anchor in (found.get("id"), found.get("name") if tag == "a" else None):
+            if anchor:
+                self.anchors.add(anchor)
+        link = found.get("src") if tag in ("img", "script") else found.get("href")
+        if link is not None and tag in ("a", "link", "img", "script"):
+            self.links.append(link)
+
+
+def read_pages(html: Path) -> dict[Path, _Page]:
+    pages = {}
+    for path in html.rglob("*.html"):
+        page = _Page()
+        page.feed(path.read_text())
+        pages[path] = page
+    return pages
+
+
+def broken_links(html: Path) -> list[str]:
+    """Every link between the built pages whose file, or ``#fragment`` in it, does not exist
+    (links to other sites are not followed: no network)."""
+    pages = read_pages(html)
+    broken = []
+    for path, page in sorted(pages.items()):
+        for link in page.links:
+            url = urlsplit(link)
+            if url.scheme or url.netloc:
+                continue
+            target = (path.parent / unquote(url.path)).resolve() if url.path else path
+            if target.is_dir():
+                target = target / "index.html"
+            where = f"{path.relative_to(html)}: {link}"
+            if not target.is_file() or not target.is_relative_to(html.resolve()):
+                broken.append(f"{where} (no such file)")
+            elif (
+                url.fragment
+                and target in pages
+                and unquote(url.fragment) not in pages[target].anchors
+            ):
+                broken.append(f"{where} (no such anchor)")
+    return broken
+
+
+def test_no_broken_link(html: Path) -> None:
+    """The guides, the reference and viewcode's source pages link only to pages and anchors
+    that exist: Sphinx's -n checks references to names, not where a link lands."""
+    assert broken_links(html) == []
+
+
+def test_the_link_check_sees_a_broken_link(tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text(
+        '<p id="here"><a href="#here">ok</a> <a href="#gone">no anchor</a>'
+        ' <a href="other.html#there">ok</a> <a href="other.html#elsewhere">no anchor</a>'
+        ' <a href="missing.html">no file</a> <a href="https://example.org/x">not followed</a>'
+    )
+    (tmp_path / "other.html").write_text('<a name="there">there</a>')
+    assert broken_links(tmp_path) == [
+        "index.html: #gone (no such anchor)",
+        "index.html: other.html#elsewhere (no such anchor)",
+        "index.html: missing.html (no such file)",
+    ]
+
+
+def entries(html: Path) -> set[str]:
+    """The documented afalg names: the ids of the reference's entries."""
+    found = set()
+    for path in (html / "api").glob("*.html"):
+        found |= set(re.findall(r'<dt class="sig sig-object py" id="([^"]+)"', path.read_text()))
+    return found
+
+
+def test_each_public_name_is_documented_once(html: Path) -> None:
+    """A name two modules offer (afalg.tls re-exports afalg.ktls.KTLSSocket) has one entry, in
+    its home module; the other module's page links it under "Also importable from here"."""
+    documented = entries(html)
+    places: dict[object, list[str]] = {}
+    for module in conf_list("API_MODULES"):
+        if module == "afalg":  # the package re-exports; its page documents none of its names
+            continue
+        mod = importlib.import_module(module)
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            key = id(obj) if inspect.isclass(obj) or inspect.isroutine(obj) else (id(obj), name)
+            places.setdefault(key, []).append(f"{module}.{name}")
+    for names in places.values():
+        assert len([n for n in names if n in documented]) == 1, names
+    for alias in (
+        "afalg.tls.KTLSSocket",
+        "afalg.record.ContentType",
+        "afalg.errors.AlertDescription",
+    ):
+        module, _, name = alias.rpartition(".")
+        obj = getattr(importlib.import_module(module), name)
+        home = f"{obj.__module__}.{obj.__qualname__}"
+        page = (html / "api" / f"{module}.html").read_text()
+        assert "Also importable from here" in page, alias
+        assert f'href="{obj.__module__}.html#{home}"' in page, alias
+
+
+def test_inherited_methods_have_entries(html: Path) -> None:
+    """The TLS sockets and the AF_ALG objects list what their private bases give them, and
+    no class lists what a base outside afalg brings (socket, Exception, IntEnum)."""
+    documented = entries(html)
+    for cls in ("afalg.ktls.KTLSSocket", "afalg.algif.AlgTLSSocket"):
+        for method in ("sendall", "recv", "pending", "version", "cipher", "getpeercert",
+                       "settimeout", "shutdown", "close", "makefile"):  # fmt: skip
+            assert f"{cls}.{method}" in documented, f"{cls}.{method}"
+    for cls in ("AEAD", "HMAC", "Hash", "RNG", "SKCipher"):
+        assert f"afalg.alg.{cls}.close" in documented, cls
+    assert "afalg.errors.TLSAlertReceived.with_traceback" not in documented
+    assert "afalg.errors.KTLSError.errno" not in documented
+    assert "afalg.wire.ContentType.bit_length" not in documented
+    assert not [e for e in documented if "._" in e or "TLSSocketBase" in e]
+
+
+def test_api_page_says_what_each_module_is_for(html: Path) -> None:
+    """docs/api.rst: a row per module with its docstring's one-line summary, the building
+    blocks (BUILDING_BLOCKS) in a table of their own after the modules applications use."""
+    modules, blocks = conf_list("API_MODULES"), conf_list("BUILDING_BLOCKS")
+    assert set(blocks) < set(modules)
+    api = (html / "api.html").read_text()
+    split = api.index('id="building-blocks"')
+    for module in modules:
+        summary = (importlib.import_module(module).__doc__ or "").strip().splitlines()[0]
+        assert summary.endswith("."), module
+        row = api.find(f'href="api/{module}.html#module-{module}"', api.index("<table"))
+        assert row != -1, module
+        assert (row > split) == (module in blocks), module
+        words = re.sub(r"``|:\w+:`([^`]*)`", r"\1", summary).split()[:3]
+        text = html_text.unescape(re.sub(r"<[^>]+>", "", api[row : row + 2000]))
+        assert " ".join(words) in text.replace("\u2019", "'"), module
 
 
 def test_every_public_module_is_documented() -> None:
