@@ -16,6 +16,7 @@ import ast
 import importlib
 import importlib.util
 import inspect
+import ssl
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,6 +221,27 @@ def _bare_data(module: str) -> list[str]:
     ]
 
 
+def _as_in_ssl(
+    app: Sphinx, what: str, name: str, obj: object, options: object, lines: list[str]
+) -> None:
+    """An undocumented member of an afalg TLS socket that ssl's sockets also have (``recv``,
+    ``getpeercert``, ``settimeout``) says so, rather than nothing."""
+    parent, _, member = name.rpartition(".")
+    if (
+        lines
+        or what not in ("method", "property", "attribute")
+        or not hasattr(ssl.SSLSocket, member)
+    ):
+        return
+    module, _, cls_name = parent.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), cls_name)
+    except (ImportError, AttributeError, ValueError):
+        return
+    if inspect.isclass(cls) and any(_private(base) for base in cls.__mro__[1:]):
+        lines.append(f"As :class:`ssl.SSLSocket`'s ``{member}``.")
+
+
 def _module_page(name: str) -> str:
     title = f"``{name}``"
     # The package's names are re-exports, documented in their home modules (afalg.probe is
@@ -394,4 +416,5 @@ def setup(app: Sphinx) -> None:
     app.connect("missing-reference", _resolve_reexport)
     app.connect("viewcode-follow-imported", _follow_imported)
     app.connect("autodoc-process-bases", _public_bases)
+    app.connect("autodoc-process-docstring", _as_in_ssl)
     app.add_autodoc_attrgetter(type, _class_attr)

@@ -213,6 +213,10 @@ def test_inherited_methods_have_entries(html: Path) -> None:
         for method in ("sendall", "recv", "pending", "version", "cipher", "getpeercert",
                        "settimeout", "shutdown", "close", "makefile"):  # fmt: skip
             assert f"{cls}.{method}" in documented, f"{cls}.{method}"
+    # An undocumented one that ssl's sockets also have says so.
+    page = (html / "api" / "afalg.ktls.html").read_text()
+    recv = page[page.index('id="afalg.ktls.KTLSSocket.recv"') :].split("</dd>")[0]
+    assert "ssl.SSLSocket" in recv, recv
     for cls in ("AEAD", "HMAC", "Hash", "RNG", "SKCipher"):
         assert f"afalg.alg.{cls}.close" in documented, cls
     assert "afalg.errors.TLSAlertReceived.with_traceback" not in documented
