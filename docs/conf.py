@@ -122,9 +122,12 @@ def _imports_from_public_modules(module: str) -> dict[str, tuple[str, str]]:
     assert spec is not None and spec.origin is not None, module
     found = {}
     for node in ast.walk(ast.parse(Path(spec.origin).read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and _public(node.module or ""):
+        if not isinstance(node, ast.ImportFrom) or node.level or node.module is None:
+            continue
+        # (The package is left out: it documents none of its names.)
+        if node.module != "afalg" and _public(node.module):
             for alias in node.names:
-                found[alias.asname or alias.name] = (str(node.module), alias.name)
+                found[alias.asname or alias.name] = (node.module, alias.name)
     return found
 
 
