@@ -166,10 +166,11 @@ def chroot_argv(
     script = [f"root={shlex.quote(str(SID))}"]
     if in_vm:
         script += ['top="$(mktemp -d -p /run)"', 'mount --bind / "$top"', f'root="$top"{SID}']
+        # first, so that a checkout under /tmp (a CI clone) is bound on top of it, not hidden
+        script += [f'mount -t tmpfs tmpfs "$root"/{d}' for d in ("tmp", "run")]
+    script.append(f'mkdir -p "$root"{shlex.quote(str(ROOT))}')  # in the tmpfs, or there already
     binds = ["/proc", "/sys", "/dev", str(ROOT)]
     script += [f'mount --rbind {shlex.quote(d)} "$root"{shlex.quote(d)}' for d in binds]
-    if in_vm:
-        script += [f'mount -t tmpfs tmpfs "$root"/{d}' for d in ("tmp", "run")]
     inner = f'cd {shlex.quote(str(ROOT))} && exec "$@"'
     # the host's pip settings (a find-links directory, a CA file) name paths the root lacks
     unset = " ".join(f"-u {name}" for name in sorted(os.environ) if name.startswith("PIP_"))
