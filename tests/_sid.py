@@ -39,10 +39,11 @@ CACHE = Path("/var/cache/afalg")
 SID = CACHE / "sid"
 SERIES = ("3.14", "3.15")
 # What the tests call inside the root: the Pythons, openssl (the interop peer), ip (network
-# namespaces), a C compiler and the kernel's UAPI headers (tests/test_cmsg.py's layout check)
+# namespaces), curl (tests/test_sslcontext.py reads a server with it), a C compiler and the
+# kernel's UAPI headers (tests/test_cmsg.py's layout check)
 PACKAGES = (
     "python3.14", "python3.14-venv", "python3.15", "python3.15-venv",
-    "openssl", "iproute2", "gcc", "libc6-dev", "linux-libc-dev",
+    "openssl", "iproute2", "curl", "gcc", "libc6-dev", "linux-libc-dev",
 )  # fmt: skip
 STAMP = "afalg-installed"  # in the root, written last: the packages it was made with
 WHEELS = "/var/cache/afalg-wheels"  # inside the root: the host's pip downloads into it
