@@ -54,8 +54,10 @@ def test_commands_run_in_a_mount_namespace_of_their_own(
     mounts = re.findall(r"^mount (.*)$", script, re.M)
     binds = [f'--rbind {d} "$root"{d}' for d in ("/proc", "/sys", "/dev", str(ROOT))]
     tmpfs = [f'-t tmpfs tmpfs "$root"/{d}' for d in ("tmp", "run")]
-    # in the VM, /var/cache is a tmpfs: the root is reached through a bind of / alone
-    assert mounts == (['--bind / "$top"', *binds, *tmpfs] if in_vm else binds)
+    # in the VM, /var/cache is a tmpfs: the root is reached through a bind of / alone; its
+    # /tmp gets a tmpfs before the checkout is bound (a checkout under /tmp stays visible)
+    assert mounts == (['--bind / "$top"', *tmpfs, *binds] if in_vm else binds)
+    assert f'mkdir -p "$root"{ROOT}' in script.splitlines()
     root = f'root="$top"{_sid.SID}' if in_vm else f"root={_sid.SID}"
     assert root in script.splitlines()
     last = script.splitlines()[-1]
