@@ -45,6 +45,35 @@ def _recv_buffer() -> memoryview:
     return buf
 
 
+def sendfile_by_send(sock: Any, file: Any, offset: int, count: int | None, chunk: int) -> int:
+    """Send a file through ``sock`` (a TLS socket: ``send``, ``flush``, ``_sock``) by reading
+    ``chunk`` bytes at a time into one buffer and sending them (each chunk sealed into whole
+    records); the file position ends after the last byte the socket took, as with
+    :meth:`socket.socket.sendfile`, even when a send raised. A non-blocking socket is refused
+    (``ValueError``)."""
+    if sock._sock.gettimeout() == 0.0:
+        raise ValueError("non-blocking sockets are not supported")
+    if offset:
+        file.seek(offset)
+    total = 0
+    buf = memoryview(bytearray(chunk))
+    try:
+        while count is None or total < count:
+            n = file.readinto(buf[: chunk if count is None else min(chunk, count - total)])
+            if not n:
+                break
+            view = buf[:n]
+            while view:
+                sent = sock.send(view)
+                total += sent
+                view = view[sent:]
+        sock.flush()
+    finally:
+        if total > 0 and getattr(file, "seekable", bool)():  # not a pipe
+            file.seek(offset + total)
+    return total
+
+
 class TLSSocketBase:
     """What both afalg TLS sockets share: ownership of the TCP socket, timeouts, the ssl facts
     of the handshake, makefile, sendall, context manager, and driving the post-handshake
@@ -204,30 +233,8 @@ class TLSSocketBase:
             self.flush()  # what algif still holds; on nothing sent, EBADF once closed
 
     def _sendfile_by_send(self, file: Any, offset: int, count: int | None, chunk: int) -> int:
-        """Send a file by reading ``chunk`` bytes at a time into one buffer and sending them
-        (each chunk sealed into whole records); the file position ends after the last byte the
-        socket took, as with :meth:`socket.socket.sendfile`, even when a send raised."""
-        if self._sock.gettimeout() == 0.0:
-            raise ValueError("non-blocking sockets are not supported")
-        if offset:
-            file.seek(offset)
-        total = 0
-        buf = memoryview(bytearray(chunk))
-        try:
-            while count is None or total < count:
-                n = file.readinto(buf[: chunk if count is None else min(chunk, count - total)])
-                if not n:
-                    break
-                view = buf[:n]
-                while view:
-                    sent = self.send(view)
-                    total += sent
-                    view = view[sent:]
-            self.flush()
-        finally:
-            if total > 0 and getattr(file, "seekable", bool)():  # not a pipe
-                file.seek(offset + total)
-        return total
+        """Send a file by reading ``chunk`` bytes at a time (:func:`sendfile_by_send`)."""
+        return sendfile_by_send(self, file, offset, count, chunk)
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if bufsize < 0:

@@ -24,6 +24,8 @@ import threading
 import time
 from typing import Any
 
+from afalg._socket import sendfile_by_send
+
 __all__ = ["SSLObjectSocket"]
 
 _CHUNK = 64 * 1024  # plaintext sealed per send()
@@ -235,23 +237,7 @@ class SSLObjectSocket:
         and sealing it in chunks (ssl's way: no zero-copy in userspace TLS). The file position
         ends after the last byte sent; a non-blocking socket is refused (``ValueError``)."""
         self._check_open()
-        if self._sock.gettimeout() == 0.0:
-            raise ValueError("non-blocking sockets are not supported")
-        if offset:
-            file.seek(offset)
-        total = 0
-        buf = memoryview(bytearray(_CHUNK))
-        try:
-            while count is None or total < count:
-                n = file.readinto(buf[: _CHUNK if count is None else min(_CHUNK, count - total)])
-                if not n:
-                    break
-                self.sendall(buf[:n])
-                total += n
-        finally:
-            if total > 0 and getattr(file, "seekable", bool)():
-                file.seek(offset + total)
-        return total
+        return sendfile_by_send(self, file, offset, count, _CHUNK)
 
     def pending_output(self) -> int:
         """Sealed bytes not yet written to the socket."""
