@@ -41,6 +41,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +126,21 @@ def sid_label(stage: Stage) -> str:
     if not stage.python:
         return ""
     return ", " + python_label(_sid.python(stage.python), _sid.host_wrap(stage.python))
+
+
+def _sid_kernel(stage: Stage) -> Callable[[Run], str | None]:
+    """The ``prepare`` of a kernel stage under sid's Python: its root and virtualenv, then the
+    label that names them."""
+    assert stage.python
+
+    def prepare(run: Run) -> str | None:
+        why = _sid.setup(stage.python)
+        if why:
+            return f"{stage.name} is not run: {why}"
+        run.name += sid_label(stage) + ")"
+        return None
+
+    return prepare
 
 
 def sid_stage() -> Stage:
@@ -234,6 +250,9 @@ class Run:
     env: dict[str, str] = field(default_factory=dict)  # set on top of this process's
     may_be_empty: bool = False  # exit 5 (nothing collected) is no failure here
     estimate: float = 0.0  # seconds it should take (the scheduler starts the longest first)
+    # What the run needs first (a virtualenv, sid's root), made in the background while other
+    # runs go; it may rename the run (its Python's version) and returns why the run cannot go
+    prepare: Callable[[Run], str | None] | None = None
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     seconds: float = 0.0
@@ -300,31 +319,43 @@ def python_runs(
     series: list[str], select: str | None, outdir: Path, extra: list[str], may_be_empty: bool
 ) -> list[Run]:
     """The host stage under each of ``series``: pyenv's, or Debian sid's in its root
-    (tests/_sid.py); the missing ones named."""
+    (tests/_sid.py); a missing pyenv Python named. Each run's virtualenv (and sid's root) is
+    made by its ``prepare``, in the background, while the kernel stages run."""
     runs = []
     for name in series:
-        wrap: Callable[[list[str]], list[str]] = list
-        if name in _sid.SERIES:
-            why = _sid.setup(name)
-            if why:
-                print(f"afalg tests: Debian sid's CPython {name}: its host stage is not run: "
-                      f"{why}", flush=True)  # fmt: skip
-                continue
-            python, wrap = _sid.python(name), _sid.host_wrap(name)
-        elif (base := pyenv_python(name)) is None:
+        base = None
+        if name not in _sid.SERIES and (base := pyenv_python(name)) is None:
             print(f"afalg tests: no CPython {name} in pyenv: its host stage is not run", flush=True)
             continue
+        junit = outdir / f"junit-host-{name}.xml"
+        runs.append(Run(f"host-{name}", [], junit, log=outdir / f"host-{name}.log",
+                        may_be_empty=may_be_empty, estimate=ESTIMATES["host-other"],
+                        prepare=_host_python(name, base, select, extra)))  # fmt: skip
+    return runs
+
+
+def _host_python(
+    name: str, base: Path | None, select: str | None, extra: list[str]
+) -> Callable[[Run], str | None]:
+    """The ``prepare`` of the host stage under ``name``: its virtualenv (from pyenv's ``base``),
+    or sid's root and virtualenv; then the run's command and label."""
+
+    def prepare(run: Run) -> str | None:
+        wrap: Callable[[list[str]], list[str]] = list
+        if base is None:
+            why = _sid.setup(name)
+            if why:
+                return f"Debian sid's CPython {name}: its host stage is not run: {why}"
+            python, wrap = _sid.python(name), _sid.host_wrap(name)
         else:
             python = python_venv(name, base)
-        junit = outdir / f"junit-host-{name}.xml"
         ignored = [f"--ignore={path}" for path in ONCE]
-        argv = wrap([str(python), "-m", "pytest", f"--junitxml={junit}",
-                     "-m", selected("not kernel", select), *ignored, *extra])  # fmt: skip
-        label = f"host-{name} ({python_label(python, wrap)})"
-        log = outdir / f"host-{name}.log"
-        runs.append(Run(label, argv, junit, log=log, may_be_empty=may_be_empty,
-                        estimate=ESTIMATES["host-other"]))  # fmt: skip
-    return runs
+        run.argv = wrap([str(python), "-m", "pytest", f"--junitxml={run.junit}",
+                         "-m", selected("not kernel", select), *ignored, *extra])  # fmt: skip
+        run.name = f"host-{name} ({python_label(python, wrap)})"
+        return None
+
+    return prepare
 
 
 def release(kernel: str) -> str:
@@ -424,19 +455,40 @@ def longest_first(runs: list[Run], recorded: dict[str, float]) -> list[Run]:
     return sorted(runs, key=lambda run: -run.estimate)
 
 
-def run_all(runs: list[Run]) -> None:
-    """``runs`` ``PARALLEL`` at a time, in their order (:func:`longest_first`)."""
-    pending, active = list(runs), []
+def run_all(runs: list[Run]) -> list[Run]:
+    """``runs`` ``PARALLEL`` at a time, in their order (:func:`longest_first`), and those that
+    ran. The ``prepare`` steps go one after another in a background thread, in the same order,
+    while the runs that need none start: a run starts when it is first in line among the
+    prepared ones, and one whose step says why it cannot go is named and left out."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    prepared = {id(r): pool.submit(r.prepare, r) for r in runs if r.prepare}
+    pool.shutdown(wait=False)
+    pending, active, ran = list(runs), [], []
     while pending or active:
-        while pending and len(active) < PARALLEL:
-            active.append(pending.pop(0))
-            active[-1].start()
+        ready = [r for r in pending if id(r) not in prepared or prepared[id(r)].done()]
+        while ready and len(active) < PARALLEL:
+            run = ready.pop(0)
+            pending.remove(run)
+            try:
+                why = prepared[id(run)].result() if id(run) in prepared else None
+            except (OSError, subprocess.CalledProcessError) as exc:  # a failed install fails
+                print(f"afalg tests: {run.name}: preparing it failed: {exc}", flush=True)
+                run.junit.unlink(missing_ok=True)  # so that it counts as failed
+                ran.append(run)
+                continue
+            if why:
+                print(f"afalg tests: {why}", flush=True)
+                continue
+            run.start()
+            active.append(run)
+            ran.append(run)
         done = next((r for r in active if r.proc and r.proc.poll() is not None), None)
         if done is None:
             time.sleep(0.5)
             continue
         active.remove(done)
         done.wait()
+    return [run for run in runs if any(run is r for r in ran)]
 
 
 def summarize(runs: list[Run], *, skips_fail: bool, caveat: str | None) -> int:
@@ -530,24 +582,21 @@ def main() -> int:
         python_stages = python_runs(pythons, args.select, outdir, extra, may_be_empty)
         newest = sid_stage()
         if newest.kernel in kernels and newest.python in pythons:
-            why = _sid.setup(newest.python)  # done by now if its host stage runs
-            if why:
-                print(f"afalg tests: {newest.name} is not run: {why}", flush=True)
-            else:
-                todo.append(newest)
+            todo.append(newest)
         cpus = 1 if len(todo) > 1 else 2
         runs = [host] + [
-            Run(f"{s.name} ({release(s.kernel)}{sid_label(s)})",
+            Run(f"{s.name} ({release(s.kernel)}{'' if s.python else ')'}",
                 vm_command(s, cpus, junit(s.name), extra, args.select, timeout),
                 junit(s.name), log=outdir / f"{s.name}.log", may_be_empty=may_be_empty,
-                estimate=s.estimate)
+                estimate=s.estimate, prepare=_sid_kernel(s) if s.python else None)
             for s in todo
         ]  # fmt: skip
         runs[1:1] = python_stages
     whole = not may_be_empty and not args.kernel and not args.python and args.scale != "full"
     order = longest_first(runs, recorded_seconds(outdir))
     print("afalg tests: " + ", ".join(f"{r.name} ~{r.estimate:.0f} s" for r in order), flush=True)
-    run_all(order)
+    ran = {id(run) for run in run_all(order)}
+    runs = [run for run in runs if id(run) in ran]
     if whole:
         record_seconds(outdir, runs)
     # Under the VM, and natively as root, every capability is there: a skip means a test did

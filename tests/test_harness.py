@@ -291,3 +291,38 @@ def test_a_split_kernel_runs_every_test_file_once(monkeypatch) -> None:
     argv = runner.vm_command(first, 1, Path("junit.xml"), [], None, 60)
     assert "--ignore=tests/test_aio.py" in argv and "tests/test_harness.py" not in argv
     assert [s.name for s in runner.stages("6.12", split=False)] == ["kernel-6.12"]
+
+
+def test_prepared_runs_start_once_ready_and_a_failed_install_fails(tmp_path, capsys) -> None:
+    """A run's ``prepare`` (a virtualenv, sid's root) goes in the background while the runs
+    that need none start; it renames the run, or says why it cannot go (the run is named and
+    left out), or fails (the run counts as failed)."""
+    import subprocess
+
+    runner = _runner()
+    order: list[str] = []
+
+    def stage(name: str, prepare=None):
+        return runner.Run(name, ["true"], tmp_path / f"junit-{name}.xml",
+                          log=tmp_path / f"{name}.log", prepare=prepare)  # fmt: skip
+
+    def ready(run):
+        order.append(run.name)
+        run.name += " (Python 9.9)"
+
+    def missing(run):
+        order.append(run.name)
+        return "no CPython 9.8"
+
+    def broken(run):
+        order.append(run.name)
+        raise subprocess.CalledProcessError(1, ["pip"])
+
+    runs = [stage("kernel"), stage("py", ready), stage("gone", missing), stage("bad", broken)]
+    ran = runner.run_all(runs)
+    assert order == ["py", "gone", "bad"]  # one after another, in the runs' order
+    assert [r.name for r in ran] == ["kernel", "py (Python 9.9)", "bad"]
+    assert [r.rc for r in ran[:2]] == [0, 0] and ran[2].proc is None
+    out = capsys.readouterr().out
+    assert "afalg tests: no CPython 9.8" in out and "bad: preparing it failed" in out
+    assert runner.counts(ran[2].junit)["failed"] == 1
