@@ -43,30 +43,26 @@ either afalg socket), read back from the kernel and never from afalg's memory.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import dataclasses
 import errno
-import functools
 import io
 import os
 import select
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any, Literal
 
 from afalg import _uapi
+from afalg._ktls.setup import attach_ulp as attach_ulp
+from afalg._ktls.setup import enable, install_keys, supports, supports_rekey
+from afalg._ktls.setup import loopback as loopback
+from afalg._ktls.setup import missing_ulp_reason as missing_ulp_reason
+from afalg._ktls.state import KernelTLSState, kernel_state, record_sequence, tls_stats
 from afalg._socket import TLSSocketBase
-from afalg._uapi import TLS_1_3_VERSION, TLSCipherType, has_capability
+from afalg._uapi import TLS_1_3_VERSION
 from afalg.cmsg import (
-    CryptoInfoPublic,
     parse_record_type,
-    peek_tls_crypto_info,
     record_type_cmsg,
-    tls_crypto_info,
-    tls_crypto_info_struct,
 )
 from afalg.errors import (
     KeyUpdateUnsupported,
@@ -75,7 +71,7 @@ from afalg.errors import (
     WantWrite,
 )
 from afalg.handoff import TicketFeed
-from afalg.keys import CipherSuite, TrafficKeys
+from afalg.keys import TrafficKeys
 from afalg.record import default_records_per_key
 from afalg.wire import MAX_PLAINTEXT, AlertDescription, ContentType
 
@@ -89,6 +85,12 @@ __all__ = [
     "supports_rekey",
     "tls_stats",
 ]
+
+# Documented and pickled as afalg.ktls's, where users import them from (the code of all but
+# KTLSSocket is in afalg._ktls: state, what the kernel holds; setup, attaching and keying).
+for _name in __all__[1:]:
+    globals()[_name].__module__ = __name__
+del _name
 
 _ANCBUFSIZE = socket.CMSG_SPACE(1)
 _SENDFILE_CHUNK = 2**24  # bytes per os.sendfile loop (checked against the key usage limit)
@@ -106,354 +108,6 @@ def _record_type(ancdata: list[tuple[int, int, bytes]]) -> int:
         if level == _uapi.SOL_TLS and kind == _uapi.TLS_GET_RECORD_TYPE:
             return parse_record_type(data)
     return _APPLICATION_DATA
-
-
-def tls_stats() -> dict[str, int]:
-    """The kernel's TLS counters from ``/proc/net/tls_stat`` (``TlsCurrTxSw``, ``TlsTxSw``,
-    ``TlsDecryptError``, ...); empty when the ``tls`` module is not loaded."""
-    try:
-        with open(_uapi.TLS_STAT_PATH) as f:
-            text = f.read()
-    except FileNotFoundError:
-        return {}
-    stats = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name and value.strip().isdigit():
-            stats[name] = int(value)
-    return stats
-
-
-# --- what the kernel holds for one connection ---------------------------------------------------
-
-TCP_ULP_NAME_MAX = 16  # include/net/tcp.h
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelTLSState:
-    """What the kernel holds for one TCP connection's TLS, as the kernel reports it
-    (:func:`kernel_state`). No key, IV or salt: only these fields exist.
-
-    - ``ulp``: the upper layer protocol attached (``getsockopt(SOL_TCP, TCP_ULP)``): ``"tls"``
-      under kTLS, None when there is none (algif mode: the kernel holds no TLS state at all, and
-      every other field is False or None).
-    - ``tx``, ``rx``: whether ``TLS_TX`` / ``TLS_RX`` keys are installed
-      (``getsockopt(SOL_TLS, TLS_TX/TLS_RX)`` answers instead of EBUSY).
-    - ``version``: ``TLS_1_2_VERSION`` (0x0303) or ``TLS_1_3_VERSION`` (0x0304); ``cipher_type``:
-      ``TLS_CIPHER_*`` (the kernel holds the same in both directions). None before any keys.
-    - ``tx_seq``, ``rx_seq``: the sequence number of the next record the kernel seals / opens
-      (``rec_seq`` of the crypto_info; 0 again after a TLS 1.3 KeyUpdate). None where that
-      direction has no keys.
-    - ``tx_zerocopy_ro``: ``TLS_TX_ZEROCOPY_RO`` (sendfile may encrypt straight from the page
-      cache, for files nobody modifies meanwhile; the kernel uses it with device offload only).
-      None where the kernel has no such option (before 5.19).
-    - ``rx_expect_no_pad``: ``TLS_RX_EXPECT_NO_PAD`` (TLS 1.3: decrypt straight into the
-      caller's buffer, expecting no record padding). The kernel answers only for TLS 1.3 with
-      ``TLS_RX`` set; None otherwise, and where the kernel has no such option (before 6.0).
-    - ``tx_conf``, ``rx_conf``: how the kernel runs each direction, from ``inet_diag``
-      (``INET_DIAG_ULP_INFO``: ``TLS_INFO_TXCONF``/``TLS_INFO_RXCONF``): ``"base"`` (no keys),
-      ``"sw"`` (the kernel's software crypto), ``"hw"`` (NIC offload), ``"hw_record"`` (TOE).
-      None when the kernel does not tell this process (it does only to CAP_NET_ADMIN).
-    """
-
-    ulp: str | None
-    tx: bool
-    rx: bool
-    version: int | None
-    cipher_type: TLSCipherType | None
-    tx_seq: int | None
-    rx_seq: int | None
-    tx_zerocopy_ro: bool | None
-    rx_expect_no_pad: bool | None
-    tx_conf: str | None = None
-    rx_conf: str | None = None
-
-    @property
-    def ktls(self) -> bool:
-        """Whether the kernel seals and opens this connection's records (kTLS both ways)."""
-        return self.ulp == "tls" and self.tx and self.rx
-
-    @property
-    def version_name(self) -> str | None:
-        """``"TLSv1.2"`` or ``"TLSv1.3"`` (as :meth:`ssl.SSLSocket.version` spells them)."""
-        return {_uapi.TLS_1_2_VERSION: "TLSv1.2", TLS_1_3_VERSION: "TLSv1.3"}.get(self.version or 0)
-
-    def __str__(self) -> str:
-        if self.ulp is None:
-            return "no kernel TLS: no ULP on this socket (records are sealed in userspace)"
-        if self.ulp != "tls":
-            return f"no kernel TLS: the {self.ulp} ULP is attached"
-        dirs = "+".join(d for d, on in (("TX", self.tx), ("RX", self.rx)) if on) or "no keys"
-        if self.tx_conf is not None or self.rx_conf is not None:
-            dirs += f" (tx {self.tx_conf}, rx {self.rx_conf})"
-        parts = [f"kernel TLS: {dirs}"]
-        if self.version is not None:
-            name = self.cipher_type.name if self.cipher_type is not None else "?"
-            parts.append(f"{self.version_name or hex(self.version)} {name}")
-        if self.tx_seq is not None:
-            parts.append(f"tx_seq={self.tx_seq}")
-        if self.rx_seq is not None:
-            parts.append(f"rx_seq={self.rx_seq}")
-        for flag in ("tx_zerocopy_ro", "rx_expect_no_pad"):
-            if getattr(self, flag):
-                parts.append(flag)
-        return ", ".join(parts)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.getsockopt.argtypes = [
-    ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32),
-]  # fmt: skip
-_libc.getsockopt.restype = ctypes.c_int
-
-
-def _getsockopt_into(fd: int, level: int, name: int, buf: bytearray) -> int:
-    """``getsockopt(fd, level, name)`` into ``buf`` (no bytes object is made, so the caller
-    can zero what the kernel wrote); the length the kernel reports."""
-    cbuf = (ctypes.c_char * len(buf)).from_buffer(buf)
-    optlen = ctypes.c_uint32(len(buf))
-    try:
-        if _libc.getsockopt(fd, level, name, ctypes.addressof(cbuf), ctypes.byref(optlen)):
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-    finally:
-        del cbuf
-    return optlen.value
-
-
-def _read_crypto_info(fd: int, direction: int) -> CryptoInfoPublic | None:
-    """The public part of the kernel's crypto_info for ``direction``; None if not set (EBUSY).
-
-    First the bare 4-byte header (the kernel then copies nothing else), then the whole struct
-    for ``rec_seq``: that one carries the key, so it is read into a bytearray that is zeroed
-    as soon as the sequence number is taken out (:func:`afalg.cmsg.peek_tls_crypto_info`)."""
-    header = bytearray(4)
-    try:
-        _getsockopt_into(fd, _uapi.SOL_TLS, direction, header)
-    except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            return None
-        raise
-    try:
-        size = ctypes.sizeof(tls_crypto_info_struct(int.from_bytes(header[2:4], "little")))
-    except ValueError:  # a cipher newer than afalg: version and cipher, no sequence number
-        return peek_tls_crypto_info(header)
-    buf = bytearray(size)
-    try:
-        _getsockopt_into(fd, _uapi.SOL_TLS, direction, buf)
-        return peek_tls_crypto_info(buf)
-    finally:
-        buf[:] = bytes(size)  # in place: the key bytes the kernel copied out are gone
-
-
-def record_sequence(sock: socket.socket, direction: int, cipher_type: int) -> int:
-    """The kernel's next record sequence number for ``direction`` (``TLS_TX``/``TLS_RX``) of a
-    kTLS socket whose keys are of ``cipher_type``: the whole crypto_info (key included) is read
-    into a bytearray that is zeroed right after its ``rec_seq`` is taken."""
-    size = ctypes.sizeof(tls_crypto_info_struct(cipher_type))
-    buf = bytearray(size)
-    try:
-        _getsockopt_into(sock.fileno(), _uapi.SOL_TLS, direction, buf)
-        seq = peek_tls_crypto_info(buf).rec_seq
-    finally:
-        buf[:] = bytes(size)  # in place: the key bytes the kernel copied out are gone
-    assert seq is not None
-    return seq
-
-
-def _flag(sock: socket.socket, name: int, unsupported: tuple[int, ...]) -> bool | None:
-    try:
-        return bool(sock.getsockopt(_uapi.SOL_TLS, name))
-    except OSError as exc:
-        if exc.errno in unsupported:
-            return None
-        raise
-
-
-def kernel_state(sock: socket.socket) -> KernelTLSState:
-    """What the kernel holds for the TCP connection ``sock`` (:class:`KernelTLSState`), asked
-    of the kernel each time: ``getsockopt(SOL_TCP, TCP_ULP)``, then with the tls ULP
-    ``getsockopt(SOL_TLS, ...)`` for ``TLS_TX``, ``TLS_RX``, ``TLS_TX_ZEROCOPY_RO`` and
-    ``TLS_RX_EXPECT_NO_PAD``; and with CAP_NET_ADMIN ``inet_diag``'s ULP information
-    (:func:`afalg.netlink.tls_ulp_info`) for ``tx_conf``/``rx_conf``. Without the capability
-    everything but those two is still read.
-
-    The kernel answers ``TLS_TX``/``TLS_RX`` with the whole crypto_info, key included; that
-    buffer is zeroed right after the version, cipher and sequence number are read from it, and
-    no key byte reaches the result. A socket that is not TCP (a Unix socketpair carrying algif
-    mode, UDP) has no ULP: ``ulp=None``. Raises :class:`OSError` (EBADF) for a closed socket.
-    """
-    try:
-        name = sock.getsockopt(_uapi.SOL_TCP, _uapi.TCP_ULP, TCP_ULP_NAME_MAX)
-    except OSError as exc:
-        # Only TCP knows TCP_ULP: other sockets answer EOPNOTSUPP (or ENOPROTOOPT)
-        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOPROTOOPT):
-            raise
-        name = b""
-    ulp = name.split(b"\0", 1)[0].decode("ascii", "replace") or None
-    if ulp != "tls":
-        return KernelTLSState(ulp, False, False, None, None, None, None, None, None)
-    fd = sock.fileno()
-    tx = _read_crypto_info(fd, _uapi.TLS_TX)
-    rx = _read_crypto_info(fd, _uapi.TLS_RX)
-    either = tx or rx
-    from afalg.netlink import tls_ulp_info  # pyroute2, only for this
-
-    diag = tls_ulp_info(sock)
-    return KernelTLSState(
-        ulp=ulp,
-        tx=tx is not None,
-        rx=rx is not None,
-        version=either.version if either else None,
-        cipher_type=either.cipher_type if either else None,
-        tx_seq=tx.rec_seq if tx else None,
-        rx_seq=rx.rec_seq if rx else None,
-        tx_zerocopy_ro=_flag(sock, _uapi.TLS_TX_ZEROCOPY_RO, (errno.ENOPROTOOPT,)),
-        # EINVAL: not TLS 1.3, or no RX keys (the kernel keeps the flag for TLS 1.3 RX only)
-        rx_expect_no_pad=_flag(sock, _uapi.TLS_RX_EXPECT_NO_PAD, (errno.ENOPROTOOPT, errno.EINVAL)),
-        tx_conf=diag.tx_conf if diag is not None else None,
-        rx_conf=diag.rx_conf if diag is not None else None,
-    )
-
-
-# --- setting kTLS up ----------------------------------------------------------------------------
-
-
-def _crypto_info(keys: TrafficKeys) -> bytes:
-    return tls_crypto_info(keys.version, keys.cipher_suite.ktls_cipher_type, **keys.ktls_params())
-
-
-def _ulp(sock: socket.socket) -> str:
-    try:
-        name = sock.getsockopt(_uapi.SOL_TCP, _uapi.TCP_ULP, 16)
-    except OSError:
-        return ""
-    return name.rstrip(b"\0").decode("ascii", "replace")
-
-
-def _check_tcp(sock: socket.socket) -> None:
-    if not isinstance(sock, socket.socket):
-        raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
-    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
-        raise KTLSError(errno.EOPNOTSUPP, "kTLS needs a TCP socket (AF_INET/AF_INET6 stream)")
-
-
-def missing_ulp_reason() -> str:
-    """Why ``TCP_ULP "tls"`` gave ENOENT. The kernel loads the tls module on demand only for a
-    process with CAP_NET_ADMIN (net/ipv4/tcp_ulp.c), so an unprivileged one needs it loaded."""
-    if os.path.exists("/sys/module/tls"):
-        return "the kernel has no tls ULP although the tls module is loaded (ENOENT)"
-    if not has_capability(_uapi.CAP_NET_ADMIN):
-        return (
-            "the tls module is not loaded, and only a process with CAP_NET_ADMIN may load it "
-            "on demand: run 'modprobe tls' as root once (ENOENT)"
-        )
-    return "the kernel has no tls ULP (CONFIG_TLS missing or the tls module not loadable)"
-
-
-def attach_ulp(sock: socket.socket) -> None:
-    """``setsockopt(SOL_TCP, TCP_ULP, "tls")``, with errors that say what went wrong."""
-    _check_tcp(sock)
-    try:
-        sock.setsockopt(_uapi.SOL_TCP, _uapi.TCP_ULP, b"tls")
-    except OSError as exc:
-        code = exc.errno or 0
-        if code == errno.ENOTCONN:
-            msg = ("the tls ULP needs an established TCP connection: set it after connect() or "
-                   "accept(), not before (ENOTCONN)")  # fmt: skip
-        elif code == errno.EEXIST:
-            current = _ulp(sock)
-            msg = (f"this socket already has the {current or 'a'} ULP attached; the tls ULP can "
-                   "be set once per socket (EEXIST)")  # fmt: skip
-        elif code == errno.ENOENT:
-            msg = missing_ulp_reason()
-        else:
-            msg = f"setsockopt(TCP_ULP, 'tls') failed: {exc.strerror}"
-        raise KTLSError(code, msg) from exc
-
-
-def install_keys(sock: socket.socket, direction: int, keys: TrafficKeys) -> None:
-    """``setsockopt(SOL_TLS, TLS_TX or TLS_RX, crypto_info)`` for ``keys``."""
-    name = "TLS_TX" if direction == _uapi.TLS_TX else "TLS_RX"
-    try:
-        sock.setsockopt(_uapi.SOL_TLS, direction, _crypto_info(keys))
-    except OSError as exc:
-        code = exc.errno or 0
-        what = f"{keys.cipher_suite.name} (TLS {'1.3' if keys.version == 0x0304 else '1.2'})"
-        if code == errno.ENOPROTOOPT:
-            msg = f"setsockopt(SOL_TLS, {name}) needs the tls ULP on the socket first"
-        elif code == errno.EBUSY:
-            msg = f"{name} keys are already installed on this socket (EBUSY)"
-        elif code in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT, errno.ENOSYS):
-            msg = f"the kernel refused {name} for {what}: {exc.strerror}"
-        else:
-            msg = f"setsockopt(SOL_TLS, {name}) for {what} failed: {exc.strerror}"
-        raise KTLSError(code, msg) from exc
-
-
-@functools.cache
-def supports(version: int, cipher_type: int) -> bool:
-    """Whether this kernel runs kTLS for ``(version, cipher_type)`` both ways: tried once per
-    process on a throwaway loopback connection (ULP, then TLS_TX and TLS_RX with zero keys)."""
-    suite = next(
-        (s for s in CipherSuite
-         if s.ktls_cipher_type == cipher_type and s.is_tls13 == (version == TLS_1_3_VERSION)),
-        None,
-    )  # fmt: skip
-    if suite is None:
-        return False
-    iv = bytes(12 if suite.is_chacha20 or suite.is_tls13 else 4)
-    keys = TrafficKeys(version, suite, bytes(suite.key_length), iv)
-    return _trial(lambda sock: enable(sock, keys, keys))
-
-
-@functools.cache
-def supports_rekey() -> bool:
-    """Whether this kernel replaces the keys of a live kTLS socket (TLS 1.3 KeyUpdate; Linux
-    6.14+): tried once per process, setting ``TLS_TX`` twice on a throwaway connection (older
-    kernels answer EBUSY)."""
-    keys = TrafficKeys.tls13(CipherSuite.TLS_AES_128_GCM_SHA256, bytes(32))
-
-    def rekey(sock: socket.socket) -> None:
-        enable(sock, keys, keys)
-        install_keys(sock, _uapi.TLS_TX, keys.next_generation())
-
-    return _trial(rekey)
-
-
-@contextmanager
-def loopback() -> Iterator[socket.socket]:
-    """The client end of a throwaway loopback TCP connection, ESTABLISHED (the tls ULP takes
-    no other state), its peer kept open until the end."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname(), timeout=5)
-        peer, _ = listener.accept()
-    with client, peer:
-        yield client
-
-
-def _trial(setup: Callable[[socket.socket], object]) -> bool:
-    """Whether ``setup`` succeeds on a :func:`loopback` connection."""
-    try:
-        with loopback() as sock:
-            setup(sock)
-    except OSError:  # KTLSError included
-        return False
-    return True
-
-
-def enable(sock: socket.socket, tx: TrafficKeys, rx: TrafficKeys) -> None:
-    """Turn the connected TCP socket ``sock`` into a kTLS socket with these keys.
-
-    ``tx.seq`` and ``rx.seq`` are the next records' sequence numbers. Raises
-    :class:`afalg.errors.KTLSError` naming the cause (socket not connected, ULP already set,
-    no tls module, cipher refused).
-    """
-    if not isinstance(tx, TrafficKeys) or not isinstance(rx, TrafficKeys):
-        raise TypeError("tx and rx must be afalg.keys.TrafficKeys")
-    attach_ulp(sock)
-    install_keys(sock, _uapi.TLS_TX, tx)
-    install_keys(sock, _uapi.TLS_RX, rx)
 
 
 # --- kTLS ----------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from test_tls_helpers import (
 )
 
 from afalg import ktls, netlink, tls
+from afalg._ktls import state as ktls_state
 from afalg._uapi import (
     CAP_NET_ADMIN,
     SOL_TLS,
@@ -276,14 +277,14 @@ def test_no_key_byte_leaves_and_the_buffer_is_zeroed(monkeypatch: pytest.MonkeyP
     key, iv = bytes(range(0xC0, 0xE0)), bytes(range(0x10, 0x1C))
     keys = TrafficKeys(TLS_1_3_VERSION, CipherSuite.TLS_AES_256_GCM_SHA384, key, iv, seq=3)
     seen: list[tuple[bytearray, bytes]] = []
-    real = ktls._getsockopt_into
+    real = ktls_state._getsockopt_into
 
     def spy(fd: int, level: int, name: int, buf: bytearray) -> int:
         n = real(fd, level, name, buf)
         seen.append((buf, bytes(buf)))  # what the kernel wrote, before afalg zeroes it
         return n
 
-    monkeypatch.setattr(ktls, "_getsockopt_into", spy)
+    monkeypatch.setattr(ktls_state, "_getsockopt_into", spy)
     a, b = tcp_pair()
     with a, b:
         ktls.enable(a, keys, keys)
