@@ -43,7 +43,7 @@ LAZY_IMPORTS = {
     ("cli", "ktls"),
     ("cli", "_vm"),
     ("cli", "_cli_crypto"),
-    ("ktls", "netlink"),
+    ("_ktls.state", "netlink"),
 }
 
 
