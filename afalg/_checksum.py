@@ -17,8 +17,10 @@ _C_ESCAPES = {7: "a", 8: "b", 9: "t", 10: "n", 11: "v", 12: "f", 13: "r"}
 
 
 def quotef(name: bytes) -> bytes:
-    """A file name as coreutils quotes it in a message (``'a b'``, ``"it's"``,
-    ``'a'$'\\n''b'``): gnulib's shell-escape quoting, printable UTF-8 kept as is."""
+    """Return a file name quoted as coreutils quotes it in a message.
+
+    E.g. ``'a b'``, ``"it's"``, ``'a'$'\\n''b'``: gnulib's shell-escape quoting, printable
+    UTF-8 kept as is."""
     chars = name.decode("utf-8", "surrogateescape")
     plain = True
     for i, c in enumerate(chars):
@@ -57,10 +59,11 @@ def quotef(name: bytes) -> bytes:
 
 
 def escape(name: bytes, chars: bytes = b"\\\n\r") -> tuple[bytes, bytes]:
-    """coreutils' escaping of a name in a checksum line or a ``--check`` status line: (prefix,
-    name). A name with a backslash, newline or carriage return is escaped (``\\``, ``\\n``,
-    ``\\r``) and the line starts with a backslash, as sha256sum 9.10 does in both. (9.1 escaped
-    a ``--check`` status line only for a newline, printing a backslash or carriage return raw:
+    """Escape a name for a checksum line or a ``--check`` status line; return (prefix, name).
+
+    A name with a backslash, newline or carriage return is escaped (``\\``, ``\\n``, ``\\r``)
+    and the line starts with a backslash, as sha256sum 9.10 does in both. (9.1 escaped a
+    ``--check`` status line only for a newline, printing a backslash or carriage return raw:
     ambiguous, and a raw carriage return overwrites the line on a terminal.)"""
     if not any(b in chars for b in name):
         return b"", name
@@ -68,8 +71,10 @@ def escape(name: bytes, chars: bytes = b"\\\n\r") -> tuple[bytes, bytes]:
 
 
 def unescape(name: bytes) -> bytes | None:
-    """A name from an escaped checksum line; None where it is malformed (a lone trailing
-    backslash, an escape other than \\\\, \\n and \\r): coreutils' filename_unescape."""
+    """Return a name from an escaped checksum line, or None where it is malformed.
+
+    Malformed: a lone trailing backslash, an escape other than \\\\, \\n and \\r. As coreutils'
+    filename_unescape."""
     out, i = bytearray(), 0
     while i < len(name):
         c = name[i]
@@ -100,8 +105,10 @@ def tag_name(kernel_name: str) -> bytes:
 
 
 class CheckState:
-    """What sha256sum keeps across the checksum files of one run: whether the lines so far
-    were "digest name" (BSD reversed, 1) or "digest  name" (0), unknown (-1)."""
+    """What sha256sum keeps across the checksum files of one run.
+
+    ``bsd_reversed``: whether the lines so far were "digest name" (BSD reversed, 1) or
+    "digest  name" (0), unknown (-1)."""
 
     def __init__(self, tag: bytes, hex_len: int) -> None:
         self.tag = tag
@@ -140,9 +147,10 @@ def _split_bsd(s: bytes, escaped: bool, state: CheckState) -> tuple[bytes, bytes
 
 
 def split_line(s: bytes, state: CheckState) -> tuple[bytes, bytes] | None:
-    """(digest, name) of one checksum line, or None if it is improperly formatted:
-    coreutils' split_3 (GNU ``digest  name``, ``digest *name``, BSD ``TAG (name) = digest``,
-    BSD reversed ``digest name``; a leading backslash means an escaped name)."""
+    """Return (digest, name) of one checksum line, or None if it is improperly formatted.
+
+    As coreutils' split_3: GNU ``digest  name``, ``digest *name``, BSD ``TAG (name) = digest``,
+    BSD reversed ``digest name``; a leading backslash means an escaped name."""
     s = s.split(b"\0", 1)[0]  # C strings end at a NUL
     n, i = len(s), 0
     while i < n and s[i] in b" \t":

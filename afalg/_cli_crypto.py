@@ -1,5 +1,6 @@
-"""The crypto subcommands of ``afalg``, in the spirit of libkcapi's kcapi-dgst / kcapi-enc /
-kcapi-rng, with coreutils-compatible output:
+"""The crypto subcommands of ``afalg``, with coreutils-compatible output.
+
+In the spirit of libkcapi's kcapi-dgst / kcapi-enc / kcapi-rng:
 
 - ``afalg list [--type T]``: the algorithms in /proc/crypto.
 - ``afalg hash ALG FILE...`` prints what ``sha256sum`` prints (``--check`` verifies such lines).
@@ -39,8 +40,10 @@ _CHUNK = 64 * 1024
 
 
 def _hex(what: str) -> Callable[[str], bytes]:
-    """An argparse type for a hex argument. Its errors name the problem, never the value (a
-    key must not end up on stderr or in a log)."""
+    """Return an argparse type for a hex argument.
+
+    Its errors name the problem, never the value (a key must not end up on stderr or in a
+    log)."""
 
     def parse(text: str) -> bytes:
         try:
@@ -73,8 +76,10 @@ def _add_key_options(p: argparse.ArgumentParser) -> None:
 
 
 def _read_key(args: argparse.Namespace, stdin_is_data: bool) -> None:
-    """Set ``args.key`` from --key-file or --key-fd (hex, surrounding whitespace ignored). The
-    errors name the option and the problem, never the key."""
+    """Set ``args.key`` from --key-file or --key-fd.
+
+    The file holds the key in hex, surrounding whitespace ignored. The errors (ValueError) name
+    the option and the problem, never the key."""
     if args.key is not None:
         return
     if args.key_file is not None:
@@ -148,9 +153,10 @@ def _open_failure(args: argparse.Namespace, name: bytes, exc: OSError) -> None:
 
 
 def _name_unreadable(args: argparse.Namespace) -> None:
-    """Report each FILE operand that cannot be opened, as hashing it would (``NAME: No such
-    file or directory``), without reading any: the messages a user needs beside an error that
-    ends the run before the files (AF_ALG missing, an unknown ALG)."""
+    """Report each FILE operand that cannot be opened, as hashing it would, reading none.
+
+    The messages (``NAME: No such file or directory``) are those a user needs beside an error
+    that ends the run before the files (AF_ALG missing, an unknown ALG)."""
     for path in args.files:
         name = os.fsencode(path)
         if name == b"-":
@@ -386,7 +392,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _list_note(args: argparse.Namespace) -> None:
-    """Say on stderr when the listed algorithms cannot all be used through AF_ALG here:
+    """Say on stderr when the listed algorithms cannot all be used through AF_ALG here.
+
     /proc/crypto lists what the kernel has, not what this process may bind."""
     absence = af_alg_absence()
     restrict = alg.af_alg_restrict()

@@ -152,8 +152,9 @@ class AEAD(_AlgSocket):
         return iv, aad + iv
 
     def encrypt(self, iv: Buffer, plaintext: Buffer, aad: Buffer | None = b"") -> bytes:
-        """``ciphertext || tag`` of ``plaintext`` (``tag_size`` bytes longer). ``aad`` None is
-        no associated data, as for cryptography's ``AESGCM``."""
+        """Encrypt ``plaintext`` and return ``ciphertext || tag`` (``tag_size`` bytes longer).
+
+        ``aad`` None is no associated data, as for cryptography's ``AESGCM``."""
         if type(iv) is bytes and type(aad) is bytes and len(iv) == self._fastiv:
             kiv, assoc = iv, aad  # the common case, checked: plain AEAD, bytes, right IV size
         else:
@@ -162,8 +163,10 @@ class AEAD(_AlgSocket):
         return self._crypt(_ENCRYPT, kiv, assoc, data, len(data) + self.tag_size, None)  # type: ignore[return-value]
 
     def decrypt(self, iv: Buffer, ciphertext_and_tag: Buffer, aad: Buffer | None = b"") -> bytes:
-        """The plaintext, or :class:`afalg.InvalidTag` if the tag does not verify (or the input
-        is shorter than the tag). Unauthenticated plaintext is never returned."""
+        """Decrypt ``ciphertext || tag`` and return the plaintext once the tag verifies.
+
+        Raises :class:`afalg.InvalidTag` if the tag does not verify (or the input is shorter
+        than the tag). Unauthenticated plaintext is never returned."""
         if type(iv) is bytes and type(aad) is bytes and len(iv) == self._fastiv:
             kiv, assoc = iv, aad
         else:
@@ -174,11 +177,13 @@ class AEAD(_AlgSocket):
     def encrypt_into(
         self, out: Buffer, iv: Buffer, plaintext: Buffer, aad: Buffer | None = b""
     ) -> int:
-        """Encrypt into ``out`` as the kernel writes its output: ``aad || ciphertext || tag``
-        at the start of ``out`` (a writable bytes-like object of at least ``len(aad) +
-        len(plaintext) + tag_size`` bytes); returns that length, as
-        :meth:`socket.socket.recv_into` returns a count. Nothing is allocated or copied: the
-        kernel writes into ``out``, and the call is the two system calls and little more.
+        """Encrypt into ``out`` as the kernel writes its output, and return the length written.
+
+        The output is ``aad || ciphertext || tag`` at the start of ``out`` (a writable
+        bytes-like object of at least ``len(aad) + len(plaintext) + tag_size`` bytes); the
+        length is returned as :meth:`socket.socket.recv_into` returns a count. Nothing is
+        allocated or copied: the kernel writes into ``out``, and the call is the two system
+        calls and little more.
 
         The AAD comes first because AF_ALG copies it through to the output; where the AAD is a
         header, as in TLS 1.3 (the 5-byte record header), ``out`` then holds the whole record.
@@ -197,10 +202,12 @@ class AEAD(_AlgSocket):
     def decrypt_into(
         self, out: Buffer, iv: Buffer, ciphertext_and_tag: Buffer, aad: Buffer | None = b""
     ) -> int:
-        """Decrypt into ``out``, laid out as :meth:`encrypt_into`'s: ``aad || plaintext`` (at
-        least ``len(aad) + len(ciphertext_and_tag) - tag_size`` bytes); returns that length.
-        If the tag does not verify, :class:`afalg.InvalidTag` is raised and those bytes of
-        ``out`` are zeroed: the kernel decrypts into ``out`` before it checks the tag."""
+        """Decrypt into ``out``, laid out as :meth:`encrypt_into`'s, and return the length.
+
+        The output is ``aad || plaintext`` (at least ``len(aad) + len(ciphertext_and_tag) -
+        tag_size`` bytes). If the tag does not verify, :class:`afalg.InvalidTag` is raised and
+        those bytes of ``out`` are zeroed: the kernel decrypts into ``out`` before it checks the
+        tag."""
         if type(iv) is bytes and type(aad) is bytes and len(iv) == self._fastiv:
             kiv, assoc = iv, aad
         else:
@@ -229,7 +236,9 @@ class AEAD(_AlgSocket):
         size: int,
         into: bytearray | memoryview | None,
     ) -> bytes | int:
-        """Send ``assoc || data`` with the operation, IV and AAD length, then read the kernel's
+        """Run one AEAD operation and return its output (or its length, with ``into``).
+
+        Sends ``assoc || data`` with the operation, IV and AAD length, then reads the kernel's
         ``assoc || output`` (``size`` bytes of output): into ``into`` (its length returned), or
         as the output's bytes.
 
@@ -304,8 +313,10 @@ class AEAD(_AlgSocket):
         size: int,
         into: bytearray | memoryview | None,
     ) -> bytes | int:
-        """:meth:`_crypt` when the operation socket's buffers are too small, or there is
-        nothing to read back."""
+        """Run :meth:`_crypt` the slow way, with its own buffers.
+
+        Used when the operation socket's buffers are too small, or there is nothing to read
+        back."""
         skip = len(assoc)
         if not (skip or size):
             # no AAD and no output (decrypting a bare tag): the kernel checks the tag on a read

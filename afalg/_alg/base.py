@@ -1,5 +1,7 @@
-"""The socket base of the AF_ALG classes: binding, the transform and operation sockets and
-their lifetime, socket buffers fitted to an operation, and the input and output plumbing."""
+"""The socket base of the AF_ALG classes: binding, sockets, buffers and I/O plumbing.
+
+It covers binding, the transform and operation sockets and their lifetime, socket buffers
+fitted to an operation, and the input and output plumbing."""
 
 from __future__ import annotations
 
@@ -50,11 +52,12 @@ def _view(value: Any, what: str) -> bytes | memoryview:
 
 
 def bind(kind: str, name: str) -> socket.socket:
-    """A new transform socket bound to ``(kind, name)`` (e.g. ``("aead", "gcm(aes)")``), the
-    caller's to close. Errors as for the classes here: :class:`afalg.AlgorithmNotAvailable`
-    when AF_ALG or the algorithm is missing or refused (see :func:`not_available`),
-    :class:`afalg.AlgError` otherwise; TypeError/ValueError for a bad kind or name before any
-    socket."""
+    """Return a new transform socket bound to ``(kind, name)``, the caller's to close.
+
+    ``kind`` and ``name`` are e.g. ``("aead", "gcm(aes)")``. Errors as for the classes here:
+    :class:`afalg.AlgorithmNotAvailable` when AF_ALG or the algorithm is missing or refused
+    (see :func:`not_available`), :class:`afalg.AlgError` otherwise; TypeError/ValueError for a
+    bad kind or name before any socket."""
     for what, value, limit in (
         ("kind", kind, cmsg.SALG_TYPE_MAX),
         ("name", name, cmsg.SALG_NAME_MAX),
@@ -89,8 +92,10 @@ def _buffer_limit(path: str) -> int | None:
 
 
 def _fit_buffer(sock: socket.socket, need: int, *, send: bool) -> int:
-    """Make the send (or receive) buffer of ``sock`` hold ``need`` bytes; return its usable
-    size (the kernel counts whole pages). ValueError when the system limit is below ``need``."""
+    """Make the send (or receive) buffer of ``sock`` hold ``need`` bytes; return its size.
+
+    The size returned is the usable one (the kernel counts whole pages). ValueError when the
+    system limit is below ``need``."""
     opt, force = (
         (socket.SO_SNDBUF, _SO_SNDBUFFORCE) if send else (socket.SO_RCVBUF, _SO_RCVBUFFORCE)
     )
@@ -179,8 +184,10 @@ class _AlgSocket:
             self._op = None
 
     def _claim(self, sending: int, receiving: int, entry: _Op | None = None) -> _Op:
-        """An operation socket whose buffers hold ``sending`` and ``receiving`` bytes: ``entry``
-        refitted, or a new one (the hot paths' slow path, when none is idle)."""
+        """Return an operation socket whose buffers hold ``sending`` and ``receiving`` bytes.
+
+        That is ``entry`` refitted, or a new one (the hot paths' slow path, when none is
+        idle)."""
         if entry is None:
             with self._lock:
                 tfm = self._check_open()
@@ -201,8 +208,10 @@ class _AlgSocket:
         return (sock, snd, rcv, scratch)
 
     def _give_back(self, entry: _Op) -> None:
-        """Return an operation socket to the idle list (closed if this object was closed
-        meanwhile: close() may have run while the operation was under way)."""
+        """Return an operation socket to the idle list.
+
+        It is closed instead if this object was closed meanwhile: close() may have run while
+        the operation was under way."""
         self._idle.append(entry)
         if self._tfm is None:
             self._close_idle()
@@ -223,9 +232,10 @@ class _AlgSocket:
         out: bytearray | memoryview | None,
         written: int,
     ) -> BaseException:
-        """After a failed operation: close its operation socket (its kernel state is
-        unknown), wipe what the kernel may have written, and return the error to raise (an
-        OSError as afalg's)."""
+        """Clean up after a failed operation and return the error to raise.
+
+        Closes its operation socket (its kernel state is unknown) and wipes what the kernel may
+        have written; the error returned is an OSError as afalg's."""
         sock.close()
         if out is not None and written:
             out[:written] = bytes(written)
@@ -245,8 +255,9 @@ class _AlgSocket:
         return -1 if self._tfm is None else self._tfm.fileno()
 
     def detach(self) -> int:
-        """Give up the transform socket's descriptor (returned, now the caller's to close);
-        the operation socket is closed and this object is closed."""
+        """Give up the transform socket's descriptor and return it, now the caller's to close.
+
+        The operation socket is closed and this object is closed."""
         with self._lock:
             tfm = self._check_open()
             self._drop_op()
@@ -307,8 +318,9 @@ def _short_read(what: str, got: int, total: int) -> AlgError:
 
 
 def _output(need: int) -> memoryview:
-    """A new buffer for the kernel to write at least ``need`` bytes into (kept with its
-    operation socket for reuse up to _SCRATCH_MAX bytes)."""
+    """Return a new buffer for the kernel to write at least ``need`` bytes into.
+
+    It is kept with its operation socket for reuse, up to _SCRATCH_MAX bytes."""
     return memoryview(bytearray(max(need, 4096)))
 
 

@@ -1,5 +1,6 @@
-"""Hashes in the kernel: :class:`Hash` (hashlib's interface, ``splice()`` from files),
-:class:`HMAC`, :func:`new` and :func:`file_digest`."""
+"""Hashes in the kernel: :class:`Hash`, :class:`HMAC`, :func:`new` and :func:`file_digest`.
+
+:class:`Hash` has hashlib's interface, and ``splice()`` from files."""
 
 from __future__ import annotations
 
@@ -71,8 +72,10 @@ def _hash_spec(name: str) -> tuple[str, int | None, int | None]:
 
 
 def _spliceable_fd(file: Any) -> int | None:
-    """The descriptor whose bytes are the ones ``file`` reads (a FileIO or socket, or a buffered
-    reader over one), or None: a gzip file's or a wrapper's fileno() is not what they read."""
+    """Return the descriptor whose bytes are the ones ``file`` reads, or None.
+
+    That is a FileIO or socket, or a buffered reader over one; None for others: a gzip file's
+    or a wrapper's fileno() is not what they read."""
     raw = file.raw if isinstance(file, (io.BufferedReader, io.BufferedRandom)) else file
     if not isinstance(raw, (io.FileIO, socket.SocketIO)):
         return None
@@ -83,8 +86,10 @@ def _spliceable_fd(file: Any) -> int | None:
 
 
 class Hash(_AlgSocket):
-    """A kernel hash with :mod:`hashlib`'s interface: ``update``, ``digest``, ``hexdigest``,
-    ``copy``, ``digest_size``, ``block_size``, ``name`` (the kernel's name, e.g. "sha3-256").
+    """A kernel hash with :mod:`hashlib`'s interface.
+
+    It offers ``update``, ``digest``, ``hexdigest``, ``copy``, ``digest_size``,
+    ``block_size`` and ``name`` (the kernel's name, e.g. "sha3-256").
 
     Takes hashlib names ("sha256", "sha3_256", "blake2b") or kernel names ("sha3-256",
     "blake2b-256", "crc32c", a driver such as "sha256-generic"). Data is sent with MSG_MORE and
@@ -148,8 +153,9 @@ class Hash(_AlgSocket):
             self._more = True
 
     def update_file(self, file: int | str | os.PathLike | Any, length: int | None = None) -> int:
-        """Hash a file, ``length`` bytes or to EOF, through ``splice()`` with ``SPLICE_F_MORE`` so
-        the bytes never enter Python; return the number of bytes hashed.
+        """Hash a file, ``length`` bytes or to EOF, and return the number of bytes hashed.
+
+        It goes through ``splice()`` with ``SPLICE_F_MORE``, so the bytes never enter Python.
 
         ``file`` is a path, a descriptor (hashed from its offset, which moves past the bytes
         hashed), or a binary file object, hashed from its position as :func:`hashlib.file_digest`
@@ -209,8 +215,10 @@ class Hash(_AlgSocket):
             return total + n
 
     def _drain(self, file: Any, length: int | None) -> int:
-        """Hash what a buffered, non-seekable reader holds (reading no further than it has, or
-        one read when it holds nothing), so that its descriptor's offset is its position."""
+        """Hash what a buffered, non-seekable reader holds, so its offset is its position.
+
+        It reads no further than the reader has, or once when it holds nothing, so that the
+        descriptor's offset is the reader's position."""
         held = len(file.peek())
         if length is not None:
             held = min(held, length)
@@ -221,8 +229,10 @@ class Hash(_AlgSocket):
     def _splice(
         self, fd: int, op: socket.socket, length: int | None, offset: int | None
     ) -> int | None:
-        """Splice ``fd`` (from ``offset``, leaving the descriptor's own offset alone, or from its
-        offset when None) into the hash; None when the kernel refuses to splice this file."""
+        """Splice ``fd`` into the hash; return None when the kernel refuses to splice this file.
+
+        From ``offset``, leaving the descriptor's own offset alone, or from its offset when
+        None."""
         total = 0
         r, w = os.pipe()
         try:
@@ -323,8 +333,10 @@ class Hash(_AlgSocket):
 
 
 class HMAC(Hash):
-    """HMAC in the kernel: ``HMAC("sha256", key)`` or ``HMAC("hmac(sha256)", key)`` alike,
-    :mod:`hmac`'s interface plus ``verify(tag)`` (constant time, raises InvalidTag)."""
+    """HMAC in the kernel, with :mod:`hmac`'s interface plus ``verify(tag)``.
+
+    ``HMAC("sha256", key)`` and ``HMAC("hmac(sha256)", key)`` alike; ``verify`` compares in
+    constant time and raises InvalidTag."""
 
     def __init__(self, name: str, key: Buffer, data: Buffer = b"") -> None:
         key = _bytes(key, "key")
@@ -335,8 +347,9 @@ class HMAC(Hash):
         super().__init__(name, data, _key=key)
 
     def verify(self, tag: Buffer) -> None:
-        """Raise :class:`afalg.InvalidTag` unless ``tag`` is the full digest (compared in
-        constant time)."""
+        """Raise :class:`afalg.InvalidTag` unless ``tag`` is the full digest.
+
+        The comparison is in constant time."""
         if not _hmac.compare_digest(self.digest(), _bytes(tag, "tag")):
             raise InvalidTag("HMAC verification failed")
 
@@ -349,9 +362,11 @@ def new(name: str, data: Buffer = b"") -> Hash:
 
 
 def file_digest(file: int | str | os.PathLike | Any, name: str) -> Hash:
-    """Hash a file from its position to EOF in the kernel (splice, no copy through Python), like
-    :func:`hashlib.file_digest` (a buffered reader's position, not its descriptor's offset; see
-    :meth:`Hash.update_file`); returns the :class:`Hash`."""
+    """Hash a file from its position to EOF in the kernel, and return the :class:`Hash`.
+
+    Like :func:`hashlib.file_digest`, it starts at a buffered reader's position, not its
+    descriptor's offset (see :meth:`Hash.update_file`); the bytes go through splice, with no
+    copy through Python."""
     h = Hash(name)
     try:
         h.update_file(file)

@@ -55,10 +55,11 @@ def _parse_proc_crypto(text: str) -> list[AlgInfo]:
 
 
 def algorithms(type: str | None = None, name: str | None = None) -> list[AlgInfo]:
-    """The algorithms in ``/proc/crypto``, optionally only those of one ``type`` ("skcipher",
-    "aead", "shash", "ahash", "rng", ...; "hash" matches both shash and ahash) or whose name or
-    driver is ``name``. Templates such as ``cbc(aes)`` appear once something instantiated them
-    (a ``bind()`` does)."""
+    """Return the algorithms in ``/proc/crypto``, optionally of one type or name.
+
+    ``type`` is "skcipher", "aead", "shash", "ahash", "rng", ... ("hash" matches both shash and
+    ahash); ``name`` matches an algorithm's name or driver. Templates such as ``cbc(aes)``
+    appear once something instantiated them (a ``bind()`` does)."""
     try:
         with open(PROC_CRYPTO) as f:
             infos = _parse_proc_crypto(f.read())

@@ -1,5 +1,6 @@
-"""Why AF_ALG refused: ``crypto.af_alg_restrict`` (Linux 7.3+), the kernel's build, a
-security policy; the errors that say so and what to do, and a kernel errno as afalg's error."""
+"""Why AF_ALG refused, the errors that say so and what to do, and errnos as afalg's errors.
+
+The causes: ``crypto.af_alg_restrict`` (Linux 7.3+), the kernel's build, a security policy."""
 
 from __future__ import annotations
 
@@ -45,10 +46,12 @@ RNG_NAMES = ("stdrng", "jitterentropy_rng")
 
 
 def af_alg_restrict() -> int | None:
-    """The sysctl ``crypto.af_alg_restrict`` (Linux 7.3+): 0 every algorithm, 1 an allowlist
-    (a shorter one without CAP_SYS_ADMIN or CAP_NET_ADMIN; a refused ``bind()`` gives ENOENT),
-    2 AF_ALG disabled (``socket()`` gives EAFNOSUPPORT). None where the kernel has no such sysctl
-    (before 7.3; or ``af_alg`` is not loaded yet: the first ``socket(AF_ALG)`` loads it)."""
+    """Return the sysctl ``crypto.af_alg_restrict`` (Linux 7.3+), or None where absent.
+
+    0 every algorithm, 1 an allowlist (a shorter one without CAP_SYS_ADMIN or CAP_NET_ADMIN; a
+    refused ``bind()`` gives ENOENT), 2 AF_ALG disabled (``socket()`` gives EAFNOSUPPORT).
+    None where the kernel has no such sysctl (before 7.3; or ``af_alg`` is not loaded yet: the
+    first ``socket(AF_ALG)`` loads it)."""
     try:
         with open(AF_ALG_RESTRICT) as f:
             return int(f.read())
@@ -57,8 +60,9 @@ def af_alg_restrict() -> int | None:
 
 
 def privileged() -> bool:
-    """True if this process holds CAP_SYS_ADMIN or CAP_NET_ADMIN (the longer allowlist of
-    ``crypto.af_alg_restrict=1``, and ``SO_SNDBUFFORCE``)."""
+    """Return True if this process holds CAP_SYS_ADMIN or CAP_NET_ADMIN.
+
+    Either gives the longer allowlist of ``crypto.af_alg_restrict=1``, and ``SO_SNDBUFFORCE``."""
     return has_capability(CAP_SYS_ADMIN) or has_capability(CAP_NET_ADMIN)
 
 
@@ -86,9 +90,10 @@ def _kernel_config() -> tuple[str, str] | None:
 
 
 def kernel_lacks(name: str) -> str | None:
-    """Why the running kernel has no algorithm ``name`` (or a template in it), when its build
-    configuration says so: e.g. ``"CONFIG_CRYPTO_DRBG is not set in /boot/config-..."``. None
-    when it may have it, or nothing says otherwise."""
+    """Say why the running kernel has no algorithm ``name``, when its build configuration says so.
+
+    E.g. ``"CONFIG_CRYPTO_DRBG is not set in /boot/config-..."`` (for ``name`` or a template in
+    it). None when it may have it, or nothing says otherwise."""
     names = ["stdrng"] if name.startswith("drbg_") else []  # drbg_* are the DRBG's drivers
     names += re.findall(r"\w+", name)  # "rfc7539(chacha20,poly1305)": each template, each cipher
     options = list(dict.fromkeys(_CONFIG_OPTIONS[n] for n in names if n in _CONFIG_OPTIONS))
@@ -109,9 +114,10 @@ def _in_proc_crypto(name: str) -> bool:
 
 
 def not_available(kind: str, name: str) -> AlgorithmNotAvailable:
-    """The error (returned, not raised) for a ``bind((kind, name))`` refused with ENOENT: the
-    kernel lacks the algorithm, or ``crypto.af_alg_restrict`` refuses it (saying which, and
-    what to do)."""
+    """Return the error (not raised) for a ``bind((kind, name))`` refused with ENOENT.
+
+    The kernel lacks the algorithm, or ``crypto.af_alg_restrict`` refuses it; the error says
+    which, and what to do."""
     restrict = af_alg_restrict()
     lacks = kernel_lacks(name)
     if lacks is not None or not restrict:
@@ -138,7 +144,8 @@ def not_available(kind: str, name: str) -> AlgorithmNotAvailable:
 
 
 def socket_error(exc: OSError) -> AlgError:
-    """The error (returned, not raised) for ``exc`` from a refused ``socket(AF_ALG)``:
+    """Return the error (not raised) for ``exc`` from a refused ``socket(AF_ALG)``.
+
     :class:`afalg.AlgorithmNotAvailable` saying why (no AF_ALG, ``crypto.af_alg_restrict=2``,
     a seccomp filter or security module), else :class:`afalg.AlgError` with its errno."""
     code = exc.errno or 0

@@ -1,5 +1,4 @@
-"""Symmetric ciphers in the kernel: :class:`SKCipher`, its :class:`CipherStream` and
-PKCS#7 padding."""
+"""Symmetric ciphers in the kernel: :class:`SKCipher`, its :class:`CipherStream`, PKCS#7."""
 
 from __future__ import annotations
 
@@ -50,8 +49,10 @@ class _CipherSpec:
 
 
 def _chacha20_advance(iv: bytes, n: int) -> bytes:
-    """The kernel's chacha20 IV (32-bit little-endian block counter, then the 12-byte nonce)
-    after ``n`` bytes; the counter wraps at 2**32 as the kernel's does."""
+    """Return the kernel's chacha20 IV after ``n`` bytes.
+
+    The IV is a 32-bit little-endian block counter, then the 12-byte nonce; the counter wraps
+    at 2**32 as the kernel's does."""
     counter = (int.from_bytes(iv[:4], "little") + n // 64) % 2**32
     return counter.to_bytes(4, "little") + iv[4:]
 
@@ -82,8 +83,10 @@ _STREAM_CHUNK = 64 * 1024
 
 
 class SKCipher(_AlgSocket):
-    """A symmetric cipher in the kernel (``skcipher``): ``cbc(aes)``, ``ctr(aes)``,
-    ``ecb(aes)``, ``xts(aes)``, ``cts(cbc(aes))``, ``rfc3686(ctr(aes))``, ``chacha20``, ...
+    """A symmetric cipher in the kernel (``skcipher``).
+
+    ``cbc(aes)``, ``ctr(aes)``, ``ecb(aes)``, ``xts(aes)``, ``cts(cbc(aes))``,
+    ``rfc3686(ctr(aes))``, ``chacha20``, ...
 
     One-shot ``encrypt(iv, data)`` / ``decrypt(iv, data)``, or streaming ``encryptor(iv)`` /
     ``decryptor(iv)`` with ``update()`` and ``finalize()`` for data larger than memory (sent
@@ -163,9 +166,10 @@ class SKCipher(_AlgSocket):
         return self._one_shot(AlgOp.DECRYPT, iv, data)
 
     def encrypt_into(self, out: Buffer, iv: Buffer | None, data: Buffer) -> int:
-        """:meth:`encrypt` writing the ciphertext into the start of ``out`` (writable, at least
-        ``len(data)`` bytes): the kernel writes there, nothing is allocated or copied (up to
-        64 KiB; longer data is copied in from :meth:`encrypt`). Returns ``len(data)``. Not
+        """Encrypt into the start of ``out`` as :meth:`encrypt` does, and return ``len(data)``.
+
+        ``out`` is writable, at least ``len(data)`` bytes: the kernel writes there, nothing is
+        allocated or copied (up to 64 KiB; longer data is copied in from :meth:`encrypt`). Not
         with ``padding="pkcs7"`` (the output length would differ from the input's)."""
         return self._crypt_into(_ENCRYPT, out, iv, data)
 
@@ -224,10 +228,11 @@ class SKCipher(_AlgSocket):
         data: bytes | memoryview,
         into: bytearray | memoryview | None = None,
     ) -> bytes:
-        """One complete operation (no MSG_MORE) on an idle operation socket: one
-        ``sendmsg_afalg()`` with the operation and IV, one ``recv()`` of the output (the bytes
-        object it fills is the result: no copy), or ``recv_into(into)`` (then b"" is returned).
-        ``data`` is checked, at most _STREAM_CHUNK bytes."""
+        """Run one complete operation on an idle operation socket and return its output.
+
+        No MSG_MORE: one ``sendmsg_afalg()`` with the operation and IV, one ``recv()`` of the
+        output (the bytes object it fills is the result: no copy), or ``recv_into(into)`` (then
+        b"" is returned). ``data`` is checked, at most _STREAM_CHUNK bytes."""
         n = len(data)
         try:
             entry = self._idle.pop()
@@ -275,8 +280,9 @@ class SKCipher(_AlgSocket):
 
 
 def _crypt_once(sock: socket.socket, name: str, op: AlgOp, iv: bytes, data: Buffer) -> bytes:
-    """One complete skcipher operation (no MSG_MORE) on a stream's own operation socket ``sock``,
-    its buffers fitted here; the output."""
+    """Run one complete skcipher operation on a stream's own socket and return the output.
+
+    No MSG_MORE; the buffers of the operation socket ``sock`` are fitted here."""
     what = f"{name} {op.name.lower()}"
     _fit_buffer(sock, len(data), send=True)
     _fit_buffer(sock, len(data), send=False)
@@ -285,9 +291,10 @@ def _crypt_once(sock: socket.socket, name: str, op: AlgOp, iv: bytes, data: Buff
 
 
 class CipherStream:
-    """One streaming encryption or decryption (from :meth:`SKCipher.encryptor` /
-    :meth:`SKCipher.decryptor`): ``update(data) -> bytes`` as output becomes available,
-    ``finalize() -> bytes`` for the rest. Owns its own operation socket."""
+    """One streaming encryption or decryption, owning its own operation socket.
+
+    Made by :meth:`SKCipher.encryptor` / :meth:`SKCipher.decryptor`: ``update(data) ->
+    bytes`` as output becomes available, ``finalize() -> bytes`` for the rest."""
 
     def __init__(self, cipher: SKCipher, op: AlgOp, iv: bytes) -> None:
         self._cipher = cipher
@@ -345,8 +352,9 @@ class CipherStream:
         return self._hold_back(b"".join(out))
 
     def _advance_buffered(self, sock: socket.socket) -> bytes:
-        """For a mode with an ``advance`` rule: run the whole chunks buffered so far as complete
-        operations (up to _STREAM_CHUNK bytes each), moving the IV past them."""
+        """Run the whole chunks buffered so far as complete operations, moving the IV past them.
+
+        For a mode with an ``advance`` rule; up to _STREAM_CHUNK bytes each."""
         advance, chunk = self._spec.advance, self._spec.chunk
         if advance is None:
             return b""
@@ -372,8 +380,9 @@ class CipherStream:
         return out[:cut]
 
     def finalize(self) -> bytes:
-        """Process what is left (adding or checking PKCS#7 padding); the stream is then
-        closed."""
+        """Process what is left (adding or checking PKCS#7 padding) and return it.
+
+        The stream is then closed."""
         sock = self._live()
         cipher = self._cipher
         what = f"{cipher.name} {self._op.name.lower()}"
