@@ -1,8 +1,9 @@
-"""The TLS handshake on an event loop and the hand-off to the kernel: what :mod:`afalg.aio`'s
-streams and afalg's event loop (:mod:`afalg._loop`) share. The arguments are checked once
-(:class:`_Options`); :func:`_secure` runs :class:`afalg.handoff.Handshake` on the loop within
-the handshake timeout and hands the keys off; :class:`_Adopt` takes a connected socket from
-the transport asyncio made for it before that transport reads a byte.
+"""The TLS handshake on an event loop and the hand-off to the kernel, for aio and the loop.
+
+What :mod:`afalg.aio`'s streams and afalg's event loop (:mod:`afalg._loop`) share. The arguments
+are checked once (:class:`_Options`); :func:`_secure` runs :class:`afalg.handoff.Handshake` on
+the loop within the handshake timeout and hands the keys off; :class:`_Adopt` takes a connected
+socket from the transport asyncio made for it before that transport reads a byte.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ _HANDSHAKE_TIMEOUT = 60.0  # asyncio's default ssl_handshake_timeout
 
 @dataclass(frozen=True)
 class _Options:
-    """What :func:`open_connection` and :func:`start_server` take for each connection, checked
-    once (:meth:`check`) before any connection is made: a bad argument costs no handshake."""
+    """What :func:`open_connection` and :func:`start_server` take for each connection.
+
+    Checked once (:meth:`check`) before any connection is made: a bad argument costs no
+    handshake."""
 
     context: _ssl.SSLContext
     mode: str
@@ -66,10 +69,12 @@ class _Options:
         half_close: bool,
         server_hostname: str | None = None,
     ) -> _Options:
-        """``context``: an :class:`ssl.SSLContext`, or True for asyncio's default client
-        context (no name checked when ``server_hostname`` is ""); the timeouts and ``limit``
-        as asyncio checks them; the rest as :func:`afalg.tls.check_options` checks them.
-        ``mode="ktls"`` where the kernel has no tls ULP: :class:`~afalg.errors.KTLSError`."""
+        """Check the options; raise TypeError, ValueError or KTLSError for a bad one.
+
+        ``context``: an :class:`ssl.SSLContext`, or True for asyncio's default client context
+        (no name checked when ``server_hostname`` is ""); the timeouts and ``limit`` as asyncio
+        checks them; the rest as :func:`afalg.tls.check_options` checks them. ``mode="ktls"``
+        where the kernel has no tls ULP: :class:`~afalg.errors.KTLSError`."""
         tls.check_options(mode, algif_backend, records_per_key)
         if not isinstance(limit, int) or isinstance(limit, bool):
             raise TypeError(f"limit must be an int, not {type(limit).__name__}")
@@ -116,9 +121,11 @@ def _positive(name: str, value: float | None, default: float) -> float:
 
 
 def _client_hostname(host: Any, server_hostname: Any) -> str | None:
-    """asyncio's rule for the name checked in the server's certificate: ``server_hostname``,
-    else the host connected to; neither (``sock=``, or no host): ValueError. An empty
-    ``server_hostname`` turns the name check off on purpose (the handshake's own opt-out)."""
+    """Return the name checked in the server's certificate, by asyncio's rule.
+
+    ``server_hostname``, else the host connected to; neither (``sock=``, or no host):
+    ValueError. An empty ``server_hostname`` turns the name check off on purpose (the
+    handshake's own opt-out)."""
     if server_hostname is not None and not isinstance(server_hostname, str):
         raise TypeError(f"server_hostname must be a str, not {type(server_hostname).__name__}")
     if server_hostname is None:
@@ -129,9 +136,10 @@ def _client_hostname(host: Any, server_hostname: Any) -> str | None:
 
 
 def _check_ktls_runs() -> None:
-    """``mode="ktls"`` needs the kernel's tls ULP: refuse before serving (naming why) rather
-    than fail every connection after its handshake. A suite the kernel lacks stays a
-    per-connection outcome."""
+    """Refuse ``mode="ktls"`` before serving, naming why, where the kernel has no tls ULP.
+
+    Refusing here beats failing every connection after its handshake. A suite the kernel lacks
+    stays a per-connection outcome."""
     try:
         with ktls.loopback() as sock:
             ktls.attach_ulp(sock)
@@ -142,8 +150,9 @@ def _check_ktls_runs() -> None:
 async def _handshake(
     loop: asyncio.AbstractEventLoop, sock: socket.socket, hs: _handoff.Handshake
 ) -> _handoff.Handoff:
-    """Run ``hs``'s :meth:`~afalg.handoff.Handshake.steps` over the non-blocking ``sock``
-    with the loop's socket operations; never reads past the last handshake record.
+    """Run ``hs``'s :meth:`~afalg.handoff.Handshake.steps` over the non-blocking ``sock``.
+
+    It uses the loop's socket operations and never reads past the last handshake record.
 
     Reads wait for readability, then ``recv_into`` here rather than ``loop.sock_recv_into``,
     whose future keeps a failed read's error (a reset mid-handshake), and that error's
@@ -184,9 +193,11 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
 
 
 class _HandOffFailed(Exception):
-    """The handshake succeeded but the mode asked for cannot run: a server logs it above
-    DEBUG, as it is this host's limit (a suite the kernel lacks), not a client's fault; except
-    ENOTCONN, a client that half-closed before the hand-off (``errno``)."""
+    """The handshake succeeded but the mode asked for cannot run.
+
+    A server logs it above DEBUG, as it is this host's limit (a suite the kernel lacks), not a
+    client's fault; except ENOTCONN, a client that half-closed before the hand-off
+    (``errno``)."""
 
     def __init__(self, message: str, errno: int | None) -> None:
         super().__init__(message)
@@ -204,10 +215,11 @@ async def _secure(
     peer: Any = None,
     userspace: bool = False,
 ) -> KTLSSocket | AlgTLSSocket | SSLObjectSocket:
-    """Handshake (within the handshake timeout) and hand off; the result owns ``sock``, which
-    is closed on any failure (a timeout, a cancelled task, a refused mode). A timeout raises
-    :class:`TimeoutError` naming the peer and the time. With ``userspace`` (afalg's event
-    loop), a finished handshake whose suite afalg cannot seal goes on in mode "ssl"."""
+    """Handshake within the handshake timeout and hand off; the result owns ``sock``.
+
+    ``sock`` is closed on any failure (a timeout, a cancelled task, a refused mode). A timeout
+    raises :class:`TimeoutError` naming the peer and the time. With ``userspace`` (afalg's
+    event loop), a finished handshake whose suite afalg cannot seal goes on in mode "ssl"."""
     o = options
     try:
         hs = _handoff.Handshake(
@@ -252,10 +264,11 @@ async def _secure(
 
 
 class _Handshaking:
-    """A server's client in its handshake, counted by the :class:`asyncio.Server` (as
-    asyncio's TLS counts its transport from the accept): ``wait_closed()`` waits for it, and
-    ``close_clients()``/``abort_clients()`` (3.13) cancel the handshake, which closes the
-    socket. Counted from :meth:`start` to the task's end."""
+    """A server's client in its handshake, counted by the :class:`asyncio.Server`.
+
+    Counted as asyncio's TLS counts its transport from the accept: ``wait_closed()`` waits for
+    it, and ``close_clients()``/``abort_clients()`` (3.13) cancel the handshake, which closes
+    the socket. Counted from :meth:`start` to the task's end."""
 
     def __init__(self, server: Any, task: asyncio.Task[None]) -> None:
         self._server = server
@@ -272,14 +285,15 @@ class _Handshaking:
 
 
 class _Adopt(asyncio.Protocol):
-    """Takes the connected socket from the transport asyncio made for it, before that
-    transport reads a byte: a duplicate descriptor (non-blocking) for afalg, and asyncio's
-    transport is closed (the connection lives on in the duplicate). ``extra`` keeps the
-    addresses asyncio knew (a server's from ``accept()``): a peer that resets during the
-    handshake has no ``getpeername()`` afterwards, and the handler still gets its address.
-    ``then(sock, extra, server)`` follows for a server's client: ``server`` the
-    :class:`asyncio.Server` that accepted it (None for a loop whose transports name none), to
-    count the connection (:class:`_Handshaking`)."""
+    """Takes the connected socket from the transport asyncio made for it, before it reads.
+
+    afalg gets a duplicate descriptor (non-blocking), and asyncio's transport is closed (the
+    connection lives on in the duplicate) before it reads a byte. ``extra`` keeps the addresses
+    asyncio knew (a server's from ``accept()``): a peer that resets during the handshake has no
+    ``getpeername()`` afterwards, and the handler still gets its address. ``then(sock, extra,
+    server)`` follows for a server's client: ``server`` the :class:`asyncio.Server` that
+    accepted it (None for a loop whose transports name none), to count the connection
+    (:class:`_Handshaking`)."""
 
     def __init__(
         self, then: Callable[[socket.socket, dict[str, Any], Any], None] | None = None

@@ -1,7 +1,8 @@
-"""The in-memory key log of the hand-off: OpenSSL's NSS key log in a memfd, one per context
-and process, emptied as it is read and after every call in which OpenSSL may log (the
-properties are :mod:`afalg.handoff`'s docstring's). :class:`KeyLog` and :func:`keylog_for` are
-public there."""
+"""The in-memory key log of the hand-off: OpenSSL's NSS key log in a memfd.
+
+One per context and process, emptied as it is read and after every call in which OpenSSL may
+log (the properties are :mod:`afalg.handoff`'s docstring's). :class:`KeyLog` and
+:func:`keylog_for` are public there."""
 
 from __future__ import annotations
 
@@ -75,24 +76,28 @@ class KeyLog:
             self._finalizer()
 
     def _abandon(self) -> None:
-        """In a forked child: close this (the parent's) memfd and forget the parent's pending
-        connections, without the lock (a thread of the parent may have held it at fork)."""
+        """In a forked child, close the parent's memfd and forget its pending connections.
+
+        Done without the lock: a thread of the parent may have held it at fork."""
         self._lock = threading.Lock()
         self._fd = -1
         self._expected.clear()
         self._finalizer()
 
     def collect(self) -> None:
-        """Parse and punch out every whole line logged so far (see :meth:`collect_locked`);
-        nothing when closed."""
+        """Parse and punch out every whole line logged so far; nothing when closed.
+
+        See :meth:`collect_locked`."""
         with self._lock:
             if not self.closed:
                 self.collect_locked()
 
     def expect(self, client_random: bytes, server_side: bool) -> None:
-        """Keep the lines of this connection (called when its ClientHello is seen, before ssl
-        processes it). Raises :class:`ssl.SSLError` (``EPROTO``) when a handshake with the same
-        client random is already pending in the same role, and ``ValueError`` when closed."""
+        """Keep the lines of this connection, called when its ClientHello is seen.
+
+        Called before ssl processes the ClientHello. Raises :class:`ssl.SSLError` (``EPROTO``)
+        when a handshake with the same client random is already pending in the same role, and
+        ``ValueError`` when closed."""
         key = (bytes(client_random), server_side)
         with self._lock:
             self._check_open()
@@ -165,8 +170,10 @@ _keylogs_lock = threading.Lock()
 
 
 def keylog_for(context: ssl.SSLContext) -> KeyLog:
-    """The :class:`KeyLog` installed on ``context`` in this process (installing it the first
-    time, with the socket and object classes that empty it; see :mod:`afalg.handoff`).
+    """Return the :class:`KeyLog` installed on ``context`` in this process.
+
+    The first call installs it, with the socket and object classes that empty it; see
+    :mod:`afalg.handoff`.
 
     A ``keylog_filename`` the caller set keeps receiving every line (forwarded by afalg).
     """
@@ -189,8 +196,10 @@ def keylog_for(context: ssl.SSLContext) -> KeyLog:
 
 
 def _after_fork_in_child() -> None:
-    """A fresh memfd for every context's key log: the child must neither parse nor punch out
-    the lines of its parent (or of its siblings), nor log into their memfd."""
+    """Give every context's key log a fresh memfd in a forked child.
+
+    The child must neither parse nor punch out the lines of its parent (or of its siblings), nor
+    log into their memfd."""
     global _keylogs_lock
     _keylogs_lock = threading.Lock()  # a thread of the parent may have held it at fork
     for context, log in list(_keylogs.items()):
@@ -236,8 +245,10 @@ def _scrubbing_method(method: Any) -> Any:
 
 
 def _scrubbing(cls: _C) -> _C:
-    """A subclass of ``cls`` (an SSLSocket or SSLObject class) whose calls that may log a
-    secret empty the key log's memfd before they return or raise."""
+    """Return a subclass of ``cls`` whose calls that may log a secret empty the key log.
+
+    ``cls`` is an SSLSocket or SSLObject class; the key log's memfd is emptied before those
+    calls return or raise."""
     if getattr(cls, "_afalg_scrubs_keylog", False):
         return cls
     sub = _scrubbing_classes.get(cls)

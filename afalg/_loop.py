@@ -1,4 +1,5 @@
-"""An asyncio event loop whose TLS is afalg's (re-exported by :mod:`afalg.aio`):
+"""An asyncio event loop whose TLS is afalg's (re-exported by :mod:`afalg.aio`).
+
 :func:`new_event_loop`, :func:`patch_loop`, :func:`loop_factory`.
 
 Design (for maintainers). The loop's public methods are replaced on the loop instance:
@@ -172,8 +173,9 @@ class _LoopTLS:
         sock: Any = None,
         **kwds: Any,
     ) -> asyncio.Server:
-        """:meth:`asyncio.loop.create_server`; with ``ssl=`` over TCP, afalg's TLS for each
-        client (a client whose handshake fails loses only its connection)."""
+        """:meth:`asyncio.loop.create_server`; with ``ssl=`` over TCP, afalg's TLS per client.
+
+        A client whose handshake fails loses only its connection."""
         if ssl is None or (sock is not None and not _is_tcp(sock)):
             return await self.base["create_server"](
                 protocol_factory,
@@ -208,8 +210,9 @@ class _LoopTLS:
         o: _connect._Options,
         server: Any,
     ) -> None:
-        """One accepted client: handshake, then the protocol over afalg's transport, counted
-        by ``server`` as asyncio's transports are."""
+        """Serve one accepted client: handshake, then the protocol over afalg's transport.
+
+        The client is counted by ``server`` as asyncio's transports are."""
         peer = extra.get("peername")
         try:
             tls_sock = await self._secure(raw, o, server_side=True, peer=peer)
@@ -238,8 +241,9 @@ class _LoopTLS:
         ssl_handshake_timeout: Any = None,
         ssl_shutdown_timeout: Any = None,
     ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
-        """:meth:`asyncio.loop.connect_accepted_socket`; with ``ssl=`` over TCP, afalg's TLS
-        (server side)."""
+        """:meth:`asyncio.loop.connect_accepted_socket`; with ``ssl=`` over TCP, afalg's TLS.
+
+        afalg's TLS runs the server side."""
         if not ssl or not _is_tcp(sock):
             return await self.base["connect_accepted_socket"](
                 protocol_factory,
@@ -272,8 +276,9 @@ class _LoopTLS:
         ssl_handshake_timeout: float | None = None,
         ssl_shutdown_timeout: float | None = None,
     ) -> asyncio.Transport:
-        """:meth:`asyncio.loop.start_tls`; for a TCP transport of this loop, afalg's TLS. The
-        old transport is spent (as asyncio's); the protocol's ``connection_made`` is not
+        """:meth:`asyncio.loop.start_tls`; for a TCP transport of this loop, afalg's TLS.
+
+        The old transport is spent (as asyncio's); the protocol's ``connection_made`` is not
         called."""
         raw = transport.get_extra_info("socket")
         if not isinstance(transport, asyncio.Transport) or not _is_tcp(raw):
@@ -315,9 +320,10 @@ class _LoopTLS:
         *,
         fallback: bool = True,
     ) -> int:
-        """:meth:`asyncio.loop.sendfile`; over afalg's transport, :func:`afalg.aio.sendfile`
-        (native under kTLS; sealed in chunks otherwise, unless ``fallback`` is False:
-        :class:`asyncio.SendfileNotAvailableError`, as asyncio)."""
+        """:meth:`asyncio.loop.sendfile`; over afalg's transport, :func:`afalg.aio.sendfile`.
+
+        Native under kTLS; sealed in chunks otherwise, unless ``fallback`` is False:
+        :class:`asyncio.SendfileNotAvailableError`, as asyncio."""
         if not isinstance(transport, TLSTransport):
             return await self.base["sendfile"](transport, file, offset, count, fallback=fallback)
         if transport.is_closing():
@@ -359,13 +365,14 @@ def patch_loop(
     algif_backend: str = "auto",
     records_per_key: int | None = None,
 ) -> asyncio.AbstractEventLoop:
-    """Give ``loop`` afalg's TLS and return it: ``ssl=`` in ``create_connection``,
-    ``create_server``, ``connect_accepted_socket`` and ``start_tls`` (so in
-    :func:`asyncio.open_connection` and :func:`asyncio.start_server`) runs the handshake on the
-    loop and the records in the kernel (``mode``, ``algif_backend``, ``records_per_key`` as
-    for :func:`afalg.tls.wrap`); ``loop.sendfile`` over such a transport is the kernel's under
-    kTLS. A socket that is not TCP keeps asyncio's TLS; a suite afalg cannot seal runs mode
-    "ssl" (``get_extra_info("mode")``). Idempotent: a patched loop is returned unchanged.
+    """Give ``loop`` afalg's TLS and return it; a patched loop is returned unchanged.
+
+    ``ssl=`` in ``create_connection``, ``create_server``, ``connect_accepted_socket`` and
+    ``start_tls`` (so in :func:`asyncio.open_connection` and :func:`asyncio.start_server`) runs
+    the handshake on the loop and the records in the kernel (``mode``, ``algif_backend``,
+    ``records_per_key`` as for :func:`afalg.tls.wrap`); ``loop.sendfile`` over such a transport
+    is the kernel's under kTLS. A socket that is not TCP keeps asyncio's TLS; a suite afalg
+    cannot seal runs mode "ssl" (``get_extra_info("mode")``). Idempotent.
 
     Raises :class:`TypeError` for something that is not an event loop or a loop type whose
     methods cannot be replaced (naming it), :class:`RuntimeError` for a closed loop or one
@@ -397,8 +404,9 @@ def loop_factory(
     algif_backend: str = "auto",
     records_per_key: int | None = None,
 ) -> Callable[[], asyncio.AbstractEventLoop]:
-    """A zero-argument loop factory: ``base()`` (asyncio's selector loop by default) given
-    afalg's TLS by :func:`patch_loop` with these options. The options are checked now."""
+    """Return a zero-argument loop factory: ``base()`` given afalg's TLS by :func:`patch_loop`.
+
+    ``base`` is asyncio's selector loop by default. The options are checked now."""
     tls.check_options(mode, algif_backend, records_per_key)
     make = base if base is not None else asyncio.SelectorEventLoop
 
@@ -416,7 +424,8 @@ def loop_factory(
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A new asyncio event loop with afalg's TLS (:func:`patch_loop`, mode "auto"): for
-    ``asyncio.run(main(), loop_factory=afalg.aio.new_event_loop)``, ``asyncio.Runner`` and
+    """Return a new asyncio event loop with afalg's TLS (:func:`patch_loop`, mode "auto").
+
+    For ``asyncio.run(main(), loop_factory=afalg.aio.new_event_loop)``, ``asyncio.Runner`` and
     ``uvicorn --loop afalg.aio:new_event_loop``."""
     return loop_factory()()

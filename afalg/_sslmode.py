@@ -1,5 +1,7 @@
-"""Mode "ssl": a connection afalg cannot seal carried on in userspace by the ssl object that
-did its handshake (:class:`SSLObjectSocket`).
+"""Mode "ssl": a connection afalg cannot seal, carried on by its handshake's ssl object.
+
+The ssl object that did its handshake carries the connection on in userspace
+(:class:`SSLObjectSocket`).
 
 Whether afalg can protect a connection's records is known only once its handshake is done: a
 suite that is not AEAD (TLS 1.2 CBC) or a version before TLS 1.2 cannot go to the kernel, and
@@ -44,8 +46,10 @@ class _Failure:
 
 
 class SSLObjectSocket:
-    """A TLS connection whose records OpenSSL protects in userspace, over the ssl object of a
-    finished handshake (``mode == "ssl"``, ``backend == "openssl"``). Owns ``sock``.
+    """A TLS connection whose records OpenSSL protects in userspace. Owns ``sock``.
+
+    It runs over the ssl object of a finished handshake (``mode == "ssl"``, ``backend ==
+    "openssl"``).
 
     ``pending_out`` is what the handshake produced and has not sent yet (its last flight).
     ``recv_into`` returns 0 at the peer's close_notify (and at a TCP end without it, unless
@@ -88,9 +92,11 @@ class SSLObjectSocket:
     def from_handshake(
         cls, sock: socket.socket, hs: Any, *, suppress_ragged_eofs: bool = True
     ) -> SSLObjectSocket:
-        """The connection of ``hs``, an :class:`afalg.handoff.Handshake` whose ssl handshake
-        finished but whose keys afalg refused (:class:`afalg.errors.UnsupportedCipherSuite`):
-        its ssl object and BIOs go on, and its last flight is sent first. Owns ``sock``."""
+        """Return the connection of ``hs``, a finished handshake whose keys afalg refused.
+
+        ``hs`` is an :class:`afalg.handoff.Handshake` whose ssl handshake finished, refused with
+        :class:`afalg.errors.UnsupportedCipherSuite`: its ssl object and BIOs go on, and its
+        last flight is sent first. Owns ``sock``."""
         if hs.ssl_object.cipher() is None:  # ssl did not finish: nothing to carry on
             raise ValueError("the handshake did not finish")
         # The Handshake's BIOs are its own (private): this is the one place that takes them.
@@ -200,8 +206,9 @@ class SSLObjectSocket:
 
     # -- sending --
     def send(self, data: Any, flags: int = 0) -> int:
-        """Seal up to 64 KiB of ``data`` and write what the socket takes; returns the
-        plaintext bytes taken. Non-blocking, with too much sealed output queued:
+        """Seal up to 64 KiB of ``data``, write what the socket takes; return the bytes taken.
+
+        The count is of plaintext bytes. Non-blocking, with too much sealed output queued:
         :class:`BlockingIOError` (nothing taken)."""
         self._check_open()
         if flags:
@@ -233,9 +240,11 @@ class SSLObjectSocket:
         return self.send(data)
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
-        """Send a file (opened in binary mode) as :meth:`socket.socket.sendfile` does, by reading
-        and sealing it in chunks (ssl's way: no zero-copy in userspace TLS). The file position
-        ends after the last byte sent; a non-blocking socket is refused (``ValueError``)."""
+        """Send a file (opened in binary mode) as :meth:`socket.socket.sendfile` does.
+
+        It is read and sealed in chunks (ssl's way: no zero-copy in userspace TLS). The file
+        position ends after the last byte sent; a non-blocking socket is refused
+        (``ValueError``)."""
         self._check_open()
         return sendfile_by_send(self, file, offset, count, _CHUNK)
 
@@ -244,8 +253,10 @@ class SSLObjectSocket:
         return len(self._out)
 
     def flush(self) -> None:
-        """Write out the sealed bytes: all of them (blocking socket, within its timeout), or
-        what the socket takes (non-blocking: :class:`BlockingIOError` if some remain)."""
+        """Write out the sealed bytes.
+
+        All of them (blocking socket, within its timeout), or what the socket takes
+        (non-blocking: :class:`BlockingIOError` if some remain)."""
         with self._tx_lock:  # only here are bytes taken off the front of _out
             while True:
                 with self._lock:
@@ -328,8 +339,9 @@ class SSLObjectSocket:
         errors: str | None = None,
         newline: str | None = None,
     ) -> Any:
-        """A file object over the TLS connection, as :meth:`socket.socket.makefile` (it keeps
-        the connection open until it is closed too)."""
+        """Return a file object over the TLS connection, as :meth:`socket.socket.makefile`.
+
+        It keeps the connection open until it is closed too."""
         if not set(mode) <= {"r", "w", "b"}:
             raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
         writing = "w" in mode
@@ -363,7 +375,9 @@ class SSLObjectSocket:
 
     # -- ending --
     def shutdown(self, how: int) -> None:
-        """For SHUT_WR and SHUT_RDWR: close_notify after what is queued, then TCP's shutdown
+        """Shut down one or both directions, as :meth:`socket.socket.shutdown`.
+
+        For SHUT_WR and SHUT_RDWR: close_notify after what is queued, then TCP's shutdown
         (non-blocking and not all written: :class:`BlockingIOError`, call again)."""
         if how in (socket.SHUT_WR, socket.SHUT_RDWR):
             self._queue_close_notify()
@@ -380,9 +394,10 @@ class SSLObjectSocket:
             self._out += self._outgoing.read()
 
     def unwrap(self) -> socket.socket:
-        """End TLS as :meth:`ssl.SSLSocket.unwrap`: send close_notify, wait for the peer's
-        (within the socket's timeout), and return the plain TCP socket, which this object no
-        longer owns."""
+        """End TLS as :meth:`ssl.SSLSocket.unwrap` and return the plain TCP socket.
+
+        Sends close_notify and waits for the peer's (within the socket's timeout); this object
+        no longer owns the socket returned."""
         self._check_open()
         self._queue_close_notify()
         self.flush()
@@ -403,9 +418,10 @@ class SSLObjectSocket:
         )
 
     def close(self) -> None:
-        """Send close_notify unless the connection failed, without waiting on a non-blocking
-        socket, and close the socket. Idempotent; files from :meth:`makefile` keep the
-        connection open until they are closed."""
+        """Send close_notify unless the connection failed, and close the socket. Idempotent.
+
+        Does not wait on a non-blocking socket; files from :meth:`makefile` keep the connection
+        open until they are closed."""
         self._closed = True
         if self._io_refs > 0 or self._released:
             return
@@ -420,10 +436,11 @@ class SSLObjectSocket:
             self._sock.close()
 
     def _discard_input(self) -> None:
-        """Read and drop what the peer sent that nobody read, without waiting: Linux answers a
-        close() that leaves unread input with a reset, which can throw away our close_notify
-        on its way (the peer sees ConnectionResetError). Bounded by twice the receive buffer
-        and the socket's timeout; best effort."""
+        """Read and drop, without waiting, what the peer sent that nobody read. Best effort.
+
+        Linux answers a close() that leaves unread input with a reset, which can throw away our
+        close_notify on its way (the peer sees ConnectionResetError). Bounded by twice the
+        receive buffer and the socket's timeout."""
         timeout = self._sock.gettimeout()
         deadline = time.monotonic() + timeout if timeout else None
         budget = 2 * self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)

@@ -345,8 +345,9 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def check_env_name(name: str) -> None:
-    """Raise ValueError unless ``name`` can be exported by the guest's shell: letters, digits
-    and underscores, not starting with a digit."""
+    """Raise ValueError unless ``name`` can be exported by the guest's shell.
+
+    That is letters, digits and underscores, not starting with a digit."""
     if not _ENV_NAME.fullmatch(name):
         raise ValueError(
             f"environment variable name {name!r} is not an identifier "

@@ -1,5 +1,6 @@
-"""Setting kTLS up: the tls ULP, the keys of each direction, and what this kernel supports
-(tried once per process on a throwaway loopback connection).
+"""Setting kTLS up: the tls ULP, the keys of each direction, and what this kernel supports.
+
+Support is tried once per process on a throwaway loopback connection.
 
 The public face is :mod:`afalg.ktls`.
 """
@@ -40,8 +41,10 @@ def _check_tcp(sock: socket.socket) -> None:
 
 
 def missing_ulp_reason() -> str:
-    """Why ``TCP_ULP "tls"`` gave ENOENT. The kernel loads the tls module on demand only for a
-    process with CAP_NET_ADMIN (net/ipv4/tcp_ulp.c), so an unprivileged one needs it loaded."""
+    """Say why ``TCP_ULP "tls"`` gave ENOENT.
+
+    The kernel loads the tls module on demand only for a process with CAP_NET_ADMIN
+    (net/ipv4/tcp_ulp.c), so an unprivileged one needs it loaded."""
     if os.path.exists("/sys/module/tls"):
         return "the kernel has no tls ULP although the tls module is loaded (ENOENT)"
     if not has_capability(_uapi.CAP_NET_ADMIN):
@@ -94,8 +97,10 @@ def install_keys(sock: socket.socket, direction: int, keys: TrafficKeys) -> None
 
 @functools.cache
 def supports(version: int, cipher_type: int) -> bool:
-    """Whether this kernel runs kTLS for ``(version, cipher_type)`` both ways: tried once per
-    process on a throwaway loopback connection (ULP, then TLS_TX and TLS_RX with zero keys)."""
+    """Return whether this kernel runs kTLS for ``(version, cipher_type)`` both ways.
+
+    Tried once per process on a throwaway loopback connection (ULP, then TLS_TX and TLS_RX with
+    zero keys)."""
     suite = next(
         (s for s in CipherSuite
          if s.ktls_cipher_type == cipher_type and s.is_tls13 == (version == TLS_1_3_VERSION)),
@@ -110,9 +115,10 @@ def supports(version: int, cipher_type: int) -> bool:
 
 @functools.cache
 def supports_rekey() -> bool:
-    """Whether this kernel replaces the keys of a live kTLS socket (TLS 1.3 KeyUpdate; Linux
-    6.14+): tried once per process, setting ``TLS_TX`` twice on a throwaway connection (older
-    kernels answer EBUSY)."""
+    """Return whether this kernel replaces the keys of a live kTLS socket (Linux 6.14+).
+
+    That is TLS 1.3's KeyUpdate. Tried once per process, setting ``TLS_TX`` twice on a
+    throwaway connection (older kernels answer EBUSY)."""
     keys = TrafficKeys.tls13(CipherSuite.TLS_AES_128_GCM_SHA256, bytes(32))
 
     def rekey(sock: socket.socket) -> None:
@@ -124,8 +130,9 @@ def supports_rekey() -> bool:
 
 @contextmanager
 def loopback() -> Iterator[socket.socket]:
-    """The client end of a throwaway loopback TCP connection, ESTABLISHED (the tls ULP takes
-    no other state), its peer kept open until the end."""
+    """Return the client end of a throwaway loopback TCP connection, ESTABLISHED.
+
+    The tls ULP takes no other state; the peer is kept open until the end."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         client = socket.create_connection(listener.getsockname(), timeout=5)
         peer, _ = listener.accept()

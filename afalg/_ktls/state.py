@@ -1,5 +1,7 @@
-"""What the kernel holds for kTLS: its counters (``/proc/net/tls_stat``) and one connection's
-state, read back from the kernel (``getsockopt``, ``inet_diag``), never from afalg's memory.
+"""What the kernel holds for kTLS: its counters and one connection's state.
+
+The counters are ``/proc/net/tls_stat``; the state is read back from the kernel
+(``getsockopt``, ``inet_diag``), never from afalg's memory.
 
 The public face is :mod:`afalg.ktls`.
 """
@@ -18,8 +20,10 @@ from afalg.cmsg import CryptoInfoPublic, peek_tls_crypto_info, tls_crypto_info_s
 
 
 def tls_stats() -> dict[str, int]:
-    """The kernel's TLS counters from ``/proc/net/tls_stat`` (``TlsCurrTxSw``, ``TlsTxSw``,
-    ``TlsDecryptError``, ...); empty when the ``tls`` module is not loaded."""
+    """Return the kernel's TLS counters from ``/proc/net/tls_stat``.
+
+    ``TlsCurrTxSw``, ``TlsTxSw``, ``TlsDecryptError``, ...; empty when the ``tls`` module is not
+    loaded."""
     try:
         with open(_uapi.TLS_STAT_PATH) as f:
             text = f.read()
@@ -40,8 +44,9 @@ TCP_ULP_NAME_MAX = 16  # include/net/tcp.h
 
 @dataclasses.dataclass(frozen=True)
 class KernelTLSState:
-    """What the kernel holds for one TCP connection's TLS, as the kernel reports it
-    (:func:`kernel_state`). No key, IV or salt: only these fields exist.
+    """What the kernel holds for one TCP connection's TLS, as it reports it (:func:`kernel_state`).
+
+    No key, IV or salt: only these fields exist.
 
     - ``ulp``: the upper layer protocol attached (``getsockopt(SOL_TCP, TCP_ULP)``): ``"tls"``
       under kTLS, None when there is none (algif mode: the kernel holds no TLS state at all, and
@@ -117,8 +122,9 @@ _libc.getsockopt.restype = ctypes.c_int
 
 
 def _getsockopt_into(fd: int, level: int, name: int, buf: bytearray) -> int:
-    """``getsockopt(fd, level, name)`` into ``buf`` (no bytes object is made, so the caller
-    can zero what the kernel wrote); the length the kernel reports."""
+    """Run ``getsockopt(fd, level, name)`` into ``buf``; return the length the kernel reports.
+
+    No bytes object is made, so the caller can zero what the kernel wrote."""
     cbuf = (ctypes.c_char * len(buf)).from_buffer(buf)
     optlen = ctypes.c_uint32(len(buf))
     try:
@@ -156,9 +162,11 @@ def _read_crypto_info(fd: int, direction: int) -> CryptoInfoPublic | None:
 
 
 def record_sequence(sock: socket.socket, direction: int, cipher_type: int) -> int:
-    """The kernel's next record sequence number for ``direction`` (``TLS_TX``/``TLS_RX``) of a
-    kTLS socket whose keys are of ``cipher_type``: the whole crypto_info (key included) is read
-    into a bytearray that is zeroed right after its ``rec_seq`` is taken."""
+    """Return the kernel's next record sequence number for ``direction`` of a kTLS socket.
+
+    ``direction`` is ``TLS_TX``/``TLS_RX``, the keys are of ``cipher_type``: the whole
+    crypto_info (key included) is read into a bytearray that is zeroed right after its
+    ``rec_seq`` is taken."""
     size = ctypes.sizeof(tls_crypto_info_struct(cipher_type))
     buf = bytearray(size)
     try:
@@ -180,8 +188,9 @@ def _flag(sock: socket.socket, name: int, unsupported: tuple[int, ...]) -> bool 
 
 
 def kernel_state(sock: socket.socket) -> KernelTLSState:
-    """What the kernel holds for the TCP connection ``sock`` (:class:`KernelTLSState`), asked
-    of the kernel each time: ``getsockopt(SOL_TCP, TCP_ULP)``, then with the tls ULP
+    """Return what the kernel holds for the TCP connection ``sock`` (:class:`KernelTLSState`).
+
+    Asked of the kernel each time: ``getsockopt(SOL_TCP, TCP_ULP)``, then with the tls ULP
     ``getsockopt(SOL_TLS, ...)`` for ``TLS_TX``, ``TLS_RX``, ``TLS_TX_ZEROCOPY_RO`` and
     ``TLS_RX_EXPECT_NO_PAD``; and with CAP_NET_ADMIN ``inet_diag``'s ULP information
     (:func:`afalg.netlink.tls_ulp_info`) for ``tx_conf``/``rx_conf``. Without the capability
