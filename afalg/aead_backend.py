@@ -138,9 +138,11 @@ def _kernel(suite: CipherSuite, key: bytes) -> KernelAEAD:
 
 
 def kernel_refusal(suite: CipherSuite) -> AlgorithmNotAvailable | None:
-    """Why the kernel backend cannot run ``suite`` here (AF_ALG missing, denied, or its AEAD
-    refused, e.g. by ``crypto.af_alg_restrict``), or None when it can: a trial bind with a zero
-    key, closed at once. Not cached: the answer follows the sysctl."""
+    """Say why the kernel backend cannot run ``suite`` here, or return None when it can.
+
+    The reason is AF_ALG missing, denied, or its AEAD refused (e.g. by
+    ``crypto.af_alg_restrict``), found by a trial bind with a zero key, closed at once. Not
+    cached: the answer follows the sysctl."""
     try:
         _kernel(suite, bytes(suite.key_length)).close()
     except AlgorithmNotAvailable as exc:

@@ -112,9 +112,10 @@ ClientConnectedCallback = Callable[
 
 
 class _StreamProtocol(asyncio.StreamReaderProtocol):
-    """asyncio's stream protocol, whose end of file keeps the writer open when the transport
-    offers half-close (``half_close=True``, TLS 1.3); else the transport closes, as asyncio's
-    TLS does."""
+    """asyncio's stream protocol, whose end of file keeps the writer open on half-close.
+
+    The writer stays open when the transport offers half-close (``half_close=True``, TLS 1.3);
+    else the transport closes, as asyncio's TLS does."""
 
     def eof_received(self) -> bool:
         super().eof_received()
@@ -162,9 +163,11 @@ async def open_connection(
     half_close: bool = False,
     **kwds: Any,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to ``host``:``port``, handshake with ``ssl`` (an :class:`ssl.SSLContext`, or
-    True for asyncio's default client context), hand the keys to the kernel and return
-    asyncio's ``(StreamReader, StreamWriter)``, as :func:`asyncio.open_connection`.
+    """Connect, handshake and hand the keys to the kernel; return ``(reader, writer)``.
+
+    Connects to ``host``:``port``, handshakes with ``ssl`` (an :class:`ssl.SSLContext`, or True
+    for asyncio's default client context) and returns asyncio's ``(StreamReader,
+    StreamWriter)``, as :func:`asyncio.open_connection`.
 
     ``server_hostname`` (the name checked in the server's certificate) defaults to ``host``; with
     ``sock=`` it must be given (:class:`ValueError`, as asyncio); ``""`` checks no name, on
@@ -220,14 +223,16 @@ async def start_server(
     half_close: bool = False,
     **kwds: Any,
 ) -> asyncio.Server:
-    """Serve TLS on ``host``:``port`` as :func:`asyncio.start_server`: for each client whose
-    handshake succeeds within ``ssl_handshake_timeout``, ``client_connected_cb(reader, writer)``
-    is called (a coroutine becomes a task). Returns the :class:`asyncio.Server` (``async with``,
-    ``serve_forever()``, ``sockets``). ``mode``, ``algif_backend`` and ``records_per_key`` as
-    for :func:`afalg.tls.wrap`; ``limit``, the timeouts and ``half_close`` as for
-    :func:`open_connection`; other keyword arguments (``backlog``, ``reuse_port``, ``sock``,
-    ...) go to :meth:`loop.create_server`. Every argument is checked before listening;
-    ``mode="ktls"`` on a kernel without the tls ULP raises :class:`afalg.errors.KTLSError`.
+    """Serve TLS on ``host``:``port`` as :func:`asyncio.start_server`; return the server.
+
+    For each client whose handshake succeeds within ``ssl_handshake_timeout``,
+    ``client_connected_cb(reader, writer)`` is called (a coroutine becomes a task). Returns the
+    :class:`asyncio.Server` (``async with``, ``serve_forever()``, ``sockets``). ``mode``,
+    ``algif_backend`` and ``records_per_key`` as for :func:`afalg.tls.wrap`; ``limit``, the
+    timeouts and ``half_close`` as for :func:`open_connection`; other keyword arguments
+    (``backlog``, ``reuse_port``, ``sock``, ...) go to :meth:`loop.create_server`. Every
+    argument is checked before listening; ``mode="ktls"`` on a kernel without the tls ULP
+    raises :class:`afalg.errors.KTLSError`.
 
     A client that fails its handshake (garbage, a timeout, a refused certificate) loses only
     its connection; the failure is logged at debug level on the ``afalg.aio`` logger. A
@@ -290,11 +295,13 @@ async def start_server(
 async def sendfile(
     writer: asyncio.StreamWriter, file: Any, offset: int = 0, count: int | None = None
 ) -> int:
-    """Send ``count`` bytes (None: to the end) of the binary ``file`` from ``offset`` over the
-    afalg stream ``writer``; returns the bytes sent, and the file's position ends after them
-    (as :meth:`loop.sendfile`). What was written before goes first; ``write()`` raises while
-    this runs. Cancelled, it raises :class:`asyncio.CancelledError` with the file's position
-    after the bytes sent (kTLS) or queued (algif); the connection goes on after them.
+    """Send part or all of the binary ``file`` over the afalg stream ``writer``; return the count.
+
+    Sends ``count`` bytes (None: to the end) from ``offset``; the file's position ends after
+    the bytes sent (as :meth:`loop.sendfile`). What was written before goes first; ``write()``
+    raises while this runs. Cancelled, it raises :class:`asyncio.CancelledError` with the
+    file's position after the bytes sent (kTLS) or queued (algif); the connection goes on after
+    them.
 
     Under kTLS, with a regular file, this is the kernel's ``sendfile(2)``: the kernel reads
     the pages and encrypts them; the file object's ``read`` is never called. In algif mode (or

@@ -47,9 +47,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _stat_block(now: dict[str, int], before: dict[str, int] | None, interval: float) -> str:
-    """One sample: a header line (``counter total``, then ``+Ss`` with deltas), then ``NAME
-    TOTAL`` per counter in the kernel's order (``NAME TOTAL +DELTA`` with a previous sample;
-    the current counters such as ``TlsCurrTxSw`` may go down: ``-1``)."""
+    """Format one sample of the kernel's TLS counters.
+
+    A header line (``counter total``, then ``+Ss`` with deltas), then ``NAME TOTAL`` per counter
+    in the kernel's order (``NAME TOTAL +DELTA`` with a previous sample; the current counters
+    such as ``TlsCurrTxSw`` may go down: ``-1``)."""
     width = max(len(name) for name in now) if now else 7
     if before is None:
         lines = [f"{'counter':<{width}} {'total':>12}"]
@@ -138,8 +140,10 @@ def _pair(text: str) -> tuple[str, str]:
 
 
 def _env_pair(text: str) -> tuple[str, str]:
-    """An argparse type for ``--env NAME=VALUE``: NAME an identifier (the guest's shell exports
-    it), the value anything (it is quoted)."""
+    """Parse ``--env NAME=VALUE`` for argparse into (NAME, VALUE).
+
+    NAME must be an identifier (the guest's shell exports it); the value is anything (it is
+    quoted)."""
     from afalg import _vm as vm
 
     name, sep, value = text.partition("=")

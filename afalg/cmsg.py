@@ -79,8 +79,9 @@ _U32 = struct.Struct("=I")
 
 
 def as_bytes(name: str, value: object) -> bytes:
-    """``value`` as bytes if it is bytes-like; TypeError naming ``name`` if not (``bytes(16)``
-    would be sixteen zero bytes: an int must never become an IV or a key)."""
+    """Return ``value`` as bytes if it is bytes-like; TypeError naming ``name`` if not.
+
+    ``bytes(16)`` would be sixteen zero bytes: an int must never become an IV or a key."""
     if isinstance(value, bytes):
         return value
     try:
@@ -146,8 +147,9 @@ def pack_af_alg_iv(iv: Buffer) -> bytes:
 
 
 def iv_header(ivlen: int) -> bytes:
-    """The 4-byte ``struct af_alg_iv`` header for an IV of ``ivlen`` bytes (``u32 ivlen``);
-    cached per length, since it is the same for every operation of a key."""
+    """Return the 4-byte ``struct af_alg_iv`` header (``u32 ivlen``) for an IV of ``ivlen`` bytes.
+
+    Cached per length, since it is the same for every operation of a key."""
     header = _IV_HEADERS.get(ivlen)
     if header is None:
         if not 0 <= ivlen < 2**32:
@@ -179,8 +181,9 @@ _OP_CMSGS: dict[int, Cmsg] = {
 
 
 def op_cmsg(op: int) -> Cmsg:
-    """``ALG_SET_OP``: ``AlgOp.ENCRYPT`` (1) or ``AlgOp.DECRYPT`` (0). The same (prebuilt)
-    tuple is returned on every call."""
+    """Return the ``ALG_SET_OP`` control message: ``AlgOp.ENCRYPT`` (1) or ``AlgOp.DECRYPT`` (0).
+
+    The same (prebuilt) tuple is returned on every call."""
     try:
         return _OP_CMSGS[op]
     except (KeyError, TypeError):
@@ -193,7 +196,8 @@ def iv_cmsg(iv: Buffer) -> Cmsg:
 
 
 def assoclen_cmsg(assoclen: int) -> Cmsg:
-    """``ALG_SET_AEAD_ASSOCLEN``: how many leading bytes of the input are associated data.
+    """Return ``ALG_SET_AEAD_ASSOCLEN``: how many leading bytes of the input are associated data.
+
     Cached per length (a record layer uses one or two)."""
     msg = _ASSOCLEN_CMSGS.get(assoclen)
     if msg is None:
@@ -211,8 +215,9 @@ _ASSOCLEN_CMSGS: dict[int, Cmsg] = {}
 def alg_cmsgs(
     op: int | None = None, iv: Buffer | None = None, assoclen: int | None = None
 ) -> list[Cmsg]:
-    """The control messages for one AF_ALG ``sendmsg()``, in the order the kernel documents
-    (op, iv, assoclen); arguments left as None are omitted."""
+    """Return the control messages for one AF_ALG ``sendmsg()``.
+
+    In the order the kernel documents (op, iv, assoclen); arguments left as None are omitted."""
     out: list[Cmsg] = []
     if op is not None:
         out.append(op_cmsg(op))
@@ -259,8 +264,10 @@ def parse_alg_cmsgs(cmsgs: Iterable[tuple[int, int, Buffer]]) -> AlgCmsgs:
 
 
 def record_type_cmsg(content_type: int) -> Cmsg:
-    """``TLS_SET_RECORD_TYPE`` for ``sendmsg()`` on a kTLS socket: the record's ContentType
-    (one byte; 23 = application_data is the default when no cmsg is given)."""
+    """Return ``TLS_SET_RECORD_TYPE`` for ``sendmsg()`` on a kTLS socket.
+
+    The record's ContentType (one byte; 23 = application_data is the default when no cmsg is
+    given)."""
     msg = _RECORD_TYPE_CMSGS.get(content_type)
     if msg is not None:
         return msg
@@ -288,8 +295,9 @@ RECORD_TYPE_CMSG_SPACE = 1
 
 
 class tls_crypto_info_header(ctypes.Structure):  # the kernel's name
-    """``struct tls_crypto_info``, the common header (4 bytes); the kernel's name is taken by
-    the :func:`tls_crypto_info` builder here.
+    """``struct tls_crypto_info``, the common header (4 bytes).
+
+    The kernel's name is taken by the :func:`tls_crypto_info` builder here.
 
     .. code-block:: c
 
@@ -498,8 +506,9 @@ class CryptoInfoPublic(NamedTuple):
 
 
 def peek_tls_crypto_info(data: Buffer) -> CryptoInfoPublic:
-    """``version``, ``cipher_type`` and ``rec_seq`` of a ``struct tls12_crypto_info_*`` (what
-    ``getsockopt(SOL_TLS, TLS_TX or TLS_RX)`` writes), reading no other byte.
+    """Return ``version``, ``cipher_type`` and ``rec_seq`` of a ``struct tls12_crypto_info_*``.
+
+    That struct is what ``getsockopt(SOL_TLS, TLS_TX or TLS_RX)`` writes; no other byte is read.
 
     ``data`` is either the bare ``struct tls_crypto_info`` (4 bytes: ``u16 version | u16
     cipher_type``, native endianness; ``rec_seq`` is then None) or the whole struct of its

@@ -63,11 +63,12 @@ class AlgError(AfalgError, OSError):
 
 
 class AlgorithmNotAvailable(AlgError):
-    """The kernel has no such algorithm (``bind()`` gave ENOENT), AF_ALG itself is missing, or
-    policy refuses it. ``af_alg_restrict`` is the value of the sysctl
-    ``crypto.af_alg_restrict`` (Linux 7.3+) when the refusal comes from it (1: the algorithm is
-    not on AF_ALG's allowlist; 2: AF_ALG is disabled), else None; the message then names the
-    remedies (the sysctl at 0, the ``cryptography`` backend, kTLS)."""
+    """The kernel has no such algorithm, AF_ALG itself is missing, or policy refuses it.
+
+    ``bind()`` gave ENOENT, or ``socket()`` failed. ``af_alg_restrict`` is the value of the
+    sysctl ``crypto.af_alg_restrict`` (Linux 7.3+) when the refusal comes from it (1: the
+    algorithm is not on AF_ALG's allowlist; 2: AF_ALG is disabled), else None; the message then
+    names the remedies (the sysctl at 0, the ``cryptography`` backend, kTLS)."""
 
     def __init__(
         self, code: int | None, message: str, *, af_alg_restrict: int | None = None
@@ -79,8 +80,10 @@ class AlgorithmNotAvailable(AlgError):
     def no_af_alg(
         cls, code: int | None, reason: str, *, af_alg_restrict: int | None = None
     ) -> AlgorithmNotAvailable:
-        """The error for a process that cannot use AF_ALG at all (no such address family, or
-        ``socket(AF_ALG)`` denied): ``reason``, then what still runs here and how."""
+        """Return the error for a process that cannot use AF_ALG at all.
+
+        No such address family, or ``socket(AF_ALG)`` denied: the message is ``reason``, then
+        what still runs here and how."""
         return cls(code, f"{reason}; {_NO_AF_ALG_WAYS_OUT}", af_alg_restrict=af_alg_restrict)
 
 
@@ -95,8 +98,9 @@ _NO_AF_ALG_WAYS_OUT = (
 
 
 class InvalidTag(AlgError):
-    """Authentication failed: EBADMSG from the kernel, a failed verify, or input shorter than
-    the tag. No plaintext is ever returned with this error."""
+    """Authentication failed: EBADMSG from the kernel, a failed verify, or input too short.
+
+    Input shorter than the tag fails too. No plaintext is ever returned with this error."""
 
     def __init__(self, message: str = "authentication tag mismatch") -> None:
         super().__init__(errno.EBADMSG, message)
@@ -120,8 +124,9 @@ class TLSError(AfalgError, ssl.SSLError):
 
 
 class TLSProtocolError(TLSError):
-    """We detected a protocol or integrity failure; ``alert`` is what we send the peer
-    (bad_record_mac, record_overflow, decode_error, unexpected_message, ...)."""
+    """We detected a protocol or integrity failure; ``alert`` is what we send the peer.
+
+    E.g. bad_record_mac, record_overflow, decode_error, unexpected_message, ..."""
 
 
 class TLSAlertReceived(TLSError):
@@ -133,25 +138,30 @@ class TLSAlertReceived(TLSError):
 
 
 class KTLSError(AfalgError, OSError):
-    """Kernel TLS could not be set up on a socket (``TCP_ULP`` or ``TLS_TX``/``TLS_RX`` refused);
+    """Kernel TLS could not be set up on a socket (``TCP_ULP`` or ``TLS_TX``/``TLS_RX`` refused).
+
     ``errno`` is the kernel's and the message says what to do."""
 
 
 class KeyUpdateUnsupported(TLSProtocolError):
-    """The peer sent a TLS 1.3 KeyUpdate but this kernel cannot install new kTLS keys on a live
-    socket (rekeying came in Linux 6.14); the connection cannot continue in kTLS mode."""
+    """The peer sent a TLS 1.3 KeyUpdate but this kernel cannot rekey a live kTLS socket.
+
+    Rekeying came in Linux 6.14; the connection cannot continue in kTLS mode."""
 
 
 class HandoffError(TLSError):
-    """The handshake succeeded in ssl but its keys could not be handed off (a traffic secret
-    missing from the key log, no ServerHello seen); ``alert`` is internal_error."""
+    """The handshake succeeded in ssl but its keys could not be handed off.
+
+    E.g. a traffic secret missing from the key log, no ServerHello seen; ``alert`` is
+    internal_error."""
 
     def __init__(self, message: str) -> None:
         super().__init__(AlertDescription.internal_error, message)
 
 
 class UnsupportedCipherSuite(AfalgError, ValueError):
-    """The negotiated cipher suite is not one afalg runs (only AES-GCM and ChaCha20-Poly1305);
+    """The negotiated cipher suite is not one afalg runs (only AES-GCM and ChaCha20-Poly1305).
+
     ``suite`` is the name or number given, and the message says how to restrict the context."""
 
     def __init__(self, suite: object) -> None:
@@ -168,9 +178,10 @@ class UnsupportedCipherSuite(AfalgError, ValueError):
 
 
 class AlreadyWrapped(AfalgError, ssl.SSLError, TypeError):
-    """The socket given to be wrapped is already a TLS socket (an :class:`ssl.SSLSocket` or
-    an afalg one); refused before a byte is sent. An :class:`ssl.SSLError`, as ssl's own
-    ``wrap_socket`` raises for the same mistake (after a handshake that breaks the
+    """The socket given to be wrapped is already a TLS socket; refused before a byte is sent.
+
+    Already TLS: an :class:`ssl.SSLSocket` or an afalg one. An :class:`ssl.SSLError`, as ssl's
+    own ``wrap_socket`` raises for the same mistake (after a handshake that breaks the
     connection), and a :class:`TypeError` (the wrong kind of object)."""
 
     def __init__(self, what: str) -> None:
@@ -182,31 +193,37 @@ class AlreadyWrapped(AfalgError, ssl.SSLError, TypeError):
 
 
 class ClosedError(AfalgError, OSError, ValueError):
-    """An afalg object (socket, hash, cipher, record layer, key log) was used after
-    ``close()``: ``errno`` EBADF, as for a closed socket, and a :class:`ValueError`, as for a
-    closed file."""
+    """An afalg object was used after ``close()``.
+
+    Any object: socket, hash, cipher, record layer, key log. ``errno`` EBADF, as for a closed
+    socket, and a :class:`ValueError`, as for a closed file."""
 
     def __init__(self, what: str) -> None:
         super().__init__(errno.EBADF, f"{what} is closed")
 
 
 class WantRead(AfalgError, ssl.SSLWantReadError, BlockingIOError):
-    """A non-blocking afalg TLS socket has no whole record to read yet: wait until the socket
-    is readable and call again. Both an :class:`ssl.SSLWantReadError` (code written for ssl
-    catches it) and a :class:`BlockingIOError` (code written for plain sockets does)."""
+    """A non-blocking afalg TLS socket has no whole record to read yet.
+
+    Wait until the socket is readable and call again. Both an :class:`ssl.SSLWantReadError`
+    (code written for ssl catches it) and a :class:`BlockingIOError` (code written for plain
+    sockets does)."""
 
 
 class WantWrite(AfalgError, ssl.SSLWantWriteError, BlockingIOError):
-    """A non-blocking afalg TLS socket cannot take more now (earlier records are still
-    queued; nothing of this call's data was taken): wait until writable and call again. Both an
+    """A non-blocking afalg TLS socket cannot take more now; nothing of the data was taken.
+
+    Earlier records are still queued: wait until writable and call again. Both an
     :class:`ssl.SSLWantWriteError` and a :class:`BlockingIOError`."""
 
 
 class KeyLimitReached(TLSError):
-    """The sending key has sealed the most records it may (``records_per_key``; by default the
-    AEAD usage limit of RFC 8446 section 5.5) and cannot be updated here: TLS 1.2 has no
-    KeyUpdate, and kTLS before Linux 6.14 cannot install new keys. Nothing of the data was sent;
-    the connection can still receive and close. ``alert`` is internal_error."""
+    """The sending key has sealed the most records it may and cannot be updated here.
+
+    The most is ``records_per_key``; by default the AEAD usage limit of RFC 8446 section 5.5.
+    It cannot be updated: TLS 1.2 has no KeyUpdate, and kTLS before Linux 6.14 cannot install
+    new keys. Nothing of the data was sent; the connection can still receive and close.
+    ``alert`` is internal_error."""
 
     def __init__(self, message: str) -> None:
         super().__init__(AlertDescription.internal_error, message)

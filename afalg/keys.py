@@ -160,8 +160,10 @@ _BY_NAME.update({openssl: s for s, (_params, openssl) in _SUITES.items()})
 
 
 def suite_from_openssl_name(name: str) -> CipherSuite:
-    """The :class:`CipherSuite` named ``name``, as OpenSSL (``ssl.SSLSocket.cipher()[0]``) or
-    IANA spells it: ``"TLS_AES_128_GCM_SHA256"``, ``"ECDHE-RSA-AES128-GCM-SHA256"``.
+    """Return the :class:`CipherSuite` named ``name``, as OpenSSL or IANA spells it.
+
+    OpenSSL's names are ``ssl.SSLSocket.cipher()[0]``'s: ``"TLS_AES_128_GCM_SHA256"``,
+    ``"ECDHE-RSA-AES128-GCM-SHA256"``.
 
     Raises :class:`UnsupportedCipherSuite` for anything else (CBC, CCM, ...).
     """
@@ -216,8 +218,9 @@ def _length(value: object) -> int:
 
 
 def hkdf_extract(algorithm: str | hashes.HashAlgorithm, salt: bytes, ikm: bytes) -> bytes:
-    """HKDF-Extract(salt, IKM) (RFC 5869): HMAC-Hash(salt, IKM); an empty salt is Hash.length
-    zero bytes."""
+    """HKDF-Extract(salt, IKM) (RFC 5869): return HMAC-Hash(salt, IKM).
+
+    An empty salt is Hash.length zero bytes."""
     salt = as_bytes("salt", salt)
     ikm = as_bytes("ikm", ikm)
     alg = _hash(algorithm)
@@ -303,8 +306,10 @@ def tls12_key_block(
     client_random: bytes,
     server_random: bytes,
 ) -> tuple[bytes, bytes, bytes, bytes]:
-    """``(client_write_key, server_write_key, client_write_IV, server_write_IV)`` of an AEAD
-    suite (no MAC keys). The IVs are 4 bytes (AES-GCM salt) or 12 bytes (ChaCha20)."""
+    """Return the TLS 1.2 key block of an AEAD suite: the write keys and IVs.
+
+    ``(client_write_key, server_write_key, client_write_IV, server_write_IV)``, no MAC keys.
+    The IVs are 4 bytes (AES-GCM salt) or 12 bytes (ChaCha20)."""
     s = _suite(suite)
     if s.is_tls13:
         raise ValueError(f"{s.name} is a TLS 1.3 suite; it has no TLS 1.2 key block")
@@ -443,13 +448,16 @@ class TrafficKeys:
 
     @property
     def nonce_iv(self) -> bytes:
-        """The 12 bytes XORed with the sequence number (TLS 1.3, ChaCha20), or for TLS 1.2
-        AES-GCM the salt followed by 8 zero bytes (the explicit nonce goes there)."""
+        """The IV bytes a nonce is made from.
+
+        The 12 bytes XORed with the sequence number (TLS 1.3, ChaCha20), or for TLS 1.2 AES-GCM
+        the salt followed by 8 zero bytes (the explicit nonce goes there)."""
         return self.iv if len(self.iv) == 12 else self.iv + bytes(8)
 
     def ktls_params(self) -> dict[str, bytes]:
-        """``key``, ``iv``, ``salt`` and ``rec_seq`` as ``struct tls12_crypto_info_*`` wants them
-        (see afalg.cmsg.tls_crypto_info), for ``setsockopt(SOL_TLS, TLS_TX/TLS_RX)``.
+        """Return ``key``, ``iv``, ``salt`` and ``rec_seq`` for ``setsockopt(SOL_TLS, TLS_TX/RX)``.
+
+        As ``struct tls12_crypto_info_*`` wants them (see afalg.cmsg.tls_crypto_info).
 
         AES-GCM: salt = the first 4 bytes of the 12-byte nonce IV, iv = the other 8 (TLS 1.3),
         or salt = the TLS 1.2 salt and iv = the next explicit nonce, the sequence number, as

@@ -102,7 +102,8 @@ _DONTWAIT = int(socket.MSG_DONTWAIT)  # an int: | on the IntFlag runs enum's Pyt
 
 
 def _record_type(ancdata: list[tuple[int, int, bytes]]) -> int:
-    """The record type kTLS reports (TLS_GET_RECORD_TYPE) in ``recvmsg``'s control messages;
+    """Return the record type kTLS reports (TLS_GET_RECORD_TYPE) in ``recvmsg``'s cmsgs.
+
     application_data when there is none (a bare end of file)."""
     for level, kind, data in ancdata:
         if level == _uapi.SOL_TLS and kind == _uapi.TLS_GET_RECORD_TYPE:
@@ -171,11 +172,12 @@ class KTLSSocket(TLSSocketBase):
         self._tx_budget = 0  # records surely left to the send key (re-read from the kernel)
 
     def kernel_state(self) -> KernelTLSState:
-        """What the kernel holds for this connection, read from the kernel now
-        (:func:`afalg.ktls.kernel_state`): under kTLS the ULP, version, cipher, TX/RX set up,
-        record sequence numbers and the zero-copy/no-pad flags; in algif mode
-        ``ulp=None`` (the kernel holds no TLS state). Never a key.
-        Raises :class:`afalg.errors.ClosedError` once closed."""
+        """Return what the kernel holds for this connection, read from the kernel now.
+
+        As :func:`afalg.ktls.kernel_state`: under kTLS the ULP, version, cipher, TX/RX set up,
+        record sequence numbers and the zero-copy/no-pad flags; in algif mode ``ulp=None`` (the
+        kernel holds no TLS state). Never a key. Raises :class:`afalg.errors.ClosedError` once
+        closed."""
         self._check_open()
         return kernel_state(self._sock)
 
@@ -205,9 +207,11 @@ class KTLSSocket(TLSSocketBase):
                 raise self._translate(exc) from exc
 
     def _send_view(self, view: memoryview, flags: int) -> int:
-        """One ``send``. With a timeout Python would poll before it: the twin (:meth:`_twin`)
-        sends at once, and polls only while the socket has no room, within the timeout
-        (:class:`TimeoutError` after)."""
+        """Make one ``send``, waiting only while the socket has no room.
+
+        With a timeout Python would poll before it: the twin (:meth:`_twin`) sends at once, and
+        polls only while the socket has no room, within the timeout (:class:`TimeoutError`
+        after)."""
         timeout = self._sock.gettimeout()
         if not timeout:
             return self._sock.send(view, flags)
@@ -235,11 +239,12 @@ class KTLSSocket(TLSSocketBase):
             self._tx_lock.release()
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
-        """Send a file with ``os.sendfile`` (the kernel encrypts the pages it reads), as
-        :meth:`socket.socket.sendfile`: honours the timeout (per wait); what ``os.sendfile``
-        cannot read (an in-memory file, a pipe) goes through :meth:`send`; the file position
-        ends after the last byte sent. One ``os.sendfile`` per chunk of up to 16 MiB, and no
-        other system call but the final ``lseek``."""
+        """Send a file with ``os.sendfile`` as :meth:`socket.socket.sendfile`; return the count.
+
+        The kernel encrypts the pages it reads. Honours the timeout (per wait); what
+        ``os.sendfile`` cannot read (an in-memory file, a pipe) goes through :meth:`send`; the
+        file position ends after the last byte sent. One ``os.sendfile`` per chunk of up to 16
+        MiB, and no other system call but the final ``lseek``."""
         self._check_send()
         timeout = self._sock.gettimeout()
         if timeout == 0.0:
@@ -278,12 +283,13 @@ class KTLSSocket(TLSSocketBase):
         return self._sendfile_by_send(file, offset, count, _SENDFILE_CHUNK)
 
     def sendfile_nowait(self, fd: int, offset: int, count: int) -> int:
-        """One non-blocking ``os.sendfile`` step from the file descriptor ``fd`` (at ``offset``,
-        at most ``count`` bytes; the file position is not used): the kernel encrypts the pages
-        it reads. Returns the bytes sent (0 at the end of the file), or raises
-        :class:`~afalg.errors.WantWrite` having sent nothing. As with :meth:`send`, a KeyUpdate
-        the peer asked for goes out first, and the step is cut where the send key reaches
-        ``records_per_key`` (our KeyUpdate goes first where it can;
+        """Make one non-blocking ``os.sendfile`` step from ``fd``; return the bytes sent.
+
+        From the file descriptor ``fd`` at ``offset``, at most ``count`` bytes (the file
+        position is not used): the kernel encrypts the pages it reads. Returns 0 at the end of
+        the file, or raises :class:`~afalg.errors.WantWrite` having sent nothing. As with
+        :meth:`send`, a KeyUpdate the peer asked for goes out first, and the step is cut where
+        the send key reaches ``records_per_key`` (our KeyUpdate goes first where it can;
         :class:`~afalg.errors.KeyLimitReached`, having sent nothing, where it cannot). For
         event loops (:func:`afalg.aio.sendfile`)."""
         self._check_send()
@@ -356,15 +362,16 @@ class KTLSSocket(TLSSocketBase):
                 self._follow_kernel_pause(rx_generation)
 
     def _read(self, target: memoryview) -> tuple[int, int]:
-        """One read into ``target``: (bytes, record type). The kernel hands application data to
-        a plain ``recv`` and refuses any other record with EIO when no control buffer is given
-        (Documentation/networking/tls.rst; the record stays queued), so a plain ``recv_into``
-        comes first and ``recvmsg`` with room for the record type (TLS_GET_RECORD_TYPE) only
-        after EIO. With a timeout, Python would poll before reading; but poll() does not report
-        a socket that the kernel paused for a KeyUpdate, even when that KeyUpdate waits
-        decrypted in the kernel (read together with the data before it). So with a timeout the
-        read comes first (non-blocking, on the twin, whose own timeout is 0) and poll() only
-        when there was nothing to read."""
+        """Make one read into ``target``; return (bytes, record type).
+
+        The kernel hands application data to a plain ``recv`` and refuses any other record
+        with EIO when no control buffer is given (Documentation/networking/tls.rst; the record
+        stays queued), so a plain ``recv_into`` comes first and ``recvmsg`` with room for the
+        record type (TLS_GET_RECORD_TYPE) only after EIO. With a timeout, Python would poll
+        before reading; but poll() does not report a socket that the kernel paused for a
+        KeyUpdate, even when that KeyUpdate waits decrypted in the kernel (read together with
+        the data before it). So with a timeout the read comes first (non-blocking, on the twin,
+        whose own timeout is 0) and poll() only when there was nothing to read."""
         timeout = self._sock.gettimeout()
         if not timeout:  # blocking (the kernel hands out decrypted records first) or 0
             try:
@@ -407,9 +414,10 @@ class KTLSSocket(TLSSocketBase):
         )
 
     def _key_update(self, *, update_requested: bool) -> None:
-        """The peer moved to its next traffic secret: install the next receive keys at once (the
-        kernel reads nothing more until then). If it asked for ours, the session has our
-        KeyUpdate due: sent by the receiving side where it can, else before our next
+        """Install the next receive keys at once: the peer moved to its next traffic secret.
+
+        The kernel reads nothing more until then. If the peer asked for ours, the session has
+        our KeyUpdate due: sent by the receiving side where it can, else before our next
         application data (one for any number of requests read together)."""
         if self._rx_keys is None:
             raise self._fatal(
@@ -439,8 +447,9 @@ class KTLSSocket(TLSSocketBase):
         self._rx_keys = nxt
 
     def _follow_kernel_pause(self, before: TrafficKeys | None) -> None:
-        """The kernel paused reading after this handshake record: it starts with the byte 24
-        (KeyUpdate's msg_type), which is all the kernel looks at. Unless it was a complete
+        """Read on after the kernel paused on a handshake record that starts with the byte 24.
+
+        24 is KeyUpdate's msg_type, which is all the kernel looks at. Unless it was a complete
         KeyUpdate (the next keys are in already), read on under the current keys: a KeyUpdate
         fragmented over records, or another message's fragment that starts with 24. (A blocking
         read would otherwise wait for ever: 7.3 reports EKEYEXPIRED only to some reads.)"""
@@ -456,10 +465,12 @@ class KTLSSocket(TLSSocketBase):
             )
 
     def _resume_rx(self) -> bool:
-        """The kernel paused on a record that starts with the byte 24 but was no complete
-        KeyUpdate (a fragment), or a read failed with EKEYEXPIRED: install the current receive
-        keys again at the kernel's next sequence number (``getsockopt(TLS_RX)``) so that reading
-        goes on. False if that is not possible, or was just done (the error then stands)."""
+        """Install the current receive keys again so that reading goes on; False if not done.
+
+        For a kernel paused on a record that starts with the byte 24 but was no complete
+        KeyUpdate (a fragment), or a read that failed with EKEYEXPIRED: the keys go in at the
+        kernel's next sequence number (``getsockopt(TLS_RX)``). False if that is not possible,
+        or was just done (the error then stands)."""
         if self._rx_paused or self._rx_keys is None or self._session.error is not None:
             return False
         try:
@@ -471,10 +482,12 @@ class KTLSSocket(TLSSocketBase):
         return True
 
     def _tx_allowance(self, nbytes: int) -> int:
-        """How much of ``nbytes`` one send may take without the send key sealing more than
-        ``records_per_key`` records (the session's rule, :meth:`_tx_room`). A send of n bytes
-        closes at most ceil(n / 2**14) + 1 records (one may be open from before); our
-        KeyUpdate goes first when nothing else fits. Called with the TX lock."""
+        """Return how much of ``nbytes`` one send may take within ``records_per_key``.
+
+        The send key must not seal more than ``records_per_key`` records (the session's rule,
+        :meth:`_tx_room`). A send of n bytes closes at most ceil(n / 2**14) + 1 records (one may
+        be open from before); our KeyUpdate goes first when nothing else fits. Called with the
+        TX lock."""
         cost = -(-nbytes // MAX_PLAINTEXT) + 1
         if cost > self._tx_budget:
             self._tx_budget = self._tx_room()
@@ -487,10 +500,12 @@ class KTLSSocket(TLSSocketBase):
         return nbytes
 
     def _tx_room(self) -> int:
-        """Records the send key may surely still seal, from the kernel's TX sequence number
+        """Return the records the send key may surely still seal; 0: our KeyUpdate first.
+
+        Counted from the kernel's TX sequence number
         (:meth:`afalg.session.Session.records_to_seal`, at least 2: a send may close a record
-        left open); 0: our KeyUpdate first. :class:`~afalg.errors.KeyLimitReached` where none
-        can go: TLS 1.2, keys without their secret, a kernel without kTLS rekeying."""
+        left open). :class:`~afalg.errors.KeyLimitReached` where none can go: TLS 1.2, keys
+        without their secret, a kernel without kTLS rekeying."""
         cannot = None
         if self._tx_keys is None:
             cannot = (
@@ -506,8 +521,9 @@ class KTLSSocket(TLSSocketBase):
         )
 
     def _tx_left(self) -> int:
-        """Records the send key may still seal, from the kernel's TX sequence number (TLS 1.3
-        keys start at 0; the first TLS 1.2 record, the Finished, was ssl's)."""
+        """Return the records the send key may still seal, from the kernel's TX sequence number.
+
+        TLS 1.3 keys start at 0; the first TLS 1.2 record, the Finished, was ssl's."""
         seq = record_sequence(self._sock, _uapi.TLS_TX, self._cipher_type)
         return max(0, self._records_per_key - seq)
 
@@ -518,9 +534,10 @@ class KTLSSocket(TLSSocketBase):
     def _send_key_update(
         self, *, request_peer: bool = False, message: bytes | None = None, wait: bool = True
     ) -> None:
-        """Send our KeyUpdate (``message``, else a new one) under the current keys, then install
-        the next send keys: one step under the TX lock (no application data of another thread
-        may come between them: it would go out under the old keys)."""
+        """Send our KeyUpdate, then install the next send keys, as one step under the TX lock.
+
+        Sends ``message``, else a new one, under the current keys: no application data of
+        another thread may come between the two (it would go out under the old keys)."""
         assert self._tx_keys is not None
         nxt = self._tx_keys.next_generation()
         with self._tx_lock:
@@ -545,7 +562,8 @@ class KTLSSocket(TLSSocketBase):
             self._session.key_update_sent()  # any KeyUpdate of ours answers a request
 
     def key_update(self, *, request_peer: bool = False) -> None:
-        """Send a TLS 1.3 KeyUpdate and move to the next send keys (Linux 6.14+);
+        """Send a TLS 1.3 KeyUpdate and move to the next send keys (Linux 6.14+).
+
         ``request_peer`` asks the peer to update its keys too (update_requested). Where the
         kernel cannot rekey, :class:`afalg.errors.KeyUpdateUnsupported` is raised before
         anything is sent and the connection carries on under its current keys."""
@@ -561,8 +579,9 @@ class KTLSSocket(TLSSocketBase):
         self._send_key_update(request_peer=request_peer)
 
     def _translate(self, exc: OSError) -> BaseException:
-        """Map a kernel TLS error to a TLS error (never a bare EIO), reading SO_ERROR so later
-        sends work, and sending the matching alert."""
+        """Map a kernel TLS error to a TLS error (never a bare EIO) and return it.
+
+        Reads SO_ERROR so later sends work, and sends the matching alert."""
         if self._session.error is not None:
             return self._session.error
         if isinstance(exc, (TimeoutError, BlockingIOError, InterruptedError)):

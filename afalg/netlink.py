@@ -109,8 +109,9 @@ class crypto_user_alg(nlmsg):  # the kernel's name
         fields = (("type", _STR), ("blocksize", "I"), ("digestsize", "I"))
 
     class report_blkcipher(nla):
-        """``struct crypto_report_blkcipher`` (skcipher): type, geniv, blocksize,
-        min_keysize, max_keysize, ivsize."""
+        """``struct crypto_report_blkcipher`` (skcipher).
+
+        type, geniv, blocksize, min_keysize, max_keysize, ivsize."""
 
         fields = (
             ("type", _STR),
@@ -184,9 +185,10 @@ def encode_request(name: str, driver: str = "", *, seq: int = 1) -> bytes:
 
 
 def _reply(data: bytes, expected: int, error: type[OSError]) -> bytes:
-    """The netlink message at the start of ``data`` if its type is ``expected`` (its own
-    length's worth): NLMSG_ERROR raises OSError with the kernel's errno; a short reply or a
-    message of another type raises ``error`` (EPROTO)."""
+    """Return the netlink message at the start of ``data`` if its type is ``expected``.
+
+    Its own length's worth. NLMSG_ERROR raises OSError with the kernel's errno; a short reply
+    or a message of another type raises ``error`` (EPROTO)."""
     if len(data) < 16:
         raise error(errno.EPROTO, f"short netlink reply ({len(data)} bytes)")
     length, mtype = struct.unpack_from("=IH", data)
@@ -223,8 +225,9 @@ def decode_reply(data: bytes) -> CryptoAlg:
 
 
 def query(name: str, driver: str = "", *, instantiate: str | None = None) -> CryptoAlg:
-    """Ask the kernel (``CRYPTO_MSG_GETALG``) about the algorithm ``name`` (its
-    highest-priority implementation) or the exact ``driver``.
+    """Ask the kernel (``CRYPTO_MSG_GETALG``) about the algorithm ``name`` or the ``driver``.
+
+    ``name`` gives its highest-priority implementation; ``driver`` is exact.
 
     ``instantiate="skcipher"`` (or "aead", "hash", "rng") first binds an AF_ALG socket of that
     type to ``name``, so a template such as ``cbc(aes)`` gets registered before the query.
@@ -315,10 +318,11 @@ class inet_diag_req_v2(nlmsg):  # the kernel's name
 
 
 class inet_diag_msg(nlmsg):  # the kernel's name
-    """The reply: ``struct inet_diag_msg`` (72 bytes: family, state, timer, retrans, the
-    ``inet_diag_sockid``, expires, rqueue, wqueue, uid, inode), then ``INET_DIAG_*``
-    attributes. ``INET_DIAG_ULP_INFO`` (19) nests ``INET_ULP_INFO_NAME`` and, for the tls ULP,
-    ``INET_ULP_INFO_TLS`` with the ``TLS_INFO_*`` attributes of net/tls/tls_main.c
+    """The reply: ``struct inet_diag_msg`` (72 bytes), then ``INET_DIAG_*`` attributes.
+
+    The struct holds family, state, timer, retrans, the ``inet_diag_sockid``, expires, rqueue,
+    wqueue, uid, inode. ``INET_DIAG_ULP_INFO`` (19) nests ``INET_ULP_INFO_NAME`` and, for the
+    tls ULP, ``INET_ULP_INFO_TLS`` with the ``TLS_INFO_*`` attributes of net/tls/tls_main.c
     ``tls_get_info()``; the kernel adds it only for a requester with CAP_NET_ADMIN."""
 
     fields = (
@@ -355,8 +359,10 @@ class inet_diag_msg(nlmsg):  # the kernel's name
         )
 
         class tls_info(nla):
-            """``TLS_INFO_*`` (include/uapi/linux/tls.h); each present only where the kernel
-            has it (VERSION and CIPHER once keys are set, the flags when on)."""
+            """``TLS_INFO_*`` (include/uapi/linux/tls.h).
+
+            Each is present only where the kernel has it (VERSION and CIPHER once keys are set,
+            the flags when on)."""
 
             nla_map = (
                 (0, "TLS_INFO_UNSPEC", "none"),
@@ -371,10 +377,12 @@ class inet_diag_msg(nlmsg):  # the kernel's name
 
 @dataclass(frozen=True)
 class TLSDiagInfo:
-    """What ``INET_DIAG_ULP_INFO`` says about one socket. ``ulp`` is None when the socket has
-    no ULP; the rest is None where the kernel sent no such attribute. ``tx_conf``/``rx_conf``:
-    ``"base"`` (no keys), ``"sw"`` (kernel software crypto), ``"hw"`` (NIC offload),
-    ``"hw_record"`` (TOE). ``zc_ro_tx`` is reported by the kernel only with TX offload."""
+    """What ``INET_DIAG_ULP_INFO`` says about one socket.
+
+    ``ulp`` is None when the socket has no ULP; the rest is None where the kernel sent no such
+    attribute. ``tx_conf``/``rx_conf``: ``"base"`` (no keys), ``"sw"`` (kernel software
+    crypto), ``"hw"`` (NIC offload), ``"hw_record"`` (TOE). ``zc_ro_tx`` is reported by the
+    kernel only with TX offload."""
 
     ulp: str | None
     version: int | None = None
@@ -391,9 +399,10 @@ def _addr(family: int, host: str) -> bytes:
 
 
 def encode_diag_request(sock: socket.socket, *, seq: int = 1) -> bytes:
-    """The bytes of a ``SOCK_DIAG_BY_FAMILY`` request for exactly the TCP socket ``sock``
-    (its addresses and ports; any cookie; ``INET_DIAG_INFO`` asked for, which brings the ULP
-    information with it)."""
+    """Return the bytes of a ``SOCK_DIAG_BY_FAMILY`` request for exactly the TCP socket ``sock``.
+
+    By its addresses and ports; any cookie; ``INET_DIAG_INFO`` asked for, which brings the ULP
+    information with it."""
     local, peer = sock.getsockname(), sock.getpeername()
     msg = inet_diag_req_v2()
     msg["header"]["type"] = SOCK_DIAG_BY_FAMILY
@@ -417,8 +426,9 @@ def encode_diag_request(sock: socket.socket, *, seq: int = 1) -> bytes:
 
 
 def decode_diag_reply(data: bytes, inode: int) -> TLSDiagInfo:
-    """Parse the kernel's ``inet_diag_msg`` reply for the socket with ``inode`` (OSError for
-    NLMSG_ERROR, EPROTO for another socket's reply)."""
+    """Parse the kernel's ``inet_diag_msg`` reply for the socket with ``inode``.
+
+    OSError for NLMSG_ERROR, EPROTO for another socket's reply."""
     msg = inet_diag_msg(_reply(data, SOCK_DIAG_BY_FAMILY, OSError))
     msg.decode()
     if msg["idiag_inode"] != inode:
@@ -443,11 +453,12 @@ def decode_diag_reply(data: bytes, inode: int) -> TLSDiagInfo:
 
 
 def tls_ulp_info(sock: socket.socket) -> TLSDiagInfo | None:
-    """Ask ``inet_diag`` about the connected TCP socket ``sock``: its ULP and, for tls, the
-    ``TLS_INFO_*`` attributes. None when the kernel gives no ULP information to this process
-    (it does only to CAP_NET_ADMIN) or has no ``inet_diag``/``tcp_diag``; a socket with no ULP
-    gives ``TLSDiagInfo(ulp=None)`` only with CAP_NET_ADMIN, since without it the two look
-    alike."""
+    """Ask ``inet_diag`` about the connected TCP socket ``sock``: its ULP and TLS attributes.
+
+    For tls, the ``TLS_INFO_*`` attributes. None when the kernel gives no ULP information to
+    this process (it does only to CAP_NET_ADMIN) or has no ``inet_diag``/``tcp_diag``; a socket
+    with no ULP gives ``TLSDiagInfo(ulp=None)`` only with CAP_NET_ADMIN, since without it the
+    two look alike."""
     if not has_capability(CAP_NET_ADMIN):
         return None
     inode = os.fstat(sock.fileno()).st_ino

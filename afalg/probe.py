@@ -44,8 +44,10 @@ VERSIONS = {"TLSv1.2": _uapi.TLS_1_2_VERSION, "TLSv1.3": _uapi.TLS_1_3_VERSION}
 
 @dataclass(frozen=True)
 class AlgStatus:
-    """Whether ``bind((type, name))`` works; if not, ``reason`` says why in one line, and
-    ``restricted`` is True when ``crypto.af_alg_restrict`` refused it."""
+    """Whether ``bind((type, name))`` works, and if not why.
+
+    ``reason`` says why in one line, and ``restricted`` is True when
+    ``crypto.af_alg_restrict`` refused it."""
 
     type: str
     name: str
@@ -85,8 +87,9 @@ class Capabilities:
 
     @property
     def modes(self) -> list[tuple[str, str]]:
-        """The ``(mode, backend)`` pairs of :func:`afalg.tls.wrap` that run here, in the order
-        ``mode="auto"`` tries them; algif on ``cryptography`` runs everywhere."""
+        """Return the ``(mode, backend)`` pairs of :func:`afalg.tls.wrap` that run here.
+
+        In the order ``mode="auto"`` tries them; algif on ``cryptography`` runs everywhere."""
         modes = [("ktls", "kernel")] if self.ktls else []
         if any(a.available for a in self.algorithms if a.name in RECORD_AEADS):
             modes.append(("algif", "kernel"))
@@ -99,8 +102,9 @@ def _reason(exc: OSError) -> str:
 
 
 def af_alg_absence() -> str | None:
-    """Why this process cannot open an AF_ALG socket, in one line (what ``afalg info`` shows),
-    or None when it can."""
+    """Say in one line why this process cannot open an AF_ALG socket, or None when it can.
+
+    The line is what ``afalg info`` shows."""
     try:
         socket.socket(_uapi.AF_ALG, socket.SOCK_SEQPACKET, 0).close()
     except OSError as exc:
@@ -230,8 +234,9 @@ _MODE_TEXT = {
 
 
 def _runs_here(caps: Capabilities) -> list[str]:
-    """The report's last lines: the TLS modes that run on this kernel, and where AF_ALG or kTLS
-    is missing, what still works and how to get the rest."""
+    """Return the report's last lines: the TLS modes that run on this kernel, and the rest.
+
+    Where AF_ALG or kTLS is missing, what still works and how to get the rest."""
     modes = caps.modes
     names = [_MODE_TEXT[m] for m in modes]
     if len(modes) == 1:  # only cryptography's: say that auto comes to it

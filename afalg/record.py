@@ -106,8 +106,10 @@ _A = AlertDescription
 
 
 def pad_to_block(block: int) -> PaddingPolicy:
-    """A padding policy that pads TLSInnerPlaintext (content + type byte) to a multiple of
-    ``block`` bytes (RFC 8446 5.4 leaves the policy to the sender)."""
+    """Return a padding policy that pads TLSInnerPlaintext to a multiple of ``block`` bytes.
+
+    TLSInnerPlaintext is the content and the type byte; RFC 8446 5.4 leaves the policy to the
+    sender."""
     if not isinstance(block, int) or block < 1:
         raise ValueError("block must be a positive int")
 
@@ -209,12 +211,14 @@ class RecordLayer:
     @property
     def tx_keys(self) -> TrafficKeys | None:
         """The sending keys with the next record's sequence number (None: plaintext).
+
         ValueError once all 2**64 sequence numbers have been used (no record can follow)."""
         return None if self._tx is None else self._tx.current("tx")
 
     @property
     def rx_keys(self) -> TrafficKeys | None:
         """The receiving keys with the next record's sequence number (None: plaintext).
+
         ValueError once all 2**64 sequence numbers have been used (no record can follow)."""
         return None if self._rx is None else self._rx.current("rx")
 
@@ -226,17 +230,20 @@ class RecordLayer:
 
     @property
     def records_per_key(self) -> int | None:
-        """The most records one sending key may seal, as given (None: no limit but the
-        sequence number space; afalg's TLS sockets give :func:`default_records_per_key`)."""
+        """The most records one sending key may seal, as given (None: no limit).
+
+        None leaves only the sequence number space; afalg's TLS sockets give
+        :func:`default_records_per_key`."""
         return self._records_per_key
 
     @property
     def tx_records_left(self) -> int:
-        """Records the current sending key may still seal: :attr:`records_per_key` (or 2**64)
-        minus those it sealed (its sequence number: TLS 1.3 keys start at 0, and TLS 1.2's
-        first record, the Finished, was ssl's). :meth:`seal` refuses more
-        (:class:`afalg.errors.KeyLimitReached`); a TLS 1.3 sender seals a KeyUpdate and calls
-        :meth:`rekey_tx` before."""
+        """Records the current sending key may still seal.
+
+        :attr:`records_per_key` (or 2**64) minus those it sealed (its sequence number: TLS 1.3
+        keys start at 0, and TLS 1.2's first record, the Finished, was ssl's). :meth:`seal`
+        refuses more (:class:`afalg.errors.KeyLimitReached`); a TLS 1.3 sender seals a
+        KeyUpdate and calls :meth:`rekey_tx` before."""
         if self._tx is None:
             return 0
         limit = MAX_SEQ + 1 if self._records_per_key is None else self._records_per_key
@@ -328,8 +335,9 @@ class RecordLayer:
     # --- sending ------------------------------------------------------------------------------
 
     def seal(self, content_type: ContentType | int, payload: Buffer) -> bytes:
-        """Protect ``payload`` as one or more records of ``content_type`` and return the wire
-        bytes. Payloads over 2**14 bytes are split. An empty application_data payload gives one
+        """Protect ``payload`` as one or more records of ``content_type``; return the wire bytes.
+
+        Payloads over 2**14 bytes are split. An empty application_data payload gives one
         zero-length record; empty handshake, alert and change_cipher_spec payloads are refused
         (RFC 5246 6.2.1, RFC 8446 5.1)."""
         if self._closed:

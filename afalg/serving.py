@@ -138,10 +138,12 @@ class RequestRefused(Exception):
 
 
 class FileRequest:
-    """One file request, read from bytes as they come (no I/O): ``GET /path\\n``, or ``GET
-    /path HTTP/1.x\\r\\n`` then header lines up to an empty one (ignored). Feed what the peer
-    sends until :meth:`feed` returns True; :attr:`target` is then the path asked for. Bytes
-    after the request are ignored (the response closes the connection)."""
+    """One file request, read from bytes as they come (no I/O).
+
+    ``GET /path\\n``, or ``GET /path HTTP/1.x\\r\\n`` then header lines up to an empty one
+    (ignored). Feed what the peer sends until :meth:`feed` returns True; :attr:`target` is then
+    the path asked for. Bytes after the request are ignored (the response closes the
+    connection)."""
 
     def __init__(self, max_size: int = MAX_REQUEST) -> None:
         self.max_size = max_size
@@ -149,8 +151,10 @@ class FileRequest:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> bool:
-        """Add ``data``; True once the request is whole. :class:`RequestRefused` (400) for a
-        request that is not ``GET`` with a target, or that has no end within ``max_size``."""
+        """Add ``data``; return True once the request is whole.
+
+        :class:`RequestRefused` (400) for a request that is not ``GET`` with a target, or that
+        has no end within ``max_size``."""
         if self.target is not None:
             return True
         self._buf += data
@@ -172,8 +176,9 @@ def _blank_line(headers: bytes) -> bool:
 
 
 def response_head(status: int, reason: str, length: int = 0) -> bytes:
-    """The head of an ``HTTP/1.0`` response with ``length`` body bytes; the connection closes
-    after it (a 200 carries ``application/octet-stream``)."""
+    """Return the head of an ``HTTP/1.0`` response with ``length`` body bytes.
+
+    The connection closes after it (a 200 carries ``application/octet-stream``)."""
     kind = "Content-Type: application/octet-stream\r\n" if status == 200 else ""
     return (
         f"HTTP/1.0 {status} {reason}\r\nContent-Length: {length}\r\n{kind}Connection: close\r\n\r\n"
@@ -196,9 +201,11 @@ class ServeDir:
         return f"ServeDir({self.root!r})"
 
     def resolve(self, target: str) -> str | None:
-        """The path under the root a request target (``/a/b?query``, percent-encoded) names,
-        ``..`` and symlinks resolved; None if it leaves the root or is not an absolute path.
-        Whether it exists and what it is, :meth:`open` finds out."""
+        """Return the path under the root that a request target names, or None.
+
+        The target is like ``/a/b?query``, percent-encoded; ``..`` and symlinks are resolved.
+        None if it leaves the root or is not an absolute path. Whether it exists and what it is,
+        :meth:`open` finds out."""
         # Origin-form (RFC 9112, 3.2.1): the target is a path, then "?query". Not urlsplit():
         # it reads "//x/f" as host x and path /f, and raises ValueError on "//[x/".
         path = urllib.parse.unquote(target.partition("?")[0].partition("#")[0])
@@ -210,8 +217,10 @@ class ServeDir:
         return full
 
     def open(self, target: str) -> BinaryIO:
-        """The regular file ``target`` names, open for reading (blocking), or
-        :class:`RequestRefused` (404, 403, 500). See the module docstring for the checks."""
+        """Return the regular file ``target`` names, open for reading (blocking).
+
+        :class:`RequestRefused` (404, 403, 500) otherwise. See the module docstring for the
+        checks."""
         full = self.resolve(target)
         if full is None:
             raise RequestRefused(404, "Not Found", "outside the served directory")

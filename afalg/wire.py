@@ -125,6 +125,7 @@ def handshake_message(msg_type: int, body: bytes) -> bytes:
 
 
 def key_update_message(update_requested: bool) -> bytes:
-    """A KeyUpdate handshake message (RFC 8446 section 4.6.3): its body is request_update,
-    1 (update_requested) or 0."""
+    """Return a KeyUpdate handshake message (RFC 8446 section 4.6.3).
+
+    Its body is request_update: 1 (update_requested) or 0."""
     return handshake_message(HandshakeType.key_update, bytes([1 if update_requested else 0]))
