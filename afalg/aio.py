@@ -40,14 +40,8 @@ rest of the keyword arguments go to :meth:`loop.create_connection` /
 - :func:`sendfile` sends a file with the kernel's ``sendfile`` under kTLS (the page cache is
   encrypted in the kernel; Python never reads the file), and in sealed chunks in algif mode.
   ``loop.sendfile(writer.transport, file)`` works too, through asyncio's fallback (the file is
-  read into Python and written, also under kTLS): asyncio's native path cannot be offered
-  soundly. It calls ``os.sendfile`` on the socket itself (``loop.sock_sendfile``), past afalg's
-  accounting, so the usage limit could only be checked before knowing what is sent (with
-  ``count=None`` it sends until the end of a file that may grow meanwhile), and it pauses
-  reading for the whole file, so a KeyUpdate the peer asks for then waits; it also needs the
-  transport registered in the loop's private ``_transports``, which makes the loop refuse the
-  transport's own ``add_reader``/``add_writer``. Use :func:`sendfile`, which is native and
-  keeps both.
+  read into Python and written, also under kTLS). Use :func:`sendfile`, which is native and
+  keeps the usage limit and the answer to a peer's KeyUpdate.
 - afalg's event loop (:func:`new_event_loop`, :func:`patch_loop`, :func:`loop_factory`) runs
   asyncio's own ``ssl=`` calls (``create_server``, ``create_connection``, ``start_tls``,
   ``connect_accepted_socket``, so :func:`asyncio.start_server` and frameworks) on this
@@ -290,6 +284,15 @@ async def start_server(
         _Handshaking(server, task).start()
 
     return await loop.create_server(lambda: _Adopt(accepted), host, port, **kwds)  # type: ignore[arg-type]
+
+
+# Why loop.sendfile is asyncio's fallback and not native here: asyncio's native path cannot be
+# offered soundly. It calls os.sendfile on the socket itself (loop.sock_sendfile), past afalg's
+# accounting, so the usage limit could only be checked before knowing what is sent (with
+# count=None it sends until the end of a file that may grow meanwhile), and it pauses reading for
+# the whole file, so a KeyUpdate the peer asks for then waits; it also needs the transport
+# registered in the loop's private _transports, which makes the loop refuse the transport's own
+# add_reader/add_writer. sendfile() below is native and keeps both.
 
 
 async def sendfile(

@@ -17,17 +17,10 @@ the next receive keys where the kernel can rekey (Linux 6.14+) and otherwise rai
 :class:`afalg.errors.KeyUpdateUnsupported`. Control records are sent with
 a ``TLS_SET_RECORD_TYPE`` control message (close_notify on close, fatal alerts on errors).
 
-Rekeying (TLS 1.3 KeyUpdate, Documentation/networking/tls.rst): the kernel pauses reading after a
-handshake record that starts with a KeyUpdate (msg_type 24; ``TlsRxRekeyReceived``) until
-``TLS_RX`` is set again (meanwhile reads fail with EKEYEXPIRED or, on 7.3, a blocking one just
-waits); :class:`KTLSSocket` installs the next generation as soon as it has read the KeyUpdate
-(``TlsRxRekeyOk``). The kernel only looks at a record's first byte, so it also pauses where
-there is no complete KeyUpdate yet (a KeyUpdate fragmented over records, or a fragment of
-another message that starts with the byte 24): there the current keys are installed again at
-the kernel's sequence number (``getsockopt(TLS_RX)``) to read on. On
-the send side there is no pause: our KeyUpdate goes out under the old keys, then ``TLS_TX`` gets
-the new ones (``TlsTxRekeyOk``). A peer's update_requested is answered with one KeyUpdate as soon as
-the records read so far are handled and no other thread is sending (the receiving side sends it),
+Rekeying (TLS 1.3 KeyUpdate, Linux 6.14+): a peer's KeyUpdate installs the next receive keys
+as soon as it is read; :meth:`KTLSSocket.key_update` sends ours under the old keys, then installs
+the new send keys. A peer's update_requested is answered with one KeyUpdate as soon as the
+records read so far are handled and no other thread is sending (the receiving side sends it),
 else before our next application data (RFC 8446 4.6.3), however many requests came meanwhile.
 
 A record that fails authentication makes the kernel set the socket error (EBADMSG); until it is
@@ -91,6 +84,16 @@ __all__ = [
 for _name in __all__[1:]:
     globals()[_name].__module__ = __name__
 del _name
+
+# Rekeying in the kernel (Documentation/networking/tls.rst): the kernel pauses reading after a
+# handshake record that starts with a KeyUpdate (msg_type 24; TlsRxRekeyReceived) until TLS_RX is
+# set again (meanwhile reads fail with EKEYEXPIRED or, on 7.3, a blocking one just waits);
+# KTLSSocket installs the next generation as soon as it has read the KeyUpdate (TlsRxRekeyOk).
+# The kernel only looks at a record's first byte, so it also pauses where there is no complete
+# KeyUpdate yet (a KeyUpdate fragmented over records, or a fragment of another message that
+# starts with the byte 24): there the current keys are installed again at the kernel's sequence
+# number (getsockopt(TLS_RX)) to read on. On the send side there is no pause: our KeyUpdate goes
+# out under the old keys, then TLS_TX gets the new ones (TlsTxRekeyOk).
 
 _ANCBUFSIZE = socket.CMSG_SPACE(1)
 _SENDFILE_CHUNK = 2**24  # bytes per os.sendfile loop (checked against the key usage limit)
