@@ -2,31 +2,30 @@
 
 :func:`new_event_loop`, :func:`patch_loop`, :func:`loop_factory`.
 
-Design (for maintainers). The loop's public methods are replaced on the loop instance:
-``create_connection``, ``create_server``, ``connect_accepted_socket``, ``start_tls`` and
-``sendfile``. Not asyncio's private ``_make_ssl_transport``: it must return a transport at
-once, before the handshake (afalg's transport exists only after it, and its mode is known only
-then); ``start_tls`` never reaches it; uvloop lacks it; and private signatures may move. The
-public methods are documented and stable, and a replacement sees the whole call, so it decides
-before the handshake whether afalg takes the connection (``ssl=`` given and a TCP socket) or
-asyncio's own TLS does (anything else: the original method, unchanged).
-
-A connection afalg takes is made by the original method without ``ssl=`` and handed over
-before a byte is read (:class:`afalg.aio._Adopt`: a duplicate descriptor); the handshake runs
-on the loop as in :mod:`afalg.aio`; then the caller's protocol gets a
-:class:`~afalg.aio.TLSTransport` in the mode :func:`afalg.tls.choose_mode` picks, or mode
-"ssl" (:mod:`afalg._sslmode`) for a finished handshake whose suite afalg cannot seal.
-
-The :class:`asyncio.Server` counts afalg's connections as it counts asyncio's transports
-(``_attach``/``_detach``, whose argument appeared in 3.13): a client in its handshake
-(:class:`afalg._connect._Handshaking`), then its transport, so ``wait_closed()`` waits for
-them and ``close_clients()``/``abort_clients()`` (3.13) close them.
-
 uvloop: ``loop_factory(uvloop.new_event_loop)`` works (``uvloop.Loop`` is a Python class, so
 its methods can be replaced per instance; its transports are asyncio transports in shape). Its
 ``Server`` does not count afalg's connections (uvloop keeps that count in C), and its
 ``start_tls`` keeps uvloop's own TLS (afalg takes only asyncio's transports there).
 """
+
+# Design. The loop's public methods are replaced on the loop instance: create_connection,
+# create_server, connect_accepted_socket, start_tls and sendfile. Not asyncio's private
+# _make_ssl_transport: it must return a transport at once, before the handshake (afalg's transport
+# exists only after it, and its mode is known only then); start_tls never reaches it; uvloop lacks
+# it; and private signatures may move. The public methods are documented and stable, and a
+# replacement sees the whole call, so it decides before the handshake whether afalg takes the
+# connection (ssl= given and a TCP socket) or asyncio's own TLS does (anything else: the original
+# method, unchanged).
+#
+# A connection afalg takes is made by the original method without ssl= and handed over before a
+# byte is read (afalg._connect._Adopt: a duplicate descriptor); the handshake runs on the loop as
+# in afalg.aio; then the caller's protocol gets a TLSTransport in the mode afalg.tls.choose_mode()
+# picks, or mode "ssl" (afalg._sslmode) for a finished handshake whose suite afalg cannot seal.
+#
+# The asyncio.Server counts afalg's connections as it counts asyncio's transports
+# (_attach/_detach, whose argument appeared in 3.13): a client in its handshake
+# (afalg._connect._Handshaking), then its transport, so wait_closed() waits for them and
+# close_clients()/abort_clients() (3.13) close them.
 
 from __future__ import annotations
 
