@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import enum
 import io
 import logging
 import os
@@ -37,6 +36,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from afalg._sslmode import SSLObjectSocket
+from afalg._transport_state import _READ_MOVES, _WRITABLE, _WRITE_MOVES, _Read, _Write
 from afalg.algif import AlgTLSSocket
 from afalg.errors import KeyLimitReached
 from afalg.ktls import KTLSSocket, supports_rekey
@@ -51,45 +51,6 @@ _READ_SIZE = 256 * 1024  # one recv_into: several records (one such buffer per t
 _READS_PER_CALL = 16  # then other callbacks get a turn
 _FILE_CHUNK = 256 * 1024  # sealed sendfile: what is read from the file at a time
 _SENDFILE_MAX = 0x7FFFF000  # the most one sendfile(2) moves
-_WRITABLE = -1  # a waiter woken by every writable event, not by the buffer's size
-
-
-class _Write(enum.Enum):
-    """The sending direction."""
-
-    OPEN = "open"
-    SENDFILE = "sendfile"  # write() refused; the sendfile's end moves back to OPEN
-    EOF_PENDING = "eof pending"  # write_eof(): close_notify and FIN once the output drains
-    EOF_SENT = "eof sent"
-    CLOSING = "closing"  # close(): the output drains, close_notify, the socket closes
-    CLOSED = "closed"  # the socket is closed; connection_lost() follows
-
-
-class _Read(enum.Enum):
-    """The receiving direction; a reader is registered with the loop in ACTIVE only."""
-
-    NEW = "new"  # before the first read
-    ACTIVE = "reading"
-    PAUSED = "paused"  # by the protocol
-    EOF = "eof"  # the peer ended its direction
-    STOPPED = "stopped"  # the transport closes
-
-
-_WRITE_MOVES = {
-    _Write.OPEN: {_Write.SENDFILE, _Write.EOF_PENDING, _Write.CLOSING, _Write.CLOSED},
-    _Write.SENDFILE: {_Write.OPEN, _Write.CLOSING, _Write.CLOSED},
-    _Write.EOF_PENDING: {_Write.EOF_SENT, _Write.CLOSING, _Write.CLOSED},
-    _Write.EOF_SENT: {_Write.CLOSING, _Write.CLOSED},
-    _Write.CLOSING: {_Write.CLOSED},
-    _Write.CLOSED: set(),
-}
-_READ_MOVES = {
-    _Read.NEW: {_Read.ACTIVE, _Read.PAUSED, _Read.STOPPED},
-    _Read.ACTIVE: {_Read.PAUSED, _Read.EOF, _Read.STOPPED},
-    _Read.PAUSED: {_Read.ACTIVE, _Read.STOPPED},
-    _Read.EOF: {_Read.STOPPED},
-    _Read.STOPPED: set(),
-}
 
 
 class TLSTransport(_transports._FlowControlMixin):
