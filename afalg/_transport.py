@@ -1,20 +1,6 @@
-"""The asyncio transport over an afalg TLS socket (:class:`TLSTransport`, re-exported by
-:mod:`afalg.aio`), driven by the loop's readiness callbacks.
+"""The asyncio transport over an afalg TLS socket, driven by the loop's readiness callbacks.
 
-Theory of operation (for maintainers). The transport keeps two named states, one per
-direction, and changes them only through :meth:`TLSTransport._set_write` and
-:meth:`TLSTransport._set_read`, which check the move against a table:
-
-- writing: ``OPEN`` -> ``SENDFILE`` (sendfile owns the output) -> ``OPEN``; ``OPEN`` ->
-  ``EOF_PENDING`` (``write_eof()``: close_notify and TCP's FIN once the output drains) ->
-  ``EOF_SENT``; any of them -> ``CLOSING`` (``close()``: the output drains, then close_notify
-  and the socket closes, within ``shutdown_timeout``, else an abort) -> ``CLOSED``;
-- reading: ``NEW`` -> ``ACTIVE`` (a reader registered with the loop, and only then) <->
-  ``PAUSED`` (by the protocol); ``ACTIVE`` -> ``EOF`` (the peer's close_notify or TCP's end);
-  any of them -> ``STOPPED`` once the transport closes.
-
-What follows when the output drains is decided in one place, :meth:`TLSTransport._advance`:
-the writer callback, ``write_eof()``, ``close()`` and the end of a sendfile all call it.
+:class:`TLSTransport` is re-exported by :mod:`afalg.aio`, its public face.
 """
 
 from __future__ import annotations
@@ -47,23 +33,38 @@ _READ_SIZE = 256 * 1024  # one recv_into: several records (one such buffer per t
 _READS_PER_CALL = 16  # then other callbacks get a turn
 
 
+# Theory of operation. The transport keeps two named states, one per direction, and changes
+# them only through TLSTransport._set_write and TLSTransport._set_read, which check the move
+# against a table (afalg._transport_state):
+#
+# - writing: OPEN -> SENDFILE (sendfile owns the output) -> OPEN; OPEN -> EOF_PENDING
+#   (write_eof(): close_notify and TCP's FIN once the output drains) -> EOF_SENT; any of them
+#   -> CLOSING (close(): the output drains, then close_notify and the socket closes, within
+#   shutdown_timeout, else an abort) -> CLOSED;
+# - reading: NEW -> ACTIVE (a reader registered with the loop, and only then) <-> PAUSED (by
+#   the protocol); ACTIVE -> EOF (the peer's close_notify or TCP's end); any of them -> STOPPED
+#   once the transport closes.
+#
+# What follows when the output drains is decided in one place, TLSTransport._advance: the
+# writer callback, write_eof(), close() and the end of a sendfile all call it.
+
+
 class TLSTransport(SendfileTransport):
-    """An :class:`asyncio.Transport` over an afalg TLS socket (non-blocking), driven by the
-    loop's readiness callbacks. Made by :func:`afalg.aio.open_connection` and
-    :func:`afalg.aio.start_server`.
+    """An :class:`asyncio.Transport` over a non-blocking afalg TLS socket, driven by loop callbacks.
+
+    Made by :func:`afalg.aio.open_connection` and :func:`afalg.aio.start_server`.
 
     Reading: each readable event reads until the socket has no whole record left
-    (:class:`~afalg.errors.WantRead`), so plaintext that ``pending()`` counts is delivered
-    without waiting for the socket again; the transports of a loop's thread read into one
-    shared buffer. Writing: what the socket does not take is queued (bytes, and sealed records
-    in algif mode) and written when writable; the write buffer size counts both, in bytes, for
-    ``drain()`` and the protocol's pause/resume_writing. ``half_close`` (TLS 1.3 only) offers
-    ``write_eof()`` and keeps the transport open at the peer's close_notify when the protocol's
-    ``eof_received()`` asks; else, as asyncio's TLS, that close_notify closes it. ``close()``
-    ends within ``shutdown_timeout`` seconds, else aborts (``connection_lost`` gets a
-    :class:`TimeoutError`). ``connection_made=False`` (for ``loop.start_tls()``) leaves the
-    protocol's ``connection_made`` uncalled.
-    """
+    (:class:`~afalg.errors.WantRead`), so plaintext that ``pending()`` counts is delivered without
+    waiting for the socket again; the transports of a loop's thread read into one shared buffer.
+    Writing: what the socket does not take is queued (bytes, and sealed records in algif mode) and
+    written when writable; the write buffer size counts both, in bytes, for ``drain()`` and the
+    protocol's pause/resume_writing. ``half_close`` (TLS 1.3 only) offers ``write_eof()`` and keeps
+    the transport open at the peer's close_notify when the protocol's ``eof_received()`` asks; else,
+    as asyncio's TLS, that close_notify closes it. ``close()`` ends within ``shutdown_timeout``
+    seconds, else aborts (``connection_lost`` gets a :class:`TimeoutError`).
+    ``connection_made=False`` (for ``loop.start_tls()``) leaves the protocol's ``connection_made``
+    uncalled."""
 
     # Set by asyncio's flow-control base class (typeshed does not declare them).
     _loop: asyncio.AbstractEventLoop
@@ -141,9 +142,10 @@ class TLSTransport(SendfileTransport):
         self._write_state = new
 
     def _set_read(self, new: _Read) -> None:
-        """Move the receiving direction to ``new``: the loop's reader is registered exactly
-        while ACTIVE, and entering ACTIVE reads what the socket holds already (plaintext that
-        no readable event announces)."""
+        """Move the receiving direction to ``new``; the loop's reader is registered while ACTIVE.
+
+        Exactly while ACTIVE. Entering ACTIVE reads what the socket holds already (plaintext that no
+        readable event announces)."""
         old = self._read_state
         if new not in _READ_MOVES[old]:
             raise RuntimeError(f"TLSTransport: read {old.value} -> {new.value}")
@@ -167,9 +169,10 @@ class TLSTransport(SendfileTransport):
         self._writer_on = on
 
     def _advance(self) -> None:
-        """The one place that decides what follows once the output drains: close (CLOSING),
-        close_notify and FIN (EOF_PENDING), or nothing more to wait for. While output is
-        queued, the writer callback comes back here."""
+        """Decide what follows once the output drains: the one place that does.
+
+        Close (CLOSING), close_notify and FIN (EOF_PENDING), or nothing more to wait for. While
+        output is queued, the writer callback comes back here."""
         state = self._write_state
         if state is _Write.CLOSED:
             return
@@ -304,8 +307,9 @@ class TLSTransport(SendfileTransport):
         return bool(self._buffer) or self._tls.pending_output() > 0
 
     def get_write_buffer_size(self) -> int:
-        """Bytes queued: not yet taken by the socket, plus (algif) sealed records not yet
-        written to TCP."""
+        """Bytes queued: not yet taken by the socket, plus (algif) sealed records not yet sent.
+
+        The sealed records are those not yet written to TCP."""
         if self._write_state is _Write.CLOSED:
             return 0
         return self._buffer_size + self._tls.pending_output()
@@ -355,8 +359,9 @@ class TLSTransport(SendfileTransport):
         return any(limit == _WRITABLE for limit, _ in self._waiters)
 
     async def _wait_buffer(self, limit: int) -> None:
-        """Until no more than ``limit`` bytes are queued (or the connection is lost), or with
-        ``_WRITABLE`` until the socket is writable."""
+        """Wait until no more than ``limit`` bytes are queued, or the connection is lost.
+
+        With ``_WRITABLE``: until the socket is writable."""
         if limit != _WRITABLE and self.get_write_buffer_size() <= limit:
             return
         if self._write_state is _Write.CLOSED:
@@ -372,15 +377,18 @@ class TLSTransport(SendfileTransport):
                 self._waiters.remove((limit, fut))
 
     def can_write_eof(self) -> bool:
-        """False, as for asyncio's TLS, unless the transport was made with ``half_close=True``
-        in TLS 1.3 (close_notify, then a TCP half-close, and reading goes on)."""
+        """Whether :meth:`write_eof` works: False, as for asyncio's TLS, unless half-closing.
+
+        True when the transport was made with ``half_close=True`` in TLS 1.3 (close_notify, then a
+        TCP half-close, and reading goes on)."""
         return self._half_close
 
     def write_eof(self) -> None:
-        """With ``half_close`` in TLS 1.3: send close_notify once what is queued is out, then
-        shut down TCP's sending side; the peer may go on sending. Else
-        :class:`NotImplementedError`, as asyncio's TLS; :class:`RuntimeError` while a sendfile
-        runs."""
+        """Send close_notify once what is queued is out, then shut down TCP's sending side.
+
+        Only with ``half_close`` in TLS 1.3; the peer may go on sending. Else
+        :class:`NotImplementedError`, as asyncio's TLS; :class:`RuntimeError` while a sendfile runs.
+        """
         if not self.can_write_eof():
             raise NotImplementedError(
                 "TLS offers no half-close here: close the writer instead (half_close=True "
@@ -400,8 +408,9 @@ class TLSTransport(SendfileTransport):
             self._writer(True)  # _write_ready, then _advance, come back here
 
     def _socket_writable(self) -> bool:
-        """Room in the socket now: close_notify must not be dropped (kTLS sends it with
-        MSG_DONTWAIT on close, and a refused alert may not be retried)."""
+        """Whether the socket has room now, so that close_notify is not dropped.
+
+        kTLS sends it with MSG_DONTWAIT on close, and a refused alert may not be retried."""
         poller = select.poll()
         poller.register(self._fd, select.POLLOUT)
         return bool(poller.poll(0))
@@ -429,9 +438,11 @@ class TLSTransport(SendfileTransport):
         return self._write_state in (_Write.CLOSING, _Write.CLOSED)
 
     def close(self) -> None:
-        """Write out what is queued, send close_notify and close the socket; the protocol's
-        ``connection_lost(None)`` follows. A peer that does not read for ``shutdown_timeout``
-        seconds meanwhile gets an abort, and ``connection_lost`` a :class:`TimeoutError`."""
+        """Write out what is queued, send close_notify and close the socket.
+
+        The protocol's ``connection_lost(None)`` follows. A peer that does not read for
+        ``shutdown_timeout`` seconds meanwhile gets an abort, and ``connection_lost`` a
+        :class:`TimeoutError`."""
         if self.is_closing():
             return
         self._set_write(_Write.CLOSING)
@@ -450,8 +461,9 @@ class TLSTransport(SendfileTransport):
             )
 
     def abort(self) -> None:
-        """Close at once: queued data is dropped and no close_notify is sent (the peer sees the
-        stream end without it: a truncation, not a clean end)."""
+        """Close at once: queued data is dropped and no close_notify is sent.
+
+        The peer sees the stream end without it: a truncation, not a clean end."""
         self._force_close(None)
 
     def _fatal_error(self, exc: BaseException, message: str) -> None:
@@ -476,8 +488,9 @@ class TLSTransport(SendfileTransport):
         self._lose(exc)
 
     def _lose(self, exc: BaseException | None) -> None:
-        """Close the socket now (close_notify unless the session failed) and tell the
-        protocol soon."""
+        """Close the socket now and tell the protocol soon.
+
+        close_notify goes out unless the session failed."""
         if self._write_state is _Write.CLOSED:
             return
         self._set_write(_Write.CLOSED)
@@ -503,17 +516,17 @@ class TLSTransport(SendfileTransport):
 
 
 def _short_read_drains(tls_sock: Any) -> Session | None:
-    """The socket's session where a read that returned less than the buffer leaves nothing
-    that the loop's next poll would not report (a readable event then needs one read, not one
-    more that says "nothing"); else None.
+    """The socket's session where a short read leaves nothing the loop's next poll would not report.
+
+    Else None. With a session, a readable event needs one read, not one more that says "nothing".
 
     Algif mode: every complete record received is opened before the read returns (into
-    ``pending()``, or the end or error the transport checks), and what TCP holds more is
-    readable. kTLS: the kernel reads on while whole records wait and stops early only before a
-    record of another type, which poll() reports (it waits in the kernel's rx_list), except
-    where the kernel pauses reading after a TLS 1.3 KeyUpdate (Linux 6.14+): it stopped before
-    the KeyUpdate, decrypted it, and poll() reports nothing until the next keys are in; there
-    the transport reads until the socket would block, as in mode "ssl"."""
+    ``pending()``, or the end or error the transport checks), and what TCP holds more is readable.
+    kTLS: the kernel reads on while whole records wait and stops early only before a record of
+    another type, which poll() reports (it waits in the kernel's rx_list), except where the kernel
+    pauses reading after a TLS 1.3 KeyUpdate (Linux 6.14+): it stopped before the KeyUpdate,
+    decrypted it, and poll() reports nothing until the next keys are in; there the transport reads
+    until the socket would block, as in mode "ssl"."""
     if isinstance(tls_sock, AlgTLSSocket) or (
         isinstance(tls_sock, KTLSSocket)
         and (tls_sock.version() != "TLSv1.3" or not supports_rekey())
@@ -526,11 +539,12 @@ _per_thread = threading.local()
 
 
 def _read_buffer() -> memoryview:
-    """The buffer transports of this thread's event loop read into: one per thread, not one
-    per connection (256 KiB each, resident for as long as the connection lived, and longer
-    when a failed connection's stored error keeps its frames in a reference cycle).
-    :meth:`TLSTransport._read_ready` copies what it read out of it before anything else runs
-    (the loop runs its callbacks in its thread, one at a time)."""
+    """The buffer the transports of this thread's event loop read into: one per thread.
+
+    Not one per connection: 256 KiB each, resident for as long as the connection lived, and longer
+    when a failed connection's stored error keeps its frames in a reference cycle.
+    :meth:`TLSTransport._read_ready` copies what it read out of it before anything else runs (the
+    loop runs its callbacks in its thread, one at a time)."""
     buf: memoryview | None = getattr(_per_thread, "read_buffer", None)
     if buf is None:
         buf = _per_thread.read_buffer = memoryview(bytearray(_READ_SIZE))
@@ -538,9 +552,10 @@ def _read_buffer() -> memoryview:
 
 
 def server_attach(server: Any, client: Any) -> Any:
-    """Count ``client`` (a transport, or a connection in its handshake: ``close()`` and
-    ``abort()``) in the :class:`asyncio.Server` ``server`` as asyncio's transports count
-    themselves: ``wait_closed()`` waits for it, and from 3.13 ``close_clients()`` and
+    """Count ``client`` in the :class:`asyncio.Server` ``server`` as asyncio's transports count.
+
+    ``client`` is a transport, or a connection in its handshake (``close()`` and ``abort()``).
+    Counted, ``wait_closed()`` waits for it, and from 3.13 ``close_clients()`` and
     ``abort_clients()`` reach it. Returns the server that counts it: None for a server without
     asyncio's counting (None, uvloop's)."""
     if not isinstance(server, asyncio.base_events.Server):
