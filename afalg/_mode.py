@@ -32,19 +32,20 @@ BACKENDS: tuple[Backend, ...] = get_args(Backend)
 def choose_mode(
     version: int, suite: CipherSuite, mode: Mode = "auto", algif_backend: Backend = "auto"
 ) -> tuple[ChosenMode, ChosenBackend]:
-    """Where the records of a connection using ``suite`` in ``version`` (``0x0303``/``0x0304``)
-    are protected: ``(mode, backend)``, one of ``("ktls", "kernel")``, ``("algif", "kernel")``,
-    ``("algif", "cryptography")``. The one definition of ``mode="auto"``:
+    """Where the records of a connection using ``suite`` in ``version`` are protected.
+
+    ``version`` is ``0x0303`` or ``0x0304``. Returns ``(mode, backend)``, one of ``("ktls",
+    "kernel")``, ``("algif", "kernel")``, ``("algif", "cryptography")``. The one definition of
+    ``mode="auto"``:
 
     1. kTLS, if this kernel runs the suite both ways (``TLS_TX`` and ``TLS_RX``);
     2. else algif on the kernel's AEAD, if AF_ALG binds it (``algif_backend`` "auto"/"kernel");
     3. else algif on pyca/cryptography (``algif_backend`` "auto"/"cryptography").
 
-    ``mode="ktls"`` or ``"algif"`` and ``algif_backend="kernel"`` or ``"cryptography"`` narrow
-    the choice. When nothing allowed can run it raises :class:`afalg.errors.KTLSError` (kTLS
-    asked for) or :class:`afalg.AlgorithmNotAvailable` (the kernel AEAD asked for; its message
-    says why, e.g. ``crypto.af_alg_restrict``). Each call tries the kernel afresh.
-    """
+    ``mode="ktls"`` or ``"algif"`` and ``algif_backend="kernel"`` or ``"cryptography"`` narrow the
+    choice. When nothing allowed can run it raises :class:`afalg.errors.KTLSError` (kTLS asked for)
+    or :class:`afalg.AlgorithmNotAvailable` (the kernel AEAD asked for; its message says why, e.g.
+    ``crypto.af_alg_restrict``). Each call tries the kernel afresh."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     if algif_backend not in BACKENDS:
@@ -69,8 +70,10 @@ def choose_mode(
 
 
 def _refuse(sock: socket.socket, tx: TrafficKeys) -> None:
-    """Tell the peer the connection cannot go on: a fatal internal_error alert, sealed under our
-    first traffic keys by pyca/cryptography (it needs neither AF_ALG nor kTLS), then our FIN."""
+    """Tell the peer the connection cannot go on: a fatal internal_error alert, then our FIN.
+
+    The alert is sealed under our first traffic keys by pyca/cryptography (it needs neither AF_ALG
+    nor kTLS)."""
     with contextlib.suppress(Exception):
         layer = RecordLayer(tx=tx, backend="cryptography")
         alert = bytes([AlertLevel.fatal, AlertDescription.internal_error])
@@ -82,8 +85,9 @@ def _refuse(sock: socket.socket, tx: TrafficKeys) -> None:
 def check_options(
     mode: str = "auto", algif_backend: str = "auto", records_per_key: int | None = None
 ) -> None:
-    """Check the options of :func:`wrap` and :func:`hand_off` (and of :mod:`afalg.aio`)
-    before any handshake: ``mode`` in :data:`MODES`, ``algif_backend`` in :data:`BACKENDS`
+    """Check the options of :func:`wrap` and :func:`hand_off` (and of :mod:`afalg.aio`).
+
+    Called before any handshake: ``mode`` in :data:`MODES`, ``algif_backend`` in :data:`BACKENDS`
     (``ValueError``), ``records_per_key`` None or an int of at least 3 (``TypeError``,
     ``ValueError``)."""
     if mode not in MODES:
@@ -107,13 +111,14 @@ def hand_off(
     suppress_ragged_eofs: bool = True,
     records_per_key: int | None = None,
 ) -> KTLSSocket | AlgTLSSocket:
-    """The part of :func:`wrap` after the handshake: choose where the records of ``handoff``
-    (a finished :class:`afalg.handoff.Handshake`'s result) are protected (:func:`choose_mode`)
-    and return the TLS socket over ``sock``, which then owns it. For drivers of the sans-I/O
-    handshake (:mod:`afalg.aio`). When the mode asked for cannot run, the peer gets a fatal
-    ``internal_error`` alert and the error is raised; ``sock`` is left to the caller then.
-    kTLS attaches to established connections only: with ``mode="auto"``, a peer that
-    half-closed before the hand-off (sent its data and FIN at once) gets algif mode instead."""
+    """The part of :func:`wrap` after the handshake: return the TLS socket over ``sock``.
+
+    Chooses where the records of ``handoff`` (a finished :class:`afalg.handoff.Handshake`'s result)
+    are protected (:func:`choose_mode`); the TLS socket then owns ``sock``. For drivers of the
+    sans-I/O handshake (:mod:`afalg.aio`). When the mode asked for cannot run, the peer gets a fatal
+    ``internal_error`` alert and the error is raised; ``sock`` is left to the caller then. kTLS
+    attaches to established connections only: with ``mode="auto"``, a peer that half-closed before
+    the hand-off (sent its data and FIN at once) gets algif mode instead."""
     check_options(mode, algif_backend, records_per_key)
     # checked: a Mode and a Backend (str too until afalg.aio's options carry the Literals)
     mode, algif_backend = cast(Mode, mode), cast(Backend, algif_backend)

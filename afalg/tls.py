@@ -109,25 +109,25 @@ def wrap(
     algif_backend: Backend = "auto",
     records_per_key: int | None = None,
 ) -> KTLSSocket | AlgTLSSocket:
-    """Handshake on the connected TCP socket ``sock`` with ``context`` and return a TLS socket
-    whose records the kernel protects. The result owns ``sock`` (it is closed on failure too).
+    """Handshake on the connected TCP socket ``sock`` and return a TLS socket the kernel protects.
 
-    ``mode`` is ``"ktls"``, ``"algif"`` or ``"auto"`` and ``algif_backend`` the AEAD of algif
-    mode (``"auto"``, ``"kernel"``, ``"cryptography"``), chosen by :func:`choose_mode`; the
-    result's ``.mode`` and ``.backend`` say which ran. The handshake honours ``sock``'s timeout.
-    ``records_per_key`` caps the records one send key seals (default: the AEAD usage limit of
-    RFC 8446 section 5.5, 2**24 for AES-GCM, none for ChaCha20-Poly1305); writes and
-    ``sendfile`` are split there and a TLS 1.3 KeyUpdate goes first (under kTLS the count is the
-    kernel's sequence number, and rekeying needs Linux 6.14); TLS 1.2 cannot update keys, so
-    a send at the limit raises :class:`afalg.errors.KeyLimitReached` having sent nothing.
-    Raises what ssl raises for a failed handshake, :class:`afalg.keys.UnsupportedCipherSuite`
-    for a non-AEAD suite; when the mode asked for cannot run (:class:`afalg.errors.KTLSError`,
-    :class:`afalg.AlgorithmNotAvailable`) the peer first gets a fatal ``internal_error`` alert.
-    Before a byte is sent it refuses what ``context.wrap_socket`` refuses
-    (:func:`afalg.handoff.check_arguments`: ``ValueError("check_hostname requires
-    server_hostname")`` ...), an :class:`ssl.SSLSocket` (already TLS) and an unconnected
-    socket; ``sock`` stays the caller's then.
-    """
+    ``context`` is the :class:`ssl.SSLContext` of the handshake. The result owns ``sock`` (it is
+    closed on failure too).
+
+    ``mode`` is ``"ktls"``, ``"algif"`` or ``"auto"`` and ``algif_backend`` the AEAD of algif mode
+    (``"auto"``, ``"kernel"``, ``"cryptography"``), chosen by :func:`choose_mode`; the result's
+    ``.mode`` and ``.backend`` say which ran. The handshake honours ``sock``'s timeout.
+    ``records_per_key`` caps the records one send key seals (default: the AEAD usage limit of RFC
+    8446 section 5.5, 2**24 for AES-GCM, none for ChaCha20-Poly1305); writes and ``sendfile`` are
+    split there and a TLS 1.3 KeyUpdate goes first (under kTLS the count is the kernel's sequence
+    number, and rekeying needs Linux 6.14); TLS 1.2 cannot update keys, so a send at the limit
+    raises :class:`afalg.errors.KeyLimitReached` having sent nothing. Raises what ssl raises for a
+    failed handshake, :class:`afalg.keys.UnsupportedCipherSuite` for a non-AEAD suite; when the mode
+    asked for cannot run (:class:`afalg.errors.KTLSError`, :class:`afalg.AlgorithmNotAvailable`) the
+    peer first gets a fatal ``internal_error`` alert. Before a byte is sent it refuses what
+    ``context.wrap_socket`` refuses (:func:`afalg.handoff.check_arguments`:
+    ``ValueError("check_hostname requires server_hostname")`` ...), an :class:`ssl.SSLSocket`
+    (already TLS) and an unconnected socket; ``sock`` stays the caller's then."""
     check_options(mode, algif_backend, records_per_key)
     handoff.check_arguments(
         sock, context, server_side=server_side, server_hostname=server_hostname, session=session
@@ -156,11 +156,12 @@ _SSL_WRAP_SOCKET = ssl.SSLContext.wrap_socket
 
 
 def _takes_over(sock: Any) -> bool:
-    """Whether afalg wraps ``sock`` (else Python's ssl does, with ssl's own behaviour and
-    errors): a blocking (or timeout) TCP socket. A non-blocking one stays ssl's: its caller
-    drives the handshake with ``do_handshake()`` and ``SSLWantReadError``, which afalg's
-    blocking handshake does not offer. Objects that are no socket go to afalg's checks, which
-    name the mistake."""
+    """Whether afalg wraps ``sock``: a blocking (or timeout) TCP socket; else Python's ssl does.
+
+    Python's ssl then wraps it with its own behaviour and errors. A non-blocking socket stays ssl's:
+    its caller drives the handshake with ``do_handshake()`` and ``SSLWantReadError``, which afalg's
+    blocking handshake does not offer. Objects that are no socket go to afalg's checks, which name
+    the mistake."""
     if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
         return True
     return (
@@ -171,15 +172,18 @@ def _takes_over(sock: Any) -> bool:
 
 
 def _check_not_tls(sock: Any) -> None:
-    """An afalg TLS socket given to be wrapped again: :class:`afalg.errors.AlreadyWrapped`
-    (an ssl socket is refused by :func:`afalg.handoff.check_arguments`)."""
+    """Refuse an afalg TLS socket given to be wrapped again.
+
+    Raises :class:`afalg.errors.AlreadyWrapped` (an ssl socket is refused by
+    :func:`afalg.handoff.check_arguments`)."""
     if isinstance(sock, (TLSSocketBase, SSLObjectSocket, _PendingTLSSocket)):
         raise AlreadyWrapped(f"afalg's {type(sock).__name__}")
 
 
 class _Options:
-    """The per-socket arguments of ``wrap_socket`` and the context's afalg options, kept for
-    a later handshake."""
+    """The per-socket arguments of ``wrap_socket`` and the context's afalg options.
+
+    Kept for a later handshake."""
 
     def __init__(
         self,
@@ -209,8 +213,10 @@ def _wrap_socket(
     mode: Mode,
     records_per_key: int | None,
 ) -> Any:
-    """``context.wrap_socket(sock, ...)`` afalg's way (:meth:`SSLContext.wrap_socket`, and
-    every ssl context's after :func:`inject_into_ssl`)."""
+    """``context.wrap_socket(sock, ...)`` afalg's way.
+
+    What :meth:`SSLContext.wrap_socket` calls, and every ssl context's after
+    :func:`inject_into_ssl`."""
     _check_not_tls(sock)
     if not _takes_over(sock):
         return _SSL_WRAP_SOCKET(
@@ -238,10 +244,10 @@ def _wrap_socket(
 def _handshake(
     sock: socket.socket, context: ssl.SSLContext, options: _Options
 ) -> KTLSSocket | AlgTLSSocket | SSLObjectSocket:
-    """:func:`wrap`, never failing where ssl would not: a finished handshake whose suite afalg
-    cannot seal (not AEAD, TLS before 1.2) goes on in userspace over its ssl object (mode
-    "ssl", :class:`afalg._sslmode.SSLObjectSocket`). The result owns ``sock``, closed on
-    failure."""
+    """:func:`wrap`, never failing where ssl would not; the result owns ``sock``, closed on failure.
+
+    A finished handshake whose suite afalg cannot seal (not AEAD, TLS before 1.2) goes on in
+    userspace over its ssl object (mode "ssl", :class:`afalg._sslmode.SSLObjectSocket`)."""
     o = options
     try:
         handoff._check_blocking(sock)
@@ -267,18 +273,19 @@ def _handshake(
 
 
 class SSLContext(ssl.SSLContext):
-    """:class:`ssl.SSLContext` whose :meth:`wrap_socket` runs the handshake with ssl and hands
-    the connection to the kernel as :func:`afalg.tls.wrap` does (kTLS or algif, ``conn.mode``).
+    """An :class:`ssl.SSLContext` whose :meth:`wrap_socket` hands the connection to the kernel.
 
-    Same constructor and settings as ssl's (``protocol`` defaults to ``PROTOCOL_TLS_CLIENT``),
-    plus ``mode`` (``"auto"``, ``"ktls"``, ``"algif"``) and ``records_per_key`` (see
-    :func:`afalg.tls.wrap`), checked here and kept as attributes. Like ssl's, a bare context
-    loads no CA certificates: :func:`create_default_context` does. ``wrap_bio`` stays ssl's
-    (asyncio uses it). Never a failure where ssl's own context would have worked: a negotiated
-    suite afalg cannot seal (not AEAD, or TLS before 1.2) goes on in userspace over ssl's
-    object (``conn.mode == "ssl"``), and a socket afalg cannot take is ssl's own
-    :class:`ssl.SSLSocket` (see :meth:`wrap_socket`).
-    """
+    The handshake runs with ssl, then the connection goes to the kernel as :func:`afalg.tls.wrap`
+    does (kTLS or algif, ``conn.mode``).
+
+    Same constructor and settings as ssl's (``protocol`` defaults to ``PROTOCOL_TLS_CLIENT``), plus
+    ``mode`` (``"auto"``, ``"ktls"``, ``"algif"``) and ``records_per_key`` (see
+    :func:`afalg.tls.wrap`), checked here and kept as attributes. Like ssl's, a bare context loads
+    no CA certificates: :func:`create_default_context` does. ``wrap_bio`` stays ssl's (asyncio uses
+    it). Never a failure where ssl's own context would have worked: a negotiated suite afalg cannot
+    seal (not AEAD, or TLS before 1.2) goes on in userspace over ssl's object (``conn.mode ==
+    "ssl"``), and a socket afalg cannot take is ssl's own :class:`ssl.SSLSocket` (see
+    :meth:`wrap_socket`)."""
 
     mode: Mode
     records_per_key: int | None
@@ -397,8 +404,9 @@ class _PendingTLSSocket:
         return None if self._conn is None else self._conn.selected_alpn_protocol()
 
     def getpeercert(self, binary_form: bool = False) -> Any:
-        """The peer's certificate (``ssl.SSLSocket.getpeercert``); ``ValueError`` before the
-        handshake, as ssl."""
+        """The peer's certificate, as ``ssl.SSLSocket.getpeercert``.
+
+        ``ValueError`` before the handshake, as ssl."""
         if self._conn is None:
             raise ValueError("handshake not done yet")
         return self._conn.getpeercert(binary_form)
@@ -413,8 +421,9 @@ class _PendingTLSSocket:
             self._conn = _handshake(self._sock, self.context, self._options)
 
     def connect(self, address: Any) -> None:
-        """Connect the TCP socket, then handshake per ``do_handshake_on_connect``; as in ssl,
-        a server-side or already connected socket refuses (``ValueError``)."""
+        """Connect the TCP socket, then handshake per ``do_handshake_on_connect``.
+
+        As in ssl, a server-side or already connected socket refuses (``ValueError``)."""
         if self._options.server_side:
             raise ValueError("can't connect in server-side mode")
         if self._connected:
@@ -425,9 +434,10 @@ class _PendingTLSSocket:
             self.do_handshake()
 
     def accept(self) -> tuple[Any, Any]:
-        """Accept a connection on the listening socket and wrap it server-side with the same
-        context and options (handshake per ``do_handshake_on_connect``), as
-        ``ssl.SSLSocket.accept`` does. A failed handshake closes the new socket and raises."""
+        """Accept a connection on the listening socket, as ``ssl.SSLSocket.accept`` does.
+
+        The new socket is wrapped server-side with the same context and options (handshake per
+        ``do_handshake_on_connect``). A failed handshake closes the new socket and raises."""
         newsock, addr = self._sock.accept()
         o = self._options
         conn = _wrap_socket(
@@ -470,10 +480,11 @@ def create_default_context(
     mode: Mode = "auto",
     records_per_key: int | None = None,
 ) -> SSLContext:
-    """An afalg :class:`SSLContext` with ssl's defaults, as :func:`ssl.create_default_context`:
-    ``Purpose.SERVER_AUTH`` (for clients) verifies certificates and host names; CA
-    certificates are ``cafile``/``capath``/``cadata`` if given, else the system's;
-    ``SSLKEYLOGFILE`` is honoured. ``purpose`` not an ``ssl.Purpose``: ``TypeError``."""
+    """An afalg :class:`SSLContext` with ssl's defaults, as :func:`ssl.create_default_context`.
+
+    ``Purpose.SERVER_AUTH`` (for clients) verifies certificates and host names; CA certificates are
+    ``cafile``/``capath``/``cadata`` if given, else the system's; ``SSLKEYLOGFILE`` is honoured.
+    ``purpose`` not an ``ssl.Purpose``: ``TypeError``."""
     if not isinstance(purpose, ssl.Purpose):
         raise TypeError(purpose)
     protocol = ssl.PROTOCOL_TLS_CLIENT
@@ -531,19 +542,20 @@ def _injected_wrap_socket(
 
 
 def inject_into_ssl(*, mode: Mode = "auto", records_per_key: int | None = None) -> None:
-    """Make every :class:`ssl.SSLContext`'s ``wrap_socket`` afalg's, for programs and
-    libraries that build their own contexts (``ssl.create_default_context()``, urllib3,
-    requests, smtplib, ...): each TLS socket they open is then handed to the kernel as
-    :meth:`SSLContext.wrap_socket` does, with ``mode`` and ``records_per_key``. Idempotent (a
-    second call changes only the options); :func:`extract_from_ssl` undoes it.
+    """Make every :class:`ssl.SSLContext`'s ``wrap_socket`` afalg's.
 
-    For applications, at start-up, never for libraries: it changes every context of the
-    process. What changes: those sockets are afalg's, not :class:`ssl.SSLSocket` (code that
-    checks ``isinstance(sock, ssl.SSLSocket)`` or calls SSLSocket-only methods sees the
-    difference); a non-blocking or non-TCP socket stays ssl's. What does not: ``wrap_bio``,
-    and so asyncio's own TLS; the class ``ssl.SSLContext`` itself (isinstance checks, its
-    settings); contexts whose class overrides ``wrap_socket`` (afalg's own, truststore's).
-    Bad options: ``ValueError``/``TypeError`` as :func:`check_options`, nothing injected."""
+    For programs and libraries that build their own contexts (``ssl.create_default_context()``,
+    urllib3, requests, smtplib, ...): each TLS socket they open is then handed to the kernel as
+    :meth:`SSLContext.wrap_socket` does, with ``mode`` and ``records_per_key``. Idempotent (a second
+    call changes only the options); :func:`extract_from_ssl` undoes it.
+
+    For applications, at start-up, never for libraries: it changes every context of the process.
+    What changes: those sockets are afalg's, not :class:`ssl.SSLSocket` (code that checks
+    ``isinstance(sock, ssl.SSLSocket)`` or calls SSLSocket-only methods sees the difference); a
+    non-blocking or non-TCP socket stays ssl's. What does not: ``wrap_bio``, and so asyncio's own
+    TLS; the class ``ssl.SSLContext`` itself (isinstance checks, its settings); contexts whose class
+    overrides ``wrap_socket`` (afalg's own, truststore's). Bad options: ``ValueError``/``TypeError``
+    as :func:`check_options`, nothing injected."""
     global _injected
     check_options(mode, "auto", records_per_key)
     with _injection_lock:
@@ -552,8 +564,9 @@ def inject_into_ssl(*, mode: Mode = "auto", records_per_key: int | None = None) 
 
 
 def extract_from_ssl() -> None:
-    """Undo :func:`inject_into_ssl`: ``ssl.SSLContext.wrap_socket`` is ssl's own again (sockets
-    already wrapped stay as they are). Idempotent."""
+    """Undo :func:`inject_into_ssl`: ``ssl.SSLContext.wrap_socket`` is ssl's own again.
+
+    Sockets already wrapped stay as they are. Idempotent."""
     global _injected
     with _injection_lock:
         ssl.SSLContext.wrap_socket = _SSL_WRAP_SOCKET  # type: ignore[method-assign]
