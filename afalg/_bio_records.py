@@ -39,8 +39,10 @@ class _Direction:
                 self.handshake += payload
 
     def first_message_random(self, msg_type: int) -> bytes | None:
-        """The 32-byte random of the first handshake message if it is ``msg_type``
-        (ClientHello or ServerHello: type(1) length(3) legacy_version(2) random(32))."""
+        """The 32-byte random of the first handshake message if it is ``msg_type``, else None.
+
+        ``msg_type`` is ClientHello or ServerHello: type(1) length(3) legacy_version(2) random(32).
+        """
         if len(self.handshake) < 38 or self.handshake[0] != msg_type:
             return None
         return bytes(self.handshake[6:38])
@@ -69,9 +71,10 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 
 def record_length(header: bytes | bytearray) -> int | None:
-    """The body length announced by a 5-byte record header, or None if the header is not TLS:
-    a content type outside 20..23, a major version other than 3, or a length over
-    2^14 + 2048 (the TLS 1.2 bound, the largest either version allows)."""
+    """The body length announced by a 5-byte record header, or None if the header is not TLS.
+
+    Not TLS: a content type outside 20..23, a major version other than 3, or a length over 2^14 +
+    2048 (the TLS 1.2 bound, the largest either version allows)."""
     content_type, version, length = HEADER.unpack_from(header)
     if content_type not in _CONTENT_TYPES or version >> 8 != 3 or length > MAX_CIPHERTEXT_TLS12:
         return None
@@ -79,8 +82,9 @@ def record_length(header: bytes | bytearray) -> int | None:
 
 
 def read_record(sock: socket.socket) -> tuple[bytes, bool]:
-    """One TLS record from ``sock`` (header and body) and not a byte more, and whether it is
-    whole (False: EOF came first, or the header is not TLS, see :func:`record_length`)."""
+    """One TLS record from ``sock`` (header and body) and not a byte more, and whether it is whole.
+
+    Not whole: EOF came first, or the header is not TLS (see :func:`record_length`)."""
     header = _recv_exactly(sock, HEADER_SIZE)
     if len(header) < HEADER_SIZE:
         return header, False
