@@ -1,12 +1,11 @@
-"""The socket face both afalg TLS sockets share (:class:`TLSSocketBase`), and the driver of
-their post-handshake protocol.
+"""The socket face both afalg TLS sockets share (:class:`TLSSocketBase`), and their protocol driver.
 
-A subclass opens records somewhere (the kernel under kTLS, :mod:`afalg.record` in algif mode)
-and gives each record that is not application data to :meth:`TLSSocketBase._control_record`,
-which hands it to the socket's :class:`afalg.session.Session` and acts on the events: a
-NewSessionTicket goes back to ssl (:class:`afalg.handoff.TicketFeed`), a KeyUpdate installs the
-peer's next keys (the subclass's ``_key_update``), close_notify is end of file. Errors poison
-the session, and the peer gets the fatal alert it is owed (the subclass's ``_send_alert``).
+A subclass opens records somewhere (the kernel under kTLS, :mod:`afalg.record` in algif mode) and
+gives each record that is not application data to :meth:`TLSSocketBase._control_record`, which hands
+it to the socket's :class:`afalg.session.Session` and acts on the events: a NewSessionTicket goes
+back to ssl (:class:`afalg.handoff.TicketFeed`), a KeyUpdate installs the peer's next keys (the
+subclass's ``_key_update``), close_notify is end of file. Errors poison the session, and the peer
+gets the fatal alert it is owed (the subclass's ``_send_alert``).
 """
 
 from __future__ import annotations
@@ -37,7 +36,8 @@ _per_thread = threading.local()
 
 
 def _recv_buffer() -> memoryview:
-    """This thread's buffer for :meth:`TLSSocketBase.recv` (64 KiB, made once per thread):
+    """This thread's buffer for :meth:`TLSSocketBase.recv`: 64 KiB, made once per thread.
+
     ``recv`` copies what it read out of it before returning."""
     buf: memoryview | None = getattr(_per_thread, "recv_buffer", None)
     if buf is None:
@@ -46,11 +46,12 @@ def _recv_buffer() -> memoryview:
 
 
 def sendfile_by_send(sock: Any, file: Any, offset: int, count: int | None, chunk: int) -> int:
-    """Send a file through ``sock`` (a TLS socket: ``send``, ``flush``, ``_sock``) by reading
-    ``chunk`` bytes at a time into one buffer and sending them (each chunk sealed into whole
-    records); the file position ends after the last byte the socket took, as with
-    :meth:`socket.socket.sendfile`, even when a send raised. A non-blocking socket is refused
-    (``ValueError``)."""
+    """Send ``file`` through the TLS socket ``sock``, reading ``chunk`` bytes at a time.
+
+    ``sock`` offers ``send``, ``flush`` and ``_sock``. Each chunk is read into one buffer and sent
+    (sealed into whole records); returns the bytes sent. The file position ends after the last byte
+    the socket took, as with :meth:`socket.socket.sendfile`, even when a send raised. A non-blocking
+    socket is refused (``ValueError``)."""
     if sock._sock.gettimeout() == 0.0:
         raise ValueError("non-blocking sockets are not supported")
     if offset:
@@ -75,12 +76,14 @@ def sendfile_by_send(sock: Any, file: Any, offset: int, count: int | None, chunk
 
 
 class TLSSocketBase:
-    """What both afalg TLS sockets share: ownership of the TCP socket, timeouts, the ssl facts
-    of the handshake, makefile, sendall, context manager, and driving the post-handshake
-    protocol (:class:`afalg.session.Session`): each opened record goes to the session, and the
-    socket acts on its events. ``server_side``: our role, by default the handshake's
-    (``ssl_object.server_side``), else unknown. Subclasses implement ``send``, ``recv_into``,
-    ``sendfile``, ``_send_alert`` and ``_key_update`` (install the peer's next receive keys)."""
+    """What both afalg TLS sockets share, the driver of the post-handshake protocol included.
+
+    Ownership of the TCP socket, timeouts, the ssl facts of the handshake, makefile, sendall,
+    context manager, and driving the post-handshake protocol (:class:`afalg.session.Session`): each
+    opened record goes to the session, and the socket acts on its events. ``server_side``: our role,
+    by default the handshake's (``ssl_object.server_side``), else unknown. Subclasses implement
+    ``send``, ``recv_into``, ``sendfile``, ``_send_alert`` and ``_key_update`` (install the peer's
+    next receive keys)."""
 
     mode = "?"
 
@@ -143,8 +146,9 @@ class TLSSocketBase:
         return self._ssl.getpeercert(binary_form) if self._ssl is not None else None
 
     def version(self) -> str | None:
-        """``"TLSv1.3"`` or ``"TLSv1.2"``, from ssl, or from the keys for a socket made from
-        keys alone."""
+        """The protocol version: ``"TLSv1.3"`` or ``"TLSv1.2"``.
+
+        From ssl, or from the keys for a socket made from keys alone."""
         if self._ssl is not None:
             return self._ssl.version()
         return "TLSv1.3" if self._version == TLS_1_3_VERSION else "TLSv1.2"
@@ -221,9 +225,10 @@ class TLSSocketBase:
         raise NotImplementedError
 
     def sendall(self, data: Any, flags: int = 0) -> None:
-        """Send all of ``data``, as :meth:`socket.socket.sendall`: returns once the socket has
-        taken it all (in algif mode: its records written, none left queued, see
-        :meth:`flush`), or raises (:class:`TimeoutError` per the socket's timeout)."""
+        """Send all of ``data``, as :meth:`socket.socket.sendall`.
+
+        Returns once the socket has taken it all (in algif mode: its records written, none left
+        queued, see :meth:`flush`), or raises (:class:`TimeoutError` per the socket's timeout)."""
         with memoryview(data).cast("B") as view:  # released however this ends
             sent = self.send(view, flags) if view else 0
             while sent < len(view):
@@ -320,10 +325,10 @@ class TLSSocketBase:
         self._session.check_send()
 
     def _twin(self) -> socket.socket:
-        """The same connection as a socket with timeout 0 (a duplicate descriptor, closed with
-        this socket). A socket with a timeout makes Python poll before every ``send`` and
-        ``recv``; the twin's calls with ``MSG_DONTWAIT`` go first, and a poll follows only when
-        they would block."""
+        """This connection on a duplicate descriptor with timeout 0, closed with this socket.
+
+        A socket with a timeout makes Python poll before every ``send`` and ``recv``; the twin's
+        calls with ``MSG_DONTWAIT`` go first, and a poll follows only when they would block."""
         twin = self._twin_sock
         if twin is None:
             sock = self._sock
@@ -339,8 +344,10 @@ class TLSSocketBase:
         return self._session
 
     def _receive(self, content_type: int, payload: Any) -> list[Event]:
-        """Give one opened record to the session; on a protocol error the peer gets the fatal
-        alert it is owed (best effort) before the error is raised."""
+        """Give one opened record to the session.
+
+        On a protocol error the peer gets the fatal alert it is owed (best effort) before the error
+        is raised."""
         try:
             return self._session.receive(content_type, payload)
         except BaseException:
@@ -348,9 +355,11 @@ class TLSSocketBase:
             raise
 
     def _data_record(self, length: int) -> bool:
-        """An opened application_data record of ``length`` bytes, for the session
-        (:meth:`afalg.session.Session.application_data`): True when it carries data, False
-        for an empty one; on a protocol error the peer gets its fatal alert first."""
+        """Give the session an opened application_data record of ``length`` bytes.
+
+        Returns True when it carries data, False for an empty one
+        (:meth:`afalg.session.Session.application_data`); on a protocol error the peer gets its
+        fatal alert first."""
         try:
             return self._session.application_data(length)
         except BaseException:
@@ -374,8 +383,9 @@ class TLSSocketBase:
         return self._act_on(self._receive(content_type, payload))
 
     def _send_fatal_alert(self) -> None:
-        """Send the fatal alert the session owes the peer, if any: best effort, never
-        waiting (another thread may be sending)."""
+        """Send the fatal alert the session owes the peer, if any.
+
+        Best effort, never waiting (another thread may be sending)."""
         alert = self._session.fatal_alert()
         if alert is not None and self._sock.fileno() >= 0:
             with contextlib.suppress(OSError):
@@ -385,9 +395,10 @@ class TLSSocketBase:
         raise NotImplementedError
 
     def _send_close_notify(self, *, wait: bool) -> None:
-        """Send close_notify, once. If the socket took none of it (kTLS queues nothing when
-        the send times out; algif keeps the sealed alert queued), the next :meth:`shutdown` or
-        :meth:`close` sends it."""
+        """Send close_notify, once.
+
+        If the socket took none of it (kTLS queues nothing when the send times out; algif keeps the
+        sealed alert queued), the next :meth:`shutdown` or :meth:`close` sends it."""
         if self._sock.fileno() < 0 or self._session.error is not None:
             return
         alert = self._session.close_notify() or self._close_notify_retry
@@ -403,8 +414,9 @@ class TLSSocketBase:
                 raise
 
     def _fatal(self, alert: int | None, exc: BaseException) -> BaseException:
-        """Poison the connection with ``exc`` (the first error stays, and is what this
-        returns) after sending the fatal ``alert`` (best effort)."""
+        """Poison the connection with ``exc`` after sending the fatal ``alert`` (best effort).
+
+        Returns the connection's error: the first one stays."""
         error = self._session.fail(exc, alert)
         self._send_fatal_alert()
         return error
@@ -417,12 +429,13 @@ class TLSSocketBase:
         raise NotImplementedError
 
     def _answer_key_update(self, *, wait: bool = True) -> None:
-        """Send the KeyUpdate that answers the peer's requests, if the session has one due
-        (:meth:`afalg.session.Session.key_update_answer`). With ``wait``: before our application
-        data (the TX lock held or waited for). Without: from the receiving side, when it would
-        block or returns, so that a peer waiting for the answer does not wait for ever; only if
-        the TX lock is free (never behind a sending thread) and the socket takes it now, else
-        it is left for the next send."""
+        """Send the KeyUpdate that answers the peer's requests, if the session has one due.
+
+        See :meth:`afalg.session.Session.key_update_answer`. With ``wait``: before our application
+        data (the TX lock held or waited for). Without: from the receiving side, when it would block
+        or returns, so that a peer waiting for the answer does not wait for ever; only if the TX
+        lock is free (never behind a sending thread) and the socket takes it now, else it is left
+        for the next send."""
         if not self._session.key_update_due or not self._tx_lock.acquire(blocking=wait):
             return
         try:
@@ -441,8 +454,9 @@ class TLSSocketBase:
             self._tx_lock.release()
 
     def _send_key_update_message(self, message: bytes, *, wait: bool) -> None:
-        """Send our KeyUpdate ``message`` under the current keys, move to the next send keys,
-        and tell the session (``key_update_sent``). Called with the TX lock."""
+        """Send our KeyUpdate ``message`` under the current keys, then move to the next send keys.
+
+        The session is told (``key_update_sent``). Called with the TX lock."""
         raise NotImplementedError
 
     def _writable_now(self) -> bool:
@@ -451,8 +465,10 @@ class TLSSocketBase:
         return bool(poller.poll(0))
 
     def _readable_now(self) -> bool:
-        """Whether the TCP socket has something to read right now (more records may follow:
-        read them before answering, so that one KeyUpdate answers them all)."""
+        """Whether the TCP socket has something to read right now.
+
+        More records may follow: read them before answering, so that one KeyUpdate answers them all.
+        """
         poller = select.poll()
         poller.register(self._sock, select.POLLIN)
         return bool(poller.poll(0))
@@ -463,14 +479,17 @@ class TLSSocketBase:
 
     # -- buffers --
     def pending(self) -> int:
-        """Bytes of application data readable now without the socket: opened already (in algif
-        mode, every complete record received is opened before ``recv`` returns), so a select
-        loop reads on while this is non-zero, as with :meth:`ssl.SSLSocket.pending`."""
+        """Bytes of application data readable now without reading the socket.
+
+        They were opened already (in algif mode, every complete record received is opened before
+        ``recv`` returns), so a select loop reads on while this is non-zero, as with
+        :meth:`ssl.SSLSocket.pending`."""
         return len(self._plain)
 
     def pending_output(self) -> int:
-        """Bytes sealed but not yet written to the socket (algif mode; under kTLS the kernel
-        holds them and this is 0). :meth:`flush` writes them."""
+        """Bytes sealed but not yet written to the socket; :meth:`flush` writes them.
+
+        Algif mode only: under kTLS the kernel holds them and this is 0."""
         return 0
 
     def flush(self) -> None:
@@ -479,21 +498,23 @@ class TLSSocketBase:
 
     # -- ending --
     def shutdown(self, how: int) -> None:
-        """For SHUT_WR and SHUT_RDWR: write out what is queued and send close_notify, within
-        the socket's timeout (raising, with the connection still open, if they could not go
-        out); then shut the TCP socket down."""
+        """Send close_notify (for SHUT_WR and SHUT_RDWR), then shut the TCP socket down.
+
+        For SHUT_WR and SHUT_RDWR, what is queued is written out and close_notify sent within the
+        socket's timeout (raising, with the connection still open, if they could not go out)."""
         if how in (socket.SHUT_WR, socket.SHUT_RDWR):
             self.flush()
             self._send_close_notify(wait=True)
         self._sock.shutdown(how)
 
     def close(self) -> None:
-        """Write out what is queued and send close_notify (within the socket's timeout; without
-        waiting on a non-blocking socket), then close the socket. Idempotent; file objects from
-        :meth:`makefile` keep the socket open until they are closed. If queued application
-        data could not be written, the socket is closed all the same and the error
-        (:class:`TimeoutError`, :class:`~afalg.errors.WantWrite`, ...) is raised: that data
-        was lost."""
+        """Write out what is queued, send close_notify, then close the socket.
+
+        Within the socket's timeout (without waiting on a non-blocking socket). Idempotent; file
+        objects from :meth:`makefile` keep the socket open until they are closed. If queued
+        application data could not be written, the socket is closed all the same and the error
+        (:class:`TimeoutError`, :class:`~afalg.errors.WantWrite`, ...) is raised: that data was
+        lost."""
         self._closed = True
         if self._io_refs > 0:
             return
@@ -520,14 +541,15 @@ class TLSSocketBase:
             raise lost
 
     def _discard_input(self) -> None:
-        """Read and drop what the peer sent that nobody read (a TLS 1.3 server's
-        NewSessionTickets, data after ours ended), without waiting for more: Linux answers a
-        close() that leaves unread input with a TCP reset instead of a FIN, which throws away
-        what is still on its way to the peer (close_notify too) and gives the peer
-        ConnectionResetError. Bounded by the socket's timeout and by twice its receive buffer
-        (a peer that keeps sending gets its reset); a read error stops it (best effort). A
-        failed connection is left as it is: no record is opened after its error (under kTLS a
-        read would try the forged record again), and the peer has our fatal alert."""
+        """Read and drop what the peer sent that nobody read, without waiting for more.
+
+        That is a TLS 1.3 server's NewSessionTickets, or data after ours ended: Linux answers a
+        close() that leaves unread input with a TCP reset instead of a FIN, which throws away what
+        is still on its way to the peer (close_notify too) and gives the peer ConnectionResetError.
+        Bounded by the socket's timeout and by twice its receive buffer (a peer that keeps sending
+        gets its reset); a read error stops it (best effort). A failed connection is left as it is:
+        no record is opened after its error (under kTLS a read would try the forged record again),
+        and the peer has our fatal alert."""
         if self._session.error is not None:
             return
         timeout = self._sock.gettimeout()
@@ -550,8 +572,7 @@ class TLSSocketBase:
                 return
 
     def _release(self) -> None:
-        """Free per-connection resources: buffered plaintext (and the AF_ALG sockets in algif
-        mode)."""
+        """Free this connection's buffered plaintext (and in algif mode its AF_ALG sockets)."""
         self._plain.clear()
         if self._tickets is not None:
             self._tickets.close()

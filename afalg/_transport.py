@@ -1,20 +1,6 @@
-"""The asyncio transport over an afalg TLS socket (:class:`TLSTransport`, re-exported by
-:mod:`afalg.aio`), driven by the loop's readiness callbacks.
+"""The asyncio transport over an afalg TLS socket, driven by the loop's readiness callbacks.
 
-Theory of operation (for maintainers). The transport keeps two named states, one per
-direction, and changes them only through :meth:`TLSTransport._set_write` and
-:meth:`TLSTransport._set_read`, which check the move against a table:
-
-- writing: ``OPEN`` -> ``SENDFILE`` (sendfile owns the output) -> ``OPEN``; ``OPEN`` ->
-  ``EOF_PENDING`` (``write_eof()``: close_notify and TCP's FIN once the output drains) ->
-  ``EOF_SENT``; any of them -> ``CLOSING`` (``close()``: the output drains, then close_notify
-  and the socket closes, within ``shutdown_timeout``, else an abort) -> ``CLOSED``;
-- reading: ``NEW`` -> ``ACTIVE`` (a reader registered with the loop, and only then) <->
-  ``PAUSED`` (by the protocol); ``ACTIVE`` -> ``EOF`` (the peer's close_notify or TCP's end);
-  any of them -> ``STOPPED`` once the transport closes.
-
-What follows when the output drains is decided in one place, :meth:`TLSTransport._advance`:
-the writer callback, ``write_eof()``, ``close()`` and the end of a sendfile all call it.
+:class:`TLSTransport` is re-exported by :mod:`afalg.aio`, its public face.
 """
 
 from __future__ import annotations
@@ -22,23 +8,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import enum
-import io
 import logging
-import os
 import select
 import socket
-import stat
 import sys
 import threading
 from asyncio import constants as _constants
-from asyncio import transports as _transports
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from afalg._sslmode import SSLObjectSocket
+from afalg._transport_sendfile import SendfileTransport
+from afalg._transport_state import _READ_MOVES, _WRITABLE, _WRITE_MOVES, _Read, _Write
 from afalg.algif import AlgTLSSocket
-from afalg.errors import KeyLimitReached
 from afalg.ktls import KTLSSocket, supports_rekey
 from afalg.session import Session
 
@@ -49,71 +31,40 @@ logger = logging.getLogger("afalg.aio")
 SHUTDOWN_TIMEOUT = 30.0  # asyncio's default ssl_shutdown_timeout
 _READ_SIZE = 256 * 1024  # one recv_into: several records (one such buffer per thread)
 _READS_PER_CALL = 16  # then other callbacks get a turn
-_FILE_CHUNK = 256 * 1024  # sealed sendfile: what is read from the file at a time
-_SENDFILE_MAX = 0x7FFFF000  # the most one sendfile(2) moves
-_WRITABLE = -1  # a waiter woken by every writable event, not by the buffer's size
 
 
-class _Write(enum.Enum):
-    """The sending direction."""
-
-    OPEN = "open"
-    SENDFILE = "sendfile"  # write() refused; the sendfile's end moves back to OPEN
-    EOF_PENDING = "eof pending"  # write_eof(): close_notify and FIN once the output drains
-    EOF_SENT = "eof sent"
-    CLOSING = "closing"  # close(): the output drains, close_notify, the socket closes
-    CLOSED = "closed"  # the socket is closed; connection_lost() follows
-
-
-class _Read(enum.Enum):
-    """The receiving direction; a reader is registered with the loop in ACTIVE only."""
-
-    NEW = "new"  # before the first read
-    ACTIVE = "reading"
-    PAUSED = "paused"  # by the protocol
-    EOF = "eof"  # the peer ended its direction
-    STOPPED = "stopped"  # the transport closes
+# Theory of operation. The transport keeps two named states, one per direction, and changes
+# them only through TLSTransport._set_write and TLSTransport._set_read, which check the move
+# against a table (afalg._transport_state):
+#
+# - writing: OPEN -> SENDFILE (sendfile owns the output) -> OPEN; OPEN -> EOF_PENDING
+#   (write_eof(): close_notify and TCP's FIN once the output drains) -> EOF_SENT; any of them
+#   -> CLOSING (close(): the output drains, then close_notify and the socket closes, within
+#   shutdown_timeout, else an abort) -> CLOSED;
+# - reading: NEW -> ACTIVE (a reader registered with the loop, and only then) <-> PAUSED (by
+#   the protocol); ACTIVE -> EOF (the peer's close_notify or TCP's end); any of them -> STOPPED
+#   once the transport closes.
+#
+# What follows when the output drains is decided in one place, TLSTransport._advance: the
+# writer callback, write_eof(), close() and the end of a sendfile all call it.
 
 
-_WRITE_MOVES = {
-    _Write.OPEN: {_Write.SENDFILE, _Write.EOF_PENDING, _Write.CLOSING, _Write.CLOSED},
-    _Write.SENDFILE: {_Write.OPEN, _Write.CLOSING, _Write.CLOSED},
-    _Write.EOF_PENDING: {_Write.EOF_SENT, _Write.CLOSING, _Write.CLOSED},
-    _Write.EOF_SENT: {_Write.CLOSING, _Write.CLOSED},
-    _Write.CLOSING: {_Write.CLOSED},
-    _Write.CLOSED: set(),
-}
-_READ_MOVES = {
-    _Read.NEW: {_Read.ACTIVE, _Read.PAUSED, _Read.STOPPED},
-    _Read.ACTIVE: {_Read.PAUSED, _Read.EOF, _Read.STOPPED},
-    _Read.PAUSED: {_Read.ACTIVE, _Read.STOPPED},
-    _Read.EOF: {_Read.STOPPED},
-    _Read.STOPPED: set(),
-}
+class TLSTransport(SendfileTransport):
+    """An :class:`asyncio.Transport` over a non-blocking afalg TLS socket, driven by loop callbacks.
 
-
-class TLSTransport(_transports._FlowControlMixin):
-    """An :class:`asyncio.Transport` over an afalg TLS socket (non-blocking), driven by the
-    loop's readiness callbacks. Made by :func:`afalg.aio.open_connection` and
-    :func:`afalg.aio.start_server`.
+    Made by :func:`afalg.aio.open_connection` and :func:`afalg.aio.start_server`.
 
     Reading: each readable event reads until the socket has no whole record left
-    (:class:`~afalg.errors.WantRead`), so plaintext that ``pending()`` counts is delivered
-    without waiting for the socket again; the transports of a loop's thread read into one
-    shared buffer. Writing: what the socket does not take is queued (bytes, and sealed records
-    in algif mode) and written when writable; the write buffer size counts both, in bytes, for
-    ``drain()`` and the protocol's pause/resume_writing. ``half_close`` (TLS 1.3 only) offers
-    ``write_eof()`` and keeps the transport open at the peer's close_notify when the protocol's
-    ``eof_received()`` asks; else, as asyncio's TLS, that close_notify closes it. ``close()``
-    ends within ``shutdown_timeout`` seconds, else aborts (``connection_lost`` gets a
-    :class:`TimeoutError`). ``connection_made=False`` (for ``loop.start_tls()``) leaves the
-    protocol's ``connection_made`` uncalled.
-    """
-
-    # asyncio's loop.sendfile() works through its fallback (reads the file, calls write());
-    # afalg.aio.sendfile() is the native path under kTLS. Not TRY_NATIVE: the loop's native
-    # path would bypass the usage limit and KeyUpdate answering (see afalg.aio's docstring).
-    _sendfile_compatible = _constants._SendfileMode.FALLBACK
+    (:class:`~afalg.errors.WantRead`), so plaintext that ``pending()`` counts is delivered without
+    waiting for the socket again; the transports of a loop's thread read into one shared buffer.
+    Writing: what the socket does not take is queued (bytes, and sealed records in algif mode) and
+    written when writable; the write buffer size counts both, in bytes, for ``drain()`` and the
+    protocol's pause/resume_writing. ``half_close`` (TLS 1.3 only) offers ``write_eof()`` and keeps
+    the transport open at the peer's close_notify when the protocol's ``eof_received()`` asks; else,
+    as asyncio's TLS, that close_notify closes it. ``close()`` ends within ``shutdown_timeout``
+    seconds, else aborts (``connection_lost`` gets a :class:`TimeoutError`).
+    ``connection_made=False`` (for ``loop.start_tls()``) leaves the protocol's ``connection_made``
+    uncalled."""
 
     # Set by asyncio's flow-control base class (typeshed does not declare them).
     _loop: asyncio.AbstractEventLoop
@@ -191,9 +142,10 @@ class TLSTransport(_transports._FlowControlMixin):
         self._write_state = new
 
     def _set_read(self, new: _Read) -> None:
-        """Move the receiving direction to ``new``: the loop's reader is registered exactly
-        while ACTIVE, and entering ACTIVE reads what the socket holds already (plaintext that
-        no readable event announces)."""
+        """Move the receiving direction to ``new``; the loop's reader is registered while ACTIVE.
+
+        Exactly while ACTIVE. Entering ACTIVE reads what the socket holds already (plaintext that no
+        readable event announces)."""
         old = self._read_state
         if new not in _READ_MOVES[old]:
             raise RuntimeError(f"TLSTransport: read {old.value} -> {new.value}")
@@ -217,9 +169,10 @@ class TLSTransport(_transports._FlowControlMixin):
         self._writer_on = on
 
     def _advance(self) -> None:
-        """The one place that decides what follows once the output drains: close (CLOSING),
-        close_notify and FIN (EOF_PENDING), or nothing more to wait for. While output is
-        queued, the writer callback comes back here."""
+        """Decide what follows once the output drains: the one place that does.
+
+        Close (CLOSING), close_notify and FIN (EOF_PENDING), or nothing more to wait for. While
+        output is queued, the writer callback comes back here."""
         state = self._write_state
         if state is _Write.CLOSED:
             return
@@ -354,8 +307,9 @@ class TLSTransport(_transports._FlowControlMixin):
         return bool(self._buffer) or self._tls.pending_output() > 0
 
     def get_write_buffer_size(self) -> int:
-        """Bytes queued: not yet taken by the socket, plus (algif) sealed records not yet
-        written to TCP."""
+        """Bytes queued: not yet taken by the socket, plus (algif) sealed records not yet sent.
+
+        The sealed records are those not yet written to TCP."""
         if self._write_state is _Write.CLOSED:
             return 0
         return self._buffer_size + self._tls.pending_output()
@@ -405,8 +359,9 @@ class TLSTransport(_transports._FlowControlMixin):
         return any(limit == _WRITABLE for limit, _ in self._waiters)
 
     async def _wait_buffer(self, limit: int) -> None:
-        """Until no more than ``limit`` bytes are queued (or the connection is lost), or with
-        ``_WRITABLE`` until the socket is writable."""
+        """Wait until no more than ``limit`` bytes are queued, or the connection is lost.
+
+        With ``_WRITABLE``: until the socket is writable."""
         if limit != _WRITABLE and self.get_write_buffer_size() <= limit:
             return
         if self._write_state is _Write.CLOSED:
@@ -422,15 +377,18 @@ class TLSTransport(_transports._FlowControlMixin):
                 self._waiters.remove((limit, fut))
 
     def can_write_eof(self) -> bool:
-        """False, as for asyncio's TLS, unless the transport was made with ``half_close=True``
-        in TLS 1.3 (close_notify, then a TCP half-close, and reading goes on)."""
+        """Whether :meth:`write_eof` works: False, as for asyncio's TLS, unless half-closing.
+
+        True when the transport was made with ``half_close=True`` in TLS 1.3 (close_notify, then a
+        TCP half-close, and reading goes on)."""
         return self._half_close
 
     def write_eof(self) -> None:
-        """With ``half_close`` in TLS 1.3: send close_notify once what is queued is out, then
-        shut down TCP's sending side; the peer may go on sending. Else
-        :class:`NotImplementedError`, as asyncio's TLS; :class:`RuntimeError` while a sendfile
-        runs."""
+        """Send close_notify once what is queued is out, then shut down TCP's sending side.
+
+        Only with ``half_close`` in TLS 1.3; the peer may go on sending. Else
+        :class:`NotImplementedError`, as asyncio's TLS; :class:`RuntimeError` while a sendfile runs.
+        """
         if not self.can_write_eof():
             raise NotImplementedError(
                 "TLS offers no half-close here: close the writer instead (half_close=True "
@@ -450,8 +408,9 @@ class TLSTransport(_transports._FlowControlMixin):
             self._writer(True)  # _write_ready, then _advance, come back here
 
     def _socket_writable(self) -> bool:
-        """Room in the socket now: close_notify must not be dropped (kTLS sends it with
-        MSG_DONTWAIT on close, and a refused alert may not be retried)."""
+        """Whether the socket has room now, so that close_notify is not dropped.
+
+        kTLS sends it with MSG_DONTWAIT on close, and a refused alert may not be retried."""
         poller = select.poll()
         poller.register(self._fd, select.POLLOUT)
         return bool(poller.poll(0))
@@ -479,9 +438,11 @@ class TLSTransport(_transports._FlowControlMixin):
         return self._write_state in (_Write.CLOSING, _Write.CLOSED)
 
     def close(self) -> None:
-        """Write out what is queued, send close_notify and close the socket; the protocol's
-        ``connection_lost(None)`` follows. A peer that does not read for ``shutdown_timeout``
-        seconds meanwhile gets an abort, and ``connection_lost`` a :class:`TimeoutError`."""
+        """Write out what is queued, send close_notify and close the socket.
+
+        The protocol's ``connection_lost(None)`` follows. A peer that does not read for
+        ``shutdown_timeout`` seconds meanwhile gets an abort, and ``connection_lost`` a
+        :class:`TimeoutError`."""
         if self.is_closing():
             return
         self._set_write(_Write.CLOSING)
@@ -500,8 +461,9 @@ class TLSTransport(_transports._FlowControlMixin):
             )
 
     def abort(self) -> None:
-        """Close at once: queued data is dropped and no close_notify is sent (the peer sees the
-        stream end without it: a truncation, not a clean end)."""
+        """Close at once: queued data is dropped and no close_notify is sent.
+
+        The peer sees the stream end without it: a truncation, not a clean end."""
         self._force_close(None)
 
     def _fatal_error(self, exc: BaseException, message: str) -> None:
@@ -526,8 +488,9 @@ class TLSTransport(_transports._FlowControlMixin):
         self._lose(exc)
 
     def _lose(self, exc: BaseException | None) -> None:
-        """Close the socket now (close_notify unless the session failed) and tell the
-        protocol soon."""
+        """Close the socket now and tell the protocol soon.
+
+        close_notify goes out unless the session failed."""
         if self._write_state is _Write.CLOSED:
             return
         self._set_write(_Write.CLOSED)
@@ -551,107 +514,19 @@ class TLSTransport(_transports._FlowControlMixin):
             server, self._server = self._server, None
             server_detach(server, self)
 
-    # -- sendfile --
-    async def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
-        """See :func:`afalg.aio.sendfile`."""
-        if not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"offset must be a non-negative integer (got {offset!r})")
-        if count is not None and (not isinstance(count, int) or count <= 0):
-            raise ValueError(f"count must be a positive integer (got {count!r})")
-        if "b" not in getattr(file, "mode", "b"):
-            raise ValueError("file should be opened in binary mode")
-        state = self._write_state
-        if state in (_Write.CLOSING, _Write.CLOSED):
-            raise ConnectionError("the transport is closing")
-        if state is _Write.SENDFILE:
-            raise RuntimeError("sendfile is in progress already")
-        if state is not _Write.OPEN:
-            raise RuntimeError("cannot sendfile after write_eof()")
-        self._set_write(_Write.SENDFILE)
-        total = 0
-        try:
-            fd = _regular_fileno(file) if isinstance(self._tls, KTLSSocket) else None
-            if fd is not None:
-                await self._wait_buffer(0)  # what was written before goes first
-                sent = self._sendfile_native(fd, offset, count)
-            else:
-                sent = self._sendfile_sealed(file, offset, count)
-            async for n in sent:
-                total += n
-            return total
-        finally:
-            if self._write_state is _Write.SENDFILE:
-                self._set_write(_Write.OPEN)
-            with contextlib.suppress(OSError, ValueError):
-                file.seek(offset + total)  # as loop.sendfile: the position follows what was sent
-            self._advance()
-
-    async def _sendfile_native(self, fd: int, offset: int, count: int | None) -> AsyncIterator[int]:
-        """kTLS: non-blocking sendfile(2) steps; the kernel reads and encrypts the pages."""
-        assert isinstance(self._tls, KTLSSocket)
-        if count is None:
-            count = max(0, os.fstat(fd).st_size - offset)
-        done = 0
-        while done < count:
-            self._check_sendfile()
-            try:
-                n = self._tls.sendfile_nowait(fd, offset + done, min(count - done, _SENDFILE_MAX))
-            except (BlockingIOError, InterruptedError):
-                await self._wait_buffer(_WRITABLE)
-                continue
-            except (SystemExit, KeyboardInterrupt, KeyLimitReached):
-                raise  # KeyLimitReached: nothing of this step was sent; the connection goes on
-            except BaseException as exc:
-                self._fatal_error(exc, "sendfile failed")
-                raise
-            if n == 0:
-                return  # the file ended early
-            done += n
-            yield n
-
-    async def _sendfile_sealed(
-        self, file: Any, offset: int, count: int | None
-    ) -> AsyncIterator[int]:
-        """algif (or a file without a descriptor): read chunks, queue them, wait for room."""
-        file.seek(offset)
-        done = 0
-        while count is None or done < count:
-            self._check_sendfile()
-            want = _FILE_CHUNK if count is None else min(_FILE_CHUNK, count - done)
-            read = self._loop.run_in_executor(None, file.read, want)
-            try:
-                data = await asyncio.shield(read)
-            except asyncio.CancelledError:
-                # The thread's read ends before sendfile sets the file's position (a read still
-                # running would move it past what was sent); its chunk is not sent.
-                await asyncio.wait([read])
-                raise
-            if not data:
-                return
-            self._check_sendfile()  # closed while the file was read: that chunk is not sent
-            self._write(data)
-            done += len(data)
-            yield len(data)
-            await self._wait_buffer(self._low_water)
-        self._check_sendfile()
-
-    def _check_sendfile(self) -> None:
-        if self._write_state is not _Write.SENDFILE:
-            raise ConnectionError("the connection was closed during sendfile")
-
 
 def _short_read_drains(tls_sock: Any) -> Session | None:
-    """The socket's session where a read that returned less than the buffer leaves nothing
-    that the loop's next poll would not report (a readable event then needs one read, not one
-    more that says "nothing"); else None.
+    """The socket's session where a short read leaves nothing the loop's next poll would not report.
+
+    Else None. With a session, a readable event needs one read, not one more that says "nothing".
 
     Algif mode: every complete record received is opened before the read returns (into
-    ``pending()``, or the end or error the transport checks), and what TCP holds more is
-    readable. kTLS: the kernel reads on while whole records wait and stops early only before a
-    record of another type, which poll() reports (it waits in the kernel's rx_list), except
-    where the kernel pauses reading after a TLS 1.3 KeyUpdate (Linux 6.14+): it stopped before
-    the KeyUpdate, decrypted it, and poll() reports nothing until the next keys are in; there
-    the transport reads until the socket would block, as in mode "ssl"."""
+    ``pending()``, or the end or error the transport checks), and what TCP holds more is readable.
+    kTLS: the kernel reads on while whole records wait and stops early only before a record of
+    another type, which poll() reports (it waits in the kernel's rx_list), except where the kernel
+    pauses reading after a TLS 1.3 KeyUpdate (Linux 6.14+): it stopped before the KeyUpdate,
+    decrypted it, and poll() reports nothing until the next keys are in; there the transport reads
+    until the socket would block, as in mode "ssl"."""
     if isinstance(tls_sock, AlgTLSSocket) or (
         isinstance(tls_sock, KTLSSocket)
         and (tls_sock.version() != "TLSv1.3" or not supports_rekey())
@@ -664,11 +539,12 @@ _per_thread = threading.local()
 
 
 def _read_buffer() -> memoryview:
-    """The buffer transports of this thread's event loop read into: one per thread, not one
-    per connection (256 KiB each, resident for as long as the connection lived, and longer
-    when a failed connection's stored error keeps its frames in a reference cycle).
-    :meth:`TLSTransport._read_ready` copies what it read out of it before anything else runs
-    (the loop runs its callbacks in its thread, one at a time)."""
+    """The buffer the transports of this thread's event loop read into: one per thread.
+
+    Not one per connection: 256 KiB each, resident for as long as the connection lived, and longer
+    when a failed connection's stored error keeps its frames in a reference cycle.
+    :meth:`TLSTransport._read_ready` copies what it read out of it before anything else runs (the
+    loop runs its callbacks in its thread, one at a time)."""
     buf: memoryview | None = getattr(_per_thread, "read_buffer", None)
     if buf is None:
         buf = _per_thread.read_buffer = memoryview(bytearray(_READ_SIZE))
@@ -676,9 +552,10 @@ def _read_buffer() -> memoryview:
 
 
 def server_attach(server: Any, client: Any) -> Any:
-    """Count ``client`` (a transport, or a connection in its handshake: ``close()`` and
-    ``abort()``) in the :class:`asyncio.Server` ``server`` as asyncio's transports count
-    themselves: ``wait_closed()`` waits for it, and from 3.13 ``close_clients()`` and
+    """Count ``client`` in the :class:`asyncio.Server` ``server`` as asyncio's transports count.
+
+    ``client`` is a transport, or a connection in its handshake (``close()`` and ``abort()``).
+    Counted, ``wait_closed()`` waits for it, and from 3.13 ``close_clients()`` and
     ``abort_clients()`` reach it. Returns the server that counts it: None for a server without
     asyncio's counting (None, uvloop's)."""
     if not isinstance(server, asyncio.base_events.Server):
@@ -702,15 +579,3 @@ def server_detach(server: Any, client: Any) -> None:
 def _set_result_unless_cancelled(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-def _regular_fileno(file: Any) -> int | None:
-    """The descriptor of a regular file (what sendfile(2) reads), else None."""
-    try:
-        fd = file.fileno()
-    except (AttributeError, io.UnsupportedOperation, OSError):
-        return None
-    try:
-        return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
-    except OSError:
-        return None

@@ -37,16 +37,17 @@ _RECV_CHUNK = 2**16
 
 
 class AlgTLSSocket(TLSSocketBase):
-    """TLS over a plain TCP socket: :class:`afalg.record.RecordLayer` frames the records, the
-    kernel's AEAD (AF_ALG) seals and opens them, this object does the I/O.
+    """TLS over a plain TCP socket, its records sealed and opened by the kernel's AEAD (AF_ALG).
 
-    A TLS 1.3 peer's KeyUpdate moves the receive keys (and, if it asks, ours: our own KeyUpdate
-    goes out once the records read so far are handled, if no other thread is sending, else
-    before our next application data); :meth:`key_update` starts one, and sending does
-    it by itself before a key seals more than ``records_per_key`` records (by default the AEAD
-    usage limit of RFC 8446 section 5.5: 2**24 for AES-GCM), the last of them the KeyUpdate.
-    Thread-safety as for ssl sockets: one thread may send while another receives.
-    """
+    :class:`afalg.record.RecordLayer` frames the records, the kernel's AEAD seals and opens them,
+    this object does the I/O.
+
+    A TLS 1.3 peer's KeyUpdate moves the receive keys (and, if it asks, ours: our own KeyUpdate goes
+    out once the records read so far are handled, if no other thread is sending, else before our
+    next application data); :meth:`key_update` starts one, and sending does it by itself before a
+    key seals more than ``records_per_key`` records (by default the AEAD usage limit of RFC 8446
+    section 5.5: 2**24 for AES-GCM), the last of them the KeyUpdate. Thread-safety as for ssl
+    sockets: one thread may send while another receives."""
 
     mode: Literal["algif"] = "algif"
 
@@ -89,19 +90,21 @@ class AlgTLSSocket(TLSSocketBase):
         return self._layer
 
     def kernel_state(self) -> KernelTLSState:
-        """What the kernel holds for this connection, read from the kernel now
-        (:func:`afalg.ktls.kernel_state`): under kTLS the ULP, version, cipher, TX/RX set up,
-        record sequence numbers and the zero-copy/no-pad flags; in algif mode
-        ``ulp=None`` (the kernel holds no TLS state). Never a key.
-        Raises :class:`afalg.errors.ClosedError` once closed."""
+        """What the kernel holds for this connection, read from the kernel now.
+
+        As :func:`afalg.ktls.kernel_state`: under kTLS the ULP, version, cipher, TX/RX set up,
+        record sequence numbers and the zero-copy/no-pad flags; in algif mode ``ulp=None`` (the
+        kernel holds no TLS state). Never a key. Raises :class:`afalg.errors.ClosedError` once
+        closed."""
         self._check_open()
         return kernel_state(self._sock)
 
     # -- sending --
     def _write_out(self, deadline: float | None) -> bool:
-        """Write sealed bytes until none are left or ``deadline`` (``time.monotonic()``; None:
-        none) passes; a deadline in the past writes only what the socket takes now. True when
-        all are out. Called with the TX lock."""
+        """Write sealed bytes until none are left or ``deadline`` passes; True when all are out.
+
+        ``deadline`` is on ``time.monotonic()``, None for none; one in the past writes only what the
+        socket takes now. Called with the TX lock."""
         # A socket with a timeout polls before each send, even with MSG_DONTWAIT: its twin
         # (timeout 0) sends at once, and polls only while there is no room.
         sock = self._twin() if self._sock.gettimeout() else self._sock
@@ -116,9 +119,10 @@ class AlgTLSSocket(TLSSocketBase):
         return True
 
     def _write_sealed(self, sealed: bytes, deadline: float | None) -> None:
-        """Write ``sealed`` records after what is queued, within ``deadline``; what the
-        socket does not take stays queued. With nothing queued they go straight out, without
-        a copy into the queue. Called with the TX lock."""
+        """Write ``sealed`` records after what is queued, within ``deadline``.
+
+        What the socket does not take stays queued. With nothing queued they go straight out,
+        without a copy into the queue. Called with the TX lock."""
         if not self._out:
             sock = self._twin() if self._sock.gettimeout() else self._sock
             try:
@@ -138,8 +142,9 @@ class AlgTLSSocket(TLSSocketBase):
         self._write_out(deadline)
 
     def _deadline(self) -> float | None:
-        """When a write started now must give up: the socket's timeout from now (None:
-        blocking; now: non-blocking)."""
+        """When a write started now must give up: the socket's timeout from now.
+
+        None when blocking; now when non-blocking."""
         timeout = self._sock.gettimeout()
         return None if timeout is None else time.monotonic() + timeout
 
@@ -179,9 +184,10 @@ class AlgTLSSocket(TLSSocketBase):
         return n
 
     def _data_room(self) -> int:
-        """Application data records the sending key may still seal (the session's rule,
-        :meth:`~afalg.session.Session.records_to_seal`, on the record layer's count); our
-        KeyUpdate is sealed first when nothing else is left (TLS 1.3)."""
+        """Application data records the sending key may still seal.
+
+        The session's rule (:meth:`~afalg.session.Session.records_to_seal`) on the record layer's
+        count; our KeyUpdate is sealed first when nothing else is left (TLS 1.3)."""
         layer, limit = self._layer, self._layer.records_per_key or 2**64
         room = self._session.records_to_seal(layer.tx_records_left, limit)
         if room == 0:
@@ -190,9 +196,10 @@ class AlgTLSSocket(TLSSocketBase):
         return room
 
     def flush(self) -> None:
-        """Write out the sealed records the socket has not taken yet, within the socket's
-        timeout: :class:`TimeoutError`, or :class:`~afalg.errors.WantWrite` on a non-blocking
-        socket, if some remain (call again when writable)."""
+        """Write out the sealed records the socket has not taken yet, within the socket's timeout.
+
+        If some remain: :class:`TimeoutError`, or :class:`~afalg.errors.WantWrite` on a non-blocking
+        socket (call again when writable)."""
         self._check_open()
         with self._tx_lock:
             if not self._write_out(self._deadline()):
@@ -221,13 +228,12 @@ class AlgTLSSocket(TLSSocketBase):
                 self._write_out(time.monotonic())
 
     def _seal_key_update(self, *, request_peer: bool = False, message: bytes | None = None) -> None:
-        """Queue our KeyUpdate (``message``, else a new one), sealed under the current keys, and
-        move to the next ones.
+        """Queue our KeyUpdate sealed under the current keys, and move to the next ones.
 
-        If the next keys cannot be set up (with the kernel backend, a new AF_ALG socket: EMFILE,
-        ENOMEM), the KeyUpdate is dropped unsent and the connection poisoned: nothing may
-        follow a KeyUpdate under the old keys, and the peer sees the stream end without
-        close_notify."""
+        ``message`` is the KeyUpdate to send, else a new one. If the next keys cannot be set up
+        (with the kernel backend, a new AF_ALG socket: EMFILE, ENOMEM), the KeyUpdate is dropped
+        unsent and the connection poisoned: nothing may follow a KeyUpdate under the old keys, and
+        the peer sees the stream end without close_notify."""
         with self._tx_lock:
             if message is None:
                 message = self._session.key_update(request_peer=request_peer)
@@ -246,8 +252,9 @@ class AlgTLSSocket(TLSSocketBase):
             self._session.key_update_sent()  # any KeyUpdate of ours answers a request
 
     def key_update(self, *, request_peer: bool = False) -> None:
-        """Send a TLS 1.3 KeyUpdate and move to the next send keys; ``request_peer`` asks the
-        peer to update its keys too (update_requested)."""
+        """Send a TLS 1.3 KeyUpdate and move to the next send keys.
+
+        ``request_peer`` asks the peer to update its keys too (update_requested)."""
         self._check_send()
         if self._version != TLS_1_3_VERSION:
             raise ValueError("KeyUpdate exists in TLS 1.3 only")
@@ -257,15 +264,17 @@ class AlgTLSSocket(TLSSocketBase):
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
         """Send a file: read it in chunks, seal, write (the kernel AEAD encrypts each record).
+
         Honours the socket's timeout; the file position ends after the last byte sent."""
         self._check_send()
         return self._sendfile_by_send(file, offset, count, _SEND_CHUNK)
 
     # -- receiving --
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        """Read application data into ``buffer``, as :meth:`socket.socket.recv_into`. Before
-        returning, every complete record already received is opened, so :meth:`pending` counts
-        all the plaintext readable without the socket (a select loop can rely on it). Raises
+        """Read application data into ``buffer``, as :meth:`socket.socket.recv_into`.
+
+        Before returning, every complete record already received is opened, so :meth:`pending`
+        counts all the plaintext readable without the socket (a select loop can rely on it). Raises
         :class:`~afalg.errors.WantRead` on a non-blocking socket with no whole record yet."""
         # The view is released however this ends: a poisoning error keeps this frame (its
         # traceback), which must not keep the caller's buffer exported (unresizable).
@@ -307,8 +316,9 @@ class AlgTLSSocket(TLSSocketBase):
         return n
 
     def _flush_nowait(self) -> None:
-        """Sealed records still queued go out with any I/O call: what the socket takes now,
-        never waiting (nor behind a sending thread)."""
+        """Write what the socket takes now of the sealed records still queued.
+
+        They go out with any I/O call, never waiting (nor behind a sending thread)."""
         if self._out and self._tx_lock.acquire(blocking=False):
             try:
                 with contextlib.suppress(OSError):  # the next send or flush reports it
@@ -336,9 +346,10 @@ class AlgTLSSocket(TLSSocketBase):
             self._layer.feed(data)
 
     def _read_some(self) -> bytes:
-        """What the TCP socket has, up to 64 KiB. With a timeout, Python would poll before
-        every read: the twin (timeout 0) reads first, and a poll follows only when there was
-        nothing (:class:`TimeoutError` when the timeout passes)."""
+        """What the TCP socket has, up to 64 KiB.
+
+        With a timeout, Python would poll before every read: the twin (timeout 0) reads first, and a
+        poll follows only when there was nothing (:class:`TimeoutError` when the timeout passes)."""
         timeout = self._sock.gettimeout()
         if not timeout:
             return self._sock.recv(_RECV_CHUNK)
@@ -356,10 +367,11 @@ class AlgTLSSocket(TLSSocketBase):
                 raise TimeoutError("timed out")
 
     def _open_buffered(self) -> None:
-        """Open the complete records already received, without reading the socket, and act on
-        them (their plaintext joins :meth:`pending`). An error here poisons the session and is
-        raised by the next call (a bug too, as internal_error): the plaintext returned now was
-        authenticated before it, and a call that raises has taken nothing."""
+        """Open the complete records already received, without reading the socket, and act on them.
+
+        Their plaintext joins :meth:`pending`. An error here poisons the session and is raised by
+        the next call (a bug too, as internal_error): the plaintext returned now was authenticated
+        before it, and a call that raises has taken nothing."""
         while self._session.error is None and not self._session.eof:
             try:
                 record = self._layer.next_record()
@@ -376,11 +388,13 @@ class AlgTLSSocket(TLSSocketBase):
                 self._fatal(AlertDescription.internal_error, exc)
 
     def _key_update(self, *, update_requested: bool) -> None:
-        """The peer's KeyUpdate: its next keys open what follows. Our answer to a request goes
-        out from the receiving side where it can (:meth:`_answer_key_update`), else
-        before our next application data (:meth:`send`), one for any number of requests read
-        together (RFC 8446 4.6.3). If the next keys cannot be set up (a new AF_ALG socket with the
-        kernel backend: EMFILE, ENOMEM) the connection fails with internal_error."""
+        """Take the peer's KeyUpdate: its next keys open what follows.
+
+        Our answer to a request goes out from the receiving side where it can
+        (:meth:`_answer_key_update`), else before our next application data (:meth:`send`), one for
+        any number of requests read together (RFC 8446 4.6.3). If the next keys cannot be set up (a
+        new AF_ALG socket with the kernel backend: EMFILE, ENOMEM) the connection fails with
+        internal_error."""
         try:
             self._layer.rekey_rx()
         except Exception as exc:
@@ -399,8 +413,9 @@ class AlgTLSSocket(TLSSocketBase):
 
 
 def _wait_writable(sock: socket.socket, deadline: float | None) -> bool:
-    """Wait until ``sock`` is writable or ``deadline`` passes (None: no limit; past: just look);
-    False if it is not writable by then."""
+    """Wait until ``sock`` is writable or ``deadline`` passes; False if it is not writable by then.
+
+    ``deadline`` None: no limit; in the past: just look."""
     poller = select.poll()
     poller.register(sock, select.POLLOUT)
     while True:

@@ -47,8 +47,10 @@ import errno
 import socket
 import ssl
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from afalg._bio_records import _Direction, record_length
+from afalg._bio_records import read_record as read_record
 from afalg._keylog import KeyLog, keylog_for
 from afalg.errors import AlreadyWrapped, HandoffError, UnsupportedCipherSuite
 from afalg.keys import (
@@ -61,7 +63,6 @@ from afalg.keys import (
 )
 from afalg.record import RecordLayer
 from afalg.wire import (
-    HEADER,
     HEADER_SIZE,
     MAX_CIPHERTEXT_TLS12,
     ContentType,
@@ -84,87 +85,7 @@ __all__ = [
 # The key log's code is afalg._keylog's; it is documented here, where users import it from.
 KeyLog.__module__ = keylog_for.__module__ = __name__
 
-_CONTENT_TYPES = frozenset(ContentType)
 _VERSIONS = {"TLSv1.2": TLS_1_2_VERSION, "TLSv1.3": TLS_1_3_VERSION}
-
-
-# --- records crossing the BIOs ------------------------------------------------------------------
-
-
-@dataclass
-class _Direction:
-    """The records that went one way during the handshake."""
-
-    records: list[tuple[int, int]] = field(default_factory=list)  # (content_type, call number)
-    handshake: bytearray = field(default_factory=bytearray)  # plaintext handshake stream
-    encrypted: bool = False  # a ChangeCipherSpec (1.2) or an encrypted record (1.3) was seen
-    pending: bytearray = field(default_factory=bytearray)
-
-    def add(self, data: bytes, call: int) -> None:
-        self.pending += data
-        while len(self.pending) >= HEADER_SIZE:
-            content_type, _version, length = HEADER.unpack_from(self.pending)
-            if len(self.pending) < HEADER_SIZE + length:
-                break
-            payload = bytes(self.pending[HEADER_SIZE : HEADER_SIZE + length])
-            del self.pending[: HEADER_SIZE + length]
-            self.records.append((content_type, call))
-            if content_type in (ContentType.change_cipher_spec, ContentType.application_data):
-                self.encrypted = True
-            elif content_type == ContentType.handshake and not self.encrypted:
-                self.handshake += payload
-
-    def first_message_random(self, msg_type: int) -> bytes | None:
-        """The 32-byte random of the first handshake message if it is ``msg_type``
-        (ClientHello or ServerHello: type(1) length(3) legacy_version(2) random(32))."""
-        if len(self.handshake) < 38 or self.handshake[0] != msg_type:
-            return None
-        return bytes(self.handshake[6:38])
-
-    def after_last_ccs(self) -> int:
-        """Records after the last ChangeCipherSpec (TLS 1.2: sealed under the new keys)."""
-        count = 0
-        for content_type, _call in self.records:
-            count = 0 if content_type == ContentType.change_cipher_spec else count + 1
-        return count
-
-    def in_call(self, call: int) -> int:
-        return sum(1 for _t, c in self.records if c == call)
-
-
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            break
-        got += k
-    return bytes(buf[:got])
-
-
-def record_length(header: bytes | bytearray) -> int | None:
-    """The body length announced by a 5-byte record header, or None if the header is not TLS:
-    a content type outside 20..23, a major version other than 3, or a length over
-    2^14 + 2048 (the TLS 1.2 bound, the largest either version allows)."""
-    content_type, version, length = HEADER.unpack_from(header)
-    if content_type not in _CONTENT_TYPES or version >> 8 != 3 or length > MAX_CIPHERTEXT_TLS12:
-        return None
-    return length
-
-
-def read_record(sock: socket.socket) -> tuple[bytes, bool]:
-    """One TLS record from ``sock`` (header and body) and not a byte more, and whether it is
-    whole (False: EOF came first, or the header is not TLS, see :func:`record_length`)."""
-    header = _recv_exactly(sock, HEADER_SIZE)
-    if len(header) < HEADER_SIZE:
-        return header, False
-    length = record_length(header)
-    if length is None:
-        return header, False  # not TLS (a plain-text request?): ssl raises a clear error at once
-    body = _recv_exactly(sock, length)
-    return header + body, len(body) == length
 
 
 # --- the hand-off --------------------------------------------------------------------------------
@@ -172,8 +93,10 @@ def read_record(sock: socket.socket) -> tuple[bytes, bool]:
 
 @dataclass(frozen=True, repr=False)
 class Handoff:
-    """The result of :func:`handshake`: ``tx`` and ``rx`` keys with the next sequence numbers,
-    and the ssl object that did the handshake (for peer certificate, cipher, ALPN, session)."""
+    """The result of :func:`handshake`: the keys of both directions and ssl's object.
+
+    ``tx`` and ``rx`` keys carry the next sequence numbers; ``ssl_object`` is the ssl object that
+    did the handshake (for peer certificate, cipher, ALPN, session)."""
 
     ssl_object: ssl.SSLObject
     version: int
@@ -193,25 +116,25 @@ class Handoff:
         )
 
     def ticket_feed(self) -> TicketFeed | None:
-        """For a TLS 1.3 client, what hands the server's NewSessionTickets back to ssl (so that
-        ``ssl_object.session`` becomes resumable); None otherwise."""
+        """What hands the server's NewSessionTickets back to ssl, for a TLS 1.3 client; else None.
+
+        With it ``ssl_object.session`` becomes resumable."""
         if self.version != TLS_1_3_VERSION or self.ssl_object.server_side:
             return None
         return TicketFeed(self.ssl_object, self.incoming, self.rx)
 
 
 class TicketFeed:
-    """Gives a TLS 1.3 client's ssl object the NewSessionTickets the server sends after the
-    handshake, which the kernel (or the record layer) opened in ssl's place.
+    """Gives a TLS 1.3 client's ssl object the server's NewSessionTickets, after the handshake.
 
-    ssl keeps its own copy of the receive keys of the first generation, at sequence 0. Each
-    ticket is sealed again under those keys and the next sequence number (with
-    ``cryptography``, in userspace: a few hundred bytes per ticket), written to ssl's incoming
-    BIO, and ``ssl_object.read()`` processes it and stores the session. KeyUpdates are not
-    passed on: ssl's copy of the keys only has to agree with this feed. The feed is best
-    effort: if ssl refuses a ticket, feeding stops and the connection goes on without
-    resumption.
-    """
+    The kernel (or the record layer) opened them in ssl's place.
+
+    ssl keeps its own copy of the receive keys of the first generation, at sequence 0. Each ticket
+    is sealed again under those keys and the next sequence number (with ``cryptography``, in
+    userspace: a few hundred bytes per ticket), written to ssl's incoming BIO, and
+    ``ssl_object.read()`` processes it and stores the session. KeyUpdates are not passed on: ssl's
+    copy of the keys only has to agree with this feed. The feed is best effort: if ssl refuses a
+    ticket, feeding stops and the connection goes on without resumption."""
 
     def __init__(self, ssl_object: ssl.SSLObject, incoming: ssl.MemoryBIO, rx: TrafficKeys):
         self._ssl: ssl.SSLObject | None = ssl_object
@@ -242,8 +165,9 @@ class TicketFeed:
 
 @dataclass(frozen=True)
 class Send:
-    """A step of :meth:`Handshake.steps`: send all of ``data`` to the peer. With
-    ``best_effort`` it is the alert of a failed handshake: send what the socket takes without
+    """A step of :meth:`Handshake.steps`: send all of ``data`` to the peer.
+
+    With ``best_effort`` it is the alert of a failed handshake: send what the socket takes without
     waiting and ignore errors (the handshake's error follows when the driver resumes)."""
 
     data: bytes
@@ -252,17 +176,20 @@ class Send:
 
 @dataclass(frozen=True, eq=False)
 class Receive:
-    """A step of :meth:`Handshake.steps`: read at most ``len(buffer)`` bytes from the peer into
-    ``buffer`` and send the count back into the generator (0 at the end of the stream)."""
+    """A step of :meth:`Handshake.steps`: read at most ``len(buffer)`` bytes into ``buffer``.
+
+    The bytes come from the peer; send the count back into the generator (0 at the end of the
+    stream)."""
 
     buffer: memoryview
 
 
 class Handshake:
-    """ssl's handshake over MemoryBIOs, without I/O: the caller moves the bytes, in any event
-    loop or blocking, and gets a :class:`Handoff` at the end. :meth:`steps` is the loop below
-    as a generator of I/O steps, which the blocking :func:`handshake` and the asyncio driver
-    (:mod:`afalg.aio`) both run.
+    """ssl's handshake over MemoryBIOs, without I/O: the caller moves the bytes, and gets a Handoff.
+
+    The caller runs it in any event loop or blocking, and gets a :class:`Handoff` at the end.
+    :meth:`steps` is the loop below as a generator of I/O steps, which the blocking
+    :func:`handshake` and the asyncio driver (:mod:`afalg.aio`) both run.
 
     ::
 
@@ -284,10 +211,9 @@ class Handshake:
 
     A client whose ``context.check_hostname`` is True needs ``server_hostname`` (else
     ``ValueError("check_hostname requires server_hostname")``, as ssl's ``wrap_socket``);
-    ``server_hostname=""`` checks the chain and no name, on purpose (asyncio's convention),
-    where ssl allows it: from Python 3.14 its ``wrap_bio`` refuses it too while
-    ``check_hostname`` is on (the same ValueError), and so does asyncio.
-    """
+    ``server_hostname=""`` checks the chain and no name, on purpose (asyncio's convention), where
+    ssl allows it: from Python 3.14 its ``wrap_bio`` refuses it too while ``check_hostname`` is on
+    (the same ValueError), and so does asyncio."""
 
     def __init__(
         self,
@@ -331,8 +257,9 @@ class Handshake:
 
     @property
     def done(self) -> bool:
-        """The handshake is complete and :meth:`result` is ready (send :meth:`data_to_send`
-        first: it may hold the last flight)."""
+        """The handshake is complete and :meth:`result` is ready.
+
+        Send :meth:`data_to_send` first: it may hold the last flight."""
         return self._result is not None
 
     def data_to_send(self) -> bytes:
@@ -342,8 +269,9 @@ class Handshake:
         return data
 
     def bytes_wanted(self) -> int:
-        """How many bytes to read next at most: the rest of the 5-byte record header, then the
-        rest of the record body; 0 once done or failed."""
+        """How many bytes to read next at most; 0 once done or failed.
+
+        The rest of the 5-byte record header, then the rest of the record body."""
         if self._result is not None or self._failed:
             return 0
         if len(self._record) < HEADER_SIZE:
@@ -353,8 +281,9 @@ class Handshake:
         return HEADER_SIZE + length - len(self._record)
 
     def receive(self, data: bytes | bytearray | memoryview) -> None:
-        """Bytes read from the peer: at most :meth:`bytes_wanted` (more would be the kernel's
-        to read: ``ValueError``). Each completed record goes to ssl."""
+        """Take bytes read from the peer, at most :meth:`bytes_wanted`; whole records go to ssl.
+
+        More would be the kernel's to read: ``ValueError``."""
         if len(data) > self.bytes_wanted():
             raise ValueError(
                 f"{len(data)} bytes given, {self.bytes_wanted()} wanted: the handshake reads "
@@ -444,8 +373,9 @@ class Handshake:
             self._keylog.discard(self._client_random, self._server_side)
 
     def _expect_client_random(self) -> None:
-        """Register the ClientHello's random with the key log once it has gone by (the key log
-        refuses a random already pending: this handshake then must not discard it)."""
+        """Register the ClientHello's random with the key log once it has gone by.
+
+        The key log refuses a random already pending: this handshake then must not discard it."""
         if self._client_random is None:
             random = self._hello_side.first_message_random(HandshakeType.client_hello)
             if random is not None:
@@ -497,14 +427,14 @@ def check_arguments(
     server_hostname: str | None = None,
     session: ssl.SSLSession | None = None,
 ) -> None:
-    """Refuse, before a byte is sent, what ``context.wrap_socket(sock, ...)`` refuses and a
-    socket that cannot carry the handshake.
+    """Refuse what ``context.wrap_socket(sock, ...)`` refuses, and a socket unfit for handshakes.
 
-    ssl's rules (``ValueError``): ``server_hostname`` and ``session`` only in client mode;
-    ``context.check_hostname`` requires a non-empty ``server_hostname``. ``sock`` must be a
-    ``socket.socket`` (``TypeError``) not yet wrapped by ssl (an :class:`ssl.SSLSocket` is
-    already TLS: :class:`afalg.errors.AlreadyWrapped`, a ``TypeError`` and an
-    :class:`ssl.SSLError`), a stream (``ValueError``) and connected (``OSError`` ENOTCONN)."""
+    Checked before a byte is sent. ssl's rules (``ValueError``): ``server_hostname``
+    and ``session`` only in client mode; ``context.check_hostname`` requires a non-empty
+    ``server_hostname``. ``sock`` must be a ``socket.socket`` (``TypeError``) not yet wrapped by ssl
+    (an :class:`ssl.SSLSocket` is already TLS: :class:`afalg.errors.AlreadyWrapped`, a ``TypeError``
+    and an :class:`ssl.SSLError`), a stream (``ValueError``) and connected (``OSError`` ENOTCONN).
+    """
     if not isinstance(sock, socket.socket):
         raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
     if isinstance(sock, ssl.SSLSocket):
@@ -568,10 +498,11 @@ def _check_blocking(sock: socket.socket) -> None:
 
 
 def _drive(sock: socket.socket, hs: Handshake) -> Handoff:
-    """Run ``hs``'s :meth:`Handshake.steps` on the connected, blocking ``sock`` (afalg's
-    blocking driver, shared with :class:`afalg.tls.SSLContext`, which keeps ``hs`` to carry a
-    suite afalg cannot seal on in userspace). A socket timeout raises ssl's
-    ``TimeoutError("The handshake operation timed out")``."""
+    """Run ``hs``'s :meth:`Handshake.steps` on the connected, blocking ``sock``; return its Handoff.
+
+    afalg's blocking driver, shared with :class:`afalg.tls.SSLContext`, which keeps ``hs`` to carry
+    a suite afalg cannot seal on in userspace. A socket timeout raises ssl's ``TimeoutError("The
+    handshake operation timed out")``."""
     steps = hs.steps()
     n: int | None = None
     try:

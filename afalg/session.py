@@ -110,8 +110,9 @@ MAX_EMPTY_RECORDS = 32
 
 @dataclass(frozen=True, slots=True)
 class ApplicationData:
-    """The plaintext of an application_data record (never empty); ``data`` is the object given
-    to :meth:`Session.receive`, not a copy."""
+    """The plaintext of an application_data record, never empty.
+
+    ``data`` is the object given to :meth:`Session.receive`, not a copy."""
 
     data: bytes | bytearray | memoryview
 
@@ -143,9 +144,10 @@ class HelloRequest:
 
 @dataclass(frozen=True, slots=True)
 class KeyUpdate:
-    """The peer moved to its next traffic secret: the records after this one are under its next
-    keys. ``update_requested``: it asked for ours too; :attr:`Session.key_update_due` is then
-    set until our KeyUpdate is out."""
+    """The peer moved to its next traffic secret: the records after this one are under it.
+
+    ``update_requested``: it asked for ours too; :attr:`Session.key_update_due` is then set until
+    our KeyUpdate is out."""
 
     update_requested: bool
 
@@ -156,9 +158,10 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _poisoning(method: _F) -> _F:
-    """Run ``method`` unless the session is poisoned (then raise its error); any exception it
-    raises poisons the session (:meth:`Session.fail`) and is raised. h11's pattern: one place
-    for the error state instead of a check at every ``raise``."""
+    """Run ``method`` unless the session is poisoned (then raise its error).
+
+    Any exception it raises poisons the session (:meth:`Session.fail`) and is raised. h11's pattern:
+    one place for the error state instead of a check at every ``raise``."""
 
     @functools.wraps(method)
     def guarded(self: Session, *args: Any, **kwargs: Any) -> Any:
@@ -241,15 +244,17 @@ class Session:
 
     @property
     def sending_closed(self) -> bool:
-        """Nothing more is to be sent: our close_notify (or a fatal alert) went out, or the peer
-        sent a fatal alert."""
+        """Nothing more is to be sent.
+
+        Our close_notify (or a fatal alert) went out, or the peer sent a fatal alert."""
         return self._sending_closed or self._error is not None
 
     @property
     def key_update_due(self) -> bool:
-        """The peer asked for our KeyUpdate (update_requested): send :meth:`key_update` before
-        the next application data record (RFC 8446 4.6.3). However many requests come while we
-        are silent, one KeyUpdate answers them all."""
+        """The peer asked for our KeyUpdate (update_requested), not sent yet.
+
+        Send :meth:`key_update` before the next application data record (RFC 8446 4.6.3). However
+        many requests come while we are silent, one KeyUpdate answers them all."""
         return self._key_update_due
 
     @property
@@ -260,9 +265,10 @@ class Session:
     # -- receiving --
     @_poisoning
     def receive(self, content_type: int, payload: bytes | bytearray | memoryview) -> list[Event]:
-        """The events of one opened record. Raises :class:`TLSProtocolError` (the session is
-        then poisoned and :meth:`fatal_alert` says what to send) or :class:`TLSAlertReceived`
-        (the peer's fatal alert)."""
+        """The events of one opened record.
+
+        Raises :class:`TLSProtocolError` (the session is then poisoned and :meth:`fatal_alert` says
+        what to send) or :class:`TLSAlertReceived` (the peer's fatal alert)."""
         if content_type != ContentType.alert and len(payload):
             self._warnings = 0  # a non-empty record of another type: a new run of warnings
         if self._hs_buf and content_type != ContentType.handshake:
@@ -282,11 +288,11 @@ class Session:
         )
 
     def application_data(self, length: int) -> bool:
-        """:meth:`receive` of an application_data record of ``length`` plaintext bytes, for a
-        socket that has the plaintext where the caller wants it already: True when it carries
+        """:meth:`receive` of an application_data record of ``length`` bytes, without an event.
+
+        For a socket that has the plaintext where the caller wants it already: True when it carries
         data, False for an empty record (read on). The same rules, errors and poisoning as
-        :meth:`receive`, without an event; the common case (data, no handshake message
-        pending) is one test."""
+        :meth:`receive`; the common case (data, no handshake message pending) is one test."""
         if length and self._error is None and not self._hs_buf:
             self._warnings = self._key_updates = self._empty_records = 0
             return True
@@ -294,8 +300,9 @@ class Session:
 
     @_poisoning
     def _application_data_checked(self, length: int) -> bool:
-        """:meth:`application_data` where the one test failed: poisoned, a handshake message
-        pending, or an empty record."""
+        """:meth:`application_data` where the one test failed.
+
+        That is: poisoned, a handshake message pending, or an empty record."""
         if self._hs_buf:
             raise TLSProtocolError(
                 AlertDescription.unexpected_message,
@@ -321,8 +328,10 @@ class Session:
 
     @_poisoning
     def receive_eof(self, *, suppress_ragged_eofs: bool = True) -> None:
-        """The transport ended without close_notify: end of file if ``suppress_ragged_eofs``
-        (as ssl), else :class:`ssl.SSLEOFError` (and the session is poisoned, no alert owed)."""
+        """The transport ended without close_notify.
+
+        End of file if ``suppress_ragged_eofs`` (as ssl), else :class:`ssl.SSLEOFError` (and the
+        session is poisoned, no alert owed)."""
         self._eof = True
         if not suppress_ragged_eofs:
             raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "EOF occurred in violation of protocol")
@@ -416,8 +425,9 @@ class Session:
 
     # -- sending --
     def check_send(self) -> None:
-        """Raise unless application data may be sent: the poisoning error, or
-        :class:`BrokenPipeError` after our close_notify."""
+        """Raise unless application data may be sent.
+
+        Raises the poisoning error, or :class:`BrokenPipeError` after our close_notify."""
         if self._error is not None:
             raise self._error
         if self._sending_closed:
@@ -427,9 +437,10 @@ class Session:
             )
 
     def sending_data(self) -> None:
-        """:meth:`check_send`, called under the send lock just before application data is
-        sealed: from then on the send key counts as used, so the peer's next KeyUpdate request
-        is owed an answer of its own."""
+        """:meth:`check_send`, called under the send lock just before application data is sealed.
+
+        From then on the send key counts as used, so the peer's next KeyUpdate request is owed an
+        answer of its own."""
         self.check_send()
         self._tx_key_unused = False
 
@@ -464,22 +475,24 @@ class Session:
         return 0
 
     def key_update(self, *, request_peer: bool = False) -> bytes:
-        """The KeyUpdate message to send now, in a handshake record under the current send
-        keys (``request_peer``: update_requested). Nothing changes until
-        :meth:`key_update_sent`. Raises :class:`ValueError` in TLS 1.2."""
+        """The KeyUpdate message to send now, in a handshake record under the current send keys.
+
+        ``request_peer``: update_requested. Nothing changes until :meth:`key_update_sent`. Raises
+        :class:`ValueError` in TLS 1.2."""
         if not self._tls13:
             raise ValueError("KeyUpdate exists in TLS 1.3 only")
         self.check_send()
         return key_update_message(request_peer)
 
     def key_update_answer(self) -> bytes | None:
-        """The KeyUpdate (update_not_requested) that answers the peer's requests, when one is
-        due and may still be sent; None otherwise. Send it under the current keys, then call
-        :meth:`key_update_sent`: before the next application data record at the latest, or as
-        soon as the records read so far are handled if no other thread is sending (one answer
-        for all the requests read meanwhile, RFC 8446 4.6.3). A request read while our send
-        key is one our KeyUpdate installed and no data was sealed since owes no answer: that
-        update answers it (the silent receiver's single update)."""
+        """The KeyUpdate (update_not_requested) that answers the peer's requests, if due; else None.
+
+        None too when it may no longer be sent. Send it under the current keys, then call
+        :meth:`key_update_sent`: before the next application data record at the latest, or as soon
+        as the records read so far are handled if no other thread is sending (one answer for all the
+        requests read meanwhile, RFC 8446 4.6.3). A request read while our send key is one our
+        KeyUpdate installed and no data was sealed since owes no answer: that update answers it (the
+        silent receiver's single update)."""
         if not self._key_update_due or self.sending_closed:
             return None
         return key_update_message(False)
@@ -490,8 +503,10 @@ class Session:
         self._tx_key_unused = True
 
     def close_notify(self) -> bytes | None:
-        """The close_notify alert to send (its two bytes), once; None when it was sent already
-        or the session is poisoned. From now on no application data may be sent."""
+        """The close_notify alert to send (its two bytes), once.
+
+        None when it was sent already or the session is poisoned. From now on no application data
+        may be sent."""
         with self._lock:
             if self._sending_closed or self._error is not None:
                 return None
@@ -500,10 +515,11 @@ class Session:
 
     # -- errors --
     def fail(self, exc: BaseException, alert: int | None = None) -> BaseException:
-        """Poison the session with ``exc`` (an error found by the socket: a record that failed
-        authentication, a kernel refusal...), owing the peer the fatal ``alert`` if one is
-        given. The first error stays: it is what this returns, and what every later call
-        raises. Thread-safe: of two threads failing at once, one error and one alert win."""
+        """Poison the session with ``exc``, owing the peer the fatal ``alert`` if one is given.
+
+        ``exc`` is an error found by the socket: a record that failed authentication, a kernel
+        refusal... The first error stays: it is what this returns, and what every later call raises.
+        Thread-safe: of two threads failing at once, one error and one alert win."""
         with self._lock:
             if self._error is None:
                 self._error = exc
@@ -515,8 +531,9 @@ class Session:
             return self._error
 
     def fatal_alert(self) -> bytes | None:
-        """The fatal alert the peer is owed (its two bytes), once, to one caller of any number
-        of threads; None if there is none."""
+        """The fatal alert the peer is owed (its two bytes) once; None if there is none.
+
+        One caller of any number of threads gets it."""
         with self._lock:
             alert, self._alert_owed = self._alert_owed, None
         return None if alert is None else bytes([AlertLevel.fatal, alert])

@@ -45,32 +45,26 @@ them; :class:`afalg.handoff.TicketFeed` gives them back to ssl, which stores the
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import socket
 import ssl
 import sys
 import threading
-from typing import Any, Literal, cast, get_args
+from typing import Any
 
-from afalg import handoff, ktls
+from afalg import _mode, handoff
+from afalg._mode import BACKENDS, MODES, check_options, choose_mode, hand_off
 from afalg._socket import TLSSocketBase
 from afalg._sslmode import SSLObjectSocket
-from afalg._uapi import TLS_1_3_VERSION
-from afalg.aead_backend import Backend, ChosenBackend, kernel_refusal
+from afalg.aead_backend import Backend, ChosenBackend
 from afalg.algif import AlgTLSSocket
 from afalg.errors import (
-    AlgError,
     AlreadyWrapped,
-    KTLSError,
     TLSAlertReceived,
     UnsupportedCipherSuite,
 )
-from afalg.keys import CipherSuite, TrafficKeys
 from afalg.ktls import KTLSSocket, tls_stats
-from afalg.record import RecordLayer
-from afalg.wire import AlertDescription, AlertLevel, ContentType
 
 __all__ = [
     "BACKENDS",
@@ -93,135 +87,14 @@ __all__ = [
     "wrap",
 ]
 
-Mode = Literal["auto", "ktls", "algif"]
+Mode = _mode.Mode
 """Where records may be protected (``mode=``): kTLS if it can run, else algif; or only one."""
-ChosenMode = Literal["ktls", "algif"]
+ChosenMode = _mode.ChosenMode
 """Where a connection's records are protected (``conn.mode``)."""
 # Backend and ChosenBackend (afalg.aead_backend): algif_backend= and conn.backend
 
-MODES: tuple[Mode, ...] = get_args(Mode)
-BACKENDS: tuple[Backend, ...] = get_args(Backend)
-
-
-def choose_mode(
-    version: int, suite: CipherSuite, mode: Mode = "auto", algif_backend: Backend = "auto"
-) -> tuple[ChosenMode, ChosenBackend]:
-    """Where the records of a connection using ``suite`` in ``version`` (``0x0303``/``0x0304``)
-    are protected: ``(mode, backend)``, one of ``("ktls", "kernel")``, ``("algif", "kernel")``,
-    ``("algif", "cryptography")``. The one definition of ``mode="auto"``:
-
-    1. kTLS, if this kernel runs the suite both ways (``TLS_TX`` and ``TLS_RX``);
-    2. else algif on the kernel's AEAD, if AF_ALG binds it (``algif_backend`` "auto"/"kernel");
-    3. else algif on pyca/cryptography (``algif_backend`` "auto"/"cryptography").
-
-    ``mode="ktls"`` or ``"algif"`` and ``algif_backend="kernel"`` or ``"cryptography"`` narrow
-    the choice. When nothing allowed can run it raises :class:`afalg.errors.KTLSError` (kTLS
-    asked for) or :class:`afalg.AlgorithmNotAvailable` (the kernel AEAD asked for; its message
-    says why, e.g. ``crypto.af_alg_restrict``). Each call tries the kernel afresh.
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    if algif_backend not in BACKENDS:
-        raise ValueError(f"algif_backend must be one of {BACKENDS}, not {algif_backend!r}")
-    if mode in ("auto", "ktls"):
-        if ktls.supports(version, suite.ktls_cipher_type):
-            return "ktls", "kernel"
-        if mode == "ktls":
-            name = "TLSv1.3" if version == TLS_1_3_VERSION else "TLSv1.2"
-            raise KTLSError(
-                errno.ENOPROTOOPT,
-                f"this kernel does not run kTLS for {suite.name} in {name} both ways "
-                "(`afalg info` shows what it runs); use mode='auto' or 'algif'",
-            )
-    if algif_backend in ("auto", "kernel"):
-        refusal = kernel_refusal(suite)
-        if refusal is None:
-            return "algif", "kernel"
-        if algif_backend == "kernel":
-            raise refusal
-    return "algif", "cryptography"
-
-
-def _refuse(sock: socket.socket, tx: TrafficKeys) -> None:
-    """Tell the peer the connection cannot go on: a fatal internal_error alert, sealed under our
-    first traffic keys by pyca/cryptography (it needs neither AF_ALG nor kTLS), then our FIN."""
-    with contextlib.suppress(Exception):
-        layer = RecordLayer(tx=tx, backend="cryptography")
-        alert = bytes([AlertLevel.fatal, AlertDescription.internal_error])
-        sock.sendall(layer.seal(ContentType.alert, alert))
-        layer.close()
-        sock.shutdown(socket.SHUT_WR)
-
-
-def check_options(
-    mode: str = "auto", algif_backend: str = "auto", records_per_key: int | None = None
-) -> None:
-    """Check the options of :func:`wrap` and :func:`hand_off` (and of :mod:`afalg.aio`)
-    before any handshake: ``mode`` in :data:`MODES`, ``algif_backend`` in :data:`BACKENDS`
-    (``ValueError``), ``records_per_key`` None or an int of at least 3 (``TypeError``,
-    ``ValueError``)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    if algif_backend not in BACKENDS:
-        raise ValueError(f"algif_backend must be one of {BACKENDS}, not {algif_backend!r}")
-    if records_per_key is None:
-        return
-    if not isinstance(records_per_key, int) or isinstance(records_per_key, bool):
-        raise TypeError("records_per_key must be an int or None")
-    if records_per_key < 3:
-        raise ValueError("records_per_key must be at least 3 (data, an open record, KeyUpdate)")
-
-
-def hand_off(
-    sock: socket.socket,
-    handoff: handoff.Handoff,
-    *,
-    mode: Mode | str = "auto",
-    algif_backend: Backend | str = "auto",
-    suppress_ragged_eofs: bool = True,
-    records_per_key: int | None = None,
-) -> KTLSSocket | AlgTLSSocket:
-    """The part of :func:`wrap` after the handshake: choose where the records of ``handoff``
-    (a finished :class:`afalg.handoff.Handshake`'s result) are protected (:func:`choose_mode`)
-    and return the TLS socket over ``sock``, which then owns it. For drivers of the sans-I/O
-    handshake (:mod:`afalg.aio`). When the mode asked for cannot run, the peer gets a fatal
-    ``internal_error`` alert and the error is raised; ``sock`` is left to the caller then.
-    kTLS attaches to established connections only: with ``mode="auto"``, a peer that
-    half-closed before the hand-off (sent its data and FIN at once) gets algif mode instead."""
-    check_options(mode, algif_backend, records_per_key)
-    # checked: a Mode and a Backend (str too until afalg.aio's options carry the Literals)
-    mode, algif_backend = cast(Mode, mode), cast(Backend, algif_backend)
-    h = handoff
-    common: dict[str, Any] = {
-        "ssl_object": h.ssl_object,
-        "suppress_ragged_eofs": suppress_ragged_eofs,
-        "tickets": h.ticket_feed(),
-        "records_per_key": records_per_key,
-    }
-    try:
-        chosen, backend = choose_mode(h.version, h.cipher_suite, mode, algif_backend)
-        if chosen == "algif":
-            return AlgTLSSocket(sock, h.tx, h.rx, backend=backend, **common)
-    except (AlgError, KTLSError):
-        _refuse(sock, h.tx)  # nothing was installed on sock: the peer hears why, in TLS
-        raise
-    try:
-        return KTLSSocket(sock, h.tx, h.rx, **common)
-    except KTLSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            raise
-        # The tls ULP attaches to established connections only: the peer half-closed (its
-        # data and FIN are queued) before the hand-off. Nothing was installed; "auto" goes on
-        # in algif mode, "ktls" tells the peer it cannot.
-        if mode != "auto":
-            _refuse(sock, h.tx)
-            raise
-    try:
-        _, backend = choose_mode(h.version, h.cipher_suite, "algif", algif_backend)
-        return AlgTLSSocket(sock, h.tx, h.rx, backend=backend, **common)
-    except (AlgError, KTLSError):
-        _refuse(sock, h.tx)
-        raise
+# Documented as afalg.tls's, where users import them from (their code is afalg._mode's).
+choose_mode.__module__ = check_options.__module__ = hand_off.__module__ = __name__
 
 
 def wrap(
@@ -236,25 +109,25 @@ def wrap(
     algif_backend: Backend = "auto",
     records_per_key: int | None = None,
 ) -> KTLSSocket | AlgTLSSocket:
-    """Handshake on the connected TCP socket ``sock`` with ``context`` and return a TLS socket
-    whose records the kernel protects. The result owns ``sock`` (it is closed on failure too).
+    """Handshake on the connected TCP socket ``sock`` and return a TLS socket the kernel protects.
 
-    ``mode`` is ``"ktls"``, ``"algif"`` or ``"auto"`` and ``algif_backend`` the AEAD of algif
-    mode (``"auto"``, ``"kernel"``, ``"cryptography"``), chosen by :func:`choose_mode`; the
-    result's ``.mode`` and ``.backend`` say which ran. The handshake honours ``sock``'s timeout.
-    ``records_per_key`` caps the records one send key seals (default: the AEAD usage limit of
-    RFC 8446 section 5.5, 2**24 for AES-GCM, none for ChaCha20-Poly1305); writes and
-    ``sendfile`` are split there and a TLS 1.3 KeyUpdate goes first (under kTLS the count is the
-    kernel's sequence number, and rekeying needs Linux 6.14); TLS 1.2 cannot update keys, so
-    a send at the limit raises :class:`afalg.errors.KeyLimitReached` having sent nothing.
-    Raises what ssl raises for a failed handshake, :class:`afalg.keys.UnsupportedCipherSuite`
-    for a non-AEAD suite; when the mode asked for cannot run (:class:`afalg.errors.KTLSError`,
-    :class:`afalg.AlgorithmNotAvailable`) the peer first gets a fatal ``internal_error`` alert.
-    Before a byte is sent it refuses what ``context.wrap_socket`` refuses
-    (:func:`afalg.handoff.check_arguments`: ``ValueError("check_hostname requires
-    server_hostname")`` ...), an :class:`ssl.SSLSocket` (already TLS) and an unconnected
-    socket; ``sock`` stays the caller's then.
-    """
+    ``context`` is the :class:`ssl.SSLContext` of the handshake. The result owns ``sock`` (it is
+    closed on failure too).
+
+    ``mode`` is ``"ktls"``, ``"algif"`` or ``"auto"`` and ``algif_backend`` the AEAD of algif mode
+    (``"auto"``, ``"kernel"``, ``"cryptography"``), chosen by :func:`choose_mode`; the result's
+    ``.mode`` and ``.backend`` say which ran. The handshake honours ``sock``'s timeout.
+    ``records_per_key`` caps the records one send key seals (default: the AEAD usage limit of RFC
+    8446 section 5.5, 2**24 for AES-GCM, none for ChaCha20-Poly1305); writes and ``sendfile`` are
+    split there and a TLS 1.3 KeyUpdate goes first (under kTLS the count is the kernel's sequence
+    number, and rekeying needs Linux 6.14); TLS 1.2 cannot update keys, so a send at the limit
+    raises :class:`afalg.errors.KeyLimitReached` having sent nothing. Raises what ssl raises for a
+    failed handshake, :class:`afalg.keys.UnsupportedCipherSuite` for a non-AEAD suite; when the mode
+    asked for cannot run (:class:`afalg.errors.KTLSError`, :class:`afalg.AlgorithmNotAvailable`) the
+    peer first gets a fatal ``internal_error`` alert. Before a byte is sent it refuses what
+    ``context.wrap_socket`` refuses (:func:`afalg.handoff.check_arguments`:
+    ``ValueError("check_hostname requires server_hostname")`` ...), an :class:`ssl.SSLSocket`
+    (already TLS) and an unconnected socket; ``sock`` stays the caller's then."""
     check_options(mode, algif_backend, records_per_key)
     handoff.check_arguments(
         sock, context, server_side=server_side, server_hostname=server_hostname, session=session
@@ -283,11 +156,12 @@ _SSL_WRAP_SOCKET = ssl.SSLContext.wrap_socket
 
 
 def _takes_over(sock: Any) -> bool:
-    """Whether afalg wraps ``sock`` (else Python's ssl does, with ssl's own behaviour and
-    errors): a blocking (or timeout) TCP socket. A non-blocking one stays ssl's: its caller
-    drives the handshake with ``do_handshake()`` and ``SSLWantReadError``, which afalg's
-    blocking handshake does not offer. Objects that are no socket go to afalg's checks, which
-    name the mistake."""
+    """Whether afalg wraps ``sock``: a blocking (or timeout) TCP socket; else Python's ssl does.
+
+    Python's ssl then wraps it with its own behaviour and errors. A non-blocking socket stays ssl's:
+    its caller drives the handshake with ``do_handshake()`` and ``SSLWantReadError``, which afalg's
+    blocking handshake does not offer. Objects that are no socket go to afalg's checks, which name
+    the mistake."""
     if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
         return True
     return (
@@ -298,15 +172,18 @@ def _takes_over(sock: Any) -> bool:
 
 
 def _check_not_tls(sock: Any) -> None:
-    """An afalg TLS socket given to be wrapped again: :class:`afalg.errors.AlreadyWrapped`
-    (an ssl socket is refused by :func:`afalg.handoff.check_arguments`)."""
+    """Refuse an afalg TLS socket given to be wrapped again.
+
+    Raises :class:`afalg.errors.AlreadyWrapped` (an ssl socket is refused by
+    :func:`afalg.handoff.check_arguments`)."""
     if isinstance(sock, (TLSSocketBase, SSLObjectSocket, _PendingTLSSocket)):
         raise AlreadyWrapped(f"afalg's {type(sock).__name__}")
 
 
 class _Options:
-    """The per-socket arguments of ``wrap_socket`` and the context's afalg options, kept for
-    a later handshake."""
+    """The per-socket arguments of ``wrap_socket`` and the context's afalg options.
+
+    Kept for a later handshake."""
 
     def __init__(
         self,
@@ -336,8 +213,10 @@ def _wrap_socket(
     mode: Mode,
     records_per_key: int | None,
 ) -> Any:
-    """``context.wrap_socket(sock, ...)`` afalg's way (:meth:`SSLContext.wrap_socket`, and
-    every ssl context's after :func:`inject_into_ssl`)."""
+    """``context.wrap_socket(sock, ...)`` afalg's way.
+
+    What :meth:`SSLContext.wrap_socket` calls, and every ssl context's after
+    :func:`inject_into_ssl`."""
     _check_not_tls(sock)
     if not _takes_over(sock):
         return _SSL_WRAP_SOCKET(
@@ -365,10 +244,10 @@ def _wrap_socket(
 def _handshake(
     sock: socket.socket, context: ssl.SSLContext, options: _Options
 ) -> KTLSSocket | AlgTLSSocket | SSLObjectSocket:
-    """:func:`wrap`, never failing where ssl would not: a finished handshake whose suite afalg
-    cannot seal (not AEAD, TLS before 1.2) goes on in userspace over its ssl object (mode
-    "ssl", :class:`afalg._sslmode.SSLObjectSocket`). The result owns ``sock``, closed on
-    failure."""
+    """:func:`wrap`, never failing where ssl would not; the result owns ``sock``, closed on failure.
+
+    A finished handshake whose suite afalg cannot seal (not AEAD, TLS before 1.2) goes on in
+    userspace over its ssl object (mode "ssl", :class:`afalg._sslmode.SSLObjectSocket`)."""
     o = options
     try:
         handoff._check_blocking(sock)
@@ -394,18 +273,19 @@ def _handshake(
 
 
 class SSLContext(ssl.SSLContext):
-    """:class:`ssl.SSLContext` whose :meth:`wrap_socket` runs the handshake with ssl and hands
-    the connection to the kernel as :func:`afalg.tls.wrap` does (kTLS or algif, ``conn.mode``).
+    """An :class:`ssl.SSLContext` whose :meth:`wrap_socket` hands the connection to the kernel.
 
-    Same constructor and settings as ssl's (``protocol`` defaults to ``PROTOCOL_TLS_CLIENT``),
-    plus ``mode`` (``"auto"``, ``"ktls"``, ``"algif"``) and ``records_per_key`` (see
-    :func:`afalg.tls.wrap`), checked here and kept as attributes. Like ssl's, a bare context
-    loads no CA certificates: :func:`create_default_context` does. ``wrap_bio`` stays ssl's
-    (asyncio uses it). Never a failure where ssl's own context would have worked: a negotiated
-    suite afalg cannot seal (not AEAD, or TLS before 1.2) goes on in userspace over ssl's
-    object (``conn.mode == "ssl"``), and a socket afalg cannot take is ssl's own
-    :class:`ssl.SSLSocket` (see :meth:`wrap_socket`).
-    """
+    The handshake runs with ssl, then the connection goes to the kernel as :func:`afalg.tls.wrap`
+    does (kTLS or algif, ``conn.mode``).
+
+    Same constructor and settings as ssl's (``protocol`` defaults to ``PROTOCOL_TLS_CLIENT``), plus
+    ``mode`` (``"auto"``, ``"ktls"``, ``"algif"``) and ``records_per_key`` (see
+    :func:`afalg.tls.wrap`), checked here and kept as attributes. Like ssl's, a bare context loads
+    no CA certificates: :func:`create_default_context` does. ``wrap_bio`` stays ssl's (asyncio uses
+    it). Never a failure where ssl's own context would have worked: a negotiated suite afalg cannot
+    seal (not AEAD, or TLS before 1.2) goes on in userspace over ssl's object (``conn.mode ==
+    "ssl"``), and a socket afalg cannot take is ssl's own :class:`ssl.SSLSocket` (see
+    :meth:`wrap_socket`)."""
 
     mode: Mode
     records_per_key: int | None
@@ -524,8 +404,9 @@ class _PendingTLSSocket:
         return None if self._conn is None else self._conn.selected_alpn_protocol()
 
     def getpeercert(self, binary_form: bool = False) -> Any:
-        """The peer's certificate (``ssl.SSLSocket.getpeercert``); ``ValueError`` before the
-        handshake, as ssl."""
+        """The peer's certificate, as ``ssl.SSLSocket.getpeercert``.
+
+        ``ValueError`` before the handshake, as ssl."""
         if self._conn is None:
             raise ValueError("handshake not done yet")
         return self._conn.getpeercert(binary_form)
@@ -540,8 +421,9 @@ class _PendingTLSSocket:
             self._conn = _handshake(self._sock, self.context, self._options)
 
     def connect(self, address: Any) -> None:
-        """Connect the TCP socket, then handshake per ``do_handshake_on_connect``; as in ssl,
-        a server-side or already connected socket refuses (``ValueError``)."""
+        """Connect the TCP socket, then handshake per ``do_handshake_on_connect``.
+
+        As in ssl, a server-side or already connected socket refuses (``ValueError``)."""
         if self._options.server_side:
             raise ValueError("can't connect in server-side mode")
         if self._connected:
@@ -552,9 +434,10 @@ class _PendingTLSSocket:
             self.do_handshake()
 
     def accept(self) -> tuple[Any, Any]:
-        """Accept a connection on the listening socket and wrap it server-side with the same
-        context and options (handshake per ``do_handshake_on_connect``), as
-        ``ssl.SSLSocket.accept`` does. A failed handshake closes the new socket and raises."""
+        """Accept a connection on the listening socket, as ``ssl.SSLSocket.accept`` does.
+
+        The new socket is wrapped server-side with the same context and options (handshake per
+        ``do_handshake_on_connect``). A failed handshake closes the new socket and raises."""
         newsock, addr = self._sock.accept()
         o = self._options
         conn = _wrap_socket(
@@ -597,10 +480,11 @@ def create_default_context(
     mode: Mode = "auto",
     records_per_key: int | None = None,
 ) -> SSLContext:
-    """An afalg :class:`SSLContext` with ssl's defaults, as :func:`ssl.create_default_context`:
-    ``Purpose.SERVER_AUTH`` (for clients) verifies certificates and host names; CA
-    certificates are ``cafile``/``capath``/``cadata`` if given, else the system's;
-    ``SSLKEYLOGFILE`` is honoured. ``purpose`` not an ``ssl.Purpose``: ``TypeError``."""
+    """An afalg :class:`SSLContext` with ssl's defaults, as :func:`ssl.create_default_context`.
+
+    ``Purpose.SERVER_AUTH`` (for clients) verifies certificates and host names; CA certificates are
+    ``cafile``/``capath``/``cadata`` if given, else the system's; ``SSLKEYLOGFILE`` is honoured.
+    ``purpose`` not an ``ssl.Purpose``: ``TypeError``."""
     if not isinstance(purpose, ssl.Purpose):
         raise TypeError(purpose)
     protocol = ssl.PROTOCOL_TLS_CLIENT
@@ -658,19 +542,20 @@ def _injected_wrap_socket(
 
 
 def inject_into_ssl(*, mode: Mode = "auto", records_per_key: int | None = None) -> None:
-    """Make every :class:`ssl.SSLContext`'s ``wrap_socket`` afalg's, for programs and
-    libraries that build their own contexts (``ssl.create_default_context()``, urllib3,
-    requests, smtplib, ...): each TLS socket they open is then handed to the kernel as
-    :meth:`SSLContext.wrap_socket` does, with ``mode`` and ``records_per_key``. Idempotent (a
-    second call changes only the options); :func:`extract_from_ssl` undoes it.
+    """Make every :class:`ssl.SSLContext`'s ``wrap_socket`` afalg's.
 
-    For applications, at start-up, never for libraries: it changes every context of the
-    process. What changes: those sockets are afalg's, not :class:`ssl.SSLSocket` (code that
-    checks ``isinstance(sock, ssl.SSLSocket)`` or calls SSLSocket-only methods sees the
-    difference); a non-blocking or non-TCP socket stays ssl's. What does not: ``wrap_bio``,
-    and so asyncio's own TLS; the class ``ssl.SSLContext`` itself (isinstance checks, its
-    settings); contexts whose class overrides ``wrap_socket`` (afalg's own, truststore's).
-    Bad options: ``ValueError``/``TypeError`` as :func:`check_options`, nothing injected."""
+    For programs and libraries that build their own contexts (``ssl.create_default_context()``,
+    urllib3, requests, smtplib, ...): each TLS socket they open is then handed to the kernel as
+    :meth:`SSLContext.wrap_socket` does, with ``mode`` and ``records_per_key``. Idempotent (a second
+    call changes only the options); :func:`extract_from_ssl` undoes it.
+
+    For applications, at start-up, never for libraries: it changes every context of the process.
+    What changes: those sockets are afalg's, not :class:`ssl.SSLSocket` (code that checks
+    ``isinstance(sock, ssl.SSLSocket)`` or calls SSLSocket-only methods sees the difference); a
+    non-blocking or non-TCP socket stays ssl's. What does not: ``wrap_bio``, and so asyncio's own
+    TLS; the class ``ssl.SSLContext`` itself (isinstance checks, its settings); contexts whose class
+    overrides ``wrap_socket`` (afalg's own, truststore's). Bad options: ``ValueError``/``TypeError``
+    as :func:`check_options`, nothing injected."""
     global _injected
     check_options(mode, "auto", records_per_key)
     with _injection_lock:
@@ -679,8 +564,9 @@ def inject_into_ssl(*, mode: Mode = "auto", records_per_key: int | None = None) 
 
 
 def extract_from_ssl() -> None:
-    """Undo :func:`inject_into_ssl`: ``ssl.SSLContext.wrap_socket`` is ssl's own again (sockets
-    already wrapped stay as they are). Idempotent."""
+    """Undo :func:`inject_into_ssl`: ``ssl.SSLContext.wrap_socket`` is ssl's own again.
+
+    Sockets already wrapped stay as they are. Idempotent."""
     global _injected
     with _injection_lock:
         ssl.SSLContext.wrap_socket = _SSL_WRAP_SOCKET  # type: ignore[method-assign]
