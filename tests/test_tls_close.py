@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import select
 import socket
 import ssl
+import sys
+import termios
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -34,6 +38,13 @@ def _tcp_state(sock: socket.socket) -> int:
     readable, _, _ = select.select([sock], [], [], 60)
     assert readable, "no FIN nor reset after close_notify"
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def _queued(sock: Any) -> int:
+    """The bytes waiting unread in ``sock``'s TCP receive queue (``FIONREAD``)."""
+    buf = bytearray(4)
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+    return int.from_bytes(buf, sys.byteorder)
 
 
 def _pair(mode: tuple[str, str]) -> tuple[Any, ssl.SSLSocket]:
@@ -86,6 +97,8 @@ def test_aio_close_while_reading_is_paused(mode: tuple[str, str]) -> None:
     written, then close_notify, over a FIN."""
     data = pattern(65_536, 4)
     paused = threading.Event()  # the peer sends only then: the transport must not read it
+    sent = threading.Event()
+    unread = b"never read" * 1000  # one record: 10,022 bytes on the wire
     with socket.create_server(("127.0.0.1", 0)) as listener:
 
         def peer() -> tuple[bytes, int]:
@@ -93,7 +106,8 @@ def test_aio_close_while_reading_is_paused(mode: tuple[str, str]) -> None:
             with server_context("TLSv1.3").wrap_socket(sock, server_side=True) as theirs:
                 theirs.settimeout(60)
                 assert paused.wait(60), "the client did not pause reading"
-                theirs.sendall(b"never read" * 1000)
+                theirs.sendall(unread)
+                sent.set()
                 return recv_all(theirs), _tcp_state(theirs)
 
         bg = Bg(peer)
@@ -106,8 +120,14 @@ def test_aio_close_while_reading_is_paused(mode: tuple[str, str]) -> None:
             writer.transport.pause_reading()
             paused.set()
             tcp = writer.get_extra_info("socket")
-            readable, _, _ = select.select([tcp], [], [], 60)  # the peer's data, unread
-            assert readable, "the peer's data did not arrive"
+            # The peer's data, unread, all of it: readable alone could be its tickets, sent
+            # before, with the data still on its way (it would come after the close: a reset)
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, sent.wait, 60), "the peer sent nothing"
+            deadline = time.monotonic() + 60
+            while _queued(tcp) < len(unread) + 22:
+                assert time.monotonic() < deadline, "the peer's data did not arrive"
+                time.sleep(0.01)
             writer.write(data)
             writer.close()
             await writer.wait_closed()
