@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import select
 import socket
@@ -460,9 +461,7 @@ class TLSSocketBase:
         raise NotImplementedError
 
     def _writable_now(self) -> bool:
-        poller = select.poll()
-        poller.register(self._sock, select.POLLOUT)
-        return bool(poller.poll(0))
+        return wait_writable(self._sock, 0.0)
 
     def _readable_now(self) -> bool:
         """Whether the TCP socket has something to read right now.
@@ -584,3 +583,23 @@ class TLSSocketBase:
         raise io.UnsupportedOperation(
             f"{type(self).__name__} cannot give its socket back: the keys live in it"
         )
+
+
+def wait_writable(sock: socket.socket | int, deadline: float | None) -> bool:
+    """Wait until ``sock`` (a socket or a descriptor) takes more; False if not by ``deadline``.
+
+    ``deadline`` is on ``time.monotonic()``: None waits without limit, one in the past only
+    looks. The one writable wait of kTLS, algif and the asyncio transport."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    while True:
+        left = None if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1e3))
+        if poller.poll(left):
+            return True
+        if left == 0:
+            return False
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    """The ``time.monotonic()`` deadline ``timeout`` seconds from now (None: no deadline)."""
+    return None if timeout is None else time.monotonic() + timeout
