@@ -470,9 +470,13 @@ class TLSTransport(SendfileTransport):
                 logger.debug("%r: %s", self, message, exc_info=True)
         else:
             self._loop.call_exception_handler(
-                {"message": message, "exception": exc, "transport": self,
-                 "protocol": self._protocol}
-            )  # fmt: skip
+                {
+                    "message": message,
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._protocol,
+                }
+            )
         self._force_close(exc)
 
     def _force_close(self, exc: BaseException | None) -> None:

@@ -67,13 +67,19 @@ class AlgTLSSocket(TLSSocketBase):
         if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
             raise TypeError("sock must be a connected SOCK_STREAM socket.socket")
         self._layer = RecordLayer(
-            tx=tx, rx=rx, backend=backend,
+            tx=tx,
+            rx=rx,
+            backend=backend,
             records_per_key=records_per_key or default_records_per_key(tx.cipher_suite),
-        )  # fmt: skip
+        )
         super().__init__(
-            sock, version=tx.version, ssl_object=ssl_object,
-            suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets, server_side=server_side,
-        )  # fmt: skip
+            sock,
+            version=tx.version,
+            ssl_object=ssl_object,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            tickets=tickets,
+            server_side=server_side,
+        )
         self._out = bytearray()  # sealed bytes the socket has not taken yet (non-blocking)
         self._rx_lock = threading.RLock()
 

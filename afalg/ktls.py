@@ -161,9 +161,13 @@ class KTLSSocket(TLSSocketBase):
             raise ValueError("records_per_key must be at least 3 under kTLS")
         enable(sock, tx, rx)
         super().__init__(
-            sock, version=tx.version, ssl_object=ssl_object,
-            suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets, server_side=server_side,
-        )  # fmt: skip
+            sock,
+            version=tx.version,
+            ssl_object=ssl_object,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            tickets=tickets,
+            server_side=server_side,
+        )
         self._tx_keys = tx.with_seq(0) if tx.secret is not None else None  # for KeyUpdate only
         self._rx_keys = rx.with_seq(0) if rx.secret is not None else None
         self._scratch: memoryview | None = None  # one record's room, for small reads
