@@ -19,8 +19,9 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Self
+from typing import Any
 
+from afalg._face import SocketFace
 from afalg._uapi import TLS_1_3_VERSION
 from afalg.errors import ClosedError, TLSProtocolError
 from afalg.handoff import TicketFeed
@@ -76,7 +77,7 @@ def sendfile_by_send(sock: Any, file: Any, offset: int, count: int | None, chunk
     return total
 
 
-class TLSSocketBase:
+class TLSSocketBase(SocketFace):
     """What both afalg TLS sockets share, the driver of the post-handshake protocol included.
 
     Ownership of the TCP socket, timeouts, the ssl facts of the handshake, makefile, sendall,
@@ -160,49 +161,7 @@ class TLSSocketBase:
     def selected_alpn_protocol(self) -> str | None:
         return self._ssl.selected_alpn_protocol() if self._ssl is not None else None
 
-    # -- the socket --
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    @property
-    def family(self) -> int:
-        return self._sock.family
-
-    @property
-    def type(self) -> int:
-        return self._sock.type
-
-    @property
-    def proto(self) -> int:
-        return self._sock.proto
-
-    def getpeername(self) -> Any:
-        return self._sock.getpeername()
-
-    def getsockname(self) -> Any:
-        return self._sock.getsockname()
-
-    def gettimeout(self) -> float | None:
-        return self._sock.gettimeout()
-
-    def settimeout(self, timeout: float | None) -> None:
-        self._sock.settimeout(timeout)
-
-    def setblocking(self, flag: bool) -> None:
-        self._sock.setblocking(flag)
-
-    def getblocking(self) -> bool:
-        return self._sock.getblocking()
-
-    def setsockopt(self, *args: Any) -> None:
-        self._sock.setsockopt(*args)
-
-    def getsockopt(self, *args: Any) -> Any:
-        return self._sock.getsockopt(*args)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
+    # -- the TCP socket: afalg._face.SocketFace --
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._sock.fileno()}"
@@ -211,12 +170,6 @@ class TLSSocketBase:
             f"<{type(self).__name__} {state} mode={self.mode} "
             f"{self.version() or '?'} {cipher[0] if cipher else '?'}>"
         )
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     # -- data --
     def send(self, data: Any, flags: int = 0) -> int:

@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Any
 
+from afalg._face import SocketFace
 from afalg._socket import sendfile_by_send
 
 __all__ = ["SSLObjectSocket"]
@@ -45,7 +46,7 @@ class _Failure:
             self.error = exc
 
 
-class SSLObjectSocket:
+class SSLObjectSocket(SocketFace):
     """A TLS connection whose records OpenSSL protects in userspace. Owns ``sock``.
 
     It runs over the ssl object of a finished handshake (``mode == "ssl"``, ``backend ==
@@ -154,55 +155,7 @@ class SSLObjectSocket:
     def selected_alpn_protocol(self) -> str | None:
         return self._ssl.selected_alpn_protocol()
 
-    # -- the TCP socket --
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def getpeername(self) -> Any:
-        return self._sock.getpeername()
-
-    def getsockname(self) -> Any:
-        return self._sock.getsockname()
-
-    @property
-    def family(self) -> int:
-        return self._sock.family
-
-    @property
-    def type(self) -> int:
-        return self._sock.type
-
-    @property
-    def proto(self) -> int:
-        return self._sock.proto
-
-    def setsockopt(self, *args: Any) -> None:
-        self._sock.setsockopt(*args)
-
-    def getsockopt(self, *args: Any) -> Any:
-        return self._sock.getsockopt(*args)
-
-    def gettimeout(self) -> float | None:
-        return self._sock.gettimeout()
-
-    def setblocking(self, flag: bool) -> None:
-        self._sock.setblocking(flag)
-
-    def getblocking(self) -> bool:
-        return self._sock.getblocking()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def settimeout(self, timeout: float | None) -> None:
-        self._sock.settimeout(timeout)
-
-    def __enter__(self) -> SSLObjectSocket:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    # -- the TCP socket: afalg._face.SocketFace --
 
     # -- sending --
     def send(self, data: Any, flags: int = 0) -> int:
