@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import select
 import socket
 import ssl
 import threading
 import time
-from typing import Any, Self
+from typing import Any
 
+from afalg._face import SocketFace
 from afalg._uapi import TLS_1_3_VERSION
 from afalg.errors import ClosedError, TLSProtocolError
 from afalg.handoff import TicketFeed
@@ -75,7 +77,7 @@ def sendfile_by_send(sock: Any, file: Any, offset: int, count: int | None, chunk
     return total
 
 
-class TLSSocketBase:
+class TLSSocketBase(SocketFace):
     """What both afalg TLS sockets share, the driver of the post-handshake protocol included.
 
     Ownership of the TCP socket, timeouts, the ssl facts of the handshake, makefile, sendall,
@@ -159,49 +161,7 @@ class TLSSocketBase:
     def selected_alpn_protocol(self) -> str | None:
         return self._ssl.selected_alpn_protocol() if self._ssl is not None else None
 
-    # -- the socket --
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    @property
-    def family(self) -> int:
-        return self._sock.family
-
-    @property
-    def type(self) -> int:
-        return self._sock.type
-
-    @property
-    def proto(self) -> int:
-        return self._sock.proto
-
-    def getpeername(self) -> Any:
-        return self._sock.getpeername()
-
-    def getsockname(self) -> Any:
-        return self._sock.getsockname()
-
-    def gettimeout(self) -> float | None:
-        return self._sock.gettimeout()
-
-    def settimeout(self, timeout: float | None) -> None:
-        self._sock.settimeout(timeout)
-
-    def setblocking(self, flag: bool) -> None:
-        self._sock.setblocking(flag)
-
-    def getblocking(self) -> bool:
-        return self._sock.getblocking()
-
-    def setsockopt(self, *args: Any) -> None:
-        self._sock.setsockopt(*args)
-
-    def getsockopt(self, *args: Any) -> Any:
-        return self._sock.getsockopt(*args)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
+    # -- the TCP socket: afalg._face.SocketFace --
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._sock.fileno()}"
@@ -210,12 +170,6 @@ class TLSSocketBase:
             f"<{type(self).__name__} {state} mode={self.mode} "
             f"{self.version() or '?'} {cipher[0] if cipher else '?'}>"
         )
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     # -- data --
     def send(self, data: Any, flags: int = 0) -> int:
@@ -260,48 +214,6 @@ class TLSSocketBase:
 
     def write(self, data: Any) -> int:
         return self.send(data)
-
-    def makefile(
-        self,
-        mode: str = "r",
-        buffering: int | None = None,
-        *,
-        encoding: str | None = None,
-        errors: str | None = None,
-        newline: str | None = None,
-    ) -> Any:
-        """A file object over the TLS connection, as :meth:`socket.socket.makefile`."""
-        if not set(mode) <= {"r", "w", "b"}:
-            raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
-        writing = "w" in mode
-        reading = "r" in mode or not writing
-        binary = "b" in mode
-        raw = socket.SocketIO(self, ("r" if reading else "") + ("w" if writing else ""))  # type: ignore[arg-type]
-        self._io_refs += 1
-        if buffering is None or buffering < 0:
-            buffering = io.DEFAULT_BUFFER_SIZE
-        if buffering == 0:
-            if not binary:
-                raise ValueError("unbuffered streams must be binary")
-            return raw
-        buffer: Any
-        if reading and writing:
-            buffer = io.BufferedRWPair(raw, raw, buffering)
-        elif reading:
-            buffer = io.BufferedReader(raw, buffering)
-        else:
-            buffer = io.BufferedWriter(raw, buffering)
-        if binary:
-            return buffer
-        text = io.TextIOWrapper(buffer, io.text_encoding(encoding), errors, newline)
-        text.mode = mode  # type: ignore[misc]
-        return text
-
-    def _decref_socketios(self) -> None:
-        if self._io_refs > 0:
-            self._io_refs -= 1
-        if self._closed:
-            self.close()
 
     def _check_open(self) -> None:
         """EBADF once closed (a file from :meth:`makefile` keeps the socket open)."""
@@ -460,9 +372,7 @@ class TLSSocketBase:
         raise NotImplementedError
 
     def _writable_now(self) -> bool:
-        poller = select.poll()
-        poller.register(self._sock, select.POLLOUT)
-        return bool(poller.poll(0))
+        return wait_writable(self._sock, 0.0)
 
     def _readable_now(self) -> bool:
         """Whether the TCP socket has something to read right now.
@@ -584,3 +494,23 @@ class TLSSocketBase:
         raise io.UnsupportedOperation(
             f"{type(self).__name__} cannot give its socket back: the keys live in it"
         )
+
+
+def wait_writable(sock: socket.socket | int, deadline: float | None) -> bool:
+    """Wait until ``sock`` (a socket or a descriptor) takes more; False if not by ``deadline``.
+
+    ``deadline`` is on ``time.monotonic()``: None waits without limit, one in the past only
+    looks. The one writable wait of kTLS, algif and the asyncio transport."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    while True:
+        left = None if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1e3))
+        if poller.poll(left):
+            return True
+        if left == 0:
+            return False
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    """The ``time.monotonic()`` deadline ``timeout`` seconds from now (None: no deadline)."""
+    return None if timeout is None else time.monotonic() + timeout

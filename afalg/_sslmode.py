@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Any
 
+from afalg._face import SocketFace
 from afalg._socket import sendfile_by_send
 
 __all__ = ["SSLObjectSocket"]
@@ -45,7 +46,7 @@ class _Failure:
             self.error = exc
 
 
-class SSLObjectSocket:
+class SSLObjectSocket(SocketFace):
     """A TLS connection whose records OpenSSL protects in userspace. Owns ``sock``.
 
     It runs over the ssl object of a finished handshake (``mode == "ssl"``, ``backend ==
@@ -154,55 +155,7 @@ class SSLObjectSocket:
     def selected_alpn_protocol(self) -> str | None:
         return self._ssl.selected_alpn_protocol()
 
-    # -- the TCP socket --
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def getpeername(self) -> Any:
-        return self._sock.getpeername()
-
-    def getsockname(self) -> Any:
-        return self._sock.getsockname()
-
-    @property
-    def family(self) -> int:
-        return self._sock.family
-
-    @property
-    def type(self) -> int:
-        return self._sock.type
-
-    @property
-    def proto(self) -> int:
-        return self._sock.proto
-
-    def setsockopt(self, *args: Any) -> None:
-        self._sock.setsockopt(*args)
-
-    def getsockopt(self, *args: Any) -> Any:
-        return self._sock.getsockopt(*args)
-
-    def gettimeout(self) -> float | None:
-        return self._sock.gettimeout()
-
-    def setblocking(self, flag: bool) -> None:
-        self._sock.setblocking(flag)
-
-    def getblocking(self) -> bool:
-        return self._sock.getblocking()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def settimeout(self, timeout: float | None) -> None:
-        self._sock.settimeout(timeout)
-
-    def __enter__(self) -> SSLObjectSocket:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    # -- the TCP socket: afalg._face.SocketFace --
 
     # -- sending --
     def send(self, data: Any, flags: int = 0) -> int:
@@ -329,49 +282,6 @@ class SSLObjectSocket:
         if out:
             with contextlib.suppress(BlockingIOError, InterruptedError, OSError):
                 self.flush()
-
-    def makefile(
-        self,
-        mode: str = "r",
-        buffering: int | None = None,
-        *,
-        encoding: str | None = None,
-        errors: str | None = None,
-        newline: str | None = None,
-    ) -> Any:
-        """Return a file object over the TLS connection, as :meth:`socket.socket.makefile`.
-
-        It keeps the connection open until it is closed too."""
-        if not set(mode) <= {"r", "w", "b"}:
-            raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
-        writing = "w" in mode
-        reading = "r" in mode or not writing
-        raw = socket.SocketIO(self, ("r" if reading else "") + ("w" if writing else ""))  # type: ignore[arg-type]
-        self._io_refs += 1
-        if buffering is None or buffering < 0:
-            buffering = io.DEFAULT_BUFFER_SIZE
-        if buffering == 0:
-            if "b" not in mode:
-                raise ValueError("unbuffered streams must be binary")
-            return raw
-        buffer: Any
-        if reading and writing:
-            buffer = io.BufferedRWPair(raw, raw, buffering)
-        elif reading:
-            buffer = io.BufferedReader(raw, buffering)
-        else:
-            buffer = io.BufferedWriter(raw, buffering)
-        if "b" in mode:
-            return buffer
-        text = io.TextIOWrapper(buffer, io.text_encoding(encoding), errors, newline)
-        text.mode = mode  # type: ignore[misc]
-        return text
-
-    def _decref_socketios(self) -> None:
-        if self._io_refs > 0:
-            self._io_refs -= 1
-        if self._closed:
-            self.close()
 
     # -- ending --
     def shutdown(self, how: int) -> None:

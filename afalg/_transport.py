@@ -9,7 +9,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import select
 import socket
 import sys
 import threading
@@ -17,6 +16,7 @@ from asyncio import constants as _constants
 from collections.abc import Callable
 from typing import Any
 
+from afalg._socket import wait_writable
 from afalg._sslmode import SSLObjectSocket
 from afalg._transport_sendfile import SendfileTransport
 from afalg._transport_state import _READ_MOVES, _WRITABLE, _WRITE_MOVES, _Read, _Write
@@ -411,9 +411,7 @@ class TLSTransport(SendfileTransport):
         """Whether the socket has room now, so that close_notify is not dropped.
 
         kTLS sends it with MSG_DONTWAIT on close, and a refused alert may not be retried."""
-        poller = select.poll()
-        poller.register(self._fd, select.POLLOUT)
-        return bool(poller.poll(0))
+        return wait_writable(self._fd, 0.0)
 
     def _write_eof_now(self) -> None:
         if not self._socket_writable():
@@ -472,9 +470,13 @@ class TLSTransport(SendfileTransport):
                 logger.debug("%r: %s", self, message, exc_info=True)
         else:
             self._loop.call_exception_handler(
-                {"message": message, "exception": exc, "transport": self,
-                 "protocol": self._protocol}
-            )  # fmt: skip
+                {
+                    "message": message,
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._protocol,
+                }
+            )
         self._force_close(exc)
 
     def _force_close(self, exc: BaseException | None) -> None:

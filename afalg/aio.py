@@ -91,9 +91,14 @@ from afalg.algif import AlgTLSSocket
 from afalg.ktls import KTLSSocket
 
 __all__ = [
-    "TLSTransport", "loop_factory", "new_event_loop", "open_connection", "patch_loop",
-    "sendfile", "start_server",
-]  # fmt: skip
+    "TLSTransport",
+    "loop_factory",
+    "new_event_loop",
+    "open_connection",
+    "patch_loop",
+    "sendfile",
+    "start_server",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -179,18 +184,29 @@ async def open_connection(
     """
     server_hostname = _client_hostname(host, server_hostname)
     options = _Options.check(
-        ssl, mode=mode, algif_backend=algif_backend, suppress_ragged_eofs=suppress_ragged_eofs,
-        records_per_key=records_per_key, handshake_timeout=ssl_handshake_timeout,
-        shutdown_timeout=ssl_shutdown_timeout, limit=limit, half_close=half_close,
+        ssl,
+        mode=mode,
+        algif_backend=algif_backend,
+        suppress_ragged_eofs=suppress_ragged_eofs,
+        records_per_key=records_per_key,
+        handshake_timeout=ssl_handshake_timeout,
+        shutdown_timeout=ssl_shutdown_timeout,
+        limit=limit,
+        half_close=half_close,
         server_hostname=server_hostname,
-    )  # fmt: skip
+    )
     loop = asyncio.get_running_loop()
     _, adopt = await loop.create_connection(_Adopt, host, port, **kwds)  # type: ignore[arg-type]
     assert isinstance(adopt, _Adopt) and adopt.sock is not None
     tls_sock = await _secure(
-        loop, adopt.sock, options, server_side=False, server_hostname=server_hostname,
-        session=session, peer=adopt.extra.get("peername"),
-    )  # fmt: skip
+        loop,
+        adopt.sock,
+        options,
+        server_side=False,
+        server_hostname=server_hostname,
+        session=session,
+        peer=adopt.extra.get("peername"),
+    )
     reader, protocol, transport, waiter = _streams(loop, tls_sock, options, extra=adopt.extra)
     try:
         await waiter
@@ -248,10 +264,16 @@ async def start_server(
     ):
         raise ValueError(f"max_handshakes must be a positive int or None, not {max_handshakes!r}")
     options = _Options.check(
-        ssl, mode=mode, algif_backend=algif_backend, suppress_ragged_eofs=suppress_ragged_eofs,
-        records_per_key=records_per_key, handshake_timeout=ssl_handshake_timeout,
-        shutdown_timeout=ssl_shutdown_timeout, limit=limit, half_close=half_close,
-    )  # fmt: skip
+        ssl,
+        mode=mode,
+        algif_backend=algif_backend,
+        suppress_ragged_eofs=suppress_ragged_eofs,
+        records_per_key=records_per_key,
+        handshake_timeout=ssl_handshake_timeout,
+        shutdown_timeout=ssl_shutdown_timeout,
+        limit=limit,
+        half_close=half_close,
+    )
     loop = asyncio.get_running_loop()
     handshakes: set[asyncio.Task[None]] = set()  # strong references while they run
 

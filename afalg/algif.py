@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any, Literal
 
-from afalg._socket import TLSSocketBase
+from afalg._socket import TLSSocketBase, wait_writable
 from afalg._uapi import TLS_1_3_VERSION
 from afalg.aead_backend import Backend, ChosenBackend
 from afalg.errors import TLSProtocolError, WantRead, WantWrite
@@ -67,13 +67,19 @@ class AlgTLSSocket(TLSSocketBase):
         if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
             raise TypeError("sock must be a connected SOCK_STREAM socket.socket")
         self._layer = RecordLayer(
-            tx=tx, rx=rx, backend=backend,
+            tx=tx,
+            rx=rx,
+            backend=backend,
             records_per_key=records_per_key or default_records_per_key(tx.cipher_suite),
-        )  # fmt: skip
+        )
         super().__init__(
-            sock, version=tx.version, ssl_object=ssl_object,
-            suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets, server_side=server_side,
-        )  # fmt: skip
+            sock,
+            version=tx.version,
+            ssl_object=ssl_object,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            tickets=tickets,
+            server_side=server_side,
+        )
         self._out = bytearray()  # sealed bytes the socket has not taken yet (non-blocking)
         self._rx_lock = threading.RLock()
 
@@ -112,7 +118,7 @@ class AlgTLSSocket(TLSSocketBase):
             try:
                 n = sock.send(self._out, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                if not _wait_writable(sock, deadline):
+                if not wait_writable(sock, deadline):
                     return False
                 continue
             del self._out[:n]
@@ -410,17 +416,3 @@ class AlgTLSSocket(TLSSocketBase):
         super()._release()
         self._out.clear()
         self._layer.close()
-
-
-def _wait_writable(sock: socket.socket, deadline: float | None) -> bool:
-    """Wait until ``sock`` is writable or ``deadline`` passes; False if it is not writable by then.
-
-    ``deadline`` None: no limit; in the past: just look."""
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    while True:
-        left = None if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1e3))
-        if poller.poll(left):
-            return True
-        if left == 0:
-            return False

@@ -111,8 +111,10 @@ def _cmd_vm(args: argparse.Namespace) -> int:
         try:
             vm.install(args.kernel)
         except subprocess.CalledProcessError as exc:
-            print(f"afalg vm: installing failed: {shlex.join(exc.cmd)} exited {exc.returncode}",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"afalg vm: installing failed: {shlex.join(exc.cmd)} exited {exc.returncode}",
+                file=sys.stderr,
+            )
             return 1
         lacking = vm.missing(args.kernel)
     if lacking:
@@ -200,9 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="export inside the VM (NAME: letters, digits and _)",
     )
     vmp.add_argument(
-        "--sysctl", action="append", default=[], type=_pair, metavar="KEY=VALUE",
+        "--sysctl",
+        action="append",
+        default=[],
+        type=_pair,
+        metavar="KEY=VALUE",
         help="set in the guest before CMD, e.g. crypto.af_alg_restrict=0",
-    )  # fmt: skip
+    )
     vmp.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG ...]")
     vmp.set_defaults(func=_cmd_vm)
 

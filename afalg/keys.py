@@ -323,9 +323,12 @@ def tls12_key_block(
     klen = s.key_length
     ivlen = 12 if s.is_chacha20 else 4
     block = tls12_prf(
-        s.hash_name, master_secret, b"key expansion", server_random + client_random,
+        s.hash_name,
+        master_secret,
+        b"key expansion",
+        server_random + client_random,
         2 * (klen + ivlen),
-    )  # fmt: skip
+    )
     return (
         block[:klen],
         block[klen : 2 * klen],

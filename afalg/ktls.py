@@ -51,7 +51,7 @@ from afalg._ktls.setup import enable, install_keys, supports, supports_rekey
 from afalg._ktls.setup import loopback as loopback
 from afalg._ktls.setup import missing_ulp_reason as missing_ulp_reason
 from afalg._ktls.state import KernelTLSState, kernel_state, record_sequence, tls_stats
-from afalg._socket import TLSSocketBase
+from afalg._socket import TLSSocketBase, deadline_after, wait_writable
 from afalg._uapi import TLS_1_3_VERSION
 from afalg.cmsg import (
     parse_record_type,
@@ -128,11 +128,9 @@ _RECV_ERRORS = {
 }
 
 
-def _wait_writable(fd: int, timeout: float | None) -> None:
-    """Wait until ``fd`` takes more, at most ``timeout`` seconds (TimeoutError after)."""
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    if not poller.poll(None if timeout is None else timeout * 1000):
+def _wait_writable(fd: int, deadline: float | None) -> None:
+    """Wait until ``fd`` takes more, by ``deadline`` (``TimeoutError`` after, as socket's)."""
+    if not wait_writable(fd, deadline):
         raise TimeoutError("timed out")
 
 
@@ -163,9 +161,13 @@ class KTLSSocket(TLSSocketBase):
             raise ValueError("records_per_key must be at least 3 under kTLS")
         enable(sock, tx, rx)
         super().__init__(
-            sock, version=tx.version, ssl_object=ssl_object,
-            suppress_ragged_eofs=suppress_ragged_eofs, tickets=tickets, server_side=server_side,
-        )  # fmt: skip
+            sock,
+            version=tx.version,
+            ssl_object=ssl_object,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            tickets=tickets,
+            server_side=server_side,
+        )
         self._tx_keys = tx.with_seq(0) if tx.secret is not None else None  # for KeyUpdate only
         self._rx_keys = rx.with_seq(0) if rx.secret is not None else None
         self._scratch: memoryview | None = None  # one record's room, for small reads
@@ -224,7 +226,7 @@ class KTLSSocket(TLSSocketBase):
             try:
                 return twin.send(view, flags | _DONTWAIT)
             except BlockingIOError:
-                _wait_writable(twin.fileno(), max(0.0, deadline - time.monotonic()))
+                _wait_writable(twin.fileno(), deadline)
 
     def _send_alert(self, level: int, description: int, *, wait: bool) -> None:
         self._send_record(ContentType.alert, bytes([level, description]), wait=wait)
@@ -267,7 +269,7 @@ class KTLSSocket(TLSSocketBase):
                     try:
                         sent = os.sendfile(sock_fd, fd, offset + total, self._tx_allowance(want))
                     except BlockingIOError:  # a socket with a timeout is non-blocking inside
-                        _wait_writable(sock_fd, timeout)
+                        _wait_writable(sock_fd, deadline_after(timeout))
                         continue
                     except OSError as exc:
                         if total or exc.errno not in _NOT_A_FILE:

@@ -381,9 +381,11 @@ class RecordLayer:
             if tx.version == TLS_1_3_VERSION:
                 return self._seal13(tx, ctype, view, 0)
             return self._seal12(tx, ctype, view)
-        fragments = [view] if count == 1 else [
-            view[i : i + MAX_PLAINTEXT] for i in range(0, n, MAX_PLAINTEXT)
-        ]  # fmt: skip
+        fragments = (
+            [view]
+            if count == 1
+            else [view[i : i + MAX_PLAINTEXT] for i in range(0, n, MAX_PLAINTEXT)]
+        )
         if tx.version != TLS_1_3_VERSION:
             return b"".join(self._seal12(tx, ctype, fragment) for fragment in fragments)
         # The padding policy is the caller's code: ask it about every record before sealing

@@ -59,11 +59,7 @@ from afalg._socket import TLSSocketBase
 from afalg._sslmode import SSLObjectSocket
 from afalg.aead_backend import Backend, ChosenBackend
 from afalg.algif import AlgTLSSocket
-from afalg.errors import (
-    AlreadyWrapped,
-    TLSAlertReceived,
-    UnsupportedCipherSuite,
-)
+from afalg.errors import AlreadyWrapped, TLSAlertReceived, UnsupportedCipherSuite
 from afalg.ktls import KTLSSocket, tls_stats
 
 __all__ = [
@@ -134,13 +130,16 @@ def wrap(
     )  # as ssl: a refused argument leaves sock to the caller
     try:
         h = handoff.handshake(
-            sock, context, server_side=server_side, server_hostname=server_hostname,
-            session=session,
-        )  # fmt: skip
+            sock, context, server_side=server_side, server_hostname=server_hostname, session=session
+        )
         return hand_off(
-            sock, h, mode=mode, algif_backend=algif_backend,
-            suppress_ragged_eofs=suppress_ragged_eofs, records_per_key=records_per_key,
-        )  # fmt: skip
+            sock,
+            h,
+            mode=mode,
+            algif_backend=algif_backend,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            records_per_key=records_per_key,
+        )
     except BaseException:
         sock.close()
         raise
@@ -220,14 +219,18 @@ def _wrap_socket(
     _check_not_tls(sock)
     if not _takes_over(sock):
         return _SSL_WRAP_SOCKET(
-            context, sock, server_side, do_handshake_on_connect, suppress_ragged_eofs,
-            server_hostname, session,
-        )  # fmt: skip
+            context,
+            sock,
+            server_side,
+            do_handshake_on_connect,
+            suppress_ragged_eofs,
+            server_hostname,
+            session,
+        )
     try:
         handoff.check_arguments(
-            sock, context, server_side=server_side, server_hostname=server_hostname,
-            session=session,
-        )  # fmt: skip
+            sock, context, server_side=server_side, server_hostname=server_hostname, session=session
+        )
         connected = True
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
@@ -252,9 +255,8 @@ def _handshake(
     try:
         handoff._check_blocking(sock)
         hs = handoff.Handshake(
-            context, server_side=o.server_side, server_hostname=o.server_hostname,
-            session=o.session,
-        )  # fmt: skip
+            context, server_side=o.server_side, server_hostname=o.server_hostname, session=o.session
+        )
         try:
             h = handoff._drive(sock, hs)
         except UnsupportedCipherSuite:
@@ -264,9 +266,12 @@ def _handshake(
             conn.flush()  # the handshake's last flight (a TLS 1.2 server's Finished)
             return conn
         return hand_off(
-            sock, h, mode=o.mode, suppress_ragged_eofs=o.suppress_ragged_eofs,
+            sock,
+            h,
+            mode=o.mode,
+            suppress_ragged_eofs=o.suppress_ragged_eofs,
             records_per_key=o.records_per_key,
-        )  # fmt: skip
+        )
     except BaseException:
         sock.close()
         raise
@@ -330,9 +335,16 @@ class SSLContext(ssl.SSLContext):
         for a socket that is already TLS, ``TypeError`` for an object that is no socket.
         """
         return _wrap_socket(
-            self, sock, server_side, do_handshake_on_connect, suppress_ragged_eofs,
-            server_hostname, session, self.mode, self.records_per_key,
-        )  # fmt: skip
+            self,
+            sock,
+            server_side,
+            do_handshake_on_connect,
+            suppress_ragged_eofs,
+            server_hostname,
+            session,
+            self.mode,
+            self.records_per_key,
+        )
 
 
 # Names a socket not yet through its handshake answers itself: nothing here sends or reads data.
@@ -441,9 +453,16 @@ class _PendingTLSSocket:
         newsock, addr = self._sock.accept()
         o = self._options
         conn = _wrap_socket(
-            self.context, newsock, True, self.do_handshake_on_connect, o.suppress_ragged_eofs,
-            None, None, o.mode, o.records_per_key,
-        )  # fmt: skip
+            self.context,
+            newsock,
+            True,
+            self.do_handshake_on_connect,
+            o.suppress_ragged_eofs,
+            None,
+            None,
+            o.mode,
+            o.records_per_key,
+        )
         return conn, addr
 
     def close(self) -> None:
@@ -532,13 +551,24 @@ def _injected_wrap_socket(
     injected = _injected
     if injected is None:  # extracted meanwhile
         return _SSL_WRAP_SOCKET(
-            self, sock, server_side, do_handshake_on_connect, suppress_ragged_eofs,
-            server_hostname, session,
-        )  # fmt: skip
+            self,
+            sock,
+            server_side,
+            do_handshake_on_connect,
+            suppress_ragged_eofs,
+            server_hostname,
+            session,
+        )
     return _wrap_socket(
-        self, sock, server_side, do_handshake_on_connect, suppress_ragged_eofs,
-        server_hostname, session, *injected,
-    )  # fmt: skip
+        self,
+        sock,
+        server_side,
+        do_handshake_on_connect,
+        suppress_ragged_eofs,
+        server_hostname,
+        session,
+        *injected,
+    )
 
 
 def inject_into_ssl(*, mode: Mode = "auto", records_per_key: int | None = None) -> None:

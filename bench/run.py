@@ -944,52 +944,19 @@ async def aio_echo(mode: str, version: str, ready: Path) -> None:
     server.close()  # the clients have gone (load() closes them); asyncio.run ends the rest
 
 
-def load(port: int, clients: int, seconds: float, version: str, size: int) -> dict[str, float]:
-    """``clients`` ssl connections in another process, each a thread sending ``size`` bytes and
-    reading the echo back, for ``seconds`` after every handshake is done. Requests/s, p50 and
-    p99 latency (ms)."""
+def in_child(
+    job: Callable[[], dict[str, float]], failed: dict[str, float] | None = None
+) -> dict[str, float]:
+    """``job()`` in a forked process (the client of a server row); its result.
+
+    If the process fails (its traceback printed): ``failed``, or RuntimeError if None."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
-            _, client_ctx = contexts(version)
-            payload = os.urandom(size)
-            conns = []
-            for _ in range(clients):
-                raw = socket.create_connection(("127.0.0.1", port))
-                conns.append(client_ctx.wrap_socket(raw, server_hostname="localhost"))
-            latencies: list[list[float]] = [[] for _ in conns]
-            start = threading.Barrier(clients + 1)
-            end = [0.0]
-
-            def client(i: int) -> None:
-                conn, lat, buf = conns[i], latencies[i], bytearray(size)
-                view = memoryview(buf)
-                start.wait()
-                while (t := time.perf_counter()) < end[0]:
-                    conn.sendall(payload)
-                    got = 0
-                    while got < size:
-                        got += conn.recv_into(view[got:])
-                    lat.append(time.perf_counter() - t)
-
-            threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-            for t in threads:
-                t.start()
-            end[0] = time.perf_counter() + seconds
-            start.wait()
-            for t in threads:
-                t.join()
-            for conn in conns:
-                shut(conn)
-            all_lat = sorted(x for lat in latencies for x in lat)
-            result = {
-                "rps": len(all_lat) / seconds,
-                "p50": 1e3 * all_lat[len(all_lat) // 2],
-                "p99": 1e3 * all_lat[min(len(all_lat) - 1, int(len(all_lat) * 0.99))],
-            }
-            os.write(w, json.dumps(result).encode())
+            os.close(r)
+            os.write(w, json.dumps(job()).encode())
         except BaseException:
             import traceback
 
@@ -1003,7 +970,58 @@ def load(port: int, clients: int, seconds: float, version: str, size: int) -> di
         data += chunk
     os.close(r)
     os.waitpid(pid, 0)
-    return json.loads(data) if data else {"rps": 0.0, "p50": 0.0, "p99": 0.0}
+    if not data and failed is not None:
+        return failed
+    if not data:
+        raise RuntimeError("the client process failed (its traceback is above)")
+    return dict(json.loads(data))
+
+
+def load(port: int, clients: int, seconds: float, version: str, size: int) -> dict[str, float]:
+    """``clients`` ssl connections in another process, each a thread sending ``size`` bytes and
+    reading the echo back, for ``seconds`` after every handshake is done. Requests/s, p50 and
+    p99 latency (ms)."""
+
+    def job() -> dict[str, float]:
+        _, client_ctx = contexts(version)
+        payload = os.urandom(size)
+        conns = []
+        for _ in range(clients):
+            raw = socket.create_connection(("127.0.0.1", port))
+            conns.append(client_ctx.wrap_socket(raw, server_hostname="localhost"))
+        latencies: list[list[float]] = [[] for _ in conns]
+        start = threading.Barrier(clients + 1)
+        end = [0.0]
+
+        def client(i: int) -> None:
+            conn, lat, buf = conns[i], latencies[i], bytearray(size)
+            view = memoryview(buf)
+            start.wait()
+            while (t := time.perf_counter()) < end[0]:
+                conn.sendall(payload)
+                got = 0
+                while got < size:
+                    got += conn.recv_into(view[got:])
+                lat.append(time.perf_counter() - t)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        end[0] = time.perf_counter() + seconds
+        start.wait()
+        for t in threads:
+            t.join()
+        for conn in conns:
+            shut(conn)
+        all_lat = sorted(x for lat in latencies for x in lat)
+        result = {
+            "rps": len(all_lat) / seconds,
+            "p50": 1e3 * all_lat[len(all_lat) // 2],
+            "p99": 1e3 * all_lat[min(len(all_lat) - 1, int(len(all_lat) * 0.99))],
+        }
+        return result
+
+    return in_child(job, failed={"rps": 0.0, "p50": 0.0, "p99": 0.0})
 
 
 def bench_servers(rounds: int, seconds: float, counts: tuple[int, ...]) -> list[Row]:
@@ -1301,33 +1319,6 @@ class HTTPClient:
 
     def close(self) -> None:
         shut(self.conn)
-
-
-def in_child(job: Callable[[], dict[str, float]]) -> dict[str, float]:
-    """``job()`` in a forked process (the client of a server row); its result."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(r)
-            os.write(w, json.dumps(job()).encode())
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    if not data:
-        raise RuntimeError("the client process failed (its traceback is above)")
-    return dict(json.loads(data))
 
 
 def web_file(port: int) -> dict[str, float]:

@@ -63,12 +63,16 @@ def attach_ulp(sock: socket.socket) -> None:
     except OSError as exc:
         code = exc.errno or 0
         if code == errno.ENOTCONN:
-            msg = ("the tls ULP needs an established TCP connection: set it after connect() or "
-                   "accept(), not before (ENOTCONN)")  # fmt: skip
+            msg = (
+                "the tls ULP needs an established TCP connection: set it after connect() or "
+                "accept(), not before (ENOTCONN)"
+            )
         elif code == errno.EEXIST:
             current = _ulp(sock)
-            msg = (f"this socket already has the {current or 'a'} ULP attached; the tls ULP can "
-                   "be set once per socket (EEXIST)")  # fmt: skip
+            msg = (
+                f"this socket already has the {current or 'a'} ULP attached; the tls ULP can "
+                "be set once per socket (EEXIST)"
+            )
         elif code == errno.ENOENT:
             msg = missing_ulp_reason()
         else:
@@ -102,10 +106,13 @@ def supports(version: int, cipher_type: int) -> bool:
     Tried once per process on a throwaway loopback connection (ULP, then TLS_TX and TLS_RX with
     zero keys)."""
     suite = next(
-        (s for s in CipherSuite
-         if s.ktls_cipher_type == cipher_type and s.is_tls13 == (version == TLS_1_3_VERSION)),
+        (
+            s
+            for s in CipherSuite
+            if s.ktls_cipher_type == cipher_type and s.is_tls13 == (version == TLS_1_3_VERSION)
+        ),
         None,
-    )  # fmt: skip
+    )
     if suite is None:
         return False
     iv = bytes(12 if suite.is_chacha20 or suite.is_tls13 else 4)
