@@ -408,13 +408,13 @@ def durations_report(runs: list[Run]) -> str:
 
 # --- scheduling: every stage shares PARALLEL slots, the longest first ---------------------------
 
-# Seconds per stage (wall, VM boot included) when no whole run has recorded its own yet: a kernel
-# stage without the kernel_independent tests, what those add, the 7.3 allowlist run, the host
-# stage (lint, docs and packaging included) and the host stage under another Python. From the
-# quiet 2-core run at 18a3ddd (docs/guides/testing.md, "Budget"); sid-kernel, kernel-7.3-py3.15:
-# 1,483 s of tests under a load of ~15 (2026-12-06), so about 1,000 quiet (a guess).
-ESTIMATES = {"kernel": 1230.0, INDEPENDENT: 15.0, "restricted": 185.0, "host": 160.0,
-             "host-other": 100.0, "sid-kernel": 1000.0}  # fmt: skip
+# Seconds per stage (wall, VM boot included) when no whole run has recorded its own yet (a
+# clean clone, as in CI): a kernel stage without the kernel_independent tests, what those add,
+# the 7.3 allowlist run, the host stage (lint, docs and packaging included), the host stage
+# under another Python, and the ssl- and asyncio-dependent kernel tests under sid's Python.
+# From the quiet 2-core run at 368841b (docs/guides/testing.md, "Budget").
+ESTIMATES = {"kernel": 950.0, INDEPENDENT: 10.0, "restricted": 90.0, "host": 115.0,
+             "host-other": 80.0, "sid-kernel": 380.0}  # fmt: skip
 # A kernel whose kernel tests run as two VM runs (the files named here, and the rest), so that
 # three kernel stages of about the same length do not leave one slot idle while the other runs
 # two of them end to end; SPLIT_SHARE: the named files' share of the kernel's time.
