@@ -80,8 +80,9 @@ def sendfile_by_send(sock: Any, file: Any, offset: int, count: int | None, chunk
 class TLSSocketBase(SocketFace):
     """What both afalg TLS sockets share, the driver of the post-handshake protocol included.
 
-    Ownership of the TCP socket, timeouts, the ssl facts of the handshake, makefile, sendall,
-    context manager, and driving the post-handshake protocol (:class:`afalg.session.Session`): each
+    Ownership of the TCP socket (its face, timeouts and makefile included, is
+    :class:`afalg._face.SocketFace`'s), the ssl facts of the handshake, sendall, and driving the
+    post-handshake protocol (:class:`afalg.session.Session`): each
     opened record goes to the session, and the socket acts on its events. ``server_side``: our role,
     by default the handshake's (``ssl_object.server_side``), else unknown. Subclasses implement
     ``send``, ``recv_into``, ``sendfile``, ``_send_alert`` and ``_key_update`` (install the peer's
@@ -420,7 +421,8 @@ class TLSSocketBase(SocketFace):
     def close(self) -> None:
         """Write out what is queued, send close_notify, then close the socket.
 
-        Within the socket's timeout (without waiting on a non-blocking socket). Idempotent; file
+        Writing out and close_notify stay within the socket's timeout (without waiting on a
+        non-blocking socket). Idempotent; file
         objects from :meth:`makefile` keep the socket open until they are closed. If queued
         application data could not be written, the socket is closed all the same and the error
         (:class:`TimeoutError`, :class:`~afalg.errors.WantWrite`, ...) is raised: that data was

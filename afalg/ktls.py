@@ -53,6 +53,7 @@ from afalg._ktls.setup import missing_ulp_reason as missing_ulp_reason
 from afalg._ktls.state import KernelTLSState, kernel_state, record_sequence, tls_stats
 from afalg._socket import TLSSocketBase, deadline_after, wait_writable
 from afalg._uapi import TLS_1_3_VERSION
+from afalg._uapi import TLSCipherType as TLSCipherType  # KernelTLSState's annotations
 from afalg.cmsg import (
     parse_record_type,
     record_type_cmsg,
@@ -81,7 +82,7 @@ __all__ = [
 
 # Documented and pickled as afalg.ktls's, where users import them from (the code of all but
 # KTLSSocket is in afalg._ktls: state, what the kernel holds; setup, attaching and keying).
-for _name in __all__[1:]:
+for _name in set(__all__) - {"KTLSSocket"}:  # KTLSSocket is defined below, here
     globals()[_name].__module__ = __name__
 del _name
 

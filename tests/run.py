@@ -137,7 +137,7 @@ def _sid_kernel(stage: Stage) -> Callable[[Run], str | None]:
         why = _sid.setup(stage.python)
         if why:
             return f"{stage.name} is not run: {why}"
-        run.name += sid_label(stage) + ")"
+        run.name = run.name.removesuffix(")") + sid_label(stage) + ")"
         return None
 
     return prepare
@@ -471,7 +471,7 @@ def run_all(runs: list[Run]) -> list[Run]:
             pending.remove(run)
             try:
                 why = prepared[id(run)].result() if id(run) in prepared else None
-            except (OSError, subprocess.CalledProcessError) as exc:  # a failed install fails
+            except Exception as exc:  # a failed install (or a bug in it) fails its stage
                 print(f"afalg tests: {run.name}: preparing it failed: {exc}", flush=True)
                 run.junit.unlink(missing_ok=True)  # so that it counts as failed
                 ran.append(run)
@@ -585,7 +585,7 @@ def main() -> int:
             todo.append(newest)
         cpus = 1 if len(todo) > 1 else 2
         runs = [host] + [
-            Run(f"{s.name} ({release(s.kernel)}{'' if s.python else ')'}",
+            Run(f"{s.name} ({release(s.kernel)})",
                 vm_command(s, cpus, junit(s.name), extra, args.select, timeout),
                 junit(s.name), log=outdir / f"{s.name}.log", may_be_empty=may_be_empty,
                 estimate=s.estimate, prepare=_sid_kernel(s) if s.python else None)
@@ -598,7 +598,7 @@ def main() -> int:
     ran = {id(run) for run in run_all(order)}
     runs = [run for run in runs if id(run) in ran]
     if whole:
-        record_seconds(outdir, runs)
+        record_seconds(outdir, [run for run in runs if run.proc is not None])  # not a failed set-up
     # Under the VM, and natively as root, every capability is there: a skip means a test did
     # not run.
     status = summarize(runs, skips_fail=not native or caveat is None, caveat=caveat)
