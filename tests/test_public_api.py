@@ -53,21 +53,25 @@ def _members(cls: type) -> Iterator[str]:
                 yield attr
 
 
+def public_objects() -> Iterator[tuple[str, str, object]]:
+    """(module, name, object) for every name in the ``__all__`` of afalg's public modules."""
+    for info in pkgutil.iter_modules(afalg.__path__):
+        if not info.name.startswith("_"):
+            module = importlib.import_module(f"afalg.{info.name}")
+            for name in getattr(module, "__all__", ()):
+                yield info.name, name, getattr(module, name)
+
+
 def public_names() -> dict[str, tuple[str, bool]]:
     """``{"module.Name[.method]": (the name, whether it is a method)}`` of every public function
     and method (one entry per defining object: a re-export is not listed twice)."""
     names: dict[str, tuple[str, bool]] = {}
-    for info in pkgutil.iter_modules(afalg.__path__):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"afalg.{info.name}")
-        for name in getattr(module, "__all__", ()):
-            obj = getattr(module, name)
-            if inspect.isfunction(obj):
-                names[f"{obj.__module__}.{obj.__qualname__}"] = (name, False)
-            elif inspect.isclass(obj) and not issubclass(obj, enum.Enum):
-                for attr in _members(obj):
-                    names[f"{obj.__module__}.{obj.__qualname__}.{attr}"] = (attr, True)
+    for _module, name, obj in public_objects():
+        if inspect.isfunction(obj):
+            names[f"{obj.__module__}.{obj.__qualname__}"] = (name, False)
+        elif inspect.isclass(obj) and not issubclass(obj, enum.Enum):
+            for attr in _members(obj):
+                names[f"{obj.__module__}.{obj.__qualname__}.{attr}"] = (attr, True)
     return names
 
 
@@ -94,19 +98,14 @@ def test_every_public_annotation_resolves() -> None:
     import typing
 
     checked = []
-    for info in pkgutil.iter_modules(afalg.__path__):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"afalg.{info.name}")
-        for name in getattr(module, "__all__", ()):
-            obj = getattr(module, name)
-            if inspect.isclass(obj) or inspect.isfunction(obj):
-                typing.get_type_hints(obj)  # NameError for a name its module lacks
-                checked.append(f"{info.name}.{name}")
-            if inspect.isclass(obj):
-                for value in vars(obj).values():
-                    if inspect.isfunction(value):
-                        typing.get_type_hints(value)
+    for module, name, obj in public_objects():
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            typing.get_type_hints(obj)  # NameError for a name its module lacks
+            checked.append(f"{module}.{name}")
+        if inspect.isclass(obj):
+            for value in vars(obj).values():
+                if inspect.isfunction(value):
+                    typing.get_type_hints(value)
     assert "ktls.KernelTLSState" in checked and len(checked) > 100
 
 
