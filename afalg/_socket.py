@@ -503,8 +503,20 @@ def wait_writable(sock: socket.socket | int, deadline: float | None) -> bool:
 
     ``deadline`` is on ``time.monotonic()``: None waits without limit, one in the past only
     looks. The one writable wait of kTLS, algif and the asyncio transport."""
+    return _wait(sock, select.POLLOUT, deadline)
+
+
+def wait_readable(sock: socket.socket | int, deadline: float | None) -> bool:
+    """Wait until ``sock`` has something to read (or its end); False if not by ``deadline``.
+
+    As :func:`wait_writable`. Readable is the TCP socket's view: kTLS may still be waiting
+    for the rest of a record."""
+    return _wait(sock, select.POLLIN | select.POLLPRI, deadline)
+
+
+def _wait(sock: socket.socket | int, events: int, deadline: float | None) -> bool:
     poller = select.poll()
-    poller.register(sock, select.POLLOUT)
+    poller.register(sock, events)
     while True:
         left = None if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1e3))
         if poller.poll(left):

@@ -39,7 +39,6 @@ import contextlib
 import errno
 import io
 import os
-import select
 import socket
 import ssl
 import time
@@ -51,7 +50,7 @@ from afalg._ktls.setup import enable, install_keys, supports, supports_rekey
 from afalg._ktls.setup import loopback as loopback
 from afalg._ktls.setup import missing_ulp_reason as missing_ulp_reason
 from afalg._ktls.state import KernelTLSState, kernel_state, record_sequence, tls_stats
-from afalg._socket import TLSSocketBase, deadline_after, wait_writable
+from afalg._socket import TLSSocketBase, deadline_after, wait_readable, wait_writable
 from afalg._uapi import TLS_1_3_VERSION
 from afalg._uapi import TLSCipherType as TLSCipherType  # KernelTLSState's annotations
 from afalg.cmsg import (
@@ -212,6 +211,47 @@ class KTLSSocket(TLSSocketBase):
             except OSError as exc:
                 raise self._translate(exc) from exc
 
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        """Send all of ``data``, as :meth:`socket.socket.sendall`; the kernel seals it.
+
+        One lock, one check of the session and one send key budget for the whole call; on a
+        blocking socket the loop over ``send`` is the socket's own (in C). A KeyUpdate due, a
+        budget that does not cover ``data``, or ``flags`` go through :meth:`send` piece by piece
+        (the same rules, more Python)."""
+        self._check_open()
+        with memoryview(data).cast("B") as view, self._tx_lock:
+            self._session.sending_data()
+            cost = -(-len(view) // MAX_PLAINTEXT) + 1
+            if flags or not view or cost > self._tx_budget or self._session.key_update_due:
+                super().sendall(view, flags)  # the lock is reentrant
+                return
+            self._tx_budget -= cost
+            try:
+                if self._sock.gettimeout() is None:
+                    self._sock.sendall(view)
+                else:
+                    self._send_all_timed(view)
+            except BlockingIOError:
+                raise WantWrite(errno.EAGAIN, "the socket takes no more now") from None
+            except OSError as exc:
+                raise self._translate(exc) from exc
+
+    def _send_all_timed(self, view: memoryview) -> None:
+        """Send all of ``view`` on the twin, waiting for room within the socket's timeout."""
+        timeout = self._sock.gettimeout()
+        twin = self._twin() if timeout else self._sock
+        sent, deadline = 0, None
+        while sent < len(view):
+            try:
+                with view[sent:] as rest:  # released even if an error keeps this frame
+                    sent += twin.send(rest, _DONTWAIT)
+            except BlockingIOError:
+                if not timeout:  # non-blocking: WantWrite, as from send()
+                    raise
+                if deadline is None:
+                    deadline = time.monotonic() + timeout
+                _wait_writable(twin.fileno(), deadline)
+
     def _send_view(self, view: memoryview, flags: int) -> int:
         """Make one ``send``, waiting only while the socket has no room.
 
@@ -316,6 +356,50 @@ class KTLSSocket(TLSSocketBase):
         with self._recv_view(buffer, nbytes, flags) as view:
             return self._recv_into(view)
 
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        """Read up to ``bufsize`` bytes of application data, as :meth:`ssl.SSLSocket.recv`.
+
+        The common case is one read, the socket's own ``recv`` (no buffer of ours, no copy):
+        nothing buffered, the session open with no KeyUpdate due, room for a whole record. A
+        record of another type, the end, an error or a KeyUpdate's pause go through
+        :meth:`recv_into`, which reads them again."""
+        session = self._session
+        if (
+            bufsize < MAX_PLAINTEXT
+            or flags
+            or self._plain
+            or session.error is not None
+            or session.eof
+            or session.key_update_due
+            or self._sock.fileno() < 0
+        ):
+            return super().recv(bufsize, flags)
+        timeout = self._sock.gettimeout()
+        sock = self._twin() if timeout else self._sock
+        deadline = None
+        while True:
+            try:
+                data = sock.recv(bufsize, _DONTWAIT) if timeout else sock.recv(bufsize)
+                break
+            except BlockingIOError:
+                if not timeout:  # non-blocking
+                    raise WantRead(errno.EAGAIN, "no whole record yet: wait for readable") from None
+                if deadline is None:
+                    deadline = time.monotonic() + timeout
+                if not wait_readable(sock, deadline):
+                    raise TimeoutError("timed out") from None
+            except OSError as exc:
+                if exc.errno not in (errno.EIO, errno.EKEYEXPIRED):
+                    raise self._translate(exc) from exc
+                return super().recv(bufsize, flags)
+        if not data:  # the end, or a failure behind it
+            return super().recv(bufsize, flags)
+        self._rx_paused = False
+        self._data_record(len(data))  # data: True, or it raises
+        if session.key_update_due:
+            self._answer_key_update(wait=False)
+        return data
+
     def _recv_into(self, view: memoryview) -> int:
         if self._plain:
             n = min(len(view), len(self._plain))
@@ -349,8 +433,11 @@ class KTLSSocket(TLSSocketBase):
                 raise self._translate(exc) from exc
             self._rx_paused = False
             if content_type == ContentType.application_data:
-                if not n:
-                    return self._ragged_eof()  # the kernel never returns an empty record
+                if not n:  # the kernel never returns an empty record: the end, or a failure
+                    failed = self._pending_error()
+                    if failed is not None:
+                        raise self._translate(failed)
+                    return self._ragged_eof()
                 self._data_record(n)  # n > 0: True, or it raises
                 if session.key_update_due:
                     self._answer_key_update(wait=False)  # after the records read: one answer
@@ -402,10 +489,7 @@ class KTLSSocket(TLSSocketBase):
                 return n, _record_type(ancdata)
             except BlockingIOError:
                 pass
-            left = deadline - time.monotonic()
-            poller = select.poll()
-            poller.register(twin, select.POLLIN | select.POLLPRI)
-            if left <= 0 or not poller.poll(max(1, int(left * 1000))):
+            if not wait_readable(twin, deadline):
                 raise TimeoutError("timed out")
 
     def _release(self) -> None:
@@ -583,6 +667,18 @@ class KTLSSocket(TLSSocketBase):
                 "nothing was sent, the connection goes on under its current keys",
             )
         self._send_key_update(request_peer=request_peer)
+
+    def _pending_error(self) -> OSError | None:
+        """Return the error the kernel left on the socket (and clear it), or None.
+
+        A read that reports the end (0 bytes) may still have a failed record behind it: the
+        kernel's receive wait checks the socket's error before it parses what is queued and the
+        stream's end after (``tls_rx_rec_wait``), so a record refused during that parse leaves
+        its error in ``SO_ERROR`` for the next call. Seen once on Linux 6.1 under load: a forged
+        record's read returned 0 and the close_notify that followed found EBADMSG. Such a read
+        is that failure, not the peer's end."""
+        err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        return OSError(err, os.strerror(err)) if err else None
 
     def _translate(self, exc: OSError) -> BaseException:
         """Map a kernel TLS error to a TLS error (never a bare EIO) and return it.
