@@ -441,7 +441,8 @@ class Session:
 
         From then on the send key counts as used, so the peer's next KeyUpdate request is owed an
         answer of its own."""
-        self.check_send()
+        if self._error is not None or self._sending_closed:
+            self.check_send()  # raises
         self._tx_key_unused = False
 
     def records_to_seal(

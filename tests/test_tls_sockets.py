@@ -34,6 +34,9 @@ from afalg.ktls import tls_stats
 from afalg.wire import AlertLevel, key_update_message
 
 BIG = 8 * 2**20
+# A short read goes through recv_into and the socket's buffer; a read of a whole record's room
+# takes kTLS's one-read path (KTLSSocket.recv): every rule must hold on both.
+READS = pytest.mark.parametrize("read", [10, 2**14], ids=["short-read", "record-read"])
 
 
 def _exchange(ours: object, theirs: object, size: int) -> None:
@@ -123,18 +126,24 @@ def test_many_small_sends_and_partial_reads(mode: tuple[str, str]) -> None:
 
 
 @pytest.mark.parametrize("mode", WRAP_MODES)
-def test_timeout_and_nonblocking(mode: tuple[str, str]) -> None:
+@READS
+def test_timeout_and_nonblocking(mode: tuple[str, str], read: int) -> None:
     ours, theirs = connect(mode, "client")
     with ours, theirs:
         ours.settimeout(0.2)
         with pytest.raises(TimeoutError):
-            ours.recv(10)
+            ours.recv(read)
         ours.setblocking(False)
         with pytest.raises(BlockingIOError):
-            ours.recv(10)
+            ours.recv(read)
         ours.settimeout(30)
         theirs.sendall(b"still fine")
-        assert recv_exactly(ours, 10) == b"still fine"
+        assert ours.recv(read) == b"still fine"
+        # sendall with a timeout waits for room as often as it must, and sends it all.
+        big = pattern(2**21, 3)
+        reader = Bg(lambda: recv_exactly(theirs, len(big)))
+        ours.sendall(big)
+        assert reader.result() == big
 
 
 @pytest.mark.parametrize("mode", WRAP_MODES)
@@ -212,14 +221,15 @@ def _drain(sock: Any) -> int:
 
 
 @pytest.mark.parametrize("mode", WRAP_MODES)
-def test_close_notify_from_peer_and_ragged_eof(mode: tuple[str, str]) -> None:
+@READS
+def test_close_notify_from_peer_and_ragged_eof(mode: tuple[str, str], read: int) -> None:
     ours, theirs = connect(mode, "client")
     with ours:
         theirs.sendall(b"last words")
         bg = Bg(theirs.unwrap)  # sends close_notify, waits for ours
         assert recv_exactly(ours, 10) == b"last words"
-        assert ours.recv(10) == b""
-        assert ours.recv(10) == b""  # EOF stays EOF
+        assert ours.recv(read) == b""
+        assert ours.recv(read) == b""  # EOF stays EOF
         ours.close()
         bg.result().close()
     # A TCP close without close_notify: EOF, or SSLEOFError when not suppressed.
@@ -230,31 +240,33 @@ def test_close_notify_from_peer_and_ragged_eof(mode: tuple[str, str]) -> None:
             theirs.close()  # Python ssl closes without close_notify (no unwrap)
             assert ours.recv(1) == b"x"
             if suppress:
-                assert ours.recv(10) == b""
+                assert ours.recv(read) == b""
             else:
                 with pytest.raises(ssl.SSLEOFError):
-                    ours.recv(10)
+                    ours.recv(read)
 
 
 @pytest.mark.parametrize("mode", WRAP_MODES)
-def test_peer_alert(mode: tuple[str, str]) -> None:
+@READS
+def test_peer_alert(mode: tuple[str, str], read: int) -> None:
     ours, theirs = connect(mode, "client", peer="afalg")
     with ours, theirs:
         theirs.sendall(b"before")
         theirs._send_alert(AlertLevel.fatal, AlertDescription.handshake_failure, wait=True)
         assert recv_exactly(ours, 6) == b"before"
         with pytest.raises(afalg.TLSAlertReceived, match="handshake_failure") as info:
-            ours.recv(10)
+            ours.recv(read)
         assert isinstance(info.value, ssl.SSLError)
         assert info.value.alert is AlertDescription.handshake_failure
         with pytest.raises(afalg.TLSAlertReceived):  # the connection stays dead
-            ours.recv(10)
+            ours.recv(read)
         with pytest.raises(afalg.TLSAlertReceived):
             ours.send(b"x")
 
 
 @pytest.mark.parametrize("mode", WRAP_MODES)
-def test_corrupted_record(mode: tuple[str, str]) -> None:
+@READS
+def test_corrupted_record(mode: tuple[str, str], read: int) -> None:
     """A record whose tag fails: bad_record_mac raised here and sent to the peer."""
     stats = tls_stats() if mode[0] == "ktls" else {}
     ours, theirs = connect(mode, "server", peer="afalg")
@@ -265,19 +277,20 @@ def test_corrupted_record(mode: tuple[str, str]) -> None:
         record[-1] ^= 1
         theirs._sock.sendall(record)
         with pytest.raises(afalg.TLSProtocolError, match="bad_record_mac") as info:
-            ours.recv(10)
+            ours.recv(read)
         assert info.value.alert is AlertDescription.bad_record_mac
         with pytest.raises(afalg.TLSAlertReceived, match="bad_record_mac"):
             theirs.recv(10)
         with pytest.raises(afalg.TLSProtocolError):  # poisoned
-            ours.recv(10)
+            ours.recv(read)
     if mode[0] == "ktls":
         assert tls_stats()["TlsDecryptError"] == stats["TlsDecryptError"] + 1
 
 
 @pytest.mark.parametrize("mode", WRAP_MODES)
 @pytest.mark.parametrize("requested", [False, True], ids=["update_not_requested", "requested"])
-def test_peer_key_update(mode: tuple[str, str], requested: bool) -> None:
+@READS
+def test_peer_key_update(mode: tuple[str, str], requested: bool, read: int) -> None:
     ours, theirs = connect(mode, "client", peer="afalg")
     with ours, theirs:
         theirs.sendall(b"old keys")
@@ -287,10 +300,10 @@ def test_peer_key_update(mode: tuple[str, str], requested: bool) -> None:
         theirs.sendall(b"new keys")
         if mode[0] == "ktls" and not _kernel_can_rekey():
             with pytest.raises(KeyUpdateUnsupported, match=r"6\.14") as info:
-                ours.recv(10)
+                ours.recv(read)
             assert isinstance(info.value, ssl.SSLError)
             return
-        assert recv_exactly(ours, 8) == b"new keys"
+        assert ours.recv(read) == b"new keys"  # one record, read after the KeyUpdate record
         ours.sendall(b"reply")
         assert recv_exactly(theirs, 5) == b"reply"
         rx = theirs.record_layer.rx_keys
