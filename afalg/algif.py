@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import math
-import select
 import socket
 import ssl
 import threading
 import time
 from typing import Any, Literal
 
-from afalg._socket import TLSSocketBase, wait_writable
+from afalg._socket import TLSSocketBase, wait_readable, wait_writable
 from afalg._uapi import TLS_1_3_VERSION
 from afalg.aead_backend import Backend, ChosenBackend
 from afalg.errors import TLSProtocolError, WantRead, WantWrite
@@ -312,7 +310,8 @@ class AlgTLSSocket(TLSSocketBase):
                     self._plain += payload
                 elif self._control_record(record.content_type, record.payload):
                     return 0  # close_notify
-            self._open_buffered()  # raises nothing: what it finds is for the next call
+            if self._layer.buffered:
+                self._open_buffered()  # raises nothing: what it finds is for the next call
             if not n:
                 n = min(len(view), len(self._plain))
                 view[:n] = self._plain[:n]
@@ -365,12 +364,8 @@ class AlgTLSSocket(TLSSocketBase):
             try:
                 return twin.recv(_RECV_CHUNK, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                pass
-            left = deadline - time.monotonic()
-            poller = select.poll()
-            poller.register(twin, select.POLLIN)
-            if left <= 0 or not poller.poll(max(1, math.ceil(left * 1000))):
-                raise TimeoutError("timed out")
+                if not wait_readable(twin, deadline):
+                    raise TimeoutError("timed out") from None
 
     def _open_buffered(self) -> None:
         """Open the complete records already received, without reading the socket, and act on them.
