@@ -116,9 +116,13 @@ class _StreamProtocol(asyncio.StreamReaderProtocol):
     The writer stays open when the transport offers half-close (``half_close=True``, TLS 1.3);
     else the transport closes, as asyncio's TLS does."""
 
+    half_close = False  # set by _streams: the transport keeps writing after the peer's end
+
     def eof_received(self) -> bool:
         super().eof_received()
-        return True  # the transport decides (TLSTransport's half_close)
+        # Asking a transport that cannot half-close to stay open only draws its warning (as
+        # asyncio's TLS logs it), once per connection the peer ends.
+        return self.half_close
 
 
 def _streams(
@@ -142,6 +146,7 @@ def _streams(
         shutdown_timeout=options.shutdown_timeout,
         server=server,
     )
+    protocol.half_close = transport.can_write_eof()
     return reader, protocol, transport, waiter
 
 
