@@ -21,7 +21,7 @@ from afalg._sslmode import SSLObjectSocket
 from afalg._transport_sendfile import SendfileTransport
 from afalg._transport_state import _READ_MOVES, _WRITABLE, _WRITE_MOVES, _Read, _Write
 from afalg.algif import AlgTLSSocket
-from afalg.ktls import KTLSSocket, supports_rekey
+from afalg.ktls import KTLSSocket
 from afalg.session import Session
 
 __all__ = ["TLSTransport"]
@@ -530,8 +530,7 @@ def _short_read_drains(tls_sock: Any) -> Session | None:
     decrypted it, and poll() reports nothing until the next keys are in; there the transport reads
     until the socket would block, as in mode "ssl"."""
     if isinstance(tls_sock, AlgTLSSocket) or (
-        isinstance(tls_sock, KTLSSocket)
-        and (tls_sock.version() != "TLSv1.3" or not supports_rekey())
+        isinstance(tls_sock, KTLSSocket) and tls_sock.poll_sees_every_record
     ):
         return tls_sock.tls_session
     return None

@@ -175,6 +175,18 @@ class KTLSSocket(TLSSocketBase):
         self._cipher_type = tx.cipher_suite.ktls_cipher_type
         self._records_per_key = records_per_key or default_records_per_key(tx.cipher_suite)
         self._tx_budget = 0  # records surely left to the send key (re-read from the kernel)
+        self._poll_sees_all = tx.version != TLS_1_3_VERSION or not supports_rekey()
+
+    @property
+    def poll_sees_every_record(self) -> bool:
+        """Whether a readable poll() reports every record the kernel holds for this socket.
+
+        True where the kernel stops a read early only before a record of another type, which
+        then waits in its rx_list, readable: an event loop may wait for readable after a short
+        read. False for TLS 1.3 where the kernel pauses reading after a KeyUpdate (Linux 6.14+):
+        it stopped before the KeyUpdate, decrypted it, and poll() reports nothing until the
+        next keys are in; read until the socket would block first."""
+        return self._poll_sees_all
 
     def kernel_state(self) -> KernelTLSState:
         """Return what the kernel holds for this connection, read from the kernel now.
@@ -375,23 +387,19 @@ class KTLSSocket(TLSSocketBase):
         ):
             return super().recv(bufsize, flags)
         timeout = self._sock.gettimeout()
-        sock = self._twin() if timeout else self._sock
-        deadline = None
-        while True:
-            try:
-                data = sock.recv(bufsize, _DONTWAIT) if timeout else sock.recv(bufsize)
-                break
-            except BlockingIOError:
-                if not timeout:  # non-blocking
-                    raise WantRead(errno.EAGAIN, "no whole record yet: wait for readable") from None
-                if deadline is None:
-                    deadline = time.monotonic() + timeout
-                if not wait_readable(sock, deadline):
-                    raise TimeoutError("timed out") from None
-            except OSError as exc:
-                if exc.errno not in (errno.EIO, errno.EKEYEXPIRED):
-                    raise self._translate(exc) from exc
-                return super().recv(bufsize, flags)
+        try:
+            if timeout and not self._poll_sees_all:
+                data = self._recv_reading_first(bufsize, timeout)
+            else:  # with a timeout, the socket polls first (in C), as ssl's read does
+                data = self._sock.recv(bufsize)
+        except BlockingIOError:
+            raise WantRead(errno.EAGAIN, "no whole record yet: wait for readable") from None
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            if exc.errno not in (errno.EIO, errno.EKEYEXPIRED):
+                raise self._translate(exc) from exc
+            return super().recv(bufsize, flags)
         if not data:  # the end, or a failure behind it
             return super().recv(bufsize, flags)
         self._rx_paused = False
@@ -399,6 +407,21 @@ class KTLSSocket(TLSSocketBase):
         if session.key_update_due:
             self._answer_key_update(wait=False)
         return data
+
+    def _recv_reading_first(self, bufsize: int, timeout: float) -> bytes:
+        """Read on the twin, then poll while nothing is there, within ``timeout``.
+
+        Where poll() misses a record the kernel paused on (:attr:`poll_sees_every_record`)."""
+        twin = self._twin()
+        deadline = None
+        while True:
+            try:
+                return twin.recv(bufsize, _DONTWAIT)
+            except BlockingIOError:
+                if deadline is None:
+                    deadline = time.monotonic() + timeout
+                if not wait_readable(twin, deadline):
+                    raise TimeoutError("timed out") from None
 
     def _recv_into(self, view: memoryview) -> int:
         if self._plain:
