@@ -380,9 +380,7 @@ class KTLSSocket(TLSSocketBase):
             bufsize < MAX_PLAINTEXT
             or flags
             or self._plain
-            or session.error is not None
-            or session.eof
-            or session.key_update_due
+            or not session.quiet
             or self._sock.fileno() < 0
         ):
             return super().recv(bufsize, flags)

@@ -258,6 +258,17 @@ class Session:
         return self._key_update_due
 
     @property
+    def quiet(self) -> bool:
+        """Whether only application data is going on, nothing else to attend to.
+
+        Not poisoned, not ended, no KeyUpdate of ours due, no handshake message half received.
+        A socket's one-read path asks this once before a read; what the read brings still goes
+        through :meth:`application_data` (or :meth:`receive`)."""
+        return (
+            self._error is None and not self._eof and not self._key_update_due and not self._hs_buf
+        )
+
+    @property
     def buffered_handshake_bytes(self) -> int:
         """Bytes of a post-handshake message whose remaining records have not come yet."""
         return len(self._hs_buf)

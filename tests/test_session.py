@@ -100,6 +100,7 @@ def test_close_notify_is_eof_and_we_may_still_send(version: int) -> None:
     session = Session(version)
     assert session.receive(CT_ALERT, b"\x01\x00") == [CloseNotify()]
     assert session.eof and session.error is None
+    assert not session.quiet
     session.check_send()  # half-closed: our side is still open
     assert session.close_notify() == b"\x01\x00"
     assert session.close_notify() is None  # once
@@ -133,6 +134,7 @@ def test_peer_fatal_alert_poisons_and_owes_nothing(version: int) -> None:
     assert info.value.alert is A.handshake_failure and info.value.level == 2
     assert isinstance(info.value, ssl.SSLError)
     assert_poisoned(session, info.value)
+    assert not session.quiet
     assert session.fatal_alert() is None  # the connection is gone: we send nothing
 
 
@@ -280,6 +282,7 @@ def test_no_record_inside_a_fragmented_handshake_message(interleaved: tuple) -> 
     a close_notify, even the peer's fatal alert: we refuse first)."""
     session = Session(TLS13)
     assert session.receive(CT_HANDSHAKE, TICKET[:8]) == []
+    assert not session.quiet  # half a handshake message: the next records must complete it
     refused(session, A.unexpected_message, *interleaved)
 
 
@@ -334,13 +337,16 @@ def test_one_reply_to_many_requests() -> None:
     """RFC 8446 4.6.3: update_requested obliges one KeyUpdate of ours before our next
     application data; several requests while we are silent get that one reply."""
     session = Session(TLS13)
+    assert session.quiet
     for _ in range(5):
         session.receive(CT_HANDSHAKE, KEY_UPDATE_REQUESTED)
     assert session.key_update_due
+    assert not session.quiet  # a socket's one-read path asks this: the reply comes first
     assert session.key_update() == KEY_UPDATE  # the reply does not ask back
     assert session.key_update_due  # not until it is out
     session.key_update_sent()
     assert not session.key_update_due
+    assert session.quiet
     session.receive(CT_HANDSHAKE, KEY_UPDATE)
     assert not session.key_update_due
     session.receive(CT_HANDSHAKE, KEY_UPDATE_REQUESTED)
