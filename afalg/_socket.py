@@ -373,16 +373,14 @@ class TLSSocketBase(SocketFace):
         raise NotImplementedError
 
     def _writable_now(self) -> bool:
-        return wait_writable(self._sock, 0.0)
+        return ready_now(self._sock, select.POLLOUT)
 
     def _readable_now(self) -> bool:
         """Whether the TCP socket has something to read right now.
 
         More records may follow: read them before answering, so that one KeyUpdate answers them all.
         """
-        poller = select.poll()
-        poller.register(self._sock, select.POLLIN)
-        return bool(poller.poll(0))
+        return ready_now(self._sock, select.POLLIN)
 
     def _ragged_eof(self) -> int:
         self._session.receive_eof(suppress_ragged_eofs=self.suppress_ragged_eofs)
@@ -501,28 +499,38 @@ class TLSSocketBase(SocketFace):
 def wait_writable(sock: socket.socket | int, deadline: float | None) -> bool:
     """Wait until ``sock`` (a socket or a descriptor) takes more; False if not by ``deadline``.
 
-    ``deadline`` is on ``time.monotonic()``: None waits without limit, one in the past only
-    looks. The one writable wait of kTLS, algif and the asyncio transport."""
+    ``deadline`` is on ``time.monotonic()``: None waits without limit; once it has passed this
+    returns False without looking, so that a loop of "would block, wait" ends at its deadline
+    even where poll() and the call disagree. The one writable wait of kTLS, algif and the
+    asyncio transport."""
     return _wait(sock, select.POLLOUT, deadline)
 
 
 def wait_readable(sock: socket.socket | int, deadline: float | None) -> bool:
     """Wait until ``sock`` has something to read (or its end); False if not by ``deadline``.
 
-    As :func:`wait_writable`. Readable is the TCP socket's view: kTLS may still be waiting
-    for the rest of a record."""
+    As :func:`wait_writable`."""
     return _wait(sock, select.POLLIN | select.POLLPRI, deadline)
+
+
+def ready_now(sock: socket.socket | int, events: int) -> bool:
+    """Whether poll() reports any of ``events`` on ``sock`` now, without waiting."""
+    poller = select.poll()
+    poller.register(sock, events)
+    return bool(poller.poll(0))
 
 
 def _wait(sock: socket.socket | int, events: int, deadline: float | None) -> bool:
     poller = select.poll()
     poller.register(sock, events)
     while True:
-        left = None if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1e3))
+        left = None
+        if deadline is not None:
+            left = math.ceil((deadline - time.monotonic()) * 1e3)
+            if left <= 0:
+                return False
         if poller.poll(left):
             return True
-        if left == 0:
-            return False
 
 
 def deadline_after(timeout: float | None) -> float | None:

@@ -9,6 +9,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import select
 import socket
 import sys
 import threading
@@ -16,7 +17,7 @@ from asyncio import constants as _constants
 from collections.abc import Callable
 from typing import Any
 
-from afalg._socket import wait_writable
+from afalg._socket import ready_now
 from afalg._sslmode import SSLObjectSocket
 from afalg._transport_sendfile import SendfileTransport
 from afalg._transport_state import _READ_MOVES, _WRITABLE, _WRITE_MOVES, _Read, _Write
@@ -411,7 +412,7 @@ class TLSTransport(SendfileTransport):
         """Whether the socket has room now, so that close_notify is not dropped.
 
         kTLS sends it with MSG_DONTWAIT on close, and a refused alert may not be retried."""
-        return wait_writable(self._fd, 0.0)
+        return ready_now(self._fd, select.POLLOUT)
 
     def _write_eof_now(self) -> None:
         if not self._socket_writable():

@@ -178,6 +178,7 @@ class AlgTLSSocket(TLSSocketBase):
                 raise self._unsent()  # nothing of data taken
             if self._session.key_update_due:
                 self._answer_key_update()  # the peer asked: ours before our next data
+                self._session.sending_data()  # the new key seals data now
             n = min(len(whole), _SEND_CHUNK, self._data_room() * MAX_PLAINTEXT)
             with whole[:n] as view:
                 try:
@@ -196,6 +197,7 @@ class AlgTLSSocket(TLSSocketBase):
         room = self._session.records_to_seal(layer.tx_records_left, limit)
         if room == 0:
             self._seal_key_update(request_peer=False)
+            self._session.sending_data()  # the new key seals data now
             room = self._session.records_to_seal(layer.tx_records_left, limit)
         return room
 

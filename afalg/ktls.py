@@ -185,7 +185,9 @@ class KTLSSocket(TLSSocketBase):
         then waits in its rx_list, readable: an event loop may wait for readable after a short
         read. False for TLS 1.3 where the kernel pauses reading after a KeyUpdate (Linux 6.14+):
         it stopped before the KeyUpdate, decrypted it, and poll() reports nothing until the
-        next keys are in; read until the socket would block first."""
+        next keys are in; read until the socket would block first. Held on 6.1, 6.12 and 7.3
+        by ``test_records_of_other_types_in_one_burst`` (kTLS's poll handler is older than the
+        kernels afalg supports)."""
         return self._poll_sees_all
 
     def kernel_state(self) -> KernelTLSState:
@@ -208,6 +210,7 @@ class KTLSSocket(TLSSocketBase):
             try:
                 if self._session.key_update_due:
                     self._answer_key_update()
+                    self._session.sending_data()  # the new key seals data now
                 n = len(view)
                 cost = -(-n // MAX_PLAINTEXT) + 1
                 if cost > self._tx_budget:
@@ -231,28 +234,36 @@ class KTLSSocket(TLSSocketBase):
         budget that does not cover ``data``, or ``flags`` go through :meth:`send` piece by piece
         (the same rules, more Python)."""
         self._check_open()
-        with memoryview(data).cast("B") as view, self._tx_lock:
-            self._session.sending_data()
-            cost = -(-len(view) // MAX_PLAINTEXT) + 1
-            if flags or not view or cost > self._tx_budget or self._session.key_update_due:
-                super().sendall(view, flags)  # the lock is reentrant
+        with memoryview(data).cast("B") as view:
+            if flags or not view:
+                super().sendall(view, flags)
                 return
-            self._tx_budget -= cost
-            try:
-                if self._sock.gettimeout() is None:
-                    self._sock.sendall(view)
-                else:
-                    self._send_all_timed(view)
-            except BlockingIOError:
-                raise WantWrite(errno.EAGAIN, "the socket takes no more now") from None
-            except OSError as exc:
-                raise self._translate(exc) from exc
+            with self._tx_lock:
+                self._session.sending_data()
+                cost = -(-len(view) // MAX_PLAINTEXT) + 1
+                if cost > self._tx_budget or self._session.key_update_due:
+                    super().sendall(view, flags)  # the lock is reentrant
+                    return
+                self._tx_budget -= cost
+                try:
+                    if self._sock.gettimeout() is None:
+                        self._sock.sendall(view)
+                    else:
+                        self._send_all_timed(view)
+                except BlockingIOError:
+                    raise WantWrite(errno.EAGAIN, "the socket takes no more now") from None
+                except OSError as exc:
+                    raise self._translate(exc) from exc
 
     def _send_all_timed(self, view: memoryview) -> None:
-        """Send all of ``view`` on the twin, waiting for room within the socket's timeout."""
+        """Send all of ``view`` on the twin, waiting for room within the socket's timeout.
+
+        The timeout applies to each wait, as to each ``send`` of :meth:`send` and of
+        :meth:`ssl.SSLSocket.sendall`. After a wait the session is asked again: another thread
+        may have failed the connection meanwhile. Called with the TX lock."""
         timeout = self._sock.gettimeout()
         twin = self._twin() if timeout else self._sock
-        sent, deadline = 0, None
+        sent = 0
         while sent < len(view):
             try:
                 with view[sent:] as rest:  # released even if an error keeps this frame
@@ -260,9 +271,8 @@ class KTLSSocket(TLSSocketBase):
             except BlockingIOError:
                 if not timeout:  # non-blocking: WantWrite, as from send()
                     raise
-                if deadline is None:
-                    deadline = time.monotonic() + timeout
-                _wait_writable(twin.fileno(), deadline)
+                _wait_writable(twin.fileno(), time.monotonic() + timeout)
+                self._session.sending_data()
 
     def _send_view(self, view: memoryview, flags: int) -> int:
         """Make one ``send``, waiting only while the socket has no room.
@@ -355,6 +365,7 @@ class KTLSSocket(TLSSocketBase):
             self._session.sending_data()  # again under the lock (another thread may have failed)
             try:
                 self._answer_key_update()
+                self._session.sending_data()  # after any KeyUpdate: its new key seals data now
                 return os.sendfile(self._sock.fileno(), fd, offset, self._tx_allowance(count))
             except BlockingIOError:
                 raise WantWrite(errno.EAGAIN, "the socket takes no more now") from None
@@ -604,6 +615,7 @@ class KTLSSocket(TLSSocketBase):
             self._tx_budget = self._tx_room()
             if self._tx_budget == 0:
                 self._send_key_update(request_peer=False)
+                self._session.sending_data()  # the new key seals data now
                 self._tx_budget = self._tx_room()
             nbytes = min(nbytes, (self._tx_budget - 1) * MAX_PLAINTEXT)
             cost = -(-nbytes // MAX_PLAINTEXT) + 1

@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 import ssl
+import threading
 from typing import Any
 
 import pytest
@@ -139,11 +140,19 @@ def test_timeout_and_nonblocking(mode: tuple[str, str], read: int) -> None:
         ours.settimeout(30)
         theirs.sendall(b"still fine")
         assert ours.recv(read) == b"still fine"
-        # sendall with a timeout waits for room as often as it must, and sends it all.
+        # sendall with a timeout waits for room as often as it must, and sends it all: once
+        # the send key's budget is known (after a first send), in one call under kTLS.
+        ours.sendall(b"budget")
+        assert recv_exactly(theirs, 6) == b"budget"
         big = pattern(2**21, 3)
         reader = Bg(lambda: recv_exactly(theirs, len(big)))
         ours.sendall(big)
         assert reader.result() == big
+        # Non-blocking, with nobody reading: what the socket takes, then WantWrite.
+        ours.setblocking(False)
+        with pytest.raises(BlockingIOError) as info:
+            ours.sendall(big * 4)
+        assert isinstance(info.value, ssl.SSLWantWriteError)
 
 
 @pytest.mark.parametrize("mode", WRAP_MODES)
@@ -337,6 +346,54 @@ def test_one_key_update_answers_many_requests(mode: tuple[str, str]) -> None:
         assert recv_exactly(theirs, 5) == b"reply"
         rx = theirs.record_layer.rx_keys
         assert rx.secret == first_rx.next_generation().secret and rx.seq == 1
+
+
+@pytest.mark.parametrize("mode", WRAP_MODES)
+def test_a_request_after_our_data_gets_its_own_answer(mode: tuple[str, str]) -> None:
+    """RFC 8446 4.6.3: once data went out under the key our KeyUpdate brought, the peer's next
+    update_requested is owed a KeyUpdate of its own (the data was sealed under that key, so
+    it is no longer "unused")."""
+    ours, theirs = connect(mode, "client", peer="afalg")
+    with ours, theirs:
+        theirs.key_update(request_peer=True)
+        theirs.sendall(b"one")
+        if mode[0] == "ktls" and not _kernel_can_rekey():
+            with pytest.raises(KeyUpdateUnsupported):
+                ours.recv(10)
+            return
+        assert recv_exactly(ours, 3) == b"one"
+        ours.sendall(b"first reply")  # our KeyUpdate, then the data under its key
+        assert recv_exactly(theirs, 11) == b"first reply"
+        after_first = theirs.record_layer.rx_keys
+        assert after_first.seq == 1
+        theirs.key_update(request_peer=True)
+        theirs.sendall(b"two")
+        # While another thread holds our send side, the receiving side leaves its answer to
+        # the next send: that send's KeyUpdate brings the key "second reply" is sealed under.
+        held, release = threading.Event(), threading.Event()
+        holder = Bg(lambda: _hold(ours._tx_lock, held, release))
+        held.wait()
+        assert recv_exactly(ours, 3) == b"two"
+        assert ours.tls_session.key_update_due
+        release.set()
+        holder.result()
+        ours.sendall(b"second reply")
+        assert recv_exactly(theirs, 12) == b"second reply"
+        after_second = theirs.record_layer.rx_keys
+        assert after_second.secret == after_first.next_generation().secret
+        theirs.key_update(request_peer=True)
+        theirs.sendall(b"three")
+        assert recv_exactly(ours, 5) == b"three"
+        ours.sendall(b"third reply")
+        assert recv_exactly(theirs, 11) == b"third reply"
+        rx = theirs.record_layer.rx_keys
+        assert rx.secret == after_second.next_generation().secret and rx.seq == 1
+
+
+def _hold(lock: Any, held: threading.Event, release: threading.Event) -> None:
+    with lock:
+        held.set()
+        release.wait(30)
 
 
 def _kernel_can_rekey() -> bool:
