@@ -186,8 +186,7 @@ class KTLSSocket(TLSSocketBase):
         read. False for TLS 1.3 where the kernel pauses reading after a KeyUpdate (Linux 6.14+):
         it stopped before the KeyUpdate, decrypted it, and poll() reports nothing until the
         next keys are in; read until the socket would block first. Held on 6.1, 6.12 and 7.3
-        by ``test_records_of_other_types_in_one_burst`` (kTLS's poll handler is older than the
-        kernels afalg supports)."""
+        by ``test_records_of_other_types_in_one_burst``."""
         return self._poll_sees_all
 
     def kernel_state(self) -> KernelTLSState:
