@@ -229,7 +229,8 @@ class KTLSSocket(TLSSocketBase):
         """Send all of ``data``, as :meth:`socket.socket.sendall`; the kernel seals it.
 
         One lock, one check of the session and one send key budget for the whole call; on a
-        blocking socket the loop over ``send`` is the socket's own (in C). A KeyUpdate due, a
+        blocking socket the loop over ``send`` is the socket's own (in C); with a timeout, each
+        send waits for room within it, as :meth:`send` does. A KeyUpdate due, a
         budget that does not cover ``data``, or ``flags`` go through :meth:`send` piece by piece
         (the same rules, more Python)."""
         self._check_open()
@@ -247,31 +248,16 @@ class KTLSSocket(TLSSocketBase):
                 try:
                     if self._sock.gettimeout() is None:
                         self._sock.sendall(view)
-                    else:
-                        self._send_all_timed(view)
+                        return
+                    sent = self._send_view(view, 0)
+                    while sent < len(view):  # the socket had no room for it all at once
+                        self._session.sending_data()  # another thread may have failed it since
+                        with view[sent:] as rest:  # released even if an error keeps this frame
+                            sent += self._send_view(rest, 0)
                 except BlockingIOError:
                     raise WantWrite(errno.EAGAIN, "the socket takes no more now") from None
                 except OSError as exc:
                     raise self._translate(exc) from exc
-
-    def _send_all_timed(self, view: memoryview) -> None:
-        """Send all of ``view`` on the twin, waiting for room within the socket's timeout.
-
-        The timeout applies to each wait, as to each ``send`` of :meth:`send` and of
-        :meth:`ssl.SSLSocket.sendall`. After a wait the session is asked again: another thread
-        may have failed the connection meanwhile. Called with the TX lock."""
-        timeout = self._sock.gettimeout()
-        twin = self._twin() if timeout else self._sock
-        sent = 0
-        while sent < len(view):
-            try:
-                with view[sent:] as rest:  # released even if an error keeps this frame
-                    sent += twin.send(rest, _DONTWAIT)
-            except BlockingIOError:
-                if not timeout:  # non-blocking: WantWrite, as from send()
-                    raise
-                _wait_writable(twin.fileno(), time.monotonic() + timeout)
-                self._session.sending_data()
 
     def _send_view(self, view: memoryview, flags: int) -> int:
         """Make one ``send``, waiting only while the socket has no room.
