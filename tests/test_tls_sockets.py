@@ -334,14 +334,8 @@ def test_one_key_update_answers_many_requests(mode: tuple[str, str]) -> None:
     ours, theirs = connect(mode, "client", peer="afalg")
     with ours, theirs:
         first_rx = theirs.record_layer.rx_keys
-        for _ in range(3):
-            theirs.key_update(request_peer=True)
-        theirs.sendall(b"new keys")
-        if mode[0] == "ktls" and not _kernel_can_rekey():
-            with pytest.raises(KeyUpdateUnsupported):
-                ours.recv(10)
+        if not _peer_updates_keys(mode, ours, theirs, b"new keys", requests=3):
             return
-        assert recv_exactly(ours, 8) == b"new keys"
         ours.sendall(b"reply")
         assert recv_exactly(theirs, 5) == b"reply"
         rx = theirs.record_layer.rx_keys
@@ -355,13 +349,8 @@ def test_a_request_after_our_data_gets_its_own_answer(mode: tuple[str, str]) -> 
     it is no longer "unused")."""
     ours, theirs = connect(mode, "client", peer="afalg")
     with ours, theirs:
-        theirs.key_update(request_peer=True)
-        theirs.sendall(b"one")
-        if mode[0] == "ktls" and not _kernel_can_rekey():
-            with pytest.raises(KeyUpdateUnsupported):
-                ours.recv(10)
+        if not _peer_updates_keys(mode, ours, theirs, b"one"):
             return
-        assert recv_exactly(ours, 3) == b"one"
         ours.sendall(b"first reply")  # our KeyUpdate, then the data under its key
         assert recv_exactly(theirs, 11) == b"first reply"
         after_first = theirs.record_layer.rx_keys
@@ -394,6 +383,23 @@ def _hold(lock: Any, held: threading.Event, release: threading.Event) -> None:
     with lock:
         held.set()
         release.wait(30)
+
+
+def _peer_updates_keys(
+    mode: tuple[str, str], ours: Any, theirs: Any, data: bytes, *, requests: int = 1
+) -> bool:
+    """The peer sends ``requests`` update_requested KeyUpdates, then ``data``; we read it.
+
+    False where kTLS cannot rekey: our read then refuses the KeyUpdate (checked here)."""
+    for _ in range(requests):
+        theirs.key_update(request_peer=True)
+    theirs.sendall(data)
+    if mode[0] == "ktls" and not _kernel_can_rekey():
+        with pytest.raises(KeyUpdateUnsupported):
+            ours.recv(10)
+        return False
+    assert recv_exactly(ours, len(data)) == data
+    return True
 
 
 def _kernel_can_rekey() -> bool:
