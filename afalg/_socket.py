@@ -345,7 +345,9 @@ class TLSSocketBase(SocketFace):
         """Send the KeyUpdate that answers the peer's requests, if the session has one due.
 
         See :meth:`afalg.session.Session.key_update_answer`. With ``wait``: before our application
-        data (the TX lock held or waited for). Without: from the receiving side, when it would block
+        data (the TX lock held or waited for), which the new key then seals: the session counts it
+        used (:meth:`~afalg.session.Session.sending_data`), so the peer's next request gets its
+        own answer (RFC 8446 4.6.3). Without: from the receiving side, when it would block
         or returns, so that a peer waiting for the answer does not wait for ever; only if the TX
         lock is free (never behind a sending thread) and the socket takes it now, else it is left
         for the next send."""
@@ -357,6 +359,8 @@ class TLSSocketBase(SocketFace):
                 return
             try:
                 self._send_key_update_message(message, wait=wait)
+                if wait:
+                    self._session.sending_data()  # the caller's data: under the new key
             except OSError:
                 # Without waiting (the receiving side, which may have taken data already):
                 # nothing raised here. Nothing was sent and the next send answers, or the

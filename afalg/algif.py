@@ -178,7 +178,6 @@ class AlgTLSSocket(TLSSocketBase):
                 raise self._unsent()  # nothing of data taken
             if self._session.key_update_due:
                 self._answer_key_update()  # the peer asked: ours before our next data
-                self._session.sending_data()  # the new key seals data now
             n = min(len(whole), _SEND_CHUNK, self._data_room() * MAX_PLAINTEXT)
             with whole[:n] as view:
                 try:

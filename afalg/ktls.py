@@ -209,7 +209,6 @@ class KTLSSocket(TLSSocketBase):
             try:
                 if self._session.key_update_due:
                     self._answer_key_update()
-                    self._session.sending_data()  # the new key seals data now
                 n = len(view)
                 cost = -(-n // MAX_PLAINTEXT) + 1
                 if cost > self._tx_budget:
@@ -350,7 +349,6 @@ class KTLSSocket(TLSSocketBase):
             self._session.sending_data()  # again under the lock (another thread may have failed)
             try:
                 self._answer_key_update()
-                self._session.sending_data()  # after any KeyUpdate: its new key seals data now
                 return os.sendfile(self._sock.fileno(), fd, offset, self._tx_allowance(count))
             except BlockingIOError:
                 raise WantWrite(errno.EAGAIN, "the socket takes no more now") from None
