@@ -4,6 +4,7 @@ The two AEAD backends of the record layer: the kernel's (AF_ALG, :class:`afalg.a
 and pyca/cryptography's, behind one interface::
 
     encrypt(nonce, plaintext, aad) -> ciphertext || 16-byte tag  (bytes or a fresh bytearray)
+    encrypt_record(nonce, plaintext, header) -> header || ciphertext || tag  (the header is the AAD)
     decrypt(nonce, ciphertext || tag, aad) -> plaintext   (raises afalg.InvalidTag)
     close()
 
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 TAG_SIZE = 16
+_RECORD_ROOM = 5 + 2**14 + 256 + TAG_SIZE  # a TLS 1.3 record: header, TLSInnerPlaintext, tag
 
 Backend = Literal["auto", "kernel", "cryptography"]
 """Where a record AEAD may run (``algif_backend=``): the kernel if it can, else cryptography."""
@@ -51,6 +53,8 @@ class RecordAEAD(Protocol):
     name: str
 
     def encrypt(self, nonce: bytes, plaintext: Buffer, aad: bytes) -> bytes | bytearray: ...
+
+    def encrypt_record(self, nonce: bytes, plaintext: Buffer, header: bytes) -> bytes: ...
 
     def decrypt(self, nonce: bytes, ciphertext_and_tag: Buffer, aad: bytes) -> bytes: ...
 
@@ -72,6 +76,9 @@ class CryptographyAEAD:
         if self._aead is None:
             raise ValueError("AEAD is closed")
         return self._aead.encrypt(nonce, plaintext, aad)
+
+    def encrypt_record(self, nonce: bytes, plaintext: Buffer, header: bytes) -> bytes:
+        return header + self.encrypt(nonce, plaintext, header)
 
     def decrypt(self, nonce: bytes, ciphertext_and_tag: Buffer, aad: bytes) -> bytes:
         if self._aead is None:
@@ -96,9 +103,18 @@ class KernelAEAD:
     def __init__(self, suite: CipherSuite, key: bytes) -> None:
         self.name = suite.kernel_aead
         self._aead = AEAD(self.name, key, tag_size=TAG_SIZE)
+        self._record = bytearray(_RECORD_ROOM)  # reused by encrypt_record: one direction's
+        self._record_view = memoryview(self._record)  # records are sealed one at a time
 
     def encrypt(self, nonce: bytes, plaintext: Buffer, aad: bytes) -> bytes | bytearray:
         return self._aead.encrypt(nonce, plaintext, aad)
+
+    def encrypt_record(self, nonce: bytes, plaintext: Buffer, header: bytes) -> bytes:
+        """The whole record as the kernel writes it, copied out once.
+
+        AF_ALG copies the AAD (here the record's header) to the front of its output."""
+        n = self._aead.encrypt_into(self._record, nonce, plaintext, header)
+        return self._record_view[:n].tobytes()
 
     def decrypt(self, nonce: bytes, ciphertext_and_tag: Buffer, aad: bytes) -> bytes:
         if len(ciphertext_and_tag) < TAG_SIZE:

@@ -286,40 +286,63 @@ class AlgTLSSocket(TLSSocketBase):
         with self._recv_view(buffer, nbytes, flags) as view:
             return self._recv_into(view)
 
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        """Read up to ``bufsize`` bytes of application data, as :meth:`ssl.SSLSocket.recv`.
+
+        A record's plaintext that fits is returned as the record layer opened it (no buffer of
+        ours, no copy). Raises :class:`~afalg.errors.WantRead` on a non-blocking socket with no
+        whole record yet."""
+        if bufsize < 0:
+            raise ValueError("negative buffersize in recv")
+        self._check_open()
+        if flags:
+            raise ValueError(f"flags are not supported on {type(self).__name__}")
+        return self._read(bufsize)
+
     def _recv_into(self, view: memoryview) -> int:
+        data = self._read(len(view))
+        n = len(data)
+        view[:n] = data
+        return n
+
+    def _read(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes of plaintext, reading and opening records as needed.
+
+        Every rule of receiving is here, for :meth:`recv` and :meth:`recv_into` alike: the
+        session's error and end, control records, empty records, the ragged end, the records
+        already received opened before returning, our KeyUpdate answer after them."""
         if self._out:
             self._flush_nowait()
         session = self._session
         with self._rx_lock:
-            n = 0
+            data = b""
             while not self._plain:
                 if session.error is not None:
                     raise session.error
-                if session.eof or not view:
-                    return 0
+                if session.eof or not limit:
+                    return b""
                 record = self._next_record()
                 if record is None:
-                    return self._ragged_eof()
+                    self._ragged_eof()
+                    return b""
                 if record.content_type == ContentType.application_data:
                     payload = record.payload
                     if not self._data_record(len(payload)):
                         continue  # empty: read on
-                    if len(payload) <= len(view):  # all of it to the caller, no copy kept
-                        n = len(payload)
-                        view[:n] = payload
+                    if len(payload) <= limit:  # all of it to the caller, no copy kept
+                        data = payload
                         break
                     self._plain += payload
                 elif self._control_record(record.content_type, record.payload):
-                    return 0  # close_notify
+                    return b""  # close_notify
             if self._layer.buffered:
                 self._open_buffered()  # raises nothing: what it finds is for the next call
-            if not n:
-                n = min(len(view), len(self._plain))
-                view[:n] = self._plain[:n]
-                del self._plain[:n]
+            if not data:
+                data = bytes(self._plain[:limit])
+                del self._plain[:limit]
         if session.key_update_due:
             self._answer_key_update(wait=False)  # after every record read so far: one answer
-        return n
+        return data
 
     def _flush_nowait(self) -> None:
         """Write what the socket takes now of the sealed records still queued.

@@ -42,7 +42,7 @@ import os
 import socket
 import ssl
 import time
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from afalg import _uapi
 from afalg._ktls.setup import attach_ulp as attach_ulp
@@ -222,7 +222,7 @@ class KTLSSocket(TLSSocketBase):
             except BlockingIOError:
                 raise WantWrite(errno.EAGAIN, "the socket takes no more now") from None
             except OSError as exc:
-                raise self._translate(exc) from exc
+                self._raise_translated(exc)
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         """Send all of ``data``, as :meth:`socket.socket.sendall`; the kernel seals it.
@@ -256,7 +256,7 @@ class KTLSSocket(TLSSocketBase):
                 except BlockingIOError:
                     raise WantWrite(errno.EAGAIN, "the socket takes no more now") from None
                 except OSError as exc:
-                    raise self._translate(exc) from exc
+                    self._raise_translated(exc)
 
     def _send_view(self, view: memoryview, flags: int) -> int:
         """Make one ``send``, waiting only while the socket has no room.
@@ -328,7 +328,7 @@ class KTLSSocket(TLSSocketBase):
                 else:
                     return total
             except OSError as exc:
-                raise self._translate(exc) from exc
+                self._raise_translated(exc)
             finally:
                 if total and hasattr(file, "seek"):
                     file.seek(offset + total)
@@ -353,7 +353,7 @@ class KTLSSocket(TLSSocketBase):
             except BlockingIOError:
                 raise WantWrite(errno.EAGAIN, "the socket takes no more now") from None
             except OSError as exc:
-                raise self._translate(exc) from exc
+                self._raise_translated(exc)
 
     # -- receiving --
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
@@ -390,7 +390,7 @@ class KTLSSocket(TLSSocketBase):
             raise
         except OSError as exc:
             if exc.errno not in (errno.EIO, errno.EKEYEXPIRED):
-                raise self._translate(exc) from exc
+                self._raise_translated(exc)
             return super().recv(bufsize, flags)
         if not data:  # the end, or a failure behind it
             return super().recv(bufsize, flags)
@@ -445,7 +445,7 @@ class KTLSSocket(TLSSocketBase):
             except OSError as exc:
                 if exc.errno == errno.EKEYEXPIRED and self._resume_rx():
                     continue
-                raise self._translate(exc) from exc
+                self._raise_translated(exc)
             self._rx_paused = False
             if content_type == ContentType.application_data:
                 if not n:  # the kernel never returns an empty record: the end, or a failure
@@ -652,7 +652,7 @@ class KTLSSocket(TLSSocketBase):
             try:
                 self._send_record(ContentType.handshake, message, wait=wait)
             except OSError as exc:
-                raise self._translate(exc) from exc
+                self._raise_translated(exc)
             try:
                 install_keys(self._sock, _uapi.TLS_TX, nxt)
             except KTLSError as exc:  # the KeyUpdate is out: the old keys may not be used again
@@ -699,7 +699,9 @@ class KTLSSocket(TLSSocketBase):
     def _translate(self, exc: OSError) -> BaseException:
         """Map a kernel TLS error to a TLS error (never a bare EIO) and return it.
 
-        Reads SO_ERROR so later sends work, and sends the matching alert."""
+        Reads SO_ERROR so later sends work, and sends the matching alert. The error returned is
+        the session's (the connection failed earlier), ``exc`` itself (a timeout, an error of the
+        socket), or a new one (:meth:`_raise_translated` raises it from ``exc``)."""
         if self._session.error is not None:
             return self._session.error
         if isinstance(exc, (TimeoutError, BlockingIOError, InterruptedError)):
@@ -710,3 +712,10 @@ class KTLSSocket(TLSSocketBase):
             self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # clears sk_err
         alert, what = _RECV_ERRORS[exc.errno]
         return self._protocol_error(alert, f"kTLS: {what} ({exc.strerror})")
+
+    def _raise_translated(self, exc: OSError) -> NoReturn:
+        """Raise :meth:`_translate`'s error: ``exc`` itself as it is, another from it."""
+        error = self._translate(exc)
+        if error is exc:
+            raise exc
+        raise error from exc

@@ -413,9 +413,12 @@ class RecordLayer:
         inner = b"".join((content, _TYPE_BYTE[ctype], bytes(pad) if pad else b""))
         header = HEADER.pack(23, TLS_1_2_VERSION, len(inner) + TAG_SIZE)
         seq = tx.seq
-        out = self._encrypt(tx, tx.nonce(seq), inner, header)
+        try:
+            record = tx.aead.encrypt_record(tx.nonce(seq), inner, header)
+        except Exception as exc:
+            raise self._sealing_failed(exc) from exc
         tx.seq = seq + 1
-        return header + out
+        return record
 
     def _seal12(self, tx: _Direction, ctype: ContentType, content: memoryview) -> bytes:
         n = len(content)
@@ -436,9 +439,12 @@ class RecordLayer:
         try:
             return tx.aead.encrypt(nonce, content, aad)
         except Exception as exc:
-            # Records of this seal() call may already have used sequence numbers and been
-            # dropped with the exception: the peer would see a gap. Poison, as for opening.
-            raise self._fail(_A.internal_error, f"sealing a record failed: {exc}") from exc
+            raise self._sealing_failed(exc) from exc
+
+    def _sealing_failed(self, exc: Exception) -> TLSProtocolError:
+        # Records of this seal() call may already have used sequence numbers and been
+        # dropped with the exception: the peer would see a gap. Poison, as for opening.
+        return self._fail(_A.internal_error, f"sealing a record failed: {exc}")
 
     # --- receiving ----------------------------------------------------------------------------
 

@@ -337,10 +337,12 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=300, help="echoes per mode and round")
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 64])
-    p.add_argument("--modes", nargs="+", help="default: bare ssl [ktls] algif")
+    p.add_argument(
+        "--modes", nargs="+", help="default: bare ssl [ktls] algif (bare and ssl always run)"
+    )
     p.add_argument("--no-profile", action="store_true")
     args = p.parse_args()
-    modes = args.modes or modes_here()
+    modes = list(dict.fromkeys(["bare", "ssl", *args.modes])) if args.modes else modes_here()
     import platform
 
     import afalg

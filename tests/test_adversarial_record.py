@@ -172,6 +172,9 @@ class RecordingAEAD:
         self.nonces.append(bytes(nonce))
         return self.inner.encrypt(nonce, plaintext, aad)
 
+    def encrypt_record(self, nonce: bytes, plaintext: bytes, header: bytes) -> bytes:
+        return header + self.encrypt(nonce, plaintext, header)
+
     def decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
         if self.fail_at is not None:
             raise OSError(12, "simulated AEAD failure (ENOMEM)")
