@@ -381,8 +381,8 @@ class KTLSSocket(TLSSocketBase):
         timeout = self._sock.gettimeout()
         try:
             if timeout and not self._poll_sees_all:
-                data = self._recv_reading_first(bufsize, timeout)
-            else:  # with a timeout, the socket polls first (in C), as ssl's read does
+                data = self._recv_reading_first(bufsize)
+            else:  # with a timeout, the socket polls first (in C)
                 data = self._sock.recv(bufsize)
         except BlockingIOError:
             raise WantRead(errno.EAGAIN, "no whole record yet: wait for readable") from None
@@ -400,20 +400,17 @@ class KTLSSocket(TLSSocketBase):
             self._answer_key_update(wait=False)
         return data
 
-    def _recv_reading_first(self, bufsize: int, timeout: float) -> bytes:
-        """Read on the twin, then poll while nothing is there, within ``timeout``.
+    def _recv_reading_first(self, bufsize: int) -> bytes:
+        """Read on the twin; when nothing is there, the socket's own poll-then-recv (in C).
 
-        Where poll() misses a record the kernel paused on (:attr:`poll_sees_every_record`)."""
-        twin = self._twin()
-        deadline = None
-        while True:
-            try:
-                return twin.recv(bufsize, _DONTWAIT)
-            except BlockingIOError:
-                if deadline is None:
-                    deadline = time.monotonic() + timeout
-                if not wait_readable(twin, deadline):
-                    raise TimeoutError("timed out") from None
+        Where poll() misses a record the kernel paused on (:attr:`poll_sees_every_record`):
+        the kernel pauses only on a KeyUpdate it has decrypted, in a read, and the next read
+        returns that record; a read that finds nothing leaves none paused, so the poll after it
+        sees the next record. The wait gets the whole timeout."""
+        try:
+            return self._twin().recv(bufsize, _DONTWAIT)
+        except BlockingIOError:
+            return self._sock.recv(bufsize)
 
     def _recv_into(self, view: memoryview) -> int:
         if self._plain:
