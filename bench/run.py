@@ -881,6 +881,21 @@ def child_env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{path}" if path else str(ROOT))
 
 
+def _ready_port(ready: Path) -> int | None:
+    """The port a server wrote to its ready file, or None while the file is not complete.
+
+    The file is read while the server may be writing it: on the VM's shared file system a
+    read then fails (ENODATA) or sees part of the line."""
+    try:
+        text = ready.read_text()
+    except OSError:
+        return None
+    fields = text.split()
+    if not text.endswith("\n") or len(fields) != 2 or not fields[1].isdigit():
+        return None
+    return int(fields[1])
+
+
 @contextlib.contextmanager
 def echo_server(server: str, mode: str, version: str) -> Iterator[int]:
     """Runs one echo server of ``SERVERS`` in its own process; yields its port."""
@@ -897,11 +912,11 @@ def echo_server(server: str, mode: str, version: str) -> Iterator[int]:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, env=child_env())
     try:
         deadline = time.monotonic() + 120
-        while not ready.exists() or not ready.read_text().strip():
+        while (port := _ready_port(ready)) is None:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"echo server ({server}, {mode}) did not start")
             time.sleep(0.1)
-        yield int(ready.read_text().split()[1])
+        yield port
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

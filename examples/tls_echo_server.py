@@ -666,7 +666,9 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     if args.ready_file:
-        Path(args.ready_file).write_text(f"{host} {port}\n")
+        partial = Path(args.ready_file).with_suffix(".tmp")
+        partial.write_text(f"{host} {port}\n")
+        partial.replace(args.ready_file)  # whole or absent to a reader polling for it
     server.serve_forever()
     print(server.summary(), flush=True)
     return 0
