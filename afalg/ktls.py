@@ -448,7 +448,7 @@ class KTLSSocket(TLSSocketBase):
                 if not n:  # the kernel never returns an empty record: the end, or a failure
                     failed = self._pending_error()
                     if failed is not None:
-                        raise self._translate(failed)
+                        self._raise_translated(failed)
                     return self._ragged_eof()
                 self._data_record(n)  # n > 0: True, or it raises
                 if session.key_update_due:
@@ -693,26 +693,18 @@ class KTLSSocket(TLSSocketBase):
         err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         return OSError(err, os.strerror(err)) if err else None
 
-    def _translate(self, exc: OSError) -> BaseException:
-        """Map a kernel TLS error to a TLS error (never a bare EIO) and return it.
+    def _raise_translated(self, exc: OSError) -> NoReturn:
+        """Raise a kernel TLS error as a TLS error (never a bare EIO).
 
-        Reads SO_ERROR so later sends work, and sends the matching alert. The error returned is
-        the session's (the connection failed earlier), ``exc`` itself (a timeout, an error of the
-        socket), or a new one (:meth:`_raise_translated` raises it from ``exc``)."""
-        if self._session.error is not None:
-            return self._session.error
-        if isinstance(exc, (TimeoutError, BlockingIOError, InterruptedError)):
-            return exc
-        if exc.errno not in _RECV_ERRORS:
-            return exc
+        The session's error if the connection failed earlier; ``exc`` itself, as it is, for a
+        timeout or an error of the socket; else the TLS error it means, raised from it (the
+        matching alert sent, SO_ERROR read so that later sends work)."""
+        error = self._session.error
+        if error is not None and error is not exc:
+            raise error from exc
+        if error is exc or exc.errno not in _RECV_ERRORS:
+            raise exc  # a timeout, a would-block, an interruption, an error of the socket
         with contextlib.suppress(OSError):
             self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # clears sk_err
         alert, what = _RECV_ERRORS[exc.errno]
-        return self._protocol_error(alert, f"kTLS: {what} ({exc.strerror})")
-
-    def _raise_translated(self, exc: OSError) -> NoReturn:
-        """Raise :meth:`_translate`'s error: ``exc`` itself as it is, another from it."""
-        error = self._translate(exc)
-        if error is exc:
-            raise exc
-        raise error from exc
+        raise self._protocol_error(alert, f"kTLS: {what} ({exc.strerror})") from exc
